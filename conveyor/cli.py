@@ -1,0 +1,276 @@
+"""The `conveyor` command. Package errors print as plain messages (exit 1); `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import jobs, ledger, runs
+from .config import Config
+from .errors import ConveyorError
+from .fingerprint import short
+from .workspace import Workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous fine-tuning of causal LMs.")
+console = Console(stderr=False, highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"workspace": Path("."), "debug": False}
+
+
+@app.callback()
+def _global(
+    workspace: Path = typer.Option(Path("."), "--workspace", "-w", help="Workspace folder (default: current)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+):
+    _state["workspace"], _state["debug"] = workspace, debug
+
+
+def _ws() -> Workspace:
+    return Workspace.open(_state["workspace"])
+
+
+class ConsoleReporter:
+    """Prints the daemon's messages and a progress bar per job (step / planned, loss, examples/s, ETA)."""
+
+    STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar: Progress | None = None
+        self.task = None
+
+    def message(self, level: str, text: str) -> None:
+        target = err if level != "info" else console
+        prefix = "" if level == "info" else f"{level}: "
+        target.print(f"[{self.STYLES[level]}]{prefix}{text}[/]" if self.STYLES[level] else prefix + text,
+                     markup=bool(self.STYLES[level]))
+
+    def job_started(self, job: jobs.Job) -> None:
+        console.print(f"job {job.id} [bold]{job.file}[/] ({short(job.fingerprint)}): {job.examples} examples × "
+                      f"{job.epochs} epoch(s) → {job.planned_steps} steps, global {job.start_step}–{job.end_step}")
+        if self.quiet:
+            return
+        self.bar = Progress(TextColumn("  job {task.fields[job]}"), BarColumn(), TaskProgressColumn(),
+                            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} ex/s"),
+                            TimeRemainingColumn(), console=console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=job.planned_steps, completed=job.steps_done, job=job.id,
+                                      loss="-", rate="-")
+
+    def progress(self, job, done, planned, loss, rate) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}" if loss is not None else "-",
+                            rate=f"{rate:.1f}")
+
+    def job_finished(self, job: jobs.Job) -> None:
+        self._close()
+        console.print(f"job {job.id} done: global steps {job.start_step}–{job.end_step}")
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def init(
+    folder: Path = typer.Argument(Path("."), help="Folder to make a workspace (created if missing)."),
+    model: str = typer.Option("tiny", "--model", "-m", help='"tiny", a local model folder or a hub id.'),
+):
+    """Create a workspace: conveyor.toml (every setting, commented) and inbox/."""
+    config = Config()
+    config.model.name = model
+    ws = Workspace.create(folder, config)
+    console.print(f"workspace ready at {ws.root}\n  settings: {ws.config_path}\n  drop JSONL files into: {ws.inbox}")
+
+
+def _priority(value: str) -> int:
+    if value not in jobs.PRIORITIES:
+        raise ConveyorError(f"--priority {value!r} is not one of {', '.join(jobs.PRIORITIES)}")
+    return jobs.PRIORITIES[value]
+
+
+def _enqueue_all(ws: Workspace, files: list[Path], priority: int) -> bool:
+    from .inbox import enqueue
+
+    config = ws.config()
+    ok = True
+    for file in files:
+        result = enqueue(ws, file, priority, config.training.epochs)
+        for text in result.messages:
+            err.print(text, style="yellow" if result.job.state != jobs.JobState.REJECTED else "red", markup=False)
+        if result.job.state == jobs.JobState.REJECTED:
+            ok = False
+            err.print(f"job {result.job.id}: kept in {ws.rejected} with the reason", style="red")
+        else:
+            console.print(f"queued job {result.job.id}: {file.name} ({result.job.examples} examples, "
+                          f"{result.job.format}, {short(result.job.fingerprint)})")
+    return ok
+
+
+@app.command()
+def add(
+    files: list[Path] = typer.Argument(..., help="JSONL files, enqueued in the order given."),
+    priority: str = typer.Option("normal", help="high | normal | low"),
+):
+    """Validate and enqueue files without training them."""
+    ok = _enqueue_all(_ws(), files, _priority(priority))
+    raise typer.Exit(0 if ok else 1)
+
+
+def _drain(ws: Workspace, quiet: bool = False) -> bool:
+    from .daemon import Daemon
+
+    reporter = ConsoleReporter(quiet)
+    try:
+        return Daemon(ws, reporter).work(drain=True)
+    finally:
+        reporter._close()
+
+
+@app.command()
+def train(
+    files: list[Path] = typer.Argument(..., help="JSONL files to train, in this order."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Enqueue the files in order and train everything queued, then exit (non-zero if any job failed)."""
+    ws = _ws()
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"])
+    ok = _drain(ws, quiet) and ok
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def run(
+    drain: bool = typer.Option(False, "--drain", help="Train everything queued, then exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Train queued jobs (with --drain: until the queue is empty)."""
+    ws = _ws()
+    if not drain:
+        raise ConveyorError("the long-running daemon is not built yet; use `conveyor run --drain`")
+    raise typer.Exit(0 if _drain(ws, quiet) else 1)
+
+
+def status_data(ws: Workspace) -> dict:
+    config = ws.config()
+    active = runs.active(ws.db)
+    schedule = (f"constant after {config.training.warmup_steps} warmup step(s) at the start of the run"
+                if config.training.schedule == "constant"
+                else f"cosine per job after {config.training.warmup_steps} warmup step(s)")
+    return {
+        "workspace": str(ws.root),
+        "run": active.to_json() if active else None,
+        "runs": [r.to_json() for r in runs.all_runs(ws.db)],
+        "schedule": schedule,
+        "learning_rate": config.training.learning_rate,
+        "jobs": [j.to_json() for j in jobs.all_jobs(ws.db)],
+    }
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """The active run, its global step, and every job with its state and steps."""
+    data = status_data(_ws())
+    if as_json:
+        return _print_json(data)
+    run_ = data["run"]
+    console.print(f"run: {run_['id']} at global step {run_['global_step']}" if run_ else "run: none yet")
+    for other in data["runs"]:
+        if not other["active"]:
+            console.print(f"  earlier run {other['id']} (step {other['global_step']}), kept: {other['note'] or ''}")
+    console.print(f"schedule: {data['schedule']}, peak lr {data['learning_rate']}")
+    table = Table("job", "file", "fingerprint", "state", "examples", "steps", "global steps", "notes")
+    for j in data["jobs"]:
+        span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
+        steps = f"{j['steps_done']}/{j['planned_steps']}" if j["planned_steps"] else "-"
+        notes = (j["error"] or "; ".join(j["warnings"]))[:80]
+        table.add_row(str(j["id"]), j["file"], short(j["fingerprint"]), j["state"], str(j["examples"] or "-"),
+                      steps, span, notes)
+    console.print(table)
+
+
+@app.command()
+def history(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    examples: bool = typer.Option(False, "--examples", help="Per optimizer step: the job and the file lines trained."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
+):
+    """The ledger: which job trained which global steps, on how many examples and tokens, with its loss."""
+    ws = _ws()
+    run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
+    if examples:
+        rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"]} for r in ledger.audit_rows(ws.db, run_id)]
+        if as_json:
+            return _print_json(rows)
+        for r in rows:
+            console.print(f"step {r['step']}: job {r['job']} lines {r['lines']}")
+        return
+    rows = ledger.rows(ws.db, run_id)
+    if as_json:
+        return _print_json(rows)
+    print_ledger(rows)
+
+
+def print_ledger(rows: list[dict]) -> None:
+    table = Table("run", "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens", "first loss",
+                  "last loss", title="ledger")
+    console.width = max(console.width, 120)
+    for r in rows:
+        fmt = lambda v: f"{v:.4f}" if v is not None else "-"
+        table.add_row(r["run"], str(r["job"]), r["file"], short(r["fingerprint"]),
+                      f"{r['start_step']}–{r['end_step']}", str(r["examples"]), str(r["epochs"]), str(r["tokens"]),
+                      fmt(r["first_loss"]), fmt(r["last_loss"]))
+    console.print(table)
+
+
+@app.command()
+def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
+    """Make a workspace with the tiny model and two sample files, train them one after the other, print the ledger."""
+    from .demo import demo_config, write_samples
+
+    folder = folder.resolve()
+    if (folder / "conveyor.toml").exists():
+        raise ConveyorError(f"{folder} already holds a workspace; remove it or pass another folder to `conveyor demo`")
+    ws = Workspace.create(folder, demo_config())
+    files = write_samples(folder / "samples")
+    console.print(f"demo workspace: {ws.root}")
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
+    print_ledger(ledger.rows(ws.db))
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ConveyorError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {e}", style="red", markup=False)
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,131 @@
+"""Typed settings of a workspace (`conveyor.toml`): validation, defaults and the commented template."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+CONFIG_FILE = "conveyor.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "tiny"
+    """"tiny" (built in, offline), a local Hugging Face model folder, or a hub id."""
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base model is loaded in."""
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    """lora trains a PEFT LoRA adapter; full trains every weight of the model."""
+    r: int = Field(8, ge=1, le=4096)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Module names that get LoRA layers."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained with the adapter."""
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(4, ge=1)
+    """Examples per micro-batch per process."""
+    grad_accum: int = Field(2, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps: once per run (constant) or at the start of each job (cosine)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """constant: warmup once per run, then constant (a stream has no known end); cosine: warmup and cosine decay within each job."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    """Gradient clipping norm (0 disables clipping)."""
+    max_length: int = Field(512, ge=8)
+    """Tokens per example; longer examples are truncated (see data.too_long)."""
+    epochs: int = Field(1, ge=1, le=1000)
+    """Passes over each file."""
+    save_every: int = Field(50, ge=1)
+    """Write a checkpoint every N global steps (and always at the end of each job)."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Checkpoints kept per run besides the last one of each job."""
+    seed: int = Field(42, ge=0)
+    """Run seed: fixes adapter initialisation and each epoch's data order."""
+
+
+class DataConfig(_Section):
+    too_long: Literal["truncate", "reject"] = "truncate"
+    """truncate cuts examples to training.max_length (and reports how many); reject refuses such files."""
+    skip_duplicates: bool = False
+    """false trains a file again (with a warning) when its bytes match a finished job; true skips it."""
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (value {error['input']!r}); remove it or check its spelling"
+    return f"{key}: {error['msg']} (found {error['input']!r})"
+
+
+def parse_config(data: dict, source: str = CONFIG_FILE) -> Config:
+    """Validate a settings dict; every problem is listed in one ConfigError."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source} has {len(problems)} problem(s):\n{lines}") from None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate conveyor.toml."""
+    if not path.exists():
+        raise ConfigError(f"{path} not found; run `conveyor init` to create a workspace")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}; fix the line named or re-create it with `conveyor init`") from None
+    return parse_config(data, str(path))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render_config(config: Config) -> str:
+    """The full conveyor.toml text: every setting present with its one-line comment."""
+    out = ["# conveyor workspace settings; every key is checked on load.", ""]
+    for section_name, section_field in Config.model_fields.items():
+        section = getattr(config, section_name)
+        out.append(f"[{section_name}]")
+        for name, field in type(section).model_fields.items():
+            out.append(f"# {field.description}")
+            out.append(f"{name} = {_toml_value(getattr(section, name))}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,248 @@
+"""The daemon: owns the queue and trains jobs one after another. `Daemon.work(drain=True)` trains what is
+queued and returns; it reads top to bottom: pick a job, choose its run and checkpoint, plan, train, record."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoints as ck
+from . import jobs, ledger, runs
+from . import manifest as mf
+from .config import Config
+from .errors import DataError, PlanError
+from .fingerprint import short
+from .formats import TokenizedFile, parse_file, tokenize_file
+from .jobs import Job, JobState
+from .plan import examples_per_step, require_steps
+from .store import log_event
+from .workspace import Workspace
+
+
+class Reporter:
+    """Where the daemon's messages and progress go; the CLI prints them, tests may collect them."""
+
+    def message(self, level: str, text: str) -> None:
+        pass
+
+    def job_started(self, job: Job) -> None:
+        pass
+
+    def progress(self, job: Job, done: int, planned: int, loss: float | None, examples_per_s: float) -> None:
+        pass
+
+    def job_finished(self, job: Job) -> None:
+        pass
+
+
+@dataclass
+class Placement:
+    """Where a job trains: its run, the checkpoint to start from and the job's position in it."""
+    run: runs.Run
+    resume: ck.Checkpoint | None
+    steps_done: int = 0
+    position: int = 0
+
+
+class Daemon:
+    def __init__(self, ws: Workspace, reporter: Reporter | None = None, world_size: int = 1):
+        self.ws = ws
+        self.db = ws.db
+        self.reporter = reporter or Reporter()
+        self.world_size = world_size
+        self.stop_reason: str | None = None
+        self._signals = 0
+
+    # The work loop -----------------------------------------------------------------------------
+    def work(self, drain: bool = False) -> bool:
+        """Train queued jobs in order; returns False if any job failed. drain=True returns when the queue is empty."""
+        ok = True
+        with self._warm_stop_signals():
+            while self.stop_reason is None:
+                job = jobs.next_queued(self.db)
+                if job is None:
+                    if drain:
+                        break
+                    time.sleep(0.5)
+                    continue
+                ok = self.train(job) and ok
+        return ok
+
+    def train(self, job: Job) -> bool:
+        """Train one job to its planned end; False if it failed."""
+        config = self.ws.config()
+        model_path = self.ws.model_path(config.model.name)
+        try:
+            placement = self.place(job, config, model_path)
+            data = self.prepare(job, config, model_path)
+            job = self.plan(job, config, placement, data)
+            if job.state == JobState.SKIPPED:
+                return True
+            outcome = self._run_worker(job, config, model_path, placement, data)
+        except (DataError, PlanError) as e:
+            self._fail(job, str(e))
+            return False
+        self._finish(job, placement.run, outcome, data)
+        return True
+
+    # Steps of train() --------------------------------------------------------------------------
+    def place(self, job: Job, config: Config, model_path: str) -> Placement:
+        """The active run (a new one if the configuration's identity differs) and where to resume from."""
+        ident = runs.identity(config, model_path)
+        run = runs.active(self.db)
+        if run is not None and run.identity != ident:
+            changes = runs.differences(run.identity, ident)
+            self.say("warning", f"the configuration no longer matches {run.id} ({len(changes)} field(s)):\n  "
+                     + "\n  ".join(changes) + f"\n{run.id} is kept as it is; a new run starts at step 0.")
+            run = runs.create(self.db, ident, note=f"identity changed from {run.id}: " + "; ".join(changes))
+            if job.state == JobState.RUNNING:  # its steps belong to the old run; it starts over in the new one
+                job = jobs.transition(self.db, job, JobState.QUEUED, steps_done=0, start_step=None, end_step=None)
+        if run is None:
+            run = runs.create(self.db, ident)
+            self.say("info", f"started {run.id} from {config.model.name} ({config.adapter.method})")
+        resume, problems = ck.newest_verified(self.ws.run_dir(run.id))
+        for problem in problems:
+            self.say("warning", f"not resuming from {problem.path.name}: {problem.reason}")
+        if resume is None:
+            return Placement(run, None)
+        ledger.forget_after(self.db, run.id, resume.step)
+        runs.set_step(self.db, run.id, resume.step)
+        run.global_step = resume.step
+        job_info = resume.manifest[mf.K_JOB]
+        if job_info[mf.J_ID] == job.id and not resume.manifest[mf.K_JOB_END]:
+            self.say("info", f"job {job.id} resumes at step {resume.step + 1} from {resume.path.name} "
+                     f"(example {job_info[mf.J_POSITION]} of its plan)")
+            return Placement(run, resume, job_info[mf.J_STEPS_DONE], job_info[mf.J_POSITION])
+        return Placement(run, resume)
+
+    def prepare(self, job: Job, config: Config, model_path: str) -> TokenizedFile:
+        """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
+        from .worker import load_tokenizer
+
+        data = tokenize_file(parse_file(Path(job.stored)), load_tokenizer(model_path), config.training.max_length)
+        if data.truncated_lines:
+            shown = ", ".join(map(str, data.truncated_lines[:20]))
+            more = f" and {len(data.truncated_lines) - 20} more" if len(data.truncated_lines) > 20 else ""
+            text = (f"{len(data.truncated_lines)} example(s) longer than training.max_length="
+                    f"{config.training.max_length} tokens (lines {shown}{more})")
+            if config.data.too_long == "reject":
+                raise DataError(f"{job.file}: {text}; data.too_long = \"reject\". Shorten them or raise max_length")
+            self._warn(job, f"{text} were truncated")
+        if data.excluded_lines:
+            shown = ", ".join(map(str, data.excluded_lines[:20]))
+            self._warn(job, f"{len(data.excluded_lines)} example(s) lost their whole trainable part to truncation "
+                       f"and are not trained (lines {shown}); raise training.max_length to keep them")
+        return data
+
+    def plan(self, job: Job, config: Config, placement: Placement, data: TokenizedFile) -> Job:
+        """Fix the job's step range (law 1) and apply the duplicate policy (law 7)."""
+        t = config.training
+        epochs = job.epochs if job.state == JobState.RUNNING else t.epochs
+        total = len(data.examples) * epochs
+        eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
+        steps = require_steps(placement.steps_done + math.ceil((total - placement.position) / eps)
+                              if placement.position < total else placement.steps_done, len(data.examples), epochs,
+                              job.file)
+        if placement.steps_done == 0 and self._duplicate(job, placement.run, config):
+            return jobs.get(self.db, job.id)
+        start = placement.run.global_step + 1 if placement.steps_done == 0 else \
+            placement.resume.manifest[mf.K_JOB][mf.J_START_STEP]
+        job = jobs.transition(self.db, job, JobState.RUNNING, run_id=placement.run.id, epochs=epochs,
+                              examples=len(data.examples), tokens=data.tokens, truncated=len(data.truncated_lines),
+                              excluded=data.excluded_lines, planned_steps=steps, start_step=start,
+                              end_step=start + steps - 1, steps_done=placement.steps_done)
+        log_event(self.db, "info", "planned", f"job {job.id}: {len(data.examples)} examples × {epochs} epoch(s) = "
+                  f"{steps} steps, global steps {start}–{start + steps - 1}", job.id)
+        return job
+
+    def _duplicate(self, job: Job, run: runs.Run, config: Config) -> bool:
+        row = self.db.execute(
+            "SELECT id, file, start_step, end_step FROM jobs WHERE run_id = ? AND fingerprint = ? AND state = 'done'"
+            " AND id != ? ORDER BY id LIMIT 1", (run.id, job.fingerprint, job.id)).fetchone()
+        if row is None:
+            return False
+        earlier = (f"same bytes ({short(job.fingerprint)}) as job {row['id']} ({row['file']}), "
+                   f"trained at steps {row['start_step']}–{row['end_step']} of {run.id}")
+        if config.data.skip_duplicates:
+            reason = f"skipped: {earlier}; data.skip_duplicates = true"
+            jobs.transition(self.db, job, JobState.SKIPPED, run_id=run.id, error=reason)
+            self.say("warning", f"job {job.id} ({job.file}) {reason}")
+            return True
+        self._warn(job, f"trained again: {earlier} (set data.skip_duplicates = true to skip repeats)")
+        return False
+
+    def _run_worker(self, job: Job, config: Config, model_path: str, placement: Placement, data: TokenizedFile):
+        from .worker import Hooks, JobSpec, train_job
+
+        spec = JobSpec(run_id=placement.run.id, run_dir=self.ws.run_dir(placement.run.id), job_id=job.id,
+                       fingerprint=job.fingerprint, data=data, epochs=job.epochs, planned_steps=job.planned_steps,
+                       start_step=job.start_step, steps_done=placement.steps_done, position=placement.position,
+                       identity=placement.run.identity, resume=placement.resume)
+        self.reporter.job_started(job)
+        if spec.steps_done >= spec.planned_steps:
+            from .worker import Outcome
+            return Outcome(spec.steps_done, job.end_step, 0, checkpoint=placement.resume.path)
+
+        def flush(audit, metrics, done, position):
+            ledger.write_steps(self.db, spec.run_id, audit, metrics)
+            jobs.update(self.db, job.id, steps_done=done)
+            runs.set_step(self.db, spec.run_id, spec.start_step + done - 1)
+
+        hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
+                      flush=flush, stop_requested=lambda: self.stop_reason)
+        return train_job(config, model_path, spec, hooks, self.world_size)
+
+    def _finish(self, job: Job, run: runs.Run, outcome, data: TokenizedFile) -> None:
+        if outcome.stopped:
+            jobs.transition(self.db, job, JobState.QUEUED, steps_done=outcome.steps_done)
+            self.say("info", f"stopped ({outcome.stopped}) after global step {outcome.end_step}; job {job.id} "
+                     f"resumes at step {outcome.end_step + 1} from {outcome.checkpoint.name} on the next start")
+            return
+        ledger.record(self.db, run_id=run.id, job_id=job.id, start_step=job.start_step, end_step=outcome.end_step,
+                      examples=len(data.examples), epochs=job.epochs, tokens=data.tokens * job.epochs, outcome="done")
+        runs.set_step(self.db, run.id, outcome.end_step)
+        job = jobs.transition(self.db, job, JobState.DONE, steps_done=outcome.steps_done)
+        log_event(self.db, "info", "done", f"job {job.id}: steps {job.start_step}–{job.end_step}", job.id)
+        self.reporter.job_finished(job)
+
+    # Messages ------------------------------------------------------------------------------------
+    def say(self, level: str, text: str, job_id: int | None = None) -> None:
+        log_event(self.db, level, "message", text, job_id)
+        self.reporter.message(level, text)
+
+    def _warn(self, job: Job, text: str) -> None:
+        jobs.add_warning(self.db, job, text)
+        self.say("warning", f"job {job.id} ({job.file}): {text}", job.id)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        if job.state not in (JobState.QUEUED, JobState.RUNNING):
+            job = jobs.get(self.db, job.id)
+        jobs.transition(self.db, job, JobState.FAILED, error=reason)
+        self.say("error", f"job {job.id} failed: {reason}", job.id)
+
+    # Warm stop -----------------------------------------------------------------------------------
+    def _warm_stop_signals(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handlers():
+            def on_signal(signum, frame):
+                self._signals += 1
+                if self._signals > 1:
+                    raise SystemExit(130)  # second signal: stop at once
+                self.stop_reason = signal.Signals(signum).name
+                self.reporter.message("warning", f"{self.stop_reason}: finishing this step, then checkpointing "
+                                      "(send again to stop at once)")
+
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+        return handlers()
+

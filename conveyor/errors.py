@@ -1,0 +1,25 @@
+"""Named exceptions: the CLI prints them as plain messages, without a traceback."""
+
+
+class ConveyorError(Exception):
+    """A problem a person can act on; the message says what, where and what to do."""
+
+
+class ConfigError(ConveyorError):
+    """conveyor.toml is missing, unreadable or has invalid keys or values (all listed)."""
+
+
+class DataError(ConveyorError):
+    """A dataset file cannot be trained; the message lists every bad line."""
+
+
+class WorkspaceError(ConveyorError):
+    """The workspace folder is missing or not a conveyor workspace."""
+
+
+class PlanError(ConveyorError):
+    """A job cannot be planned, for example because it would train 0 steps."""
+
+
+class CheckpointError(ConveyorError):
+    """A checkpoint cannot be written, read or verified."""

@@ -1,0 +1,22 @@
+"""Content identity of a dataset file: a streaming sha256 of its bytes (law 4)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def fingerprint(path: Path) -> str:
+    """Hex sha256 of the file's bytes, read in 1 MiB chunks so any size fits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short(fp: str) -> str:
+    """The first 12 hex digits, enough for people to tell datasets apart."""
+    return fp[:12]

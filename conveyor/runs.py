@@ -1,0 +1,118 @@
+"""Runs: one model trained continuously. Its identity (base model, tokenizer, adapter, precision) decides
+whether a checkpoint may be resumed (law 5)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "tokenizer.model", "vocab.json", "merges.txt")
+_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _hash_files(folder: Path, names) -> str | None:
+    digest = hashlib.sha256()
+    found = False
+    for name in names:
+        path = folder / name
+        if path.exists():
+            found = True
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16] if found else None
+
+
+def _weights_hash(folder: Path) -> str | None:
+    index = _hash_files(folder, _WEIGHT_INDEX_FILES)
+    if index:
+        return index
+    single = folder / "model.safetensors"
+    if single.exists():  # hash the header (names, shapes, offsets) plus the size; cheap for any size
+        with open(single, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(n)
+        return hashlib.sha256(header + str(single.stat().st_size).encode()).hexdigest()[:16]
+    return None
+
+
+def identity(config: Config, model_path: str) -> dict:
+    """The fields a checkpoint must match to be resumed, flattened to dotted keys."""
+    folder = Path(model_path)
+    local = folder.is_dir()
+    ident = {
+        "model.name": config.model.name,
+        "model.config_hash": _hash_files(folder, ("config.json",)) if local else None,
+        "model.weights_hash": _weights_hash(folder) if local else None,
+        "model.tokenizer_hash": _hash_files(folder, _TOKENIZER_FILES) if local else None,
+        "model.precision": config.model.precision,
+        "adapter.method": config.adapter.method,
+    }
+    if config.adapter.method == "lora":
+        ident.update({
+            "adapter.r": config.adapter.r,
+            "adapter.alpha": config.adapter.alpha,
+            "adapter.dropout": config.adapter.dropout,
+            "adapter.target_modules": sorted(config.adapter.target_modules),
+            "adapter.bias": config.adapter.bias,
+        })
+    return ident
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Every differing field as `adapter.r: 8 → 16`."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {_show(old.get(k))} → {_show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _show(value) -> str:
+    return "(none)" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+@dataclass
+class Run:
+    id: str
+    identity: dict
+    global_step: int
+    active: bool
+    created_at: float
+    note: str | None
+
+    @classmethod
+    def from_row(cls, row) -> "Run":
+        return cls(row["id"], json.loads(row["identity"]), row["global_step"], bool(row["active"]),
+                   row["created_at"], row["note"])
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "global_step": self.global_step, "active": self.active,
+                "identity": self.identity, "created_at": self.created_at, "note": self.note}
+
+
+def active(con: sqlite3.Connection) -> Run | None:
+    row = con.execute("SELECT * FROM runs WHERE active = 1").fetchone()
+    return Run.from_row(row) if row else None
+
+
+def all_runs(con: sqlite3.Connection) -> list[Run]:
+    return [Run.from_row(r) for r in con.execute("SELECT * FROM runs ORDER BY created_at, id")]
+
+
+def create(con: sqlite3.Connection, ident: dict, note: str | None = None) -> Run:
+    """A new active run at step 0; earlier runs stay, inactive and untouched."""
+    n = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] + 1
+    run_id = f"run-{n:04d}"
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("UPDATE runs SET active = 0")
+    con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note) VALUES (?, ?, ?, 0, 1, ?)",
+                (run_id, time.time(), json.dumps(ident), note))
+    con.execute("COMMIT")
+    return active(con)
+
+
+def set_step(con: sqlite3.Connection, run_id: str, step: int) -> None:
+    con.execute("UPDATE runs SET global_step = ? WHERE id = ?", (step, run_id))

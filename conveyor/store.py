@@ -1,0 +1,105 @@
+"""The workspace's SQLite database (WAL): schema and connection. Checkpoint manifests stay the truth about weights."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    identity TEXT NOT NULL,
+    global_step INTEGER NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 0,
+    note TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT,
+    file TEXT NOT NULL,
+    source TEXT NOT NULL,
+    stored TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    format TEXT,
+    priority INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    examples INTEGER,
+    tokens INTEGER,
+    epochs INTEGER,
+    planned_steps INTEGER,
+    start_step INTEGER,
+    end_step INTEGER,
+    steps_done INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    excluded TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    job_id INTEGER NOT NULL,
+    start_step INTEGER NOT NULL,
+    end_step INTEGER NOT NULL,
+    examples INTEGER NOT NULL,
+    epochs INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    first_loss REAL,
+    last_loss REAL,
+    mean_loss REAL,
+    outcome TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    lines TEXT NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    job_id INTEGER NOT NULL,
+    loss REAL,
+    learning_rate REAL,
+    grad_norm REAL,
+    tokens INTEGER,
+    examples INTEGER,
+    step_time REAL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    level TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    job_id INTEGER,
+    message TEXT NOT NULL
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row."""
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA foreign_keys=ON")
+    con.executescript(SCHEMA)
+    return con
+
+
+def log_event(con: sqlite3.Connection, level: str, kind: str, message: str, job_id: int | None = None) -> None:
+    """Append to the events table (what the CLI, log and status show)."""
+    con.execute(
+        "INSERT INTO events (ts, level, kind, job_id, message) VALUES (?, ?, ?, ?, ?)",
+        (time.time(), level, kind, job_id, message),
+    )

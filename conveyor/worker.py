@@ -1,0 +1,354 @@
+"""The worker: trains one job on the Hugging Face Trainer (PEFT LoRA or full), from its exact position.
+
+setup (model, data from the job's position, optimizer/scheduler/RNG state) → train → checkpoint.
+The Trainer is the engine; conveyor owns step numbers, data order, positions and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import checkpoints as ck
+from . import manifest as mf
+from .config import Config
+from .formats import IGNORE, TokenizedFile
+from .plan import JobOrder, examples_per_step
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries() -> None:
+    """conveyor prints its own progress; silence the libraries' bars, info logs and deprecation chatter."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class JobSpec:
+    """Everything the worker needs about one job; positions are job-local."""
+    run_id: str
+    run_dir: Path
+    job_id: int
+    fingerprint: str
+    data: TokenizedFile
+    epochs: int
+    planned_steps: int
+    start_step: int  # global step of the job's first optimizer step
+    steps_done: int  # optimizer steps of this job already in the resume checkpoint
+    position: int  # examples of the job (epochs end to end) already trained
+    identity: dict
+    resume: ck.Checkpoint | None  # None: the run starts from the base model
+
+
+@dataclass
+class Hooks:
+    """Callbacks from the training loop to the caller (progress display, control, database)."""
+    progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
+    flush: Callable[[list, list, int, int], None] | None = None  # (audit, metrics, steps_done, position)
+    stop_requested: Callable[[], str | None] | None = None  # a reason to stop after this step, or None
+
+
+@dataclass
+class Outcome:
+    steps_done: int
+    end_step: int
+    tokens: int
+    stopped: str | None = None  # why the job stopped before its planned end
+    checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(config: Config, model_path: str, resume_dir: Path | None):
+    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import set_seed
+
+    dtype = DTYPES[config.model.precision]
+    if config.adapter.method == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(resume_dir or model_path), dtype=dtype)
+        model.config.use_cache = False
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    base.config.use_cache = False
+    if resume_dir is not None:
+        return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
+    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
+    lora = LoraConfig(r=config.adapter.r, lora_alpha=config.adapter.alpha, lora_dropout=config.adapter.dropout,
+                      target_modules=list(config.adapter.target_modules), bias=config.adapter.bias,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+class PlanDataset(Dataset):
+    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1))."""
+
+    def __init__(self, data: TokenizedFile, order: JobOrder, start: int):
+        self.data, self.order, self.start = data, order, start
+
+    def __len__(self) -> int:
+        return len(self.order) - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        _, index = self.order[self.start + i]
+        ex = self.data.examples[index]
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": ex.line}
+
+
+class AuditingCollator:
+    """Pads a batch (Hugging Face's DataCollatorForSeq2Seq) and remembers which lines it fed, in order."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.fed: deque[tuple[int, int]] = deque()  # (line, tokens)
+
+    def __call__(self, features: list[dict]) -> dict:
+        for f in features:
+            self.fed.append((f["line"], len(f["input_ids"])))
+        return self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+
+    def take(self, n: int) -> tuple[list[int], int]:
+        taken = [self.fed.popleft() for _ in range(n)]
+        return [line for line, _ in taken], sum(t for _, t in taken)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_scheduler(config: Config, optimizer, planned_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    t = config.training
+    if t.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, planned_steps)
+    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def apply_learning_rate(scheduler, lr: float) -> None:
+    """Set the configured peak LR at the scheduler's position (an LR change is applied, not a new run)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def hyperparameters(config: Config, world_size: int) -> dict:
+    t = config.training
+    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
+            "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
+            "max_length": t.max_length, "epochs": t.epochs}
+
+
+def libraries() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class _JobCallback:
+    """Hooks into the Trainer's loop: audit, metrics, checkpoints, RNG restore and warm stops."""
+
+    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int):
+        self.spec, self.config, self.collator = spec, config, collator
+        self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
+        self.world_size = world_size
+        self.total = len(spec.data.examples) * spec.epochs
+        self.done = spec.steps_done
+        self.position = spec.position
+        self.audit: list = []
+        self.metrics: list = []
+        self.pending: dict = {}
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.stopped: str | None = None
+        self.last_checkpoint: Path | None = None
+        self.restore_rng = spec.resume is not None and spec.steps_done > 0
+        self.t_step = self.t_flush = time.perf_counter()
+
+    # Trainer callback protocol -------------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kw):
+        if self.restore_rng:
+            # Mid-job resume: continue the RNG stream of the uninterrupted run (dropout, etc.).
+            set_rng_state(torch.load(self.spec.resume.path / mf.RNG, weights_only=False))
+            self.restore_rng = False
+
+    def on_step_end(self, args, state, control, **kw):
+        n = min(self.eps, self.total - self.position)
+        lines, tokens = self.collator.take(n)
+        self.done += 1
+        self.position += n
+        self.tokens += tokens
+        step = self.spec.start_step + self.done - 1
+        self.audit.append((step, self.spec.job_id, lines))
+        now = time.perf_counter()
+        self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
+                        "step_time": now - self.t_step}
+        self.t_step = now
+        last = self.done == self.spec.planned_steps
+        stop = None if last else self._stop_reason()
+        if last or stop or step % self.config.training.save_every == 0:
+            self._flush()
+            self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last)
+        if stop:
+            self.stopped = stop
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self.pending or not logs or "loss" not in logs:
+            return
+        row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm")}
+        self.pending = {}
+        self.metrics.append(row)
+        self.losses.append(row["loss"])
+        hooks = self._hooks
+        if hooks.progress:
+            hooks.progress(self.done, self.spec.planned_steps, row["loss"], row["examples"] / max(row["step_time"], 1e-9))
+        if time.perf_counter() - self.t_flush > 2.0:
+            self._flush()
+
+    # --------------------------------------------------------------------------------------------
+    _hooks = Hooks()
+
+    def _stop_reason(self) -> str | None:
+        return self._hooks.stop_requested() if self._hooks.stop_requested else None
+
+    def _flush(self) -> None:
+        if self._hooks.flush:
+            self._hooks.flush(self.audit, self.metrics, self.done, self.position)
+        self.audit, self.metrics = [], []
+        self.t_flush = time.perf_counter()
+
+    def _checkpoint(self, step: int, model, optimizer, scheduler, job_end: bool) -> Path:
+        position = self.position
+        epoch, in_epoch = divmod(position, len(self.spec.data.examples))
+        content = {
+            mf.K_VERSION: mf.VERSION, mf.K_RUN: self.spec.run_id, mf.K_STEP: step, mf.K_JOB_END: job_end,
+            mf.K_JOB: {mf.J_ID: self.spec.job_id, mf.J_FINGERPRINT: self.spec.fingerprint, mf.J_EPOCH: epoch,
+                       mf.J_EPOCH_POSITION: in_epoch, mf.J_POSITION: position, mf.J_STEPS_DONE: self.done,
+                       mf.J_PLANNED: self.spec.planned_steps, mf.J_START_STEP: self.spec.start_step},
+            mf.K_IDENTITY: self.spec.identity,
+            mf.K_HPARAMS: hyperparameters(self.config, self.world_size),
+            mf.K_LIBRARIES: libraries(),
+        }
+
+        def save(folder: Path) -> None:
+            model.save_pretrained(folder)
+            torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
+            torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
+            torch.save(rng_state(), folder / mf.RNG)
+
+        return ck.write(self.spec.run_dir, step, save, content, self.config.training.keep_checkpoints).path
+
+
+def _trainer_callback(inner: _JobCallback):
+    from transformers import TrainerCallback
+
+    class Adapter(TrainerCallback):
+        # Only forwards the events conveyor uses; keeps the Trainer import out of module import time.
+        def on_step_begin(self, *a, **kw):
+            return inner.on_step_begin(*a, **kw)
+
+        def on_step_end(self, *a, **kw):
+            return inner.on_step_end(*a, **kw)
+
+        def on_log(self, *a, **kw):
+            return inner.on_log(*a, **kw)
+
+    return Adapter()
+
+
+def training_arguments(config: Config, output_dir: Path, max_steps: int):
+    from transformers import TrainingArguments
+
+    t = config.training
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
+        train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
+        save_strategy="no", logging_steps=1, report_to="none", seed=t.seed, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
+    )
+
+
+def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | None = None,
+              world_size: int = 1) -> Outcome:
+    """Train one job from spec.steps_done to its planned end (or a requested stop); returns what happened."""
+    from transformers import PrinterCallback, Trainer
+
+    quiet_libraries()
+    tokenizer = load_tokenizer(model_path)
+    model = build_model(config, model_path, spec.resume.path if spec.resume else None)
+    t = config.training
+    order = JobOrder(t.seed, spec.fingerprint, len(spec.data.examples), spec.epochs)
+    dataset = PlanDataset(spec.data, order, spec.position)
+    collator = AuditingCollator(tokenizer)
+    inner = _JobCallback(spec, config, collator, world_size)
+    inner._hooks = hooks or Hooks()
+    remaining = spec.planned_steps - spec.steps_done
+    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining),
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                      callbacks=[_trainer_callback(inner)])
+    trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
+    trainer.create_optimizer()
+    scheduler = make_scheduler(config, trainer.optimizer, spec.planned_steps)
+    if spec.resume is not None:
+        trainer.optimizer.load_state_dict(torch.load(spec.resume.path / mf.OPTIMIZER, weights_only=False))
+        # A new job under the cosine schedule starts its own curve; otherwise the schedule continues.
+        if not (t.schedule == "cosine" and spec.steps_done == 0):
+            scheduler.load_state_dict(torch.load(spec.resume.path / mf.SCHEDULER, weights_only=False))
+    apply_learning_rate(scheduler, t.learning_rate)
+    trainer.lr_scheduler = scheduler
+    trainer.train()
+    trained = inner.done - spec.steps_done
+    if inner.stopped is None and inner.done != spec.planned_steps:
+        raise RuntimeError(f"the Trainer ran {trained} steps where conveyor planned {remaining}; this is a bug")
+    return Outcome(steps_done=inner.done, end_step=spec.start_step + inner.done - 1, tokens=inner.tokens,
+                   stopped=inner.stopped, checkpoint=inner.last_checkpoint, losses=inner.losses)

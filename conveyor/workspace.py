@@ -1,0 +1,75 @@
+"""A workspace folder: its layout, the state database and the settings, in one place."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from . import store
+from .config import CONFIG_FILE, Config, load_config, render_config
+from .errors import WorkspaceError
+from .tiny import TINY, ensure_tiny
+
+DB_FILE = "conveyor.db"
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    inbox = property(lambda self: self.root / "inbox")
+    data = property(lambda self: self.root / "data")  # content-addressed copies of every enqueued file
+    rejected = property(lambda self: self.root / "rejected")
+    runs = property(lambda self: self.root / "runs")
+    models = property(lambda self: self.root / "models")
+    logs = property(lambda self: self.root / "logs")
+
+    @classmethod
+    def open(cls, root: Path) -> "Workspace":
+        root = Path(root).resolve()
+        if not (root / CONFIG_FILE).exists():
+            raise WorkspaceError(
+                f"{root} is not a conveyor workspace (no {CONFIG_FILE}); "
+                "run `conveyor init` there or pass --workspace/-w"
+            )
+        return cls(root)
+
+    @classmethod
+    def create(cls, root: Path, config: Config) -> "Workspace":
+        root = Path(root).resolve()
+        if (root / CONFIG_FILE).exists():
+            raise WorkspaceError(f"{root} already has {CONFIG_FILE}; edit it, or pick another folder")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CONFIG_FILE).write_text(render_config(config), encoding="utf-8")
+        ws = cls(root)
+        for folder in (ws.inbox, ws.data, ws.rejected, ws.runs, ws.logs):
+            folder.mkdir(exist_ok=True)
+        return ws
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    @cached_property
+    def db(self):
+        return store.connect(self.root / DB_FILE)
+
+    def model_path(self, name: str) -> str:
+        """Where the base model's files are: the tiny model is made in the workspace on first use."""
+        if name == TINY:
+            from .worker import quiet_libraries
+
+            quiet_libraries()
+            return str(ensure_tiny(self.models / TINY))
+        return name
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
