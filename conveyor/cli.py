@@ -103,13 +103,13 @@ def _priority(value: str) -> int:
     return jobs.PRIORITIES[value]
 
 
-def _enqueue_all(ws: Workspace, files: list[Path], priority: int) -> bool:
+def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | None = None) -> bool:
     from .inbox import enqueue
 
-    config = ws.config()
+    epochs = epochs or ws.config().training.epochs
     ok = True
     for file in files:
-        result = enqueue(ws, file, priority, config.training.epochs)
+        result = enqueue(ws, file, priority, epochs)
         for text in result.messages:
             err.print(text, style="yellow" if result.job.state != jobs.JobState.REJECTED else "red", markup=False)
         if result.job.state == jobs.JobState.REJECTED:
@@ -125,9 +125,10 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int) -> bool:
 def add(
     files: list[Path] = typer.Argument(..., help="JSONL files, enqueued in the order given."),
     priority: str = typer.Option("normal", help="high | normal | low"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
 ):
     """Validate and enqueue files without training them."""
-    ok = _enqueue_all(_ws(), files, _priority(priority))
+    ok = _enqueue_all(_ws(), files, _priority(priority), epochs)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -144,11 +145,12 @@ def _drain(ws: Workspace, quiet: bool = False) -> bool:
 @app.command()
 def train(
     files: list[Path] = typer.Argument(..., help="JSONL files to train, in this order."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Enqueue the files in order and train everything queued, then exit (non-zero if any job failed)."""
     ws = _ws()
-    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"])
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs)
     ok = _drain(ws, quiet) and ok
     raise typer.Exit(0 if ok else 1)
 

@@ -140,7 +140,7 @@ class Daemon:
     def plan(self, job: Job, config: Config, placement: Placement, data: TokenizedFile) -> Job:
         """Fix the job's step range (law 1) and apply the duplicate policy (law 7)."""
         t = config.training
-        epochs = job.epochs if job.state == JobState.RUNNING else t.epochs
+        epochs = job.epochs or t.epochs
         total = len(data.examples) * epochs
         eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
         steps = require_steps(placement.steps_done + math.ceil((total - placement.position) / eps)

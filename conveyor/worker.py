@@ -347,6 +347,7 @@ def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | Non
     apply_learning_rate(scheduler, t.learning_rate)
     trainer.lr_scheduler = scheduler
     trainer.train()
+    inner._flush()  # the last step's metrics arrive after its checkpoint
     trained = inner.done - spec.steps_done
     if inner.stopped is None and inner.done != spec.planned_steps:
         raise RuntimeError(f"the Trainer ran {trained} steps where conveyor planned {remaining}; this is a bug")

@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny model made once per session, workspaces in tmp_path, and the CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conveyor.config import Config
+from conveyor.tiny import ensure_tiny
+from conveyor.workspace import Workspace
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return ensure_tiny(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(ws: Path | None, *args: str, subprocess_: bool = False) -> Result:
+    """Run the real `conveyor` CLI: in-process by default (fast), or as a subprocess."""
+    argv = (["-w", str(ws)] if ws else []) + [str(a) for a in args]
+    if subprocess_:
+        p = subprocess.run([sys.executable, "-m", "conveyor", *argv], capture_output=True, text=True, timeout=600)
+        return Result(p.returncode, p.stdout, p.stderr)
+    from typer.testing import CliRunner
+
+    from conveyor import cli
+
+    result = CliRunner().invoke(cli.app, argv, catch_exceptions=True)
+    err = result.stderr if hasattr(result, "stderr") else ""
+    if result.exception and not isinstance(result.exception, SystemExit):
+        from conveyor.errors import ConveyorError
+
+        if not isinstance(result.exception, ConveyorError):
+            raise result.exception
+        return Result(1, result.stdout, err + str(result.exception))
+    return Result(result.exit_code, result.stdout, err)
+
+
+def make_workspace(root: Path, tiny_dir: Path, **sections) -> Path:
+    """A workspace with the tiny model copied in and the given settings, e.g. training={"batch_size": 4}."""
+    config = Config()
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(config, section), key, value)
+    ws = Workspace.create(root, config)
+    shutil.copytree(tiny_dir, ws.models / "tiny")
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_dir):
+    def make(name="ws", **sections) -> Path:
+        defaults = {"training": {"batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3, "save_every": 2,
+                                 "max_length": 64}}
+        for section, values in sections.items():
+            defaults.setdefault(section, {}).update(values)
+        return make_workspace(tmp_path / name, tiny_dir, **defaults)
+
+    return make
+
+
+def text_file(path: Path, n: int, tag: str = "ex") -> Path:
+    """A `text` JSONL file of n distinct short examples; line k is example k (1-based)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(1, n + 1):
+            f.write(json.dumps({"text": f"{tag} {i}: the quick brown fox {i * 7 % 13} jumps."}) + "\n")
+    return path
+
+
+def status(ws: Path) -> dict:
+    r = run_cli(ws, "status", "--json")
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def audit(ws: Path) -> list[dict]:
+    r = run_cli(ws, "history", "--examples", "--json")
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def ledger(ws: Path) -> list[dict]:
+    r = run_cli(ws, "history", "--json")
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def checkpoint_steps(ws: Path, run_id: str) -> list[int]:
+    folder = ws / "runs" / run_id / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in folder.iterdir() if p.name.startswith("step-"))
+
+
+def adapter_weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
