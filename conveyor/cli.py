@@ -20,8 +20,8 @@ from .fingerprint import short
 from .workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous fine-tuning of causal LMs.")
-console = Console(stderr=False, highlight=False)
-err = Console(stderr=True, highlight=False)
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"workspace": Path("."), "debug": False}
 
 

@@ -122,7 +122,7 @@ class Daemon:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
         from .worker import load_tokenizer
 
-        data = tokenize_file(parse_file(Path(job.stored)), load_tokenizer(model_path), config.training.max_length)
+        data = tokenize_file(parse_file(Path(job.stored), job.file), load_tokenizer(model_path), config.training.max_length)
         if data.truncated_lines:
             shown = ", ".join(map(str, data.truncated_lines[:20]))
             more = f" and {len(data.truncated_lines) - 20} more" if len(data.truncated_lines) > 20 else ""

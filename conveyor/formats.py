@@ -79,8 +79,8 @@ def _check_record(record) -> str:
     return fmt
 
 
-def parse_file(path: Path) -> ParsedFile:
-    """Read and validate a whole JSONL file; raise DataError listing every bad line."""
+def parse_file(path: Path, name: str | None = None) -> ParsedFile:
+    """Read and validate a whole JSONL file; raise DataError listing every bad line (under `name`)."""
     problems: list[tuple[int, str]] = []
     examples: list[Example] = []
     formats: dict[str, int] = {}
@@ -110,7 +110,7 @@ def parse_file(path: Path) -> ParsedFile:
     if not examples and not problems:
         problems.append((0, "the file has no examples"))
     if problems:
-        raise DataError(describe_problems(path.name, problems))
+        raise DataError(describe_problems(name or path.name, problems))
     return ParsedFile(next(iter(formats)), examples)
 
 

@@ -59,7 +59,7 @@ def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal
     fp = fingerprint(source)
     stored = _store_copy(ws, source, fp)
     try:
-        parsed = parse_file(stored)
+        parsed = parse_file(stored, source.name)
     except DataError as e:
         return Enqueued(_reject(ws, source, fp, stored, str(e), priority), [str(e)])
     messages = []

@@ -1,0 +1,131 @@
+"""Input formats: whole-file validation with every bad line reported, and loss masks per format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ASSETS, run_cli, status, text_file
+from conveyor.errors import DataError
+from conveyor.formats import CHAT, IGNORE, PROMPT, TEXT, parse_file, tokenize_file
+from conveyor.worker import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return load_tokenizer(str(tiny_dir))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("bad_json_and_fields.jsonl", ["line 2: invalid JSON", 'line 3: "text" must be a string, found int',
+                                   'line 4: "text" is empty', "line 5: keys ['txt'] match no format"]),
+    ("bad_chat.jsonl", ["line 1: messages[1].role 'robot' is unknown", "line 2: no assistant turn",
+                        'line 3: "messages" must be a non-empty list']),
+    ("mixed_formats.jsonl", ["mixes formats: text (first on line 1), prompt_completion (first on line 2)"]),
+    ("empty.jsonl", ["the file has no examples"]),
+    ("bad_utf8.jsonl", ["line 2: invalid UTF-8 at byte 13"]),
+    ("bad_prompt.jsonl", ['line 1: "completion" is empty', 'line 2: "prompt" must be a string, found int']),
+])
+def test_bad_files_name_every_problem_by_line(name, expected):
+    with pytest.raises(DataError) as e:
+        parse_file(ASSETS / name)
+    for text in expected:
+        assert text in str(e.value)
+    assert "nothing trained" in str(e.value)
+
+
+def test_many_bad_lines_show_first_20_and_a_count():
+    with pytest.raises(DataError) as e:
+        parse_file(ASSETS / "many_bad.jsonl")
+    message = str(e.value)
+    assert "30 problem(s)" in message and "line 20:" in message and "line 21:" not in message
+    assert "... and 10 more problem(s)" in message
+
+
+def test_text_trains_on_everything_after_bos(tok, tmp_path):
+    parsed = parse_file(text_file(tmp_path / "t.jsonl", 1, "t"))
+    assert parsed.format == TEXT
+    ex = tokenize_file(parsed, tok, 512).examples[0]
+    assert ex.labels[0] == IGNORE and ex.labels[1:] == ex.input_ids[1:]
+    assert tok.decode(ex.input_ids) == "<|bos|>t 1: the quick brown fox 7 jumps.<|eos|>"
+    assert parse_file(ASSETS / "chat_multi.jsonl").format == CHAT
+    assert parse_file(ASSETS / "prompt_completion.jsonl").format == PROMPT
+
+
+def test_prompt_completion_masks_the_prompt(tok):
+    data = tokenize_file(parse_file(ASSETS / "prompt_completion.jsonl"), tok, 512)
+    ex = data.examples[0]
+    trained = tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+    assert trained == " A0<|eos|>"
+    assert tok.decode(ex.input_ids) == "<|bos|>Q0: capital? A0<|eos|>"
+
+
+def test_chat_trains_every_assistant_turn_and_nothing_else(tok):
+    data = tokenize_file(parse_file(ASSETS / "chat_multi.jsonl"), tok, 512)
+    ex = data.examples[0]
+    trained = tok.decode([i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+    assert trained == "Hello.<|end|>Ciao.<|end|>"
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(parse_file(ASSETS / "chat_multi.jsonl").examples[0]
+                                                               .record["messages"], tokenize=False)
+
+
+def test_truncation_is_counted_and_fully_cut_examples_are_excluded(tok, tmp_path):
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "x" * 40, "completion": "yes"}) + "\n"
+                    + json.dumps({"prompt": "short", "completion": "z" * 40}) + "\n"
+                    + json.dumps({"prompt": "hi", "completion": "ok"}) + "\n")
+    data = tokenize_file(parse_file(path), tok, 20)
+    assert data.truncated_lines == [1, 2]
+    assert data.excluded_lines == [1]  # its completion was cut away entirely
+    assert [e.line for e in data.examples] == [2, 3]
+    assert all(len(e.input_ids) <= 20 for e in data.examples)
+
+
+def test_bad_files_are_rejected_and_good_files_after_them_still_train(workspace, tmp_path):
+    ws = workspace()
+    bad = sorted(p for p in ASSETS.glob("*.jsonl") if p.name not in ("chat_multi.jsonl", "prompt_completion.jsonl"))
+    good = text_file(tmp_path / "good.jsonl", 8, "g")
+    r = run_cli(ws, "train", *bad, good, "-q")
+    assert r.code == 1  # something was rejected
+    jobs = {j["file"]: j for j in status(ws)["jobs"]}
+    for path in bad:
+        assert jobs[path.name]["state"] == "rejected", path.name
+        assert "line" in jobs[path.name]["error"] or "no examples" in jobs[path.name]["error"]
+        kept = list((ws / "rejected").glob(f"*-{path.name}"))
+        assert len(kept) == 1 and kept[0].read_bytes() == path.read_bytes()
+        assert (ws / "rejected" / f"{kept[0].name}.reason.txt").read_text().strip() == jobs[path.name]["error"]
+    assert jobs["good.jsonl"]["state"] == "done" and jobs["good.jsonl"]["end_step"] == 1
+    assert "bad_json_and_fields.jsonl: rejected" in r.out + r.err
+
+
+def test_too_long_reject_policy_fails_the_job_with_line_numbers(workspace, tmp_path):
+    ws = workspace(data={"too_long": "reject"}, training={"max_length": 16})
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "a much longer line here"}) + "\n")
+    r = run_cli(ws, "train", path, "-q")
+    assert r.code == 1
+    job = status(ws)["jobs"][0]
+    assert job["state"] == "failed" and "1 example(s) longer than training.max_length=16 tokens (lines 2)" in job["error"]
+
+
+def test_truncation_and_exclusion_are_reported_per_job(workspace, tmp_path):
+    ws = workspace(training={"max_length": 12})
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                            for p, c in [("a" * 20, "b"), ("q", "c" * 20), ("q", "ok")]))
+    r = run_cli(ws, "train", path, "-q")
+    assert r.code == 0, r.out + r.err
+    job = status(ws)["jobs"][0]
+    assert job["truncated"] == 2 and job["excluded_lines"] == [1] and job["examples"] == 2
+    assert any("truncated" in w for w in job["warnings"]) and any("not trained (lines 1)" in w for w in job["warnings"])
+
+
+def test_a_job_that_would_train_0_steps_is_an_error(workspace, tmp_path):
+    ws = workspace(training={"max_length": 8})
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "a long prompt", "completion": "c"}) + "\n")
+    r = run_cli(ws, "train", path, "-q")
+    assert r.code == 1
+    job = status(ws)["jobs"][0]
+    assert job["state"] == "failed" and "would train 0 steps" in job["error"]
