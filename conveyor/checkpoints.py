@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,12 +83,14 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: dict,
     try:
         tmp.mkdir()
         save(tmp)
+        failpoint("checkpoint-write", step)
         _seal(tmp, content)
         data = mf.verify(tmp)
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoint numbers must strictly increase")
         os.rename(tmp, final)
         _fsync_dir(root)
+        failpoint("checkpoint-renamed", step)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -153,6 +156,23 @@ def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
             continue
         return Checkpoint(path, data[mf.K_STEP], data), problems
     return None, problems
+
+
+def clean_temporary(run_dir: Path) -> list[Path]:
+    """Remove `.tmp-step-*` folders left by a write that was cut off; they never held a verified checkpoint."""
+    root = checkpoints_dir(run_dir)
+    if not root.exists():
+        return []
+    leftovers = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
+    for path in leftovers:
+        shutil.rmtree(path)
+    return leftovers
+
+
+def failpoint(name: str, step: int) -> None:
+    """Test hook: CONVEYOR_FAILPOINT="<name>:<step>" kills this process there, as a power cut would."""
+    if os.environ.get("CONVEYOR_FAILPOINT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:

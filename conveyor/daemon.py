@@ -13,11 +13,12 @@ from . import checkpoints as ck
 from . import jobs, ledger, runs
 from . import manifest as mf
 from .config import Config
-from .errors import DataError, PlanError
+from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
 from .formats import TokenizedFile, parse_file, tokenize_file
 from .jobs import Job, JobState
 from .plan import examples_per_step, require_steps
+from .reconcile import Placement, place
 from .store import log_event
 from .workspace import Workspace
 
@@ -38,15 +39,6 @@ class Reporter:
         pass
 
 
-@dataclass
-class Placement:
-    """Where a job trains: its run, the checkpoint to start from and the job's position in it."""
-    run: runs.Run
-    resume: ck.Checkpoint | None
-    steps_done: int = 0
-    position: int = 0
-
-
 class Daemon:
     def __init__(self, ws: Workspace, reporter: Reporter | None = None, world_size: int = 1):
         self.ws = ws
@@ -62,21 +54,23 @@ class Daemon:
         ok = True
         with self._warm_stop_signals():
             while self.stop_reason is None:
-                job = jobs.next_queued(self.db)
-                if job is None:
+                if jobs.next_queued(self.db) is None:
                     if drain:
                         break
                     time.sleep(0.5)
                     continue
-                ok = self.train(job) and ok
+                ok = self.train_next() and ok
         return ok
 
-    def train(self, job: Job) -> bool:
-        """Train one job to its planned end; False if it failed."""
+    def train_next(self) -> bool:
+        """Reconcile with the checkpoints, then train the next job to its planned end; False if it failed."""
         config = self.ws.config()
         model_path = self.ws.model_path(config.model.name)
+        placement = place(self.ws, config, model_path, self.say)
+        job = jobs.next_queued(self.db)
+        if job is None:
+            return True
         try:
-            placement = self.place(job, config, model_path)
             data = self.prepare(job, config, model_path)
             job = self.plan(job, config, placement, data)
             if job.state == JobState.SKIPPED:
@@ -85,38 +79,13 @@ class Daemon:
         except (DataError, PlanError) as e:
             self._fail(job, str(e))
             return False
+        except CheckpointError as e:
+            # The disk or the checkpoint folder, not the job, is at fault: keep the job, stop, say why.
+            self.say("error", f"job {job.id} stopped: {e}", job.id)
+            self.stop_reason = "checkpoint error"
+            return False
         self._finish(job, placement.run, outcome, data)
         return True
-
-    # Steps of train() --------------------------------------------------------------------------
-    def place(self, job: Job, config: Config, model_path: str) -> Placement:
-        """The active run (a new one if the configuration's identity differs) and where to resume from."""
-        ident = runs.identity(config, model_path)
-        run = runs.active(self.db)
-        if run is not None and run.identity != ident:
-            changes = runs.differences(run.identity, ident)
-            self.say("warning", f"the configuration no longer matches {run.id} ({len(changes)} field(s)):\n  "
-                     + "\n  ".join(changes) + f"\n{run.id} is kept as it is; a new run starts at step 0.")
-            run = runs.create(self.db, ident, note=f"identity changed from {run.id}: " + "; ".join(changes))
-            if job.state == JobState.RUNNING:  # its steps belong to the old run; it starts over in the new one
-                job = jobs.transition(self.db, job, JobState.QUEUED, steps_done=0, start_step=None, end_step=None)
-        if run is None:
-            run = runs.create(self.db, ident)
-            self.say("info", f"started {run.id} from {config.model.name} ({config.adapter.method})")
-        resume, problems = ck.newest_verified(self.ws.run_dir(run.id))
-        for problem in problems:
-            self.say("warning", f"not resuming from {problem.path.name}: {problem.reason}")
-        if resume is None:
-            return Placement(run, None)
-        ledger.forget_after(self.db, run.id, resume.step)
-        runs.set_step(self.db, run.id, resume.step)
-        run.global_step = resume.step
-        job_info = resume.manifest[mf.K_JOB]
-        if job_info[mf.J_ID] == job.id and not resume.manifest[mf.K_JOB_END]:
-            self.say("info", f"job {job.id} resumes at step {resume.step + 1} from {resume.path.name} "
-                     f"(example {job_info[mf.J_POSITION]} of its plan)")
-            return Placement(run, resume, job_info[mf.J_STEPS_DONE], job_info[mf.J_POSITION])
-        return Placement(run, resume)
 
     def prepare(self, job: Job, config: Config, model_path: str) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
@@ -143,17 +112,18 @@ class Daemon:
         epochs = job.epochs or t.epochs
         total = len(data.examples) * epochs
         eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
-        steps = require_steps(placement.steps_done + math.ceil((total - placement.position) / eps)
-                              if placement.position < total else placement.steps_done, len(data.examples), epochs,
+        steps_done, position = placement.position_of(job)
+        # Re-planned from the exact position, so a changed batch size mid-job neither skips nor repeats examples.
+        steps = require_steps(steps_done + math.ceil(max(total - position, 0) / eps), len(data.examples), epochs,
                               job.file)
-        if placement.steps_done == 0 and self._duplicate(job, placement.run, config):
+        if steps_done == 0 and self._duplicate(job, placement.run, config):
             return jobs.get(self.db, job.id)
-        start = placement.run.global_step + 1 if placement.steps_done == 0 else \
+        start = placement.run.global_step + 1 if steps_done == 0 else \
             placement.resume.manifest[mf.K_JOB][mf.J_START_STEP]
         job = jobs.transition(self.db, job, JobState.RUNNING, run_id=placement.run.id, epochs=epochs,
                               examples=len(data.examples), tokens=data.tokens, truncated=len(data.truncated_lines),
                               excluded=data.excluded_lines, planned_steps=steps, start_step=start,
-                              end_step=start + steps - 1, steps_done=placement.steps_done)
+                              end_step=start + steps - 1, steps_done=steps_done)
         log_event(self.db, "info", "planned", f"job {job.id}: {len(data.examples)} examples × {epochs} epoch(s) = "
                   f"{steps} steps, global steps {start}–{start + steps - 1}", job.id)
         return job
@@ -177,14 +147,12 @@ class Daemon:
     def _run_worker(self, job: Job, config: Config, model_path: str, placement: Placement, data: TokenizedFile):
         from .worker import Hooks, JobSpec, train_job
 
+        steps_done, position = placement.position_of(job)
         spec = JobSpec(run_id=placement.run.id, run_dir=self.ws.run_dir(placement.run.id), job_id=job.id,
                        fingerprint=job.fingerprint, data=data, epochs=job.epochs, planned_steps=job.planned_steps,
-                       start_step=job.start_step, steps_done=placement.steps_done, position=placement.position,
+                       start_step=job.start_step, steps_done=steps_done, position=position,
                        identity=placement.run.identity, resume=placement.resume)
         self.reporter.job_started(job)
-        if spec.steps_done >= spec.planned_steps:
-            from .worker import Outcome
-            return Outcome(spec.steps_done, job.end_step, 0, checkpoint=placement.resume.path)
 
         def flush(audit, metrics, done, position):
             ledger.write_steps(self.db, spec.run_id, audit, metrics)

@@ -64,10 +64,19 @@ def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal
         return Enqueued(_reject(ws, source, fp, stored, str(e), priority), [str(e)])
     messages = []
     for other in jobs.all_jobs(ws.db):
-        if other.fingerprint == fp and other.state in (JobState.QUEUED, JobState.RUNNING, JobState.DONE):
+        if other.fingerprint != fp:
+            continue
+        if other.state == JobState.RUNNING:
+            # Same bytes as a job interrupted mid-way: that job resumes, no second copy starts (law 4).
+            messages.append(f"{source.name} is the same dataset ({short(fp)}) as job {other.id} ({other.file}), "
+                            f"interrupted at step {other.steps_done} of {other.planned_steps}; no new job, "
+                            f"job {other.id} resumes where it stopped")
+            log_event(ws.db, "info", "recognised", messages[-1], other.id)
+            return Enqueued(other, messages)
+        if other.state == JobState.DONE:
             messages.append(f"{source.name} has the same bytes ({short(fp)}) as job {other.id} "
-                            f"({other.file}, {other.state.value}); see data.skip_duplicates")
-            break
+                            f"({other.file}, trained at steps {other.start_step}–{other.end_step}); "
+                            "see data.skip_duplicates")
     job = jobs.insert(ws.db, file=source.name, source=str(source.resolve()), stored=str(stored), fingerprint=fp,
                       priority=priority, state=JobState.QUEUED, format=parsed.format,
                       examples=len(parsed.examples), epochs=epochs)

@@ -29,6 +29,13 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.REJECTED: set(),
 }
 
+# Reconciliation alone may reopen a finished job: when its later checkpoints turn out unusable, its steps
+# after the newest verified checkpoint must train again (never silently lost).
+REOPEN: dict[JobState, set[JobState]] = {
+    JobState.DONE: {JobState.RUNNING, JobState.QUEUED},
+    JobState.RUNNING: {JobState.RUNNING, JobState.QUEUED},
+}
+
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
@@ -109,15 +116,18 @@ def next_queued(con: sqlite3.Connection) -> Job | None:
     return Job.from_row(row) if row else None
 
 
-def transition(con: sqlite3.Connection, job: Job, new: JobState, **fields) -> Job:
-    """Move a job to a new state (only along TRANSITIONS) and update the given columns."""
-    if new != job.state and new not in TRANSITIONS[job.state]:
+def transition(con: sqlite3.Connection, job: Job, new: JobState, reopen: bool = False, **fields) -> Job:
+    """Move a job to a new state (only along TRANSITIONS, or REOPEN for reconciliation) and update columns."""
+    allowed = REOPEN.get(job.state, set()) if reopen else TRANSITIONS[job.state]
+    if new != job.state and new not in allowed:
         raise ConveyorError(f"job {job.id} cannot go from {job.state.value} to {new.value}")
     fields["state"] = new.value
     if new == JobState.RUNNING and job.state != JobState.RUNNING:
         fields.setdefault("started_at", time.time())
     if new in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
         fields.setdefault("finished_at", time.time())
+    if reopen:
+        fields.setdefault("finished_at", None)
     update(con, job.id, **fields)
     return get(con, job.id)
 

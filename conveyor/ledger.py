@@ -31,6 +31,12 @@ def forget_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
     return n
 
 
+def supersede_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
+    """Mark ledger rows that reach past `step` as lost; their jobs train those steps again and append anew."""
+    return con.execute("UPDATE ledger SET outcome = 'lost' WHERE run_id = ? AND end_step > ? AND outcome = 'done'",
+                       (run_id, step)).rowcount
+
+
 def audit_rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
     query = "SELECT * FROM audit" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step"
     return [{"run": r["run_id"], "step": r["step"], "job": r["job_id"], "lines": json.loads(r["lines"])}

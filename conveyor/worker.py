@@ -225,6 +225,7 @@ class _JobCallback:
         self.tokens += tokens
         step = self.spec.start_step + self.done - 1
         self.audit.append((step, self.spec.job_id, lines))
+        ck.failpoint("step", step)
         now = time.perf_counter()
         self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
                         "step_time": now - self.t_step}
