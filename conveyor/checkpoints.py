@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from . import manifest as mf
 from .errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
+UNUSABLE = "unusable"
 
 
 @dataclass
@@ -42,7 +44,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
     name = path.name
     if not name.startswith(mf.STEP_PREFIX):
         return None
@@ -129,8 +131,8 @@ def numbered(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.exists():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
-    return sorted(found, key=_step_of)
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
 
 
 def foreign(run_dir: Path) -> list[Path]:
@@ -138,7 +140,7 @@ def foreign(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _step_of(p) is None and not p.name.startswith(".tmp-"))
+    return sorted(p for p in root.iterdir() if p.is_dir() and step_of(p) is None and not p.name.startswith(".tmp-"))
 
 
 def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
@@ -151,11 +153,23 @@ def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
         except ValueError as e:
             problems.append(Problem(path, str(e)))
             continue
-        if data[mf.K_STEP] != _step_of(path):
-            problems.append(Problem(path, f"folder says step {_step_of(path)}, manifest says {data[mf.K_STEP]}"))
+        if data[mf.K_STEP] != step_of(path):
+            problems.append(Problem(path, f"folder says step {step_of(path)}, manifest says {data[mf.K_STEP]}"))
             continue
         return Checkpoint(path, data[mf.K_STEP], data), problems
     return None, problems
+
+
+def set_aside(run_dir: Path, problem: Problem) -> Path:
+    """Move an unusable checkpoint to the run's `unusable/` folder with its reason; nothing is deleted."""
+    target_root = run_dir / UNUSABLE
+    target_root.mkdir(exist_ok=True)
+    target = target_root / f"{problem.path.name}-{int(time.time())}"
+    while target.exists():
+        target = target.with_name(target.name + "x")
+    os.rename(problem.path, target)
+    (target_root / f"{target.name}.reason.txt").write_text(problem.reason + "\n", encoding="utf-8")
+    return target
 
 
 def clean_temporary(run_dir: Path) -> list[Path]:

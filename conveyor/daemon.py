@@ -118,6 +118,11 @@ class Daemon:
                               job.file)
         if steps_done == 0 and self._duplicate(job, placement.run, config):
             return jobs.get(self.db, job.id)
+        if steps_done:
+            info = placement.resume.manifest[mf.K_JOB]
+            self.say("info", f"job {job.id} resumes at global step {placement.resume.step + 1} from "
+                     f"{placement.resume.path.name} (epoch {info[mf.J_EPOCH] + 1}, example {info[mf.J_EPOCH_POSITION]}"
+                     " of that epoch's order)", job.id)
         start = placement.run.global_step + 1 if steps_done == 0 else \
             placement.resume.manifest[mf.K_JOB][mf.J_START_STEP]
         job = jobs.transition(self.db, job, JobState.RUNNING, run_id=placement.run.id, epochs=epochs,

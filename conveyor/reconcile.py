@@ -60,7 +60,13 @@ def newest_checkpoint(ws: Workspace, run: runs.Run, say: Say) -> ck.Checkpoint |
         say("warning", f"removed {leftover.name}: a checkpoint write that never finished (never resumable)")
     resume, problems = ck.newest_verified(run_dir)
     for problem in problems:
-        say("warning", f"not resuming from {problem.path.name}: {problem.reason}; it is left in place")
+        if ck.step_of(problem.path) is None:
+            say("warning", f"not resuming from {problem.path.name}: {problem.reason}; it is left in place")
+            continue
+        # Its step trains again and needs the folder name; the unusable copy is kept, never deleted.
+        kept = ck.set_aside(run_dir, problem)
+        say("warning", f"not resuming from {problem.path.name}: {problem.reason}; "
+            f"kept for inspection in {kept.relative_to(ws.root)}")
     if problems and resume:
         say("warning", f"using the newest verified checkpoint, {resume.path.name}")
     return resume

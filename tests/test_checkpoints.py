@@ -1,0 +1,196 @@
+"""Checkpoints you can trust (laws 5, 6): identity checks, unusable checkpoints never resumed silently,
+atomic writes that survive a full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import audit, checkpoint_steps, ledger, run_cli, status, text_file
+from conveyor import checkpoints as ck
+from conveyor import manifest as mf
+
+
+def _tree_hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _set(ws: Path, section: str, key: str, value: str) -> None:
+    path = ws / "conveyor.toml"
+    lines = path.read_text().splitlines()
+    current = None
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key} = "):
+            lines[i] = f"{key} = {value}"
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _trained(workspace, tmp_path, n=24, **settings):
+    """A workspace whose run has trained one file of n examples (3 steps at 4 × 2), checkpoints at 2 and 3."""
+    ws = workspace(**settings)
+    assert run_cli(ws, "train", text_file(tmp_path / "first.jsonl", n, "f"), "-q").code == 0
+    return ws, status(ws)["run"]["id"]
+
+
+def test_manifest_records_identity_position_and_hashes(workspace, tmp_path):
+    ws, run_id = _trained(workspace, tmp_path)
+    folder = ws / "runs" / run_id / "checkpoints" / "step-000002"
+    data = json.loads((folder / mf.MANIFEST).read_text())
+    assert data[mf.K_VERSION] == mf.VERSION and data[mf.K_RUN] == run_id and data[mf.K_STEP] == 2
+    job = data[mf.K_JOB]
+    assert (job[mf.J_ID], job[mf.J_EPOCH], job[mf.J_EPOCH_POSITION], job[mf.J_POSITION], job[mf.J_STEPS_DONE]) == \
+        (1, 0, 16, 16, 2)
+    assert data[mf.K_IDENTITY]["adapter.r"] == 8 and data[mf.K_IDENTITY]["model.tokenizer_hash"]
+    assert data[mf.K_HPARAMS]["batch_size"] == 4 and "torch" in data[mf.K_LIBRARIES]
+    assert set(data[mf.K_FILES]) >= {"adapter_model.safetensors", "adapter_config.json", mf.OPTIMIZER,
+                                     mf.SCHEDULER, mf.RNG}
+    assert (ws / "runs" / run_id / "checkpoints" / mf.LATEST).read_text().strip() == "step-000003"
+
+
+def test_identity_change_names_every_field_and_keeps_the_old_run(workspace, tmp_path, tiny_dir):
+    ws, run_id = _trained(workspace, tmp_path)
+    before = _tree_hashes(ws / "runs" / run_id)
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_dir, other_model)
+    _set(ws, "adapter", "r", "16")
+    _set(ws, "adapter", "target_modules", '["q_proj", "k_proj", "v_proj"]')
+    _set(ws, "model", "name", f'"{other_model}"')
+    r = run_cli(ws, "train", text_file(tmp_path / "second.jsonl", 8, "s"), "-q")
+    assert r.code == 0, r.out + r.err
+    message = r.out + r.err
+    assert "adapter.r: 8 → 16" in message
+    assert 'adapter.target_modules: ["q_proj", "v_proj"] → ["k_proj", "q_proj", "v_proj"]' in message
+    assert f"model.name: tiny → {other_model}" in message
+    assert "3 field(s)" in message
+    s = status(ws)
+    assert [r["id"] for r in s["runs"]] == [run_id, s["run"]["id"]] and s["run"]["id"] != run_id
+    assert s["run"]["global_step"] == 1  # the new run started at step 0
+    assert [r["active"] for r in s["runs"]] == [False, True]
+    assert _tree_hashes(ws / "runs" / run_id) == before  # byte for byte untouched
+
+
+def test_learning_rate_change_is_applied_and_stated_in_the_same_run(workspace, tmp_path):
+    ws, run_id = _trained(workspace, tmp_path)
+    _set(ws, "training", "learning_rate", "0.002")
+    r = run_cli(ws, "train", text_file(tmp_path / "second.jsonl", 8, "s"), "-q")
+    assert "training.learning_rate: 0.001 → 0.002" in r.out + r.err
+    assert status(ws)["run"]["id"] == run_id and status(ws)["run"]["global_step"] == 4
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("foreign", "not a conveyor checkpoint folder"),
+    ("no-manifest", "no manifest.json"),
+    ("bad-manifest", "manifest.json is unreadable"),
+    ("truncated", "does not match its sha256"),
+])
+def test_unusable_newest_checkpoint_is_reported_and_never_resumed(workspace, tmp_path, damage, reason):
+    ws, run_id = _trained(workspace, tmp_path, n=24)
+    folder = ws / "runs" / run_id / "checkpoints"
+    newest = folder / "step-000003"
+    if damage == "foreign":  # a plain HF Trainer checkpoint copied in; conveyor's own are intact
+        shutil.copytree(newest, folder / "checkpoint-900")
+        (folder / "checkpoint-900" / mf.MANIFEST).unlink()
+    elif damage == "no-manifest":
+        (newest / mf.MANIFEST).unlink()
+    elif damage == "bad-manifest":
+        (newest / mf.MANIFEST).write_text('{"version": 1, "run_id": ')  # half written
+    else:
+        weights = newest / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    r = run_cli(ws, "train", text_file(tmp_path / "second.jsonl", 8, "s"), "-q")
+    assert r.code == 0, r.out + r.err
+    assert reason in r.out + r.err
+    jobs = {j["file"]: j for j in status(ws)["jobs"]}
+    if damage == "foreign":
+        assert jobs["second.jsonl"]["start_step"] == 4  # resumed from step-000003 as usual
+    else:
+        # Fell back to step 2, inside the first job: its last step trains again before the next file.
+        assert "using the newest verified checkpoint, step-000002" in r.out + r.err
+        assert (jobs["first.jsonl"]["start_step"], jobs["first.jsonl"]["end_step"]) == (1, 3)
+        assert jobs["second.jsonl"]["start_step"] == 4
+        assert [a["step"] for a in audit(ws)] == [1, 2, 3, 4]
+        assert sorted(x for a in audit(ws) if a["job"] == 1 for x in a["lines"]) == list(range(1, 25))
+        assert [(r["job"], r["outcome"]) for r in ledger(ws)] == [(1, "lost"), (1, "done"), (2, "done")]
+        kept = list((ws / "runs" / run_id / "unusable").glob("step-000003-*[0-9]"))
+        assert len(kept) == 1 and "kept for inspection" in r.out + r.err  # moved aside, never deleted
+        assert reason.split()[0] in (kept[0].parent / f"{kept[0].name}.reason.txt").read_text()
+
+
+def test_no_checkpoint_yet_is_a_fresh_run(workspace, tmp_path):
+    ws = workspace()
+    r = run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 8), "-q")
+    assert r.code == 0 and "started run-0001" in r.out
+
+
+def test_same_dataset_at_another_path_is_recognised_and_resumed(workspace, tmp_path):
+    """A job interrupted mid-way; the person moves the file and adds it again from its new place."""
+    ws = workspace(training={"save_every": 1})
+    original = text_file(tmp_path / "a.jsonl", 40, "a")
+    run_cli(ws, "add", original)
+    env_kill = {**os.environ, "CONVEYOR_FAILPOINT": "step:3"}  # killed after step 3, checkpoint at 2
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "run", "--drain", "-q"], env=env_kill,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode < 0
+    moved = tmp_path / "moved" / "renamed.jsonl"
+    moved.parent.mkdir()
+    original.rename(moved)
+    r = run_cli(ws, "add", moved)
+    assert "same dataset" in r.out + r.err and "no new job" in r.out + r.err
+    r = run_cli(ws, "run", "--drain", "-q")
+    assert r.code == 0, r.out + r.err
+    assert "job 1 resumes at global step 3" in r.out
+    assert len(status(ws)["jobs"]) == 1 and status(ws)["run"]["global_step"] == 5
+    assert sorted(x for a in audit(ws) for x in a["lines"]) == list(range(1, 41))
+
+
+def test_disk_full_while_writing_keeps_the_previous_checkpoint(workspace, tmp_path, monkeypatch):
+    ws, run_id = _trained(workspace, tmp_path, n=24)
+    import torch
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith(mf.RNG):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    r = run_cli(ws, "train", text_file(tmp_path / "second.jsonl", 24, "s"), "-q")
+    assert r.code == 1
+    message = r.out + r.err
+    assert "disk full while writing checkpoint step-000004" in message and "MB are free" in message
+    assert "needs about" in message and "the previous checkpoint is intact" in message
+    folder = ws / "runs" / run_id / "checkpoints"
+    assert not list(folder.glob(".tmp-*"))
+    newest, problems = ck.newest_verified(ws / "runs" / run_id)
+    assert newest.step == 3 and not problems
+    monkeypatch.setattr(torch, "save", real_save)
+    r = run_cli(ws, "run", "--drain", "-q")  # space is back: the job trains from step 4, nothing lost
+    assert r.code == 0, r.out + r.err
+    assert status(ws)["run"]["global_step"] == 6
+    assert [a["step"] for a in audit(ws)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_retention_keeps_last_k_and_each_jobs_last(workspace, tmp_path):
+    ws = workspace(training={"save_every": 1, "keep_checkpoints": 2})
+    run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 40, "a"), text_file(tmp_path / "b.jsonl", 24, "b"), "-q")
+    run_id = status(ws)["run"]["id"]
+    assert checkpoint_steps(ws, run_id) == [5, 7, 8]  # job a's last (5), then the last two
+
+
+def test_numeric_not_string_order(tmp_path):
+    for step in (900, 1000):
+        (tmp_path / "checkpoints" / ck.folder_name(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-99").mkdir()
+    assert [p.name for p in ck.numbered(tmp_path)] == ["step-99", "step-000900", "step-001000"]
