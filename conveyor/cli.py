@@ -240,6 +240,22 @@ def print_ledger(rows: list[dict]) -> None:
 
 
 @app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Check the workspace (settings, database, stored data, every checkpoint, disk) and say how to fix it."""
+    from .doctor import check
+
+    findings = check(_ws())
+    if as_json:
+        _print_json([f.to_json() for f in findings])
+    else:
+        marks = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "error": "[bold red]error[/]"}
+        for f in findings:
+            console.print(f"{marks[f.level]}  ", end="")
+            console.print(f.what + (f" → {f.fix}" if f.fix else ""), markup=False)
+    raise typer.Exit(1 if any(f.level == "error" for f in findings) else 0)
+
+
+@app.command()
 def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
     """Make a workspace with the tiny model and two sample files, train them one after the other, print the ledger."""
     from .demo import demo_config, write_samples

@@ -194,3 +194,22 @@ def test_numeric_not_string_order(tmp_path):
         (tmp_path / "checkpoints" / ck.folder_name(step)).mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-99").mkdir()
     assert [p.name for p in ck.numbered(tmp_path)] == ["step-99", "step-000900", "step-001000"]
+
+
+def test_doctor_finds_what_is_wrong_and_says_the_fix(workspace, tmp_path):
+    ws, run_id = _trained(workspace, tmp_path)
+    r = run_cli(ws, "doctor")
+    assert r.code == 0, r.out + r.err
+    assert f"{run_id} (active): 2 checkpoint(s) verified, newest step 3" in r.out
+    folder = ws / "runs" / run_id / "checkpoints"
+    weights = folder / "step-000003" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    shutil.copytree(folder / "step-000002", folder / "checkpoint-7")
+    r = run_cli(ws, "doctor", "--json")
+    assert r.code == 1
+    findings = json.loads(r.out)
+    errors = [f for f in findings if f["level"] == "error"]
+    assert len(errors) == 1 and "step-000003: adapter_model.safetensors does not match its sha256" in errors[0]["what"]
+    assert "falls back" in errors[0]["fix"]
+    assert any("checkpoint-7 is not a conveyor checkpoint" in f["what"] for f in findings)
+    assert weights.exists()  # doctor only reads
