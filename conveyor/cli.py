@@ -167,25 +167,11 @@ def run(
     raise typer.Exit(0 if _drain(ws, quiet) else 1)
 
 
-def status_data(ws: Workspace) -> dict:
-    config = ws.config()
-    active = runs.active(ws.db)
-    schedule = (f"constant after {config.training.warmup_steps} warmup step(s) at the start of the run"
-                if config.training.schedule == "constant"
-                else f"cosine per job after {config.training.warmup_steps} warmup step(s)")
-    return {
-        "workspace": str(ws.root),
-        "run": active.to_json() if active else None,
-        "runs": [r.to_json() for r in runs.all_runs(ws.db)],
-        "schedule": schedule,
-        "learning_rate": config.training.learning_rate,
-        "jobs": [j.to_json() for j in jobs.all_jobs(ws.db)],
-    }
-
-
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """The active run, its global step, and every job with its state and steps."""
+    from .status import status_data
+
     data = status_data(_ws())
     if as_json:
         return _print_json(data)
@@ -194,7 +180,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     for other in data["runs"]:
         if not other["active"]:
             console.print(f"  earlier run {other['id']} (step {other['global_step']}), kept: {other['note'] or ''}")
-    console.print(f"schedule: {data['schedule']}, peak lr {data['learning_rate']}")
+    console.print(f"schedule: {data['schedule']}")
     table = Table("job", "file", "fingerprint", "state", "examples", "steps", "global steps", "notes")
     for j in data["jobs"]:
         span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"

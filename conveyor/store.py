@@ -75,6 +75,32 @@ CREATE TABLE IF NOT EXISTS metrics (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
+CREATE TABLE IF NOT EXISTS evals (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    job_id INTEGER,
+    eval_loss REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    output TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS controls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    action TEXT NOT NULL,
+    who TEXT NOT NULL,
+    reason TEXT,
+    requested_at REAL NOT NULL,
+    acked_at REAL,
+    result TEXT
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
