@@ -162,6 +162,7 @@ def run(
 ):
     """Train queued jobs (with --drain: until the queue is empty)."""
     ws = _ws()
+    ws.config()  # refuse to start on invalid settings, naming every problem
     if not drain:
         raise ConveyorError("the long-running daemon is not built yet; use `conveyor run --drain`")
     raise typer.Exit(0 if _drain(ws, quiet) else 1)
@@ -180,7 +181,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     for other in data["runs"]:
         if not other["active"]:
             console.print(f"  earlier run {other['id']} (step {other['global_step']}), kept: {other['note'] or ''}")
-    console.print(f"schedule: {data['schedule']}")
+    if data["config_error"]:
+        err.print(f"settings problem: {data['config_error']}", style="red", markup=False)
+    else:
+        console.print(f"schedule: {data['schedule']}")
     table = Table("job", "file", "fingerprint", "state", "examples", "steps", "global steps", "notes")
     for j in data["jobs"]:
         span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"

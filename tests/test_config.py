@@ -30,7 +30,7 @@ def test_all_config_problems_are_listed_with_dotted_keys(tmp_path):
     text = path.read_text().replace('method = "lora"', 'method = "qlora"').replace("r = 8", "r = 0")
     text = text.replace("batch_size = 4", 'batch_size = "four"') + "\n[extra]\nfoo = 1\n"
     path.write_text(text)
-    r = run_cli(tmp_path / "w", "status")
+    r = run_cli(tmp_path / "w", "run", "--drain")
     assert r.code == 1
     message = r.out + r.err
     assert "4 problem(s)" in message
@@ -42,8 +42,10 @@ def test_all_config_problems_are_listed_with_dotted_keys(tmp_path):
 def test_invalid_toml_names_the_line(tmp_path):
     run_cli(None, "init", tmp_path / "w")
     (tmp_path / "w" / "conveyor.toml").write_text("[training\nbatch_size = 4\n")
-    r = run_cli(tmp_path / "w", "status")
+    r = run_cli(tmp_path / "w", "doctor")
     assert r.code == 1 and "not valid TOML" in r.out + r.err and "line 1" in r.out + r.err
+    r = run_cli(tmp_path / "w", "status")  # status still shows the rest, and the problem
+    assert r.code == 0 and "not valid TOML" in r.out + r.err
 
 
 def test_commands_outside_a_workspace_say_what_to_do(tmp_path):
