@@ -190,15 +190,16 @@ def failpoint(name: str, step: int) -> None:
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:
-    """Delete old verified-by-number checkpoints beyond the last `keep`, keeping the last of each job."""
+    """Delete checkpoints beyond the last `keep`, except the last one of each job and any unreadable one."""
     found = numbered(run_dir)
     protected = set(found[-keep:])
+    last_of_job: dict[int, Path] = {}
     for path in found:
         try:
-            if mf.read(path).get(mf.K_JOB_END):
-                protected.add(path)
-        except ValueError:
+            last_of_job[mf.read(path)[mf.K_JOB][mf.J_ID]] = path  # numeric order: the last one wins
+        except (ValueError, KeyError, TypeError):
             protected.add(path)  # never delete what we cannot read: a person may want to look at it
+    protected |= set(last_of_job.values())
     removed = [p for p in found if p not in protected]
     for path in removed:
         shutil.rmtree(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -133,11 +135,12 @@ def add(
 
 
 def _drain(ws: Workspace, quiet: bool = False) -> bool:
-    from .daemon import Daemon
+    from .daemon import Daemon, Lock
 
     reporter = ConsoleReporter(quiet)
     try:
-        return Daemon(ws, reporter).work(drain=True)
+        with Lock(ws):
+            return Daemon(ws, reporter).work(drain=True)
     finally:
         reporter._close()
 
@@ -148,7 +151,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Enqueue the files in order and train everything queued, then exit (non-zero if any job failed)."""
+    """Enqueue the files in order and train everything queued in this process, then exit (non-zero if any failed)."""
     ws = _ws()
     ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs)
     ok = _drain(ws, quiet) and ok
@@ -157,15 +160,152 @@ def train(
 
 @app.command()
 def run(
-    drain: bool = typer.Option(False, "--drain", help="Train everything queued, then exit."),
+    drain: bool = typer.Option(False, "--drain", help="Train everything queued in this process, then exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Train queued jobs (with --drain: until the queue is empty)."""
+    """The daemon: watch inbox/, train each job in a worker process, until `conveyor stop` or SIGTERM."""
     ws = _ws()
     ws.config()  # refuse to start on invalid settings, naming every problem
-    if not drain:
-        raise ConveyorError("the long-running daemon is not built yet; use `conveyor run --drain`")
-    raise typer.Exit(0 if _drain(ws, quiet) else 1)
+    if drain:
+        raise typer.Exit(0 if _drain(ws, quiet) else 1)
+    from .daemon import Daemon, Lock
+
+    with Lock(ws):
+        console.print(f"conveyor daemon (pid {os.getpid()}) watching {ws.inbox}; `conveyor stop` ends it")
+        Daemon(ws, ConsoleReporter(quiet=True), isolate=True, watch=True).work(drain=False)
+    console.print("daemon stopped")
+
+
+@app.command(hidden=True)
+def worker(job: int = typer.Option(..., "--job", help="The job this worker process trains.")):
+    """Internal: one worker process, started by the daemon, trains one job and exits with its outcome."""
+    from .config import parse_config
+    from .training import Training
+
+    ws = _ws()
+    raw = os.environ.get("CONVEYOR_CONFIG_JSON")
+    config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
+    training = Training(ws, ConsoleReporter(quiet=True), config)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(training, "stop_reason", "SIGTERM"))
+    training.train_next(job_id=job)
+    raise typer.Exit(training.ended)
+
+
+def _control(action: str, reason: Optional[str], wait: float) -> None:
+    from . import controls
+    from .status import daemon_pid
+
+    ws = _ws()
+    if daemon_pid(ws) is None:
+        raise ConveyorError(f"no conveyor daemon is running in {ws.root}; start one with `conveyor run`")
+    request_id = controls.request(ws.db, controls.Action(action), who=f"cli (pid {os.getpid()})", reason=reason)
+    result = controls.wait(ws.db, request_id, wait)
+    if result is None:
+        controls.ack(ws.db, request_id, "expired: nobody acted on it in time")
+        raise ConveyorError(f"the daemon did not act on `{action}` within {wait:.0f} s; nothing was changed. "
+                            "Check `conveyor logs`")
+    console.print(result)
+
+
+@app.command()
+def pause(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
+    """Checkpoint and hold training after the current optimizer step."""
+    _control("pause", None, wait)
+
+
+@app.command()
+def resume(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
+    """Continue after `conveyor pause`."""
+    _control("resume", None, wait)
+
+
+@app.command()
+def stop(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
+    """Checkpoint and exit the daemon; the job in progress resumes on the next start."""
+    _control("stop", None, wait)
+
+
+@app.command()
+def skip(
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded with the job."),
+    wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act."),
+):
+    """Checkpoint, mark the current job skipped (its steps so far stay in the ledger) and go on."""
+    _control("skip", reason, wait)
+
+
+queue_app = typer.Typer(help="The queue: list, reprioritise or remove queued jobs.", invoke_without_command=True)
+app.add_typer(queue_app, name="queue")
+
+
+@queue_app.callback()
+def queue_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List queued and running jobs in the order they will train."""
+    if ctx.invoked_subcommand:
+        return
+    ws = _ws()
+    rows = ws.db.execute("SELECT * FROM jobs WHERE state IN ('running', 'queued')"
+                         " ORDER BY state = 'running' DESC, priority, id").fetchall()
+    queued = [jobs.Job.from_row(r).to_json() for r in rows]
+    if as_json:
+        return _print_json(queued)
+    table = Table("#", "job", "file", "priority", "state", "examples", "steps")
+    for i, j in enumerate(queued, 1):
+        table.add_row(str(i), str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
+                      f"{j['steps_done']}/{j['planned_steps']}" if j["planned_steps"] else "-")
+    console.print(table)
+
+
+@queue_app.command("move")
+def queue_move(job: int = typer.Argument(..., help="Job id."),
+               priority: str = typer.Option(..., help="high | normal | low")):
+    """Change a queued job's priority."""
+    ws = _ws()
+    found = jobs.get(ws.db, job)
+    if found.state != jobs.JobState.QUEUED:
+        raise ConveyorError(f"job {job} is {found.state.value}; only queued jobs can be moved")
+    jobs.update(ws.db, job, priority=_priority(priority))
+    console.print(f"job {job} ({found.file}) now has priority {priority}")
+
+
+@queue_app.command("remove")
+def queue_remove(job: int = typer.Argument(..., help="Job id."),
+                 reason: str = typer.Option("removed by a person", help="Why; kept with the file.")):
+    """Remove a queued job; its file is kept in removed/ with the reason."""
+    import shutil
+
+    ws = _ws()
+    found = jobs.get(ws.db, job)
+    if found.state != jobs.JobState.QUEUED:
+        raise ConveyorError(f"job {job} is {found.state.value}; only queued jobs can be removed "
+                            "(use `conveyor skip` for the running one)")
+    folder = ws.root / "removed"
+    folder.mkdir(exist_ok=True)
+    kept = folder / f"{job:05d}-{found.file}"
+    shutil.copyfile(found.stored, kept)
+    (folder / f"{kept.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    jobs.transition(ws.db, found, jobs.JobState.SKIPPED, error=f"removed from the queue: {reason}")
+    console.print(f"removed job {job}; its file is kept at {kept}")
+
+
+@app.command()
+def logs(follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+         lines: int = typer.Option(50, "-n", help="Lines to show first.")):
+    """The workspace log (one JSON object a line)."""
+    ws = _ws()
+    path = ws.logs / "conveyor.log"
+    if not path.exists():
+        raise ConveyorError(f"no log yet at {path}")
+    with open(path, encoding="utf-8") as f:
+        for line in f.readlines()[-lines:]:
+            sys.stdout.write(line)
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
 
 
 @app.command()

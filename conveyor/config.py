@@ -73,11 +73,29 @@ class DataConfig(_Section):
     """false trains a file again (with a warning) when its bytes match a finished job; true skips it."""
 
 
+class InboxConfig(_Section):
+    settle_seconds: float = Field(1.0, ge=0.0, le=3600)
+    """A file in inbox/ is claimed once its size and mtime have not changed for this long."""
+    poll_seconds: float = Field(0.5, gt=0.0, le=60)
+    """How often the inbox is re-scanned when file-system events are unavailable (and as a safety net)."""
+
+
+class DaemonConfig(_Section):
+    max_attempts: int = Field(3, ge=1, le=100)
+    """Times a job is started after its worker process dies, before the job is marked failed."""
+    retry_backoff_seconds: float = Field(2.0, ge=0.0)
+    """Wait before the first retry; doubles with each further attempt."""
+    min_free_mb: int = Field(200, ge=0)
+    """Free disk kept in reserve beyond the job's estimated checkpoint needs; the daemon pauses below it."""
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    inbox: InboxConfig = Field(default_factory=InboxConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
 
 def _describe(error: dict) -> str:

@@ -1,221 +1,274 @@
-"""The daemon: owns the queue and trains jobs one after another. `Daemon.work(drain=True)` trains what is
-queued and returns; it reads top to bottom: pick a job, choose its run and checkpoint, plan, train, record."""
+"""The daemon: owns the queue. `Daemon.work(drain=False)` reads top to bottom: claim inbox files, act on
+controls, check disk, train the next job (in a worker process, or in this process), record, repeat.
+
+The first SIGTERM/SIGINT is a warm stop (the worker finishes its step, checkpoints, exits); a second one
+stops at once. Run it with `conveyor run` (a long-running service) or `conveyor run --drain`.
+"""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import fcntl
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from . import checkpoints as ck
-from . import jobs, ledger, runs
-from . import manifest as mf
+from . import controls, jobs, runs
 from .config import Config
-from .errors import CheckpointError, DataError, PlanError
-from .fingerprint import short
-from .formats import TokenizedFile, parse_file, tokenize_file
-from .jobs import Job, JobState
-from .plan import examples_per_step, require_steps
-from .reconcile import Placement, place
+from .errors import ConveyorError
+from .inbox import Inbox, file_finished
+from .jobs import JobState
+from .status import LOCK_FILE
 from .store import log_event
+from .training import DISK, DONE, FAILED, STOPPED, Reporter, Training
 from .workspace import Workspace
 
 
-class Reporter:
-    """Where the daemon's messages and progress go; the CLI prints them, tests may collect them."""
-
-    def message(self, level: str, text: str) -> None:
-        pass
-
-    def job_started(self, job: Job) -> None:
-        pass
-
-    def progress(self, job: Job, done: int, planned: int, loss: float | None, examples_per_s: float) -> None:
-        pass
-
-    def job_finished(self, job: Job) -> None:
-        pass
-
-
 class Daemon:
-    def __init__(self, ws: Workspace, reporter: Reporter | None = None, world_size: int = 1):
+    def __init__(self, ws: Workspace, reporter: Reporter | None = None, isolate: bool = False, watch: bool = False):
         self.ws = ws
         self.db = ws.db
         self.reporter = reporter or Reporter()
-        self.world_size = world_size
+        self.isolate = isolate  # one worker process per job (frees memory, survives worker crashes)
+        self.watch = watch  # claim files dropped into inbox/
         self.stop_reason: str | None = None
+        self.config: Config | None = None  # the last valid settings
+        self.training: Training | None = None
+        self.worker: subprocess.Popen | None = None
+        self.paused = controls.paused(self.db)
         self._signals = 0
+        self._inbox: Inbox | None = None
+        self._said: set[str] = set()
 
     # The work loop -----------------------------------------------------------------------------
     def work(self, drain: bool = False) -> bool:
-        """Train queued jobs in order; returns False if any job failed. drain=True returns when the queue is empty."""
+        """Train queued jobs in order; False if any failed. drain=True returns once nothing is queued."""
         ok = True
-        with self._warm_stop_signals():
+        with self._warm_stop_signals(), self._watching():
             while self.stop_reason is None:
-                if jobs.next_queued(self.db) is None:
-                    if drain:
+                self.claim()
+                self.act_on_controls()
+                job = None if self.paused else jobs.next_queued(self.db)
+                if job is None:
+                    if drain and not self.paused:
                         break
-                    time.sleep(0.5)
+                    self.idle()
                     continue
-                ok = self.train_next() and ok
+                if not self.reload_config() or not self.enough_disk(job):
+                    self.idle(seconds=5.0)
+                    continue
+                ok = self.train(job) and ok
         return ok
 
-    def train_next(self) -> bool:
-        """Reconcile with the checkpoints, then train the next job to its planned end; False if it failed."""
-        config = self.ws.config()
-        model_path = self.ws.model_path(config.model.name)
-        placement = place(self.ws, config, model_path, self.say)
-        job = jobs.next_queued(self.db)
-        if job is None:
-            return True
+    def claim(self) -> None:
+        if self._inbox is None:
+            return
+        for result in self._inbox.scan():
+            for text in result.messages:
+                self.say("warning", text)
+            state = "rejected" if result.job.state == JobState.REJECTED else "queued"
+            self.say("info" if state == "queued" else "error",
+                     f"inbox: claimed {result.job.file} as job {result.job.id} ({state})")
+
+    def act_on_controls(self) -> None:
+        """Controls that arrive while no job is training."""
+        for req in controls.pending(self.db):
+            if req.action == controls.Action.PAUSE:
+                self.paused = True
+                controls.ack(self.db, req.id, "paused between jobs; no job starts until `conveyor resume`")
+            elif req.action == controls.Action.RESUME:
+                controls.ack(self.db, req.id, "resumed" if self.paused else "not paused")
+                self.paused = False
+            elif req.action == controls.Action.STOP:
+                self.stop_reason = f"stop requested by {req.who}"
+                controls.ack(self.db, req.id, "daemon stopped between jobs; queued jobs start on the next run")
+            elif req.action == controls.Action.SKIP:
+                controls.ack(self.db, req.id, "no job is training; nothing to skip (use `conveyor queue remove`)")
+
+    def idle(self, seconds: float | None = None) -> None:
+        """Wait for an inbox event, a control or a timeout; a settling file shortens the wait."""
+        if seconds is None:
+            settling = self._inbox is not None and self._inbox.settling()
+            seconds = 0.1 if settling else (self.config.inbox.poll_seconds if self.config else 0.5)
+        if self._inbox is not None:
+            self._inbox.changed.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+    def reload_config(self) -> bool:
+        """Re-read conveyor.toml between jobs; if it is invalid, keep the last valid settings and say why."""
         try:
-            data = self.prepare(job, config, model_path)
-            job = self.plan(job, config, placement, data)
-            if job.state == JobState.SKIPPED:
-                return True
-            outcome = self._run_worker(job, config, model_path, placement, data)
-        except (DataError, PlanError) as e:
-            self._fail(job, str(e))
-            return False
-        except CheckpointError as e:
-            # The disk or the checkpoint folder, not the job, is at fault: keep the job, stop, say why.
-            self.say("error", f"job {job.id} stopped: {e}", job.id)
-            self.stop_reason = "checkpoint error"
-            return False
-        self._finish(job, placement.run, outcome, data)
-        return True
+            self.config = self.ws.config()
+            self._said.discard("config")
+        except ConveyorError as e:
+            if self.config is None:
+                raise
+            self.say_once("config", "warning", f"{e}\nkeeping the last valid settings until this is fixed")
+        return self.config is not None
 
-    def prepare(self, job: Job, config: Config, model_path: str) -> TokenizedFile:
-        """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
-        from .worker import load_tokenizer
-
-        data = tokenize_file(parse_file(Path(job.stored), job.file), load_tokenizer(model_path), config.training.max_length)
-        if data.truncated_lines:
-            shown = ", ".join(map(str, data.truncated_lines[:20]))
-            more = f" and {len(data.truncated_lines) - 20} more" if len(data.truncated_lines) > 20 else ""
-            text = (f"{len(data.truncated_lines)} example(s) longer than training.max_length="
-                    f"{config.training.max_length} tokens (lines {shown}{more})")
-            if config.data.too_long == "reject":
-                raise DataError(f"{job.file}: {text}; data.too_long = \"reject\". Shorten them or raise max_length")
-            self._warn(job, f"{text} were truncated")
-        if data.excluded_lines:
-            shown = ", ".join(map(str, data.excluded_lines[:20]))
-            self._warn(job, f"{len(data.excluded_lines)} example(s) lost their whole trainable part to truncation "
-                       f"and are not trained (lines {shown}); raise training.max_length to keep them")
-        return data
-
-    def plan(self, job: Job, config: Config, placement: Placement, data: TokenizedFile) -> Job:
-        """Fix the job's step range (law 1) and apply the duplicate policy (law 7)."""
-        t = config.training
-        epochs = job.epochs or t.epochs
-        total = len(data.examples) * epochs
-        eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
-        steps_done, position = placement.position_of(job)
-        # Re-planned from the exact position, so a changed batch size mid-job neither skips nor repeats examples.
-        steps = require_steps(steps_done + math.ceil(max(total - position, 0) / eps), len(data.examples), epochs,
-                              job.file)
-        if steps_done == 0 and self._duplicate(job, placement.run, config):
-            return jobs.get(self.db, job.id)
-        if steps_done:
-            info = placement.resume.manifest[mf.K_JOB]
-            self.say("info", f"job {job.id} resumes at global step {placement.resume.step + 1} from "
-                     f"{placement.resume.path.name} (epoch {info[mf.J_EPOCH] + 1}, example {info[mf.J_EPOCH_POSITION]}"
-                     " of that epoch's order)", job.id)
-        start = placement.run.global_step + 1 if steps_done == 0 else \
-            placement.resume.manifest[mf.K_JOB][mf.J_START_STEP]
-        job = jobs.transition(self.db, job, JobState.RUNNING, run_id=placement.run.id, epochs=epochs,
-                              examples=len(data.examples), tokens=data.tokens, truncated=len(data.truncated_lines),
-                              excluded=data.excluded_lines, planned_steps=steps, start_step=start,
-                              end_step=start + steps - 1, steps_done=steps_done)
-        log_event(self.db, "info", "planned", f"job {job.id}: {len(data.examples)} examples × {epochs} epoch(s) = "
-                  f"{steps} steps, global steps {start}–{start + steps - 1}", job.id)
-        return job
-
-    def _duplicate(self, job: Job, run: runs.Run, config: Config) -> bool:
-        row = self.db.execute(
-            "SELECT id, file, start_step, end_step FROM jobs WHERE run_id = ? AND fingerprint = ? AND state = 'done'"
-            " AND id != ? ORDER BY id LIMIT 1", (run.id, job.fingerprint, job.id)).fetchone()
-        if row is None:
-            return False
-        earlier = (f"same bytes ({short(job.fingerprint)}) as job {row['id']} ({row['file']}), "
-                   f"trained at steps {row['start_step']}–{row['end_step']} of {run.id}")
-        if config.data.skip_duplicates:
-            reason = f"skipped: {earlier}; data.skip_duplicates = true"
-            jobs.transition(self.db, job, JobState.SKIPPED, run_id=run.id, error=reason)
-            self.say("warning", f"job {job.id} ({job.file}) {reason}")
+    def enough_disk(self, job) -> bool:
+        """Pause (not fail) when the next job's checkpoints would not fit; say the numbers."""
+        run = runs.active(self.db)
+        per = ck.estimate_size(self.ws.run_dir(run.id)) if run else 1 << 20
+        need = per * (self.config.training.keep_checkpoints + 2) + self.config.daemon.min_free_mb * 10**6
+        free = self.ws.free_bytes()
+        if free >= need:
+            self._said.discard("disk")
             return True
-        self._warn(job, f"trained again: {earlier} (set data.skip_duplicates = true to skip repeats)")
+        self.say_once("disk", "error", f"waiting: {free / 1e6:.0f} MB free, job {job.id} needs about "
+                      f"{need / 1e6:.0f} MB (checkpoints {per / 1e6:.1f} MB each, keep "
+                      f"{self.config.training.keep_checkpoints}, reserve {self.config.daemon.min_free_mb} MB); "
+                      "free space or lower daemon.min_free_mb; training starts by itself")
         return False
 
-    def _run_worker(self, job: Job, config: Config, model_path: str, placement: Placement, data: TokenizedFile):
-        from .worker import Hooks, JobSpec, train_job
+    def train(self, job) -> bool:
+        """Train one job, here or in a worker process; False if it failed."""
+        if not self.isolate:
+            self.training = Training(self.ws, self.reporter, self.config)
+            self.training.stop_reason = self.stop_reason
+            ok = self.training.train_next()
+            self.stop_reason = self.stop_reason or self.training.stop_reason
+            self._after(job.id)
+            return ok
+        return self._train_in_worker(job)
 
-        steps_done, position = placement.position_of(job)
-        spec = JobSpec(run_id=placement.run.id, run_dir=self.ws.run_dir(placement.run.id), job_id=job.id,
-                       fingerprint=job.fingerprint, data=data, epochs=job.epochs, planned_steps=job.planned_steps,
-                       start_step=job.start_step, steps_done=steps_done, position=position,
-                       identity=placement.run.identity, resume=placement.resume)
-        self.reporter.job_started(job)
+    # Worker processes ----------------------------------------------------------------------------
+    def _train_in_worker(self, job) -> bool:
+        code = self._run_worker(job)
+        if code == DONE:
+            self._after(job.id)
+            return True
+        if code == STOPPED:
+            self.stop_reason = self.stop_reason or "stop requested"
+            return True
+        if code == DISK:
+            self.paused = True
+            self.say("error", "paused: a checkpoint could not be written (see above); `conveyor resume` retries")
+            return False
+        if code == FAILED:
+            return False
+        return self._crashed(job, code)
 
-        def flush(audit, metrics, done, position):
-            ledger.write_steps(self.db, spec.run_id, audit, metrics)
-            jobs.update(self.db, job.id, steps_done=done)
-            runs.set_step(self.db, spec.run_id, spec.start_step + done - 1)
+    def _run_worker(self, job) -> int:
+        env = {**os.environ, "CONVEYOR_CONFIG_JSON": json.dumps(self.config.model_dump())}
+        argv = [sys.executable, "-m", "conveyor", "-w", str(self.ws.root), "worker", "--job", str(job.id)]
+        self.worker = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+        log_event(self.db, "info", "worker", f"worker pid {self.worker.pid} started for job {job.id}", job.id)
+        while self.worker.poll() is None:
+            self.claim()  # files keep queueing while a job trains
+            self.idle()
+        code, self.worker = self.worker.returncode, None
+        return code
 
-        hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
-                      flush=flush, stop_requested=lambda: self.stop_reason)
-        return train_job(config, model_path, spec, hooks, self.world_size)
+    def _crashed(self, job, code: int) -> bool:
+        job = jobs.get(self.db, job.id)
+        attempts = job.attempts + 1
+        jobs.update(self.db, job.id, attempts=attempts)
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if attempts >= self.config.daemon.max_attempts:
+            reason = f"its worker died {attempts} time(s) (last: {how}); see `conveyor logs`"
+            jobs.transition(self.db, job, JobState.FAILED, error=reason)
+            self.say("error", f"job {job.id} failed: {reason}")
+            return False
+        wait = self.config.daemon.retry_backoff_seconds * 2 ** (attempts - 1)
+        self.say("warning", f"job {job.id}: worker died ({how}); attempt {attempts + 1} of "
+                 f"{self.config.daemon.max_attempts} in {wait:.0f} s, from its last checkpoint")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and self.stop_reason is None:
+            self.claim()
+            self.idle(seconds=min(0.5, max(deadline - time.monotonic(), 0.01)))
+        return True
 
-    def _finish(self, job: Job, run: runs.Run, outcome, data: TokenizedFile) -> None:
-        if outcome.stopped:
-            jobs.transition(self.db, job, JobState.QUEUED, steps_done=outcome.steps_done)
-            self.say("info", f"stopped ({outcome.stopped}) after global step {outcome.end_step}; job {job.id} "
-                     f"resumes at step {outcome.end_step + 1} from {outcome.checkpoint.name} on the next start")
-            return
-        ledger.record(self.db, run_id=run.id, job_id=job.id, start_step=job.start_step, end_step=outcome.end_step,
-                      examples=len(data.examples), epochs=job.epochs, tokens=data.tokens * job.epochs, outcome="done")
-        runs.set_step(self.db, run.id, outcome.end_step)
-        job = jobs.transition(self.db, job, JobState.DONE, steps_done=outcome.steps_done)
-        log_event(self.db, "info", "done", f"job {job.id}: steps {job.start_step}–{job.end_step}", job.id)
-        self.reporter.job_finished(job)
+    def _after(self, job_id: int) -> None:
+        job = jobs.get(self.db, job_id)
+        if job.state in (JobState.DONE, JobState.SKIPPED):
+            file_finished(self.ws, job)
 
     # Messages ------------------------------------------------------------------------------------
     def say(self, level: str, text: str, job_id: int | None = None) -> None:
         log_event(self.db, level, "message", text, job_id)
         self.reporter.message(level, text)
 
-    def _warn(self, job: Job, text: str) -> None:
-        jobs.add_warning(self.db, job, text)
-        self.say("warning", f"job {job.id} ({job.file}): {text}", job.id)
+    def say_once(self, key: str, level: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.say(level, text)
 
-    def _fail(self, job: Job, reason: str) -> None:
-        if job.state not in (JobState.QUEUED, JobState.RUNNING):
-            job = jobs.get(self.db, job.id)
-        jobs.transition(self.db, job, JobState.FAILED, error=reason)
-        self.say("error", f"job {job.id} failed: {reason}", job.id)
+    # Signals and the inbox watcher ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _watching(self):
+        if not self.watch:
+            yield
+            return
+        self.reload_config()
+        self._inbox = Inbox(self.ws, self.config.inbox.settle_seconds, self.say)
+        self._inbox.start()
+        try:
+            yield
+        finally:
+            self._inbox.stop()
 
-    # Warm stop -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _warm_stop_signals(self):
-        import contextlib
+        def on_signal(signum, frame):
+            self._signals += 1
+            if self._signals > 1:  # second signal: stop at once
+                if self.worker is not None:
+                    self.worker.kill()
+                raise SystemExit(130)
+            self.stop_reason = signal.Signals(signum).name
+            if self.training is not None:
+                self.training.stop_reason = self.stop_reason
+            if self.worker is not None:
+                self.worker.send_signal(signal.SIGTERM)
+            self.reporter.message("warning", f"{self.stop_reason}: finishing this step, then checkpointing "
+                                  "(send again to stop at once)")
 
-        @contextlib.contextmanager
-        def handlers():
-            def on_signal(signum, frame):
-                self._signals += 1
-                if self._signals > 1:
-                    raise SystemExit(130)  # second signal: stop at once
-                self.stop_reason = signal.Signals(signum).name
-                self.reporter.message("warning", f"{self.stop_reason}: finishing this step, then checkpointing "
-                                      "(send again to stop at once)")
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
-        return handlers()
+def _die_with_parent() -> None:
+    """In the worker: get SIGKILL if the daemon dies, so a killed daemon never leaves a worker training."""
+    try:
+        import ctypes
 
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # a Ctrl-C in the terminal reaches the daemon, which forwards a warm stop
+
+
+class Lock:
+    """One daemon per workspace: an flock on daemon.lock holding the PID; the OS frees it if the process dies."""
+
+    def __init__(self, ws: Workspace):
+        self.path = ws.root / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "Lock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConveyorError(f"another conveyor daemon (pid {holder}) is running in this workspace; "
+                                "stop it with `conveyor stop`, or use another workspace") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)

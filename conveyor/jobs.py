@@ -58,6 +58,8 @@ class Job:
     start_step: int | None
     end_step: int | None
     steps_done: int
+    attempts: int
+    kept: str | None
     truncated: int
     excluded: list[int]
     warnings: list[str]
@@ -70,7 +72,7 @@ class Job:
             fingerprint=row["fingerprint"], format=row["format"], priority=row["priority"],
             state=JobState(row["state"]), examples=row["examples"], tokens=row["tokens"], epochs=row["epochs"],
             planned_steps=row["planned_steps"], start_step=row["start_step"], end_step=row["end_step"],
-            steps_done=row["steps_done"], truncated=row["truncated"],
+            steps_done=row["steps_done"], attempts=row["attempts"], kept=row["kept"], truncated=row["truncated"],
             excluded=json.loads(row["excluded"] or "[]"), warnings=json.loads(row["warnings"]), error=row["error"],
         )
 
@@ -80,7 +82,8 @@ class Job:
             "fingerprint": self.fingerprint, "format": self.format, "priority": PRIORITY_NAMES[self.priority],
             "state": self.state.value, "examples": self.examples, "tokens": self.tokens, "epochs": self.epochs,
             "planned_steps": self.planned_steps, "start_step": self.start_step, "end_step": self.end_step,
-            "steps_done": self.steps_done, "truncated": self.truncated, "excluded_lines": self.excluded,
+            "steps_done": self.steps_done, "attempts": self.attempts, "kept": self.kept,
+            "truncated": self.truncated, "excluded_lines": self.excluded,
             "warnings": self.warnings, "error": self.error,
         }
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sqlite3
 import time
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 SCHEMA = """
@@ -32,6 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     start_step INTEGER,
     end_step INTEGER,
     steps_done INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    kept TEXT,
     truncated INTEGER NOT NULL DEFAULT 0,
     excluded TEXT,
     warnings TEXT NOT NULL DEFAULT '[]',
@@ -123,9 +129,27 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
+LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+logger = logging.getLogger("conveyor")
+
+
 def log_event(con: sqlite3.Connection, level: str, kind: str, message: str, job_id: int | None = None) -> None:
-    """Append to the events table (what the CLI, log and status show)."""
-    con.execute(
-        "INSERT INTO events (ts, level, kind, job_id, message) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), level, kind, job_id, message),
-    )
+    """Append to the events table (what status and the dashboard show) and to the workspace's log file."""
+    now = time.time()
+    con.execute("INSERT INTO events (ts, level, kind, job_id, message) VALUES (?, ?, ?, ?, ?)",
+                (now, level, kind, job_id, message))
+    logger.log(LEVELS.get(level, logging.INFO), json.dumps(
+        {"ts": round(now, 3), "pid": os.getpid(), "level": level, "kind": kind, "job": job_id, "message": message}))
+
+
+def attach_log_file(folder: Path) -> None:
+    """Structured log (one JSON object a line) in logs/conveyor.log, rotated at 5 MB, 5 files kept."""
+    folder.mkdir(exist_ok=True)
+    path = str(folder / "conveyor.log")
+    if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
+        return
+    handler = RotatingFileHandler(path, maxBytes=5 * 2**20, backupCount=5, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

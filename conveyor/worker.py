@@ -63,7 +63,9 @@ class Hooks:
     """Callbacks from the training loop to the caller (progress display, control, database)."""
     progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
     flush: Callable[[list, list, int, int], None] | None = None  # (audit, metrics, steps_done, position)
-    stop_requested: Callable[[], str | None] | None = None  # a reason to stop after this step, or None
+    # Between steps: given a function that makes sure a checkpoint exists at this step, returns why to stop
+    # now ("stop", "skip", a signal name) or None to go on. Pausing happens (blocking) inside it.
+    control: Callable[[Callable[[], Path]], str | None] | None = None
 
 
 @dataclass
@@ -207,6 +209,7 @@ class _JobCallback:
         self.tokens = 0
         self.stopped: str | None = None
         self.last_checkpoint: Path | None = None
+        self.checkpoint_step: int | None = None
         self.restore_rng = spec.resume is not None and spec.steps_done > 0
         self.t_step = self.t_flush = time.perf_counter()
 
@@ -231,11 +234,19 @@ class _JobCallback:
                         "step_time": now - self.t_step}
         self.t_step = now
         last = self.done == self.spec.planned_steps
-        stop = None if last else self._stop_reason()
-        if last or stop or step % self.config.training.save_every == 0:
-            self._flush()
-            self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last)
+
+        def ensure_checkpoint() -> Path:
+            if self.checkpoint_step != step:
+                self._flush()
+                self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last)
+                self.checkpoint_step = step
+            return self.last_checkpoint
+
+        if last or step % self.config.training.save_every == 0:
+            ensure_checkpoint()
+        stop = None if last or not self._hooks.control else self._hooks.control(ensure_checkpoint)
         if stop:
+            ensure_checkpoint()
             self.stopped = stop
             control.should_training_stop = True
         return control
@@ -256,9 +267,6 @@ class _JobCallback:
 
     # --------------------------------------------------------------------------------------------
     _hooks = Hooks()
-
-    def _stop_reason(self) -> str | None:
-        return self._hooks.stop_requested() if self._hooks.stop_requested else None
 
     def _flush(self) -> None:
         if self._hooks.flush:

@@ -57,6 +57,7 @@ class Workspace:
 
     @cached_property
     def db(self):
+        store.attach_log_file(self.logs)
         return store.connect(self.root / DB_FILE)
 
     def model_path(self, name: str) -> str:

@@ -1,0 +1,273 @@
+"""The live web dashboard: a JSON API over the workspace database and one self-contained page (loss curves,
+queue, current job with ETA, ledger, controls), updated through server-sent events.
+
+Run it with `conveyor dashboard [--host 127.0.0.1] [--port 8750] [--token T]`, or from Python with
+`conveyor.dashboard.serve(workspace_folder)`; then open http://127.0.0.1:8750/ (add `?token=T` when a token is set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from . import controls, jobs, ledger, runs
+from .errors import ConveyorError
+from .status import status_data
+from .workspace import Workspace
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+NOT_ACKNOWLEDGED = "requested, not yet acknowledged (is the daemon running?)"
+# The page's scripts and styles are inline and it talks only to this server: nothing loads from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",  # the token may be in the page's URL
+    "Cache-Control": "no-store",
+}
+
+
+class ControlBody(BaseModel):
+    reason: Optional[str] = None
+
+
+def page_html() -> str:
+    return resources.files("conveyor").joinpath("assets/dashboard.html").read_text(encoding="utf-8")
+
+
+@contextmanager
+def open_workspace(root: Path) -> Iterator[Workspace]:
+    """A Workspace with its own database connection, opened and closed in the calling thread (sqlite3 connections
+    refuse to cross threads, and FastAPI runs each request in a pool thread)."""
+    ws = Workspace(root)
+    try:
+        yield ws
+    finally:
+        ws.db.close()
+
+
+def _host_of(value: str) -> str:
+    """The host name of a Host header or an Origin URL, without port or IPv6 brackets."""
+    netloc = urlsplit(value if "//" in value else "//" + value).hostname
+    return (netloc or "").lower()
+
+
+def is_loopback(host: str) -> bool:
+    return host.strip("[]").lower() in LOOPBACK_HOSTS
+
+
+class HostGuard:
+    """Refuses requests addressed to another host name when serving without a token (a web page on another
+    site could otherwise reach 127.0.0.1 through DNS rebinding), and cross-site POSTs (a form on another site
+    could otherwise press Stop)."""
+
+    def __init__(self, app, loopback_only: bool):
+        self.app, self.loopback_only = app, loopback_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = _host_of(headers.get("host", ""))
+        problem = None
+        if self.loopback_only and not is_loopback(host):
+            problem = (f"host {host!r} refused: without a token the dashboard answers only on 127.0.0.1 or "
+                       "localhost; start it with --token to serve other hosts")
+        elif scope["method"] == "POST" and headers.get("origin") and \
+                urlsplit(headers["origin"]).netloc.lower() != headers.get("host", "").lower():
+            problem = f"cross-site request from {headers['origin']} refused"
+        if problem:
+            return await JSONResponse({"detail": problem}, status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def resolve_run(con: sqlite3.Connection, run: str | None) -> str | None:
+    """The asked-for run id (404 if unknown), or the active run's id (None when there is no run yet)."""
+    if run is None:
+        active = runs.active(con)
+        return active.id if active else None
+    if con.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone() is None:
+        known = ", ".join(r.id for r in runs.all_runs(con)) or "none yet"
+        raise HTTPException(404, f"no run {run!r}; known runs: {known}")
+    return run
+
+
+def _rows(con: sqlite3.Connection, query: str, *args) -> list[dict]:
+    return [dict(r) for r in con.execute(query, args)]
+
+
+def snapshot(ws: Workspace) -> dict:
+    """What the stream compares every second: small, and different whenever the page has something to refetch."""
+    data = status_data(ws)
+    run_id = data["run"]["id"] if data["run"] else None
+    one = lambda query, *args: ws.db.execute(query, args).fetchone()[0] or 0
+    stable = {k: v for k, v in data.items() if k not in ("time", "free_disk_bytes")}
+    return {
+        "run": run_id,
+        "global_step": data["run"]["global_step"] if data["run"] else 0,
+        "event_id": one("SELECT MAX(id) FROM events"),
+        "metrics": one("SELECT COUNT(*) FROM metrics WHERE run_id = ?", run_id),
+        "evals": one("SELECT COUNT(*) FROM evals WHERE run_id = ?", run_id),
+        "sample_id": one("SELECT MAX(id) FROM samples WHERE run_id = ?", run_id),
+        "status_hash": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16],
+    }
+
+
+def create_app(ws_root: Path, token: str | None = None, control_timeout: float = 10.0,
+               stream_interval: float = 1.0, heartbeat_seconds: float = 15.0) -> FastAPI:
+    """The dashboard app for one workspace. With a token, every /api/* request must carry
+    `Authorization: Bearer <token>` (the event stream may pass `?token=` instead: EventSource cannot set headers).
+    Without one, only requests addressed to a loopback host name are answered (no DNS rebinding)."""
+    root = Workspace.open(ws_root).root
+    app = FastAPI(title="conveyor dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostGuard, loopback_only=token is None)
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" and request.url.path == "/api/stream":
+            given = request.query_params.get("token", "")
+        elif scheme.lower() != "bearer":
+            given = ""
+        if not given:
+            raise HTTPException(401, "this dashboard needs a token: send `Authorization: Bearer <token>` "
+                                     "(the page: open it as /?token=<token>)")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "wrong token: use the one the dashboard was started with (--token)")
+
+    api = Depends(authorize)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(page_html(), headers=PAGE_HEADERS)
+
+    @app.get("/api/status", dependencies=[api])
+    def status() -> dict:
+        with open_workspace(root) as ws:
+            return status_data(ws)
+
+    @app.get("/api/runs", dependencies=[api])
+    def runs_() -> list[dict]:
+        with open_workspace(root) as ws:
+            counts = {r["run_id"]: r["n"] for r in ws.db.execute(
+                "SELECT run_id, COUNT(*) AS n FROM metrics GROUP BY run_id")}
+            return [{**r.to_json(), "metric_rows": counts.get(r.id, 0)} for r in runs.all_runs(ws.db)]
+
+    @app.get("/api/jobs", dependencies=[api])
+    def jobs_() -> dict:
+        with open_workspace(root) as ws:
+            all_jobs = [j.to_json() for j in jobs.all_jobs(ws.db)]
+        active = (jobs.JobState.QUEUED.value, jobs.JobState.RUNNING.value)
+        return {"queue": [j for j in all_jobs if j["state"] in active], "jobs": all_jobs}
+
+    @app.get("/api/metrics", dependencies=[api])
+    def metrics(run: Optional[str] = None, since_step: int = Query(0, ge=0)) -> dict:
+        """One row per optimizer step after `since_step`, for the run (default: the active one)."""
+        with open_workspace(root) as ws:
+            run_id = resolve_run(ws.db, run)
+            rows = _rows(ws.db, "SELECT step, job_id, loss, learning_rate, grad_norm, tokens, examples, step_time,"
+                                " created_at FROM metrics WHERE run_id = ? AND step > ? ORDER BY step",
+                         run_id, since_step)
+        return {"run": run_id, "rows": rows}
+
+    @app.get("/api/evals", dependencies=[api])
+    def evals(run: Optional[str] = None) -> dict:
+        with open_workspace(root) as ws:
+            run_id = resolve_run(ws.db, run)
+            rows = _rows(ws.db, "SELECT step, job_id, eval_loss, examples, created_at FROM evals WHERE run_id = ?"
+                                " ORDER BY step", run_id)
+        return {"run": run_id, "rows": rows}
+
+    @app.get("/api/samples", dependencies=[api])
+    def samples(run: Optional[str] = None, limit: int = Query(20, ge=1, le=500)) -> dict:
+        """The latest sample generations, newest first."""
+        with open_workspace(root) as ws:
+            run_id = resolve_run(ws.db, run)
+            rows = _rows(ws.db, "SELECT id, step, prompt, output, created_at FROM samples WHERE run_id = ?"
+                                " ORDER BY id DESC LIMIT ?", run_id, limit)
+        return {"run": run_id, "rows": rows}
+
+    @app.get("/api/ledger", dependencies=[api])
+    def ledger_(run: Optional[str] = None) -> dict:
+        with open_workspace(root) as ws:
+            run_id = resolve_run(ws.db, run)
+            return {"run": run_id, "rows": ledger.rows(ws.db, run_id) if run_id else []}
+
+    @app.get("/api/events", dependencies=[api])
+    def events(after_id: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:
+        """Events with an id above `after_id`: the newest `limit` of them, oldest first."""
+        with open_workspace(root) as ws:
+            rows = _rows(ws.db, "SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?", after_id, limit)
+        return rows[::-1]
+
+    @app.post("/api/control/{action}", dependencies=[api])
+    def control(action: str, body: Optional[ControlBody] = None) -> JSONResponse:
+        """Ask the worker to pause, resume, stop or skip; answer with what it did (202 if it did not answer)."""
+        valid = [a.value for a in controls.Action]
+        if action not in valid:
+            raise HTTPException(404, f"no control {action!r}; valid actions: {', '.join(valid)}")
+        with open_workspace(root) as ws:
+            request_id = controls.request(ws.db, controls.Action(action), who="dashboard",
+                                          reason=body.reason if body else None)
+            result = controls.wait(ws.db, request_id, control_timeout)
+        if result is None:
+            return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED}, 202)
+        return JSONResponse({"request_id": request_id, "result": result, "message": result})
+
+    @app.get("/api/stream", dependencies=[api])
+    async def stream(request: Request) -> StreamingResponse:
+        """Server-sent events: `update` with a snapshot whenever it changes, a comment heartbeat otherwise."""
+        def take() -> dict:
+            with open_workspace(root) as ws:
+                return snapshot(ws)
+
+        async def updates():
+            yield "retry: 2000\n\n"
+            last, quiet = None, 0.0
+            while not await request.is_disconnected():
+                current = await run_in_threadpool(take)
+                if current != last:
+                    yield f"event: update\ndata: {json.dumps(current)}\n\n"
+                    last, quiet = current, 0.0
+                elif quiet >= heartbeat_seconds:
+                    yield ": heartbeat\n\n"
+                    quiet = 0.0
+                await anyio.sleep(stream_interval)
+                quiet += stream_interval
+
+        return StreamingResponse(updates(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve beyond this machine without a token."""
+    if token is None and not is_loopback(host):
+        raise ConveyorError(f"refusing to serve the dashboard on {host} without a token: anyone who can reach it "
+                            "could stop training. Pass --token <secret>, or bind --host 127.0.0.1")
+
+
+def serve(ws_root: Path, host: str = "127.0.0.1", port: int = 8750, token: str | None = None) -> None:
+    """Serve the dashboard until interrupted."""
+    import uvicorn
+
+    check_bind(host, token)
+    app = create_app(ws_root, token=token)
+    # Open event streams never end on their own: without a grace limit, Ctrl+C would wait for every browser tab.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
