@@ -177,13 +177,27 @@ def run(
 
 
 @app.command(hidden=True)
-def worker(job: int = typer.Option(..., "--job", help="The job this worker process trains.")):
-    """Internal: one worker process, started by the daemon, trains one job and exits with its outcome."""
+def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to train; without it, read it from stdin.")):
+    """Internal: a worker process trains one job and exits with its outcome (see training.DONE etc.).
+
+    Without --job it imports the training stack first and then waits for {"job": N, "config": {...}} on
+    stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.
+    """
     from .config import parse_config
     from .training import Training
 
     ws = _ws()
     raw = os.environ.get("CONVEYOR_CONFIG_JSON")
+    if job is None:
+        from . import worker as _engine  # noqa: F401  (the slow imports happen here, before the job arrives)
+        import peft  # noqa: F401
+        import transformers.trainer  # noqa: F401
+
+        line = sys.stdin.readline()
+        if not line.strip():
+            raise typer.Exit(0)  # the daemon is shutting down
+        order = json.loads(line)
+        job, raw = order["job"], json.dumps(order["config"])
     config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
     training = Training(ws, ConsoleReporter(quiet=True), config)
     signal.signal(signal.SIGTERM, lambda *_: setattr(training, "stop_reason", "SIGTERM"))
@@ -403,7 +417,8 @@ def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to ma
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised in a command
+        sys.exit(code if isinstance(code, int) else 0)
     except ConveyorError as e:
         if _state["debug"]:
             raise

@@ -42,13 +42,16 @@ class Daemon:
         self.paused = controls.paused(self.db)
         self._signals = 0
         self._inbox: Inbox | None = None
+        self._warm: subprocess.Popen | None = None
         self._said: set[str] = set()
 
     # The work loop -----------------------------------------------------------------------------
     def work(self, drain: bool = False) -> bool:
         """Train queued jobs in order; False if any failed. drain=True returns once nothing is queued."""
         ok = True
-        with self._warm_stop_signals(), self._watching():
+        if self.isolate:
+            self._warm = self._spawn()
+        with self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
                 self.claim()
                 self.act_on_controls()
@@ -154,15 +157,35 @@ class Daemon:
         return self._crashed(job, code)
 
     def _run_worker(self, job) -> int:
-        env = {**os.environ, "CONVEYOR_CONFIG_JSON": json.dumps(self.config.model_dump())}
-        argv = [sys.executable, "-m", "conveyor", "-w", str(self.ws.root), "worker", "--job", str(job.id)]
-        self.worker = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
-        log_event(self.db, "info", "worker", f"worker pid {self.worker.pid} started for job {job.id}", job.id)
-        while self.worker.poll() is None:
+        """Hand the job to the warm worker (imports done) and wait for it, claiming inbox files meanwhile."""
+        worker = self._warm if self._warm is not None and self._warm.poll() is None else self._spawn()
+        self._warm, self.worker = None, worker
+        order = json.dumps({"job": job.id, "config": self.config.model_dump()})
+        try:
+            worker.stdin.write(order + "\n")
+            worker.stdin.close()
+        except BrokenPipeError:
+            pass  # it died while waiting; its exit code says so below
+        log_event(self.db, "info", "worker", f"worker pid {worker.pid} trains job {job.id}", job.id)
+        self._warm = self._spawn()  # fresh process for the next job, warming up while this one trains
+        while worker.poll() is None:
             self.claim()  # files keep queueing while a job trains
             self.idle()
-        code, self.worker = self.worker.returncode, None
-        return code
+        self.worker = None
+        return worker.returncode
+
+    def _spawn(self) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "conveyor", "-w", str(self.ws.root), "worker"]
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+
+    def _close_warm(self) -> None:
+        if self._warm is not None and self._warm.poll() is None:
+            self._warm.stdin.close()  # EOF: it exits without training
+            try:
+                self._warm.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._warm.kill()
+        self._warm = None
 
     def _crashed(self, job, code: int) -> bool:
         job = jobs.get(self.db, job.id)
@@ -187,6 +210,9 @@ class Daemon:
         job = jobs.get(self.db, job_id)
         if job.state in (JobState.DONE, JobState.SKIPPED):
             file_finished(self.ws, job)
+
+    def close(self) -> None:
+        self._close_warm()
 
     # Messages ------------------------------------------------------------------------------------
     def say(self, level: str, text: str, job_id: int | None = None) -> None:

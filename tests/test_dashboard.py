@@ -1,0 +1,298 @@
+"""The dashboard's API and page on a workspace with two trained jobs: exact numbers, bad requests, the token,
+nothing of the workspace served as files; and (slow) the page rendered in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import ASSETS, make_workspace, run_cli, text_file
+from conveyor import controls, store
+from conveyor.dashboard import NOT_ACKNOWLEDGED, check_bind, create_app, serve
+from conveyor.errors import ConveyorError
+
+LOCAL = "http://127.0.0.1:8750"
+TOKEN = "s3cret-token"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir) -> Path:
+    """Files of 20 and 12 examples at batch 4 × grad_accum 2: job 1 trains steps 1–3, job 2 steps 4–5; then a
+    rejected file. Two evals and two samples are written as the worker would."""
+    root = tmp_path_factory.mktemp("dashboard")
+    ws = make_workspace(root / "ws", tiny_dir, training={"batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3,
+                                                         "save_every": 2, "max_length": 64})
+    a, b = text_file(root / "a.jsonl", 20, "a"), text_file(root / "b.jsonl", 12, "b")
+    r = run_cli(ws, "train", a, b, "-q")
+    assert r.code == 0, r.out + r.err
+    assert run_cli(ws, "add", ASSETS / "bad_chat.jsonl").code == 1
+    con = store.connect(ws / "conveyor.db")
+    for step, job, loss in ((3, 1, 5.25), (5, 2, 5.0)):
+        con.execute("INSERT INTO evals VALUES ('run-0001', ?, ?, ?, 4, ?)", (step, job, loss, time.time()))
+        con.execute("INSERT INTO samples (run_id, step, prompt, output, created_at) VALUES ('run-0001', ?, ?, ?, ?)",
+                    (step, "the quick", f"output at {step}", time.time()))
+    con.close()
+    return ws
+
+
+@pytest.fixture(scope="module")
+def client(trained) -> TestClient:
+    return TestClient(create_app(trained, control_timeout=0.2), base_url=LOCAL)
+
+
+def test_status_and_runs(client):
+    s = client.get("/api/status").json()
+    assert (s["run"]["id"], s["run"]["global_step"]) == ("run-0001", 5)
+    assert s["daemon"] == {"pid": None, "running": False, "paused": False}
+    assert s["current"] is None and s["queue"] == []
+    assert [(f["file"], f["state"]) for f in s["failures"]] == [("bad_chat.jsonl", "rejected")]
+    assert s["failures"][0]["error"]
+    assert s["last_eval"] == {"step": 5, "eval_loss": 5.0}
+    runs = client.get("/api/runs").json()
+    assert [(r["id"], r["active"], r["global_step"], r["metric_rows"]) for r in runs] == [("run-0001", True, 5, 5)]
+
+
+def test_metrics_one_row_per_step(client):
+    body = client.get("/api/metrics").json()
+    assert body["run"] == "run-0001"
+    rows = body["rows"]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
+    assert [m["job_id"] for m in rows] == [1, 1, 1, 2, 2]
+    assert [m["examples"] for m in rows] == [8, 8, 4, 8, 4]
+    assert all(m["loss"] > 0 and m["learning_rate"] > 0 and m["tokens"] > 0 and m["step_time"] > 0 for m in rows)
+    assert [m["step"] for m in client.get("/api/metrics?run=run-0001&since_step=3").json()["rows"]] == [4, 5]
+    assert client.get("/api/metrics?since_step=5").json()["rows"] == []
+
+
+def test_evals_samples_ledger_jobs(client):
+    evals = client.get("/api/evals").json()["rows"]
+    assert [(e["step"], e["job_id"], e["eval_loss"], e["examples"]) for e in evals] == [(3, 1, 5.25, 4), (5, 2, 5.0, 4)]
+    samples = client.get("/api/samples?run=run-0001").json()["rows"]
+    assert [(s["step"], s["output"]) for s in samples] == [(5, "output at 5"), (3, "output at 3")]  # newest first
+    assert len(client.get("/api/samples?limit=1").json()["rows"]) == 1
+    ledger = client.get("/api/ledger").json()["rows"]
+    assert [(r["job"], r["file"], r["start_step"], r["end_step"], r["examples"], r["outcome"]) for r in ledger] == [
+        (1, "a.jsonl", 1, 3, 20, "done"), (2, "b.jsonl", 4, 5, 12, "done")]
+    jobs = client.get("/api/jobs").json()
+    assert jobs["queue"] == []
+    assert [(j["id"], j["file"], j["state"], j["planned_steps"]) for j in jobs["jobs"]] == [
+        (1, "a.jsonl", "done", 3), (2, "b.jsonl", "done", 2), (3, "bad_chat.jsonl", "rejected", None)]
+
+
+def test_events_after_id(client, trained):
+    con = store.connect(trained / "conveyor.db")
+    ids = [r["id"] for r in con.execute("SELECT id FROM events ORDER BY id")]
+    con.close()
+    assert len(ids) >= 4  # queued ×2, done ×2, rejected at least
+    assert [e["id"] for e in client.get("/api/events").json()] == ids
+    assert [e["id"] for e in client.get(f"/api/events?after_id={ids[1]}").json()] == ids[2:]
+    assert [e["id"] for e in client.get("/api/events?limit=2").json()] == ids[-2:]
+    assert client.get(f"/api/events?after_id={ids[-1]}").json() == []
+
+
+@pytest.mark.parametrize("path,code", [
+    ("/api/metrics?run=run-0042", 404), ("/api/ledger?run=nope", 404), ("/api/evals?run=x", 404),
+    ("/api/samples?run=x", 404), ("/api/metrics?since_step=abc", 422), ("/api/metrics?since_step=-1", 422),
+    ("/api/events?after_id=abc", 422), ("/api/samples?limit=0", 422),
+])
+def test_bad_requests(client, path, code):
+    r = client.get(path)
+    assert r.status_code == code, r.text
+    if code == 404:
+        assert "known runs: run-0001" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/conveyor.toml", "/conveyor.db", "/api/../conveyor.db", "/api/%2e%2e/conveyor.db",
+                                  "/inbox/", "/runs/run-0001", "/data", "/assets/dashboard.html", "/docs",
+                                  "/openapi.json"])
+def test_nothing_of_the_workspace_is_served(client, path):
+    assert client.get(path).status_code == 404
+
+
+def test_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert "access-control-allow-origin" not in r.headers
+    for element in ('id="loss-chart"', 'id="queue"', 'id="ledger"', 'id="runs"', 'id="failures"', 'id="current"',
+                    'id="btn-pause"', 'id="btn-resume"', 'id="btn-skip"', 'id="btn-stop"', 'id="control-result"',
+                    'id="daemon-state"'):
+        assert element in r.text
+    assert "src=" not in r.text and "https://" not in r.text and "http://" not in r.text  # nothing from elsewhere
+
+
+def test_control_without_daemon_is_not_acknowledged(client, trained):
+    r = client.post("/api/control/pause", json={"reason": "lunch"})
+    assert r.status_code == 202
+    body = r.json()
+    assert body["result"] is None and body["message"] == NOT_ACKNOWLEDGED
+    con = store.connect(trained / "conveyor.db")
+    row = con.execute("SELECT * FROM controls WHERE id = ?", (body["request_id"],)).fetchone()
+    assert (row["action"], row["who"], row["reason"], row["acked_at"]) == ("pause", "dashboard", "lunch", None)
+    con.close()
+    assert client.post("/api/control/resume").status_code == 202  # the body is optional
+
+
+def test_control_answer_from_the_worker(trained):
+    """A stand-in worker acknowledges the request: the answer carries its text."""
+    client = TestClient(create_app(trained, control_timeout=10.0), base_url=LOCAL)
+
+    def worker():
+        con = store.connect(trained / "conveyor.db")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for request in controls.pending(con):
+                if request.action == controls.Action.SKIP:
+                    controls.ack(con, request.id, "skipped job 2 at step 5")
+                    con.close()
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    r = client.post("/api/control/skip", json={})
+    thread.join()
+    assert r.status_code == 200
+    assert r.json()["result"] == "skipped job 2 at step 5"
+
+
+def test_control_bad_action_and_cross_site(client):
+    r = client.post("/api/control/explode")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "no control 'explode'; valid actions: pause, resume, stop, skip"
+    assert client.post("/api/control/stop", headers={"Origin": "https://evil.example"}).status_code == 403
+    assert client.post("/api/control/pause", json={"reason": 3}).status_code == 422
+
+
+def test_without_token_only_loopback_host_names(trained):
+    app = create_app(trained)
+    assert TestClient(app, base_url="http://localhost:8750").get("/api/runs").status_code == 200
+    assert TestClient(app, base_url="http://[::1]:8750").get("/api/runs").status_code == 200
+    r = TestClient(app, base_url="http://rebound.example:8750").get("/api/runs")
+    assert r.status_code == 403 and "--token" in r.json()["detail"]
+
+
+def test_token_required_on_every_api_call(trained):
+    client = TestClient(create_app(trained, token=TOKEN, control_timeout=0.1), base_url="http://box.lan:8750")
+    good, bad = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer guess"}
+    for path in ("/api/status", "/api/runs", "/api/jobs", "/api/metrics", "/api/evals", "/api/samples",
+                 "/api/ledger", "/api/events", "/api/stream"):
+        r = client.get(path)
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"], path
+        assert client.get(path, headers=bad).status_code == 401, path
+        assert client.get(path + "?token=guess").status_code == 401, path
+    for path in ("/api/status", "/api/metrics", "/api/ledger"):
+        assert client.get(path, headers=good).status_code == 200
+        assert client.get(f"{path}?token={TOKEN}").status_code == 401  # only the stream takes it in the URL
+    assert client.post("/api/control/pause", headers=bad).status_code == 401
+    assert client.post("/api/control/pause", headers=good).status_code == 202
+    assert client.get("/").status_code == 200  # the page holds no data; it reads ?token= from its own URL
+    with client.stream("GET", f"/api/stream?token={TOKEN}") as r:
+        assert r.status_code == 200
+        assert _next_update(r.iter_lines())["global_step"] == 5
+
+
+def _next_update(lines) -> dict:
+    """The data of the next `update` event on an open event stream."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: ") and event == "update":
+            return json.loads(line[len("data: "):])
+    raise AssertionError("the stream ended without an update")
+
+
+def test_stream_updates_when_something_changes(trained):
+    client = TestClient(create_app(trained, stream_interval=0.05, heartbeat_seconds=0.2), base_url=LOCAL)
+    con = store.connect(trained / "conveyor.db")
+    with client.stream("GET", "/api/stream") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = _next_update(lines)
+        last_event = con.execute("SELECT MAX(id) FROM events").fetchone()[0]
+        assert first == {"run": "run-0001", "global_step": 5, "event_id": last_event, "metrics": 5, "evals": 2,
+                         "sample_id": 2, "status_hash": first["status_hash"]}
+        assert ": heartbeat" in [next(lines) for _ in range(6)]  # nothing changed: only heartbeats
+        store.log_event(con, "info", "test", "something happened")
+        second = _next_update(lines)
+    con.close()
+    assert second["event_id"] == last_event + 1
+    assert {k: v for k, v in second.items() if k != "event_id"} == {k: v for k, v in first.items() if k != "event_id"}
+
+
+def test_serve_refuses_other_hosts_without_token(trained):
+    with pytest.raises(ConveyorError, match="--token.*--host 127.0.0.1"):
+        serve(trained, host="0.0.0.0", port=_free_port())
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_bind(host, None)
+    check_bind("0.0.0.0", TOKEN)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.slow
+def test_page_renders_in_chromium(trained):
+    """The real page in headless Chromium, served by uvicorn with a token: charts drawn from the API, tables
+    filled, a control answered, and nothing fetched from anywhere but the dashboard."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    import uvicorn
+
+    expect = sync_api.expect
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(trained, token=TOKEN, control_timeout=0.5), host="127.0.0.1",
+                                           port=port, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    problems, foreign = [], []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+            page.goto(f"{base}/?token={TOKEN}")
+            # locator assertions, not wait_for_function: that evaluates strings, which the page's CSP forbids
+            expect(page.locator("#loss-chart")).to_have_attribute("data-points", "5", timeout=20_000)
+            assert page.locator("#ledger tbody tr.ledger-row").count() == 2
+            assert page.locator("#queue tr.job-row").count() == 0
+            assert page.locator("#failures tbody tr.failure-row").count() == 1
+            assert page.locator("#runs tbody tr.run-row").count() == 1
+            assert page.locator("#daemon-state").inner_text() == "not running"
+            assert page.locator("#lr-chart").get_attribute("data-points") == "5"
+            page.click("#btn-pause")
+            expect(page.locator("#control-result")).to_contain_text("not yet acknowledged", timeout=10_000)
+            artifacts = REPO / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    png = (REPO / "test-artifacts" / "dashboard.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert problems == [] and foreign == []
