@@ -141,19 +141,21 @@ class Daemon:
 
     # Worker processes ----------------------------------------------------------------------------
     def _train_in_worker(self, job) -> bool:
+        """Run the job in a worker process; the job's state in the database says what happened to it."""
         code = self._run_worker(job)
-        if code == DONE:
+        state = jobs.get(self.db, job.id).state
+        if state in (JobState.DONE, JobState.SKIPPED):
             self._after(job.id)
             return True
-        if code == STOPPED:
-            self.stop_reason = self.stop_reason or "stop requested"
-            return True
+        if state in (JobState.FAILED, JobState.REJECTED) or code == FAILED:
+            return False
         if code == DISK:
             self.paused = True
             self.say("error", "paused: a checkpoint could not be written (see above); `conveyor resume` retries")
             return False
-        if code == FAILED:
-            return False
+        if code == STOPPED or self.stop_reason:
+            self.stop_reason = self.stop_reason or "stop requested"
+            return True  # the job stays queued and resumes from its checkpoint on the next start
         return self._crashed(job, code)
 
     def _run_worker(self, job) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
 import anyio
@@ -26,11 +26,15 @@ from starlette.concurrency import run_in_threadpool
 
 from . import controls, jobs, ledger, runs
 from .errors import ConveyorError
-from .status import status_data
+from .status import daemon_pid, status_data
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    import uvicorn
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 NOT_ACKNOWLEDGED = "requested, not yet acknowledged (is the daemon running?)"
+EXPIRED = "expired: no daemon was running to act on it"
 # The page's scripts and styles are inline and it talks only to this server: nothing loads from elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -61,7 +65,7 @@ def open_workspace(root: Path) -> Iterator[Workspace]:
 
 
 def _host_of(value: str) -> str:
-    """The host name of a Host header or an Origin URL, without port or IPv6 brackets."""
+    """The host name in a Host header, without port or IPv6 brackets."""
     netloc = urlsplit(value if "//" in value else "//" + value).hostname
     return (netloc or "").lower()
 
@@ -135,6 +139,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     root = Workspace.open(ws_root).root
     app = FastAPI(title="conveyor dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(HostGuard, loopback_only=token is None)
+    app.state.closing = lambda: False  # build_server makes this the server's exit flag
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -225,9 +230,15 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
             request_id = controls.request(ws.db, controls.Action(action), who="dashboard",
                                           reason=body.reason if body else None)
             result = controls.wait(ws.db, request_id, control_timeout)
+            # With no daemon to act on it, the request expires (as the CLI's do): a daemon started later must not
+            # act on a click nobody waits for. A running daemon keeps it and acts between steps.
+            expired = result is None and daemon_pid(ws) is None
+            if expired:
+                controls.ack(ws.db, request_id, EXPIRED)
         if result is None:
-            return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED}, 202)
-        return JSONResponse({"request_id": request_id, "result": result, "message": result})
+            return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED,
+                                 "expired": expired}, 202)
+        return JSONResponse({"request_id": request_id, "result": result, "message": result, "expired": False})
 
     @app.get("/api/stream", dependencies=[api])
     async def stream(request: Request) -> StreamingResponse:
@@ -239,7 +250,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         async def updates():
             yield "retry: 2000\n\n"
             last, quiet = None, 0.0
-            while not await request.is_disconnected():
+            while not (request.app.state.closing() or await request.is_disconnected()):
                 current = await run_in_threadpool(take)
                 if current != last:
                     yield f"event: update\ndata: {json.dumps(current)}\n\n"
@@ -263,11 +274,21 @@ def check_bind(host: str, token: str | None) -> None:
                             "could stop training. Pass --token <secret>, or bind --host 127.0.0.1")
 
 
-def serve(ws_root: Path, host: str = "127.0.0.1", port: int = 8750, token: str | None = None) -> None:
-    """Serve the dashboard until interrupted."""
+def build_server(ws_root: Path, host: str = "127.0.0.1", port: int = 8750, token: str | None = None,
+                 **options) -> "uvicorn.Server":
+    """A uvicorn server for the dashboard (not started); `options` go to create_app."""
     import uvicorn
 
     check_bind(host, token)
-    app = create_app(ws_root, token=token)
-    # Open event streams never end on their own: without a grace limit, Ctrl+C would wait for every browser tab.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    app = create_app(ws_root, token=token, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    # Event streams never end on their own: they end when the server starts to exit, so that Ctrl+C does
+    # not wait for every open browser tab.
+    app.state.closing = lambda: server.should_exit
+    return server
+
+
+def serve(ws_root: Path, host: str = "127.0.0.1", port: int = 8750, token: str | None = None) -> None:
+    """Serve the dashboard until interrupted."""
+    build_server(ws_root, host, port, token).run()

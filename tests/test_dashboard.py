@@ -4,7 +4,7 @@ nothing of the workspace served as files; and (slow) the page rendered in a real
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import socket
 import threading
 import time
@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 
 from conftest import ASSETS, make_workspace, run_cli, text_file
 from conveyor import controls, store
-from conveyor.dashboard import NOT_ACKNOWLEDGED, check_bind, create_app, serve
+from conveyor.dashboard import EXPIRED, NOT_ACKNOWLEDGED, build_server, check_bind, create_app, serve
 from conveyor.errors import ConveyorError
+from conveyor.status import LOCK_FILE
 
 LOCAL = "http://127.0.0.1:8750"
 TOKEN = "s3cret-token"
@@ -51,7 +52,7 @@ def client(trained) -> TestClient:
 def test_status_and_runs(client):
     s = client.get("/api/status").json()
     assert (s["run"]["id"], s["run"]["global_step"]) == ("run-0001", 5)
-    assert s["daemon"] == {"pid": None, "running": False, "paused": False}
+    assert (s["daemon"]["pid"], s["daemon"]["running"]) == (None, False)
     assert s["current"] is None and s["queue"] == []
     assert [(f["file"], f["state"]) for f in s["failures"]] == [("bad_chat.jsonl", "rejected")]
     assert s["failures"][0]["error"]
@@ -133,12 +134,28 @@ def test_control_without_daemon_is_not_acknowledged(client, trained):
     r = client.post("/api/control/pause", json={"reason": "lunch"})
     assert r.status_code == 202
     body = r.json()
-    assert body["result"] is None and body["message"] == NOT_ACKNOWLEDGED
+    assert (body["result"], body["message"], body["expired"]) == (None, NOT_ACKNOWLEDGED, True)
     con = store.connect(trained / "conveyor.db")
     row = con.execute("SELECT * FROM controls WHERE id = ?", (body["request_id"],)).fetchone()
-    assert (row["action"], row["who"], row["reason"], row["acked_at"]) == ("pause", "dashboard", "lunch", None)
     con.close()
+    # expired, so that a daemon started later does not act on it
+    assert (row["action"], row["who"], row["reason"], row["result"]) == ("pause", "dashboard", "lunch", EXPIRED)
     assert client.post("/api/control/resume").status_code == 202  # the body is optional
+
+
+def test_control_kept_for_a_running_daemon(client, trained):
+    """A live daemon that has not answered yet keeps the request: it acts on it between steps."""
+    lock = trained / LOCK_FILE
+    lock.write_text(str(os.getpid()))  # the daemon's lock, held by a live process
+    try:
+        r = client.post("/api/control/pause")
+    finally:
+        lock.unlink()
+    assert r.status_code == 202 and r.json()["expired"] is False
+    con = store.connect(trained / "conveyor.db")
+    assert [q.id for q in controls.pending(con)] == [r.json()["request_id"]]
+    controls.ack(con, r.json()["request_id"], "acted on by the test")
+    con.close()
 
 
 def test_control_answer_from_the_worker(trained):
@@ -147,14 +164,15 @@ def test_control_answer_from_the_worker(trained):
 
     def worker():
         con = store.connect(trained / "conveyor.db")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            for request in controls.pending(con):
-                if request.action == controls.Action.SKIP:
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                for request in controls.pending(con):
                     controls.ack(con, request.id, "skipped job 2 at step 5")
-                    con.close()
                     return
-            time.sleep(0.02)
+                time.sleep(0.02)
+        finally:
+            con.close()
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -255,12 +273,9 @@ def test_page_renders_in_chromium(trained):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    import uvicorn
-
     expect = sync_api.expect
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(trained, token=TOKEN, control_timeout=0.5), host="127.0.0.1",
-                                           port=port, log_level="warning", timeout_graceful_shutdown=1))
+    server = build_server(trained, port=port, token=TOKEN, control_timeout=0.5)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -293,6 +308,7 @@ def test_page_renders_in_chromium(trained):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+    assert not thread.is_alive(), "the server did not stop: an open event stream held it"
     png = (REPO / "test-artifacts" / "dashboard.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert problems == [] and foreign == []
