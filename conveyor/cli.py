@@ -400,6 +400,24 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
 
 @app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --token."),
+    port: int = typer.Option(8750, "--port", min=1, max=65535, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="CONVEYOR_DASHBOARD_TOKEN",
+                                        help="Require `Authorization: Bearer <token>`; open the page as /?token=..."),
+):
+    """Serve the live web dashboard: loss curves, queue, current job and ETA, controls."""
+    from .dashboard import check_bind, serve
+
+    ws = _ws()
+    check_bind(host, token)  # refuse before printing a URL
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"dashboard for {ws.root}: http://{shown}:{port}/" + ("?token=<your token>" if token else "")
+                  + "  (Ctrl+C stops it)")
+    serve(ws.root, host=host, port=port, token=token)
+
+
+@app.command()
 def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
     """Make a workspace with the tiny model and two sample files, train them one after the other, print the ledger."""
     from .demo import demo_config, write_samples

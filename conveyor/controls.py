@@ -57,5 +57,5 @@ def wait(con: sqlite3.Connection, request_id: int, timeout: float) -> str | None
 def paused(con: sqlite3.Connection) -> bool:
     """Whether the last acted-on pause/resume was a pause (the daemon holds between jobs too)."""
     row = con.execute("SELECT action FROM controls WHERE action IN ('pause', 'resume') AND acked_at IS NOT NULL"
-                      " ORDER BY id DESC LIMIT 1").fetchone()
+                      " AND (result IS NULL OR result NOT LIKE 'expired%') ORDER BY id DESC LIMIT 1").fetchone()
     return bool(row) and row["action"] == "pause"
