@@ -323,30 +323,24 @@ def logs(follow: bool = typer.Option(False, "--follow", "-f", help="Keep printin
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The active run, its global step, and every job with its state and steps."""
-    from .status import status_data
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 seconds until Ctrl-C."),
+):
+    """One screen: active run and identity, global step, current job and ETA, losses, queue, failures, disk."""
+    from rich.live import Live
 
-    data = status_data(_ws())
+    from .status import render, status_data
+
+    ws = _ws()
     if as_json:
-        return _print_json(data)
-    run_ = data["run"]
-    console.print(f"run: {run_['id']} at global step {run_['global_step']}" if run_ else "run: none yet")
-    for other in data["runs"]:
-        if not other["active"]:
-            console.print(f"  earlier run {other['id']} (step {other['global_step']}), kept: {other['note'] or ''}")
-    if data["config_error"]:
-        err.print(f"settings problem: {data['config_error']}", style="red", markup=False)
-    else:
-        console.print(f"schedule: {data['schedule']}")
-    table = Table("job", "file", "fingerprint", "state", "examples", "steps", "global steps", "notes")
-    for j in data["jobs"]:
-        span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
-        steps = f"{j['steps_done']}/{j['planned_steps']}" if j["planned_steps"] else "-"
-        notes = (j["error"] or "; ".join(j["warnings"]))[:80]
-        table.add_row(str(j["id"]), j["file"], short(j["fingerprint"]), j["state"], str(j["examples"] or "-"),
-                      steps, span, notes)
-    console.print(table)
+        return _print_json(status_data(ws))
+    if not watch:
+        return console.print(render(status_data(ws)))
+    with Live(render(status_data(ws)), console=console, refresh_per_second=1) as live:
+        while True:
+            time.sleep(2)
+            live.update(render(status_data(ws)))
 
 
 @app.command()

@@ -73,6 +73,27 @@ class DataConfig(_Section):
     """false trains a file again (with a warning) when its bytes match a finished job; true skips it."""
 
 
+class EvalConfig(_Section):
+    file: str = ""
+    """Validation JSONL (path, relative to the workspace or absolute); empty: no evaluation loss."""
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every N global steps as well as at the end of each job (0: only at job ends)."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per evaluation batch (does not change the result, only speed and memory)."""
+    max_examples: int = Field(256, ge=1)
+    """Use the first N examples of the validation file."""
+    sample_prompts: list[str] = Field(default_factory=list)
+    """Prompts the current model answers (greedy) at each evaluation, shown in status and the dashboard."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Length limit of each sample answer."""
+
+
+class ReportConfig(_Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio"]] = Field(
+        default_factory=list)
+    """Also send metrics to these Hugging Face Trainer integrations (their packages must be installed)."""
+
+
 class InboxConfig(_Section):
     settle_seconds: float = Field(1.0, ge=0.0, le=3600)
     """A file in inbox/ is claimed once its size and mtime have not changed for this long."""
@@ -94,6 +115,8 @@ class Config(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     inbox: InboxConfig = Field(default_factory=InboxConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 

@@ -8,10 +8,11 @@ import time
 
 
 def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int, list[int]]],
-                metrics: list[dict]) -> None:
-    """Append buffered audit rows (step, job, lines) and metric rows in one transaction."""
-    if not audit and not metrics:
+                metrics: list[dict], evals: list[dict] = (), samples: list[dict] = ()) -> None:
+    """Append buffered audit rows (step, job, lines), metric, evaluation and sample rows in one transaction."""
+    if not audit and not metrics and not evals and not samples:
         return
+    now = time.time()
     con.execute("BEGIN IMMEDIATE")
     con.executemany("INSERT OR REPLACE INTO audit (run_id, step, job_id, lines) VALUES (?, ?, ?, ?)",
                     [(run_id, step, job, json.dumps(lines)) for step, job, lines in audit])
@@ -19,15 +20,22 @@ def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int
         "INSERT OR REPLACE INTO metrics (run_id, step, job_id, loss, learning_rate, grad_norm, tokens, examples,"
         " step_time, created_at) VALUES (:run_id, :step, :job_id, :loss, :learning_rate, :grad_norm, :tokens,"
         " :examples, :step_time, :created_at)",
-        [{"run_id": run_id, "created_at": time.time(), **m} for m in metrics],
+        [{"run_id": run_id, "created_at": now, **m} for m in metrics],
     )
+    con.executemany("INSERT OR REPLACE INTO evals (run_id, step, job_id, eval_loss, examples, created_at)"
+                    " VALUES (:run_id, :step, :job_id, :eval_loss, :examples, :created_at)",
+                    [{"run_id": run_id, "created_at": now, **e} for e in evals])
+    con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at)"
+                    " VALUES (:run_id, :step, :prompt, :output, :created_at)",
+                    [{"run_id": run_id, "created_at": now, **x} for x in samples])
     con.execute("COMMIT")
 
 
 def forget_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
     """Drop audit and metric rows after a checkpoint's step: those steps were lost in a crash and retrain."""
     n = con.execute("DELETE FROM audit WHERE run_id = ? AND step > ?", (run_id, step)).rowcount
-    con.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, step))
+    for table in ("metrics", "evals", "samples"):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
     return n
 
 

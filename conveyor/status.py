@@ -79,3 +79,62 @@ def status_data(ws: Workspace) -> dict:
         "free_disk_bytes": ws.free_bytes(),
         "jobs": [j.to_json() for j in all_jobs],
     }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def render(data: dict):
+    """The status as rich renderables (one screen)."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    parts = []
+    daemon = data["daemon"]
+    state = "paused" if daemon["paused"] else "training" if data["current"] else "idle"
+    parts.append(Text(f"daemon: pid {daemon['pid']}, {state}" if daemon["running"] else "daemon: not running"))
+    run = data["run"]
+    if run:
+        ident = run["identity"]
+        adapter = f"lora r={ident.get('adapter.r')} alpha={ident.get('adapter.alpha')} on " \
+            f"{','.join(ident.get('adapter.target_modules') or [])}" if ident["adapter.method"] == "lora" else "full"
+        parts.append(Text(f"run {run['id']} at global step {run['global_step']}: {ident['model.name']} "
+                          f"({ident['model.precision']}), {adapter}"))
+    else:
+        parts.append(Text("run: none yet"))
+    for other in data["runs"]:
+        if not other["active"]:
+            parts.append(Text(f"  kept: {other['id']} (step {other['global_step']}) {other['note'] or ''}", "dim"))
+    if data["config_error"]:
+        parts.append(Text(f"settings problem: {data['config_error']}", "red"))
+    else:
+        parts.append(Text(f"schedule: {data['schedule']}"))
+    if data["last_eval"]:
+        parts.append(Text(f"eval loss {data['last_eval']['eval_loss']:.4f} at step {data['last_eval']['step']}"))
+    cur = data["current"]
+    if cur:
+        loss = f"{cur['loss']:.4f}" if cur["loss"] is not None else "-"
+        parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "
+                          f"(global {cur['start_step']}–{cur['end_step']}), loss {loss}, ETA {_duration(cur['eta_seconds'])}"))
+        parts.append(ProgressBar(total=cur["planned_steps"] or 1, completed=cur["steps_done"], width=60))
+    queue = Table("job", "file", "priority", "state", "examples", "steps", title="queue", title_justify="left")
+    for j in data["queue"]:
+        queue.add_row(str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
+                      f"{j['steps_done']}/{j['planned_steps']}" if j["planned_steps"] else "-")
+    parts.append(queue if data["queue"] else Text("queue: empty"))
+    done = Table("job", "file", "state", "global steps", "notes", title="jobs", title_justify="left")
+    for j in data["jobs"]:
+        if j["state"] in ("queued", "running"):
+            continue
+        span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
+        done.add_row(str(j["id"]), j["file"], j["state"], span, (j["error"] or "; ".join(j["warnings"]))[:100])
+    if done.row_count:
+        parts.append(done)
+    parts.append(Text(f"free disk: {data['free_disk_bytes'] / 1e9:.1f} GB"))
+    return Group(*parts)

@@ -148,11 +148,12 @@ class Training:
         spec = JobSpec(run_id=placement.run.id, run_dir=self.ws.run_dir(placement.run.id), job_id=job.id,
                        fingerprint=job.fingerprint, data=data, epochs=job.epochs, planned_steps=job.planned_steps,
                        start_step=job.start_step, steps_done=steps_done, position=position,
-                       identity=placement.run.identity, resume=placement.resume)
+                       identity=placement.run.identity, resume=placement.resume,
+                       eval_data=self._eval_data(config, model_path))
         self.reporter.job_started(job)
 
-        def flush(audit, metrics, done, position):
-            ledger.write_steps(self.db, spec.run_id, audit, metrics)
+        def flush(audit, metrics, evals, samples, done, position):
+            ledger.write_steps(self.db, spec.run_id, audit, metrics, evals, samples)
             jobs.update(self.db, job.id, steps_done=done)
             runs.set_step(self.db, spec.run_id, spec.start_step + done - 1)
 
@@ -194,6 +195,23 @@ class Training:
         jobs.transition(self.db, job, JobState.FAILED, error=reason)
         self.say("error", f"job {job.id} failed: {reason}", job.id)
 
+
+    def _eval_data(self, config: Config, model_path: str) -> TokenizedFile | None:
+        """The validation set, tokenized and masked exactly like training data; None if not configured."""
+        from .worker import load_tokenizer
+
+        if not config.eval.file:
+            return None
+        path = Path(config.eval.file)
+        path = path if path.is_absolute() else self.ws.root / path
+        try:
+            data = tokenize_file(parse_file(path, f"eval.file {path.name}"), load_tokenizer(model_path),
+                                 config.training.max_length)
+        except (DataError, OSError) as e:
+            self.say("warning", f"no evaluation loss: {e}")
+            return None
+        data.examples = data.examples[: config.eval.max_examples]
+        return data
 
     # Controls between optimizer steps ------------------------------------------------------------
     stop_request: controls.Request | None = None

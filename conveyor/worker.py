@@ -56,13 +56,14 @@ class JobSpec:
     position: int  # examples of the job (epochs end to end) already trained
     identity: dict
     resume: ck.Checkpoint | None  # None: the run starts from the base model
+    eval_data: TokenizedFile | None = None  # the validation set, tokenized like training data
 
 
 @dataclass
 class Hooks:
     """Callbacks from the training loop to the caller (progress display, control, database)."""
     progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
-    flush: Callable[[list, list, int, int], None] | None = None  # (audit, metrics, steps_done, position)
+    flush: Callable[..., None] | None = None  # (audit, metrics, evals, samples, steps_done, position)
     # Between steps: given a function that makes sure a checkpoint exists at this step, returns why to stop
     # now ("stop", "skip", a signal name) or None to go on. Pausing happens (blocking) inside it.
     control: Callable[[Callable[[], Path]], str | None] | None = None
@@ -204,6 +205,10 @@ class _JobCallback:
         self.position = spec.position
         self.audit: list = []
         self.metrics: list = []
+        self.evals: list = []
+        self.samples: list = []
+        self.evaluator = None  # set by train_job when a validation set is configured
+        self.trainer = None
         self.pending: dict = {}
         self.losses: list[float] = []
         self.tokens = 0
@@ -242,6 +247,9 @@ class _JobCallback:
                 self.checkpoint_step = step
             return self.last_checkpoint
 
+        every = self.config.eval.every_steps
+        if self.evaluator is not None and (last or (every and step % every == 0)):
+            self._evaluate(step, kw["model"])
         if last or step % self.config.training.save_every == 0:
             ensure_checkpoint()
         stop = None if last or not self._hooks.control else self._hooks.control(ensure_checkpoint)
@@ -268,10 +276,16 @@ class _JobCallback:
     # --------------------------------------------------------------------------------------------
     _hooks = Hooks()
 
+    def _evaluate(self, step: int, model) -> None:
+        result = self.evaluator.loss(self.trainer, model)
+        self.evals.append({"step": step, "job_id": self.spec.job_id, "eval_loss": result.loss,
+                           "examples": result.examples})
+        self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
+
     def _flush(self) -> None:
         if self._hooks.flush:
-            self._hooks.flush(self.audit, self.metrics, self.done, self.position)
-        self.audit, self.metrics = [], []
+            self._hooks.flush(self.audit, self.metrics, self.evals, self.samples, self.done, self.position)
+        self.audit, self.metrics, self.evals, self.samples = [], [], [], []
         self.t_flush = time.perf_counter()
 
     def _checkpoint(self, step: int, model, optimizer, scheduler, job_end: bool) -> Path:
@@ -313,16 +327,19 @@ def _trainer_callback(inner: _JobCallback):
     return Adapter()
 
 
-def training_arguments(config: Config, output_dir: Path, max_steps: int):
+def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None):
     from transformers import TrainingArguments
 
     t = config.training
+    if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str((run_dir or output_dir) / "tensorboard"))
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
         train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
-        save_strategy="no", logging_steps=1, report_to="none", seed=t.seed, disable_tqdm=True,
+        save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
+        disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
     )
 
@@ -342,10 +359,17 @@ def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | Non
     inner = _JobCallback(spec, config, collator, world_size)
     inner._hooks = hooks or Hooks()
     remaining = spec.planned_steps - spec.steps_done
-    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining),
+    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir),
                       train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
                       callbacks=[_trainer_callback(inner)])
     trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
+    inner.trainer = trainer
+    if spec.eval_data is not None:
+        from .evaluation import Evaluator
+
+        e = config.eval
+        inner.evaluator = Evaluator(spec.eval_data, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
+                                    tokenizer)
     trainer.create_optimizer()
     scheduler = make_scheduler(config, trainer.optimizer, spec.planned_steps)
     if spec.resume is not None:
