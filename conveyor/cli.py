@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -162,6 +163,10 @@ def train(
 def run(
     drain: bool = typer.Option(False, "--drain", help="Train everything queued in this process, then exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    dashboard: bool = typer.Option(False, "--dashboard", help="Also serve the web dashboard (see `dashboard`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Dashboard address; anything but loopback needs --token."),
+    port: int = typer.Option(8750, "--port", min=1, max=65535, help="Dashboard port."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="CONVEYOR_DASHBOARD_TOKEN", help="Dashboard token."),
 ):
     """The daemon: watch inbox/, train each job in a worker process, until `conveyor stop` or SIGTERM."""
     ws = _ws()
@@ -170,10 +175,30 @@ def run(
         raise typer.Exit(0 if _drain(ws, quiet) else 1)
     from .daemon import Daemon, Lock
 
-    with Lock(ws):
+    with Lock(ws), _dashboard_thread(ws, dashboard, host, port, token):
         console.print(f"conveyor daemon (pid {os.getpid()}) watching {ws.inbox}; `conveyor stop` ends it")
         Daemon(ws, ConsoleReporter(quiet=True), isolate=True, watch=True).work(drain=False)
     console.print("daemon stopped")
+
+
+@contextlib.contextmanager
+def _dashboard_thread(ws: Workspace, enabled: bool, host: str, port: int, token: Optional[str]):
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from .dashboard import build_server
+
+    server = build_server(ws.root, host, port, token)  # refuses a public address without a token
+    thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
+    thread.start()
+    console.print(f"dashboard: http://{host}:{port}/" + ("?token=<your token>" if token else ""))
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @app.command(hidden=True)

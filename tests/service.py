@@ -13,10 +13,10 @@ from pathlib import Path
 
 
 class Service:
-    def __init__(self, ws: Path):
+    def __init__(self, ws: Path, *extra: str):
         self.ws = ws
         self.log = open(ws / "daemon-test-output.txt", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "run"], stdout=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "run", *extra], stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -312,3 +312,51 @@ def test_page_renders_in_chromium(trained):
     png = (REPO / "test-artifacts" / "dashboard.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert problems == [] and foreign == []
+
+
+@pytest.mark.slow
+def test_pause_and_resume_a_real_worker_from_the_page(tmp_path, tiny_dir):
+    """`conveyor run --dashboard` with two trained jobs, one training and one queued: the page lists the queue,
+    Pause holds the worker (no step advances), Resume lets it go on."""
+    from conftest import make_workspace, run_cli, text_file
+    from service import Service, write_jsonl
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    expect = sync_api.expect
+    ws = make_workspace(tmp_path / "ws", tiny_dir, training={"batch_size": 1, "grad_accum": 1, "save_every": 50,
+                                                             "max_length": 48},
+                        inbox={"settle_seconds": 0.3}, daemon={"min_free_mb": 0})
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 3, "a"), text_file(tmp_path / "b.jsonl", 2, "b"),
+                   "-q").code == 0
+    port = _free_port()
+    svc = Service(ws, "--dashboard", "--port", str(port)).ready()
+    try:
+        write_jsonl(ws / "inbox" / "long.jsonl", [f"long {i}" for i in range(5000)])
+        svc.wait(lambda: svc.steps() >= 10, 120, "the long job to train")
+        write_jsonl(ws / "inbox" / "later.jsonl", ["later 1", "later 2"])
+        svc.wait(lambda: "later.jsonl" in svc.jobs(), 30, "the second file to queue")
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.locator("#queue tr.job-row")).to_have_count(2, timeout=20_000)
+            assert page.locator("#ledger tbody tr.ledger-row").count() == 2
+            points = int(page.locator("#loss-chart").get_attribute("data-points"))
+            assert points >= 5 + 10  # the two trained jobs and the steps of the running one so far
+            page.click("#btn-pause")
+            expect(page.locator("#control-result")).to_contain_text("paused job 3 at global step", timeout=30_000)
+            expect(page.locator("#daemon-state")).to_have_text("paused", timeout=10_000)
+            held = svc.steps()
+            time.sleep(2)
+            assert svc.steps() == held  # the worker holds: no step advances while paused
+            page.click("#btn-resume")
+            expect(page.locator("#control-result")).to_contain_text("resumed job 3", timeout=30_000)
+            svc.wait(lambda: svc.steps() > held + 5, 60, "training to go on after Resume")
+            artifacts = REPO / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "dashboard-live.png"), full_page=True)
+            browser.close()
+    finally:
+        svc.stop()
