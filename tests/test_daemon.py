@@ -91,16 +91,16 @@ def test_a_lock_left_by_a_dead_daemon_never_blocks(workspace):
 
 
 def test_a_killed_worker_is_retried_from_its_checkpoint_with_an_exact_audit(service):
-    _drop(service, "victim.jsonl", 400)
-    service.wait(lambda: service.steps() >= 40, 120, "the job to pass a checkpoint")
+    _drop(service, "victim.jsonl", 150)
+    service.wait(lambda: service.steps() >= 30, 120, "the job to pass a checkpoint")
     pid = service.worker_pid(1)
     os.kill(pid, signal.SIGKILL)
     service.wait(lambda: service.jobs()["victim.jsonl"]["state"] == "done", 180, "the retried job")
     job = service.jobs()["victim.jsonl"]
-    assert job["attempts"] == 1 and (job["start_step"], job["end_step"]) == (1, 400)
+    assert job["attempts"] == 1 and (job["start_step"], job["end_step"]) == (1, 150)
     audit = service.query("SELECT step, lines FROM audit ORDER BY step")
-    assert [r["step"] for r in audit] == list(range(1, 401))
-    assert Counter(x for r in audit for x in json.loads(r["lines"])) == Counter(range(1, 401))
+    assert [r["step"] for r in audit] == list(range(1, 151))
+    assert Counter(x for r in audit for x in json.loads(r["lines"])) == Counter(range(1, 151))
     assert "worker died (signal 9); attempt 2 of 3" in service.messages()
 
 
@@ -151,3 +151,22 @@ def test_priority_then_arrival_order(service):
     service.wait(lambda: len(service.query("SELECT id FROM jobs WHERE state = 'done'")) == 3, 120, "three jobs")
     order = [r["file"] for r in service.query("SELECT file FROM jobs WHERE state = 'done' ORDER BY start_step")]
     assert order == ["n2.jsonl", "h1.jsonl", "n1.jsonl"]  # n2 moved to high and arrived before h1
+
+
+def test_low_disk_pauses_with_numbers_instead_of_failing(workspace):
+    ws = workspace(**{**SETTINGS, "daemon": {"min_free_mb": 10**9, "retry_backoff_seconds": 0.5}})
+    svc = Service(ws).ready()
+    try:
+        _drop(svc, "waits.jsonl", 4)
+        svc.wait(lambda: "MB free, job 1 needs about" in svc.messages(), 60, "the disk message")
+        time.sleep(1)
+        assert svc.jobs()["waits.jsonl"]["state"] == "queued"  # waiting, not failed
+        path = ws / "conveyor.toml"
+        path.write_text(path.read_text().replace("min_free_mb = 1000000000", "min_free_mb = 0"))
+        svc.wait(lambda: svc.jobs()["waits.jsonl"]["state"] == "done", 120, "the job once space is there")
+        r = run_cli(ws, "logs", "-n", "500")
+        lines = [json.loads(line) for line in r.out.splitlines()]
+        assert any("MB free, job 1 needs about" in x["message"] for x in lines)
+        assert {"ts", "pid", "level", "kind", "job", "message"} <= set(lines[0])
+    finally:
+        svc.stop()
