@@ -184,9 +184,18 @@ def clean_temporary(run_dir: Path) -> list[Path]:
 
 
 def failpoint(name: str, step: int) -> None:
-    """Test hook: CONVEYOR_FAILPOINT="<name>:<step>" kills this process there, as a power cut would."""
-    if os.environ.get("CONVEYOR_FAILPOINT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: CONVEYOR_FAILPOINT="<name>:<step>[:<marker file>]" kills this process there, as a power cut
+    would; with a marker file, only once (the marker is created first)."""
+    spec = os.environ.get("CONVEYOR_FAILPOINT", "")
+    parts = spec.split(":", 2)
+    if parts[:2] != [name, str(step)]:
+        return
+    if len(parts) == 3:
+        marker = Path(parts[2])
+        if marker.exists():
+            return
+        marker.write_text("fired\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:

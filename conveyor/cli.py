@@ -214,9 +214,13 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
     ws = _ws()
     raw = os.environ.get("CONVEYOR_CONFIG_JSON")
     if job is None:
+        import gc
+
         from . import worker as _engine  # noqa: F401  (the slow imports happen here, before the job arrives)
         import peft  # noqa: F401
         import transformers.trainer  # noqa: F401
+
+        gc.freeze()  # the imported objects are permanent: spare them the full collection training starts with
 
         line = sys.stdin.readline()
         if not line.strip():
@@ -224,6 +228,13 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
         order = json.loads(line)
         job, raw = order["job"], json.dumps(order["config"])
     config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
+    from . import distributed
+    from .training import follow
+
+    distributed.init_from_env(config.distributed.backend)  # under torchrun: join the process group
+    if not distributed.is_main():
+        follow(ws, config, distributed.world())
+        raise typer.Exit(0)
     training = Training(ws, ConsoleReporter(quiet=True), config)
     signal.signal(signal.SIGTERM, lambda *_: setattr(training, "stop_reason", "SIGTERM"))
     training.train_next(job_id=job)

@@ -94,6 +94,13 @@ class ReportConfig(_Section):
     """Also send metrics to these Hugging Face Trainer integrations (their packages must be installed)."""
 
 
+class DistributedConfig(_Section):
+    nproc_per_node: int = Field(1, ge=1, le=64)
+    """Processes per job; above 1 each worker is launched through torchrun (data parallel)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto picks nccl with CUDA, gloo on CPU."""
+
+
 class InboxConfig(_Section):
     settle_seconds: float = Field(1.0, ge=0.0, le=3600)
     """A file in inbox/ is claimed once its size and mtime have not changed for this long."""
@@ -117,6 +124,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     inbox: InboxConfig = Field(default_factory=InboxConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 

@@ -49,7 +49,7 @@ class Daemon:
     def work(self, drain: bool = False) -> bool:
         """Train queued jobs in order; False if any failed. drain=True returns once nothing is queued."""
         ok = True
-        if self.isolate:
+        if self.isolate and self.reload_config() and self.config.distributed.nproc_per_node == 1:
             self._warm = self._spawn()
         with self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
@@ -130,7 +130,7 @@ class Daemon:
 
     def train(self, job) -> bool:
         """Train one job, here or in a worker process; False if it failed."""
-        if not self.isolate:
+        if not self.isolate and self.config.distributed.nproc_per_node == 1:
             self.training = Training(self.ws, self.reporter, self.config)
             self.training.stop_reason = self.stop_reason
             ok = self.training.train_next()
@@ -159,22 +159,46 @@ class Daemon:
         return self._crashed(job, code)
 
     def _run_worker(self, job) -> int:
-        """Hand the job to the warm worker (imports done) and wait for it, claiming inbox files meanwhile."""
-        worker = self._warm if self._warm is not None and self._warm.poll() is None else self._spawn()
-        self._warm, self.worker = None, worker
-        order = json.dumps({"job": job.id, "config": self.config.model_dump()})
-        try:
-            worker.stdin.write(order + "\n")
-            worker.stdin.close()
-        except BrokenPipeError:
-            pass  # it died while waiting; its exit code says so below
+        """Hand the job to the warm worker (imports done) and wait for it, claiming inbox files meanwhile.
+
+        Returns the worker's outcome (training.DONE, ...), as it logged it, else its exit code."""
+        nproc = self.config.distributed.nproc_per_node
+        worker = self._handoff(job) if nproc == 1 else self._spawn_distributed(job, nproc)
+        self.worker = worker
+        since = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
         log_event(self.db, "info", "worker", f"worker pid {worker.pid} trains job {job.id}", job.id)
-        self._warm = self._spawn()  # fresh process for the next job, warming up while this one trains
+        started = time.monotonic()
         while worker.poll() is None:
             self.claim()  # files keep queueing while a job trains
+            # The next warm worker starts once this one is under way, not competing with its setup.
+            if nproc == 1 and self._warm is None and (time.monotonic() - started > 5 or self._stepped(job)):
+                self._warm = self._spawn()
             self.idle()
         self.worker = None
-        return worker.returncode
+        row = self.db.execute("SELECT message FROM events WHERE kind = 'outcome' AND id > ? ORDER BY id DESC"
+                              " LIMIT 1", (since,)).fetchone()
+        return int(row["message"]) if row and worker.returncode in (0, int(row["message"])) else worker.returncode
+
+    def _handoff(self, job) -> subprocess.Popen:
+        worker = self._warm if self._warm is not None and self._warm.poll() is None else self._spawn()
+        self._warm = None
+        try:
+            worker.stdin.write(json.dumps({"job": job.id, "config": self.config.model_dump()}) + "\n")
+            worker.stdin.close()
+        except BrokenPipeError:
+            pass  # it died while waiting; its exit code says so
+        return worker
+
+    def _stepped(self, job) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? LIMIT 1", (job.id,)).fetchone())
+
+    def _spawn_distributed(self, job, nproc: int) -> subprocess.Popen:
+        """torchrun starts nproc worker processes for the job (data parallel); conveyor does not reimplement it."""
+        self._close_warm()
+        env = {**os.environ, "CONVEYOR_CONFIG_JSON": json.dumps(self.config.model_dump())}
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "conveyor", "-w", str(self.ws.root), "worker", "--job", str(job.id)]
+        return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
 
     def _spawn(self) -> subprocess.Popen:
         argv = [sys.executable, "-m", "conveyor", "-w", str(self.ws.root), "worker"]

@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from . import controls, jobs, ledger, runs
+from . import controls, distributed, jobs, ledger, runs
 from . import manifest as mf
 from .config import Config
 from .errors import CheckpointError, DataError, PlanError
@@ -51,10 +51,21 @@ class Training:
         self.world_size = world_size
         self.stop_reason: str | None = None
         self.ended = DONE
+        self.released = False  # whether the other ranks were told to train
 
     def train_next(self, job_id: int | None = None) -> bool:
         """Reconcile with the checkpoints, then train the next job to its planned end; False if it failed."""
+        self.released = False
+        try:
+            return self._train_next(job_id)
+        finally:
+            if not self.released:
+                distributed.broadcast(None)  # nothing to train: the other ranks (if any) exit
+            log_event(self.db, "info", "outcome", str(self.ended))
+
+    def _train_next(self, job_id: int | None) -> bool:
         config = self.config or self.ws.config()
+        self.world_size = distributed.world()  # torchrun decides; planning and the manifest follow it
         model_path = self.ws.model_path(config.model.name)
         placement = place(self.ws, config, model_path, self.say)
         job = jobs.next_queued(self.db)
@@ -158,7 +169,9 @@ class Training:
             runs.set_step(self.db, spec.run_id, spec.start_step + done - 1)
 
         hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
-                      flush=flush, control=lambda ensure_checkpoint: self._between_steps(job, ensure_checkpoint))
+                      flush=flush, peek=self._peek, hold=lambda checkpoint: self._hold(job, checkpoint))
+        distributed.broadcast({"job": job.id})  # the other ranks (if any) set up the same job and start
+        self.released = True
         return train_job(config, model_path, spec, hooks, self.world_size)
 
     def _finish(self, job: Job, run: runs.Run, outcome, data: TokenizedFile) -> None:
@@ -216,37 +229,49 @@ class Training:
     # Controls between optimizer steps ------------------------------------------------------------
     stop_request: controls.Request | None = None
     skip_request: controls.Request | None = None
+    pause_request: controls.Request | None = None
 
-    def _between_steps(self, job: Job, ensure_checkpoint) -> str | None:
-        """Act on pending controls; pause holds here (after a checkpoint) until resume, stop or skip."""
+    def _peek(self) -> str | None:
+        """Between steps: "pause", a reason to stop now (stop, skip, a signal), or None to go on."""
         if self.stop_reason:
             return self.stop_reason
-        paused_at = None
-        while True:
+        for req in controls.pending(self.db):
+            if req.action == controls.Action.PAUSE:
+                self.pause_request = req
+                return "pause"
+            if req.action == controls.Action.RESUME:
+                controls.ack(self.db, req.id, "not paused")
+            elif req.action == controls.Action.STOP:
+                self.stop_request = req
+                return f"stop requested by {req.who}"
+            elif req.action == controls.Action.SKIP:
+                self.skip_request = req
+                return f"skip requested by {req.who}"
+        return None
+
+    def _hold(self, job: Job, checkpoint: Path) -> str | None:
+        """Paused after `checkpoint`: wait for resume (None), stop or skip (the reason)."""
+        step = _step_of(checkpoint)
+        controls.ack(self.db, self.pause_request.id, f"paused job {job.id} at global step {step} "
+                     f"(checkpoint {checkpoint.name}); `conveyor resume` continues")
+        self.say("info", f"paused by {self.pause_request.who} at step {step}", job.id)
+        while self.stop_reason is None:
             for req in controls.pending(self.db):
-                if req.action == controls.Action.PAUSE and paused_at is None:
-                    paused_at = ensure_checkpoint()
-                    jobs.update(self.db, job.id, state=JobState.RUNNING.value)
-                    controls.ack(self.db, req.id, f"paused job {job.id} at global step {_step_of(paused_at)} "
-                                 f"(checkpoint {paused_at.name}); `conveyor resume` continues")
-                    self.say("info", f"paused by {req.who} at step {_step_of(paused_at)}", job.id)
-                elif req.action == controls.Action.PAUSE:
+                if req.action == controls.Action.PAUSE:
                     controls.ack(self.db, req.id, "already paused")
                 elif req.action == controls.Action.RESUME:
-                    text = f"resumed job {job.id} at step {_step_of(paused_at) + 1}" if paused_at else "not paused"
+                    text = f"resumed job {job.id} at step {step + 1}"
                     controls.ack(self.db, req.id, text)
-                    if paused_at:
-                        self.say("info", f"{text} ({req.who})", job.id)
-                        return None
+                    self.say("info", f"{text} ({req.who})", job.id)
+                    return None
                 elif req.action == controls.Action.STOP:
                     self.stop_request = req
                     return f"stop requested by {req.who}"
                 elif req.action == controls.Action.SKIP:
                     self.skip_request = req
                     return f"skip requested by {req.who}"
-            if paused_at is None or self.stop_reason:
-                return self.stop_reason
             time.sleep(0.1)
+        return self.stop_reason
 
     def _skipped(self, job: Job, run: runs.Run, outcome, data: TokenizedFile) -> None:
         req = self.skip_request
@@ -265,3 +290,29 @@ class Training:
 
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
+
+
+def follow(ws: Workspace, config: Config, world_size: int) -> None:
+    """A rank other than 0: wait for rank 0 to place and plan a job, set up the same job, train in step."""
+    from .checkpoints import newest_verified
+    from .worker import Hooks, JobSpec, train_job
+
+    order = distributed.broadcast(None)
+    if order is None:
+        return
+    job = jobs.get(ws.db, order["job"])
+    run = next(r for r in runs.all_runs(ws.db) if r.id == job.run_id)
+    resume, _ = newest_verified(ws.run_dir(run.id))  # rank 0 already set unusable ones aside
+    steps_done, position = Placement(run, resume).position_of(job)
+    model_path = ws.model_path(config.model.name)
+    data = tokenize_file(parse_file(Path(job.stored), job.file), _tokenizer(model_path), config.training.max_length)
+    spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id), job_id=job.id, fingerprint=job.fingerprint, data=data,
+                   epochs=job.epochs, planned_steps=job.planned_steps, start_step=job.start_step,
+                   steps_done=steps_done, position=position, identity=run.identity, resume=resume)
+    train_job(config, model_path, spec, Hooks(), world_size)
+
+
+def _tokenizer(model_path: str):
+    from .worker import load_tokenizer
+
+    return load_tokenizer(model_path)

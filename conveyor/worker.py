@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoints as ck
+from . import distributed
 from . import manifest as mf
 from .config import Config
 from .formats import IGNORE, TokenizedFile
@@ -64,9 +65,10 @@ class Hooks:
     """Callbacks from the training loop to the caller (progress display, control, database)."""
     progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
     flush: Callable[..., None] | None = None  # (audit, metrics, evals, samples, steps_done, position)
-    # Between steps: given a function that makes sure a checkpoint exists at this step, returns why to stop
-    # now ("stop", "skip", a signal name) or None to go on. Pausing happens (blocking) inside it.
-    control: Callable[[Callable[[], Path]], str | None] | None = None
+    # Between steps (rank 0): what a person asked for: "pause", a reason to stop now, or None to go on.
+    peek: Callable[[], str | None] | None = None
+    # After a pause's checkpoint: blocks until resumed (returns None) or stopped/skipped (returns why).
+    hold: Callable[[Path], str | None] | None = None
 
 
 @dataclass
@@ -112,15 +114,24 @@ def build_model(config: Config, model_path: str, resume_dir: Path | None):
 
 
 class PlanDataset(Dataset):
-    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1))."""
+    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1)).
 
-    def __init__(self, data: TokenizedFile, order: JobOrder, start: int):
-        self.data, self.order, self.start = data, order, start
+    With several processes the last step is padded with fully masked one-token fillers (zero loss, zero
+    gradient) up to a multiple of batch × processes, so no rank runs dry and no example is repeated (the
+    usual even_batches remedy would train the first examples twice).
+    """
+
+    def __init__(self, data: TokenizedFile, order: JobOrder, start: int, pad_to: int = 1, pad_id: int = 0):
+        self.data, self.order, self.start, self.pad_id = data, order, start, pad_id
+        real = len(order) - start
+        self.length = -(-real // pad_to) * pad_to if real else 0
 
     def __len__(self) -> int:
-        return len(self.order) - self.start
+        return self.length
 
     def __getitem__(self, i: int) -> dict:
+        if self.start + i >= len(self.order):
+            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
         _, index = self.order[self.start + i]
         ex = self.data.examples[index]
         return {"input_ids": ex.input_ids, "labels": ex.labels, "line": ex.line}
@@ -143,6 +154,10 @@ class AuditingCollator:
     def take(self, n: int) -> tuple[list[int], int]:
         taken = [self.fed.popleft() for _ in range(n)]
         return [line for line, _ in taken], sum(t for _, t in taken)
+
+
+def rng_file(rank: int) -> str:
+    return mf.RNG if rank == 0 else mf.RNG.replace(".pt", f"-rank{rank}.pt")
 
 
 def rng_state() -> dict:
@@ -196,8 +211,11 @@ def libraries() -> dict:
 class _JobCallback:
     """Hooks into the Trainer's loop: audit, metrics, checkpoints, RNG restore and warm stops."""
 
-    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int):
-        self.spec, self.config, self.collator = spec, config, collator
+    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, order: JobOrder):
+        self.spec, self.config, self.collator, self.order = spec, config, collator, order
+        self.main = distributed.is_main()
+        self.padded_len = 0  # items in the data set including fillers (set by train_job)
+        self.consumed = 0
         self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
         self.world_size = world_size
         self.total = len(spec.data.examples) * spec.epochs
@@ -214,7 +232,6 @@ class _JobCallback:
         self.tokens = 0
         self.stopped: str | None = None
         self.last_checkpoint: Path | None = None
-        self.checkpoint_step: int | None = None
         self.restore_rng = spec.resume is not None and spec.steps_done > 0
         self.t_step = self.t_flush = time.perf_counter()
 
@@ -222,42 +239,61 @@ class _JobCallback:
     def on_step_begin(self, args, state, control, **kw):
         if self.restore_rng:
             # Mid-job resume: continue the RNG stream of the uninterrupted run (dropout, etc.).
-            set_rng_state(torch.load(self.spec.resume.path / mf.RNG, weights_only=False))
+            set_rng_state(torch.load(self.spec.resume.path / rng_file(distributed.rank()), weights_only=False))
             self.restore_rng = False
 
     def on_step_end(self, args, state, control, **kw):
         n = min(self.eps, self.total - self.position)
-        lines, tokens = self.collator.take(n)
+        lines, tokens = self._planned(n)
+        self._check_fed(n, lines)
         self.done += 1
         self.position += n
         self.tokens += tokens
         step = self.spec.start_step + self.done - 1
         self.audit.append((step, self.spec.job_id, lines))
-        ck.failpoint("step", step)
+        if self.main:
+            ck.failpoint("step", step)
         now = time.perf_counter()
         self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
                         "step_time": now - self.t_step}
         self.t_step = now
         last = self.done == self.spec.planned_steps
-
-        def ensure_checkpoint() -> Path:
-            if self.checkpoint_step != step:
-                self._flush()
-                self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last)
-                self.checkpoint_step = step
-            return self.last_checkpoint
-
         every = self.config.eval.every_steps
-        if self.evaluator is not None and (last or (every and step % every == 0)):
+        if self.main and self.evaluator is not None and (last or (every and step % every == 0)):
             self._evaluate(step, kw["model"])
-        if last or step % self.config.training.save_every == 0:
-            ensure_checkpoint()
-        stop = None if last or not self._hooks.control else self._hooks.control(ensure_checkpoint)
-        if stop:
-            ensure_checkpoint()
-            self.stopped = stop
+        # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
+        action = distributed.broadcast(None if last or not self._hooks.peek else self._hooks.peek())
+        if action or last or step % self.config.training.save_every == 0:
+            self._checkpoint_everywhere(step, kw, last)
+        if action == "pause":
+            action = distributed.broadcast(self._hooks.hold(self.last_checkpoint) if self._hooks.hold else None)
+        if action:
+            self.stopped = action
             control.should_training_stop = True
         return control
+
+    def _check_fed(self, n: int, lines: list[int]) -> None:
+        """What the ranks' data loaders really fed this step must be exactly the planned lines (law 2)."""
+        per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
+        self.consumed += per_rank * self.world_size
+        fed, _ = self.collator.take(per_rank)
+        everyone = distributed.gather([line for line in fed if line])  # 0 marks a filler
+        if self.main:
+            got = [line for rank_lines in everyone for line in rank_lines]
+            if sorted(got) != sorted(lines) or (self.world_size == 1 and got != lines):
+                raise RuntimeError(f"the Trainer fed lines {got} where conveyor planned {lines}; this is a bug")
+
+    def _planned(self, n: int) -> tuple[list[int], int]:
+        """Lines and tokens of the next n plan positions: what this optimizer step trains on all ranks."""
+        examples = [self.spec.data.examples[self.order[p][1]] for p in range(self.position, self.position + n)]
+        return [e.line for e in examples], sum(len(e.input_ids) for e in examples)
+
+    def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
+        states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
+        if self.main:
+            self._flush()
+            self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last,
+                                                    states)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not self.pending or not logs or "loss" not in logs:
@@ -288,7 +324,7 @@ class _JobCallback:
         self.audit, self.metrics, self.evals, self.samples = [], [], [], []
         self.t_flush = time.perf_counter()
 
-    def _checkpoint(self, step: int, model, optimizer, scheduler, job_end: bool) -> Path:
+    def _checkpoint(self, step: int, model, optimizer, scheduler, job_end: bool, rng_states: list) -> Path:
         position = self.position
         epoch, in_epoch = divmod(position, len(self.spec.data.examples))
         content = {
@@ -305,7 +341,8 @@ class _JobCallback:
             model.save_pretrained(folder)
             torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
             torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
-            torch.save(rng_state(), folder / mf.RNG)
+            for r, state in enumerate(rng_states):
+                torch.save(state, folder / rng_file(r))
 
         return ck.write(self.spec.run_dir, step, save, content, self.config.training.keep_checkpoints).path
 
@@ -338,6 +375,9 @@ def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
         train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
+        ddp_timeout=int(distributed.TIMEOUT.total_seconds()), ddp_find_unused_parameters=False,
+        # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
+        **({"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() else {}),
         save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
         disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
@@ -354,9 +394,11 @@ def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | Non
     model = build_model(config, model_path, spec.resume.path if spec.resume else None)
     t = config.training
     order = JobOrder(t.seed, spec.fingerprint, len(spec.data.examples), spec.epochs)
-    dataset = PlanDataset(spec.data, order, spec.position)
+    dataset = PlanDataset(spec.data, order, spec.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
+                          pad_id=tokenizer.pad_token_id)
     collator = AuditingCollator(tokenizer)
-    inner = _JobCallback(spec, config, collator, world_size)
+    inner = _JobCallback(spec, config, collator, world_size, order)
+    inner.padded_len = len(dataset)
     inner._hooks = hooks or Hooks()
     remaining = spec.planned_steps - spec.steps_done
     trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir),
