@@ -414,6 +414,41 @@ def print_ledger(rows: list[dict]) -> None:
 
 
 @app.command()
+def export(
+    out: Path = typer.Argument(..., help="Folder to write (must not exist yet)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights (a plain model)."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
+):
+    """Export the newest verified checkpoint of a run: the adapter (or merged model) plus the tokenizer."""
+    from . import checkpoints as ck
+    from .worker import build_model, load_tokenizer
+
+    ws = _ws()
+    run_ = next((r for r in runs.all_runs(ws.db) if r.id == run_id), None) if run_id else runs.active(ws.db)
+    if run_ is None:
+        raise ConveyorError(f"no run {run_id!r}; `conveyor status` lists the runs" if run_id else "nothing trained yet")
+    if out.exists():
+        raise ConveyorError(f"{out} already exists; pick a new folder (export never overwrites)")
+    found, problems = ck.newest_verified(ws.run_dir(run_.id))
+    for problem in problems:
+        err.print(f"warning: skipped {problem.path.name}: {problem.reason}", style="yellow", markup=False)
+    if found is None:
+        raise ConveyorError(f"{run_.id} has no verified checkpoint to export")
+    config = ws.config()
+    model_path = ws.model_path(run_.identity["model.name"])
+    model = build_model(config, model_path, found.path)
+    if merge and run_.identity["adapter.method"] == "lora":
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    load_tokenizer(model_path).save_pretrained(out)
+    (out / "conveyor-export.json").write_text(json.dumps({"run": run_.id, "global_step": found.step,
+                                                          "checkpoint": found.path.name, "merged": merge,
+                                                          "identity": run_.identity}, indent=2) + "\n")
+    kind = "merged model" if merge else "adapter" if run_.identity["adapter.method"] == "lora" else "model"
+    console.print(f"exported the {kind} of {run_.id} at global step {found.step} ({found.path.name}) to {out}")
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Check the workspace (settings, database, stored data, every checkpoint, disk) and say how to fix it."""
     from .doctor import check

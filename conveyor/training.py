@@ -241,13 +241,19 @@ class Training:
                 return "pause"
             if req.action == controls.Action.RESUME:
                 controls.ack(self.db, req.id, "not paused")
-            elif req.action == controls.Action.STOP:
-                self.stop_request = req
-                return f"stop requested by {req.who}"
-            elif req.action == controls.Action.SKIP:
-                self.skip_request = req
-                return f"skip requested by {req.who}"
+            elif reason := self._stop_or_skip(req):
+                return reason
         return None
+
+    def _stop_or_skip(self, req: controls.Request) -> str | None:
+        """Take a stop or skip request (acknowledged once the checkpoint is written); its reason."""
+        if req.action == controls.Action.STOP:
+            self.stop_request = req
+        elif req.action == controls.Action.SKIP:
+            self.skip_request = req
+        else:
+            return None
+        return f"{req.action.value} requested by {req.who}"
 
     def _hold(self, job: Job, checkpoint: Path) -> str | None:
         """Paused after `checkpoint`: wait for resume (None), stop or skip (the reason)."""
@@ -264,12 +270,8 @@ class Training:
                     controls.ack(self.db, req.id, text)
                     self.say("info", f"{text} ({req.who})", job.id)
                     return None
-                elif req.action == controls.Action.STOP:
-                    self.stop_request = req
-                    return f"stop requested by {req.who}"
-                elif req.action == controls.Action.SKIP:
-                    self.skip_request = req
-                    return f"skip requested by {req.who}"
+                elif reason := self._stop_or_skip(req):
+                    return reason
             time.sleep(0.1)
         return self.stop_reason
 

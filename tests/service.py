@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,6 +82,16 @@ class Service:
             pass
         self.proc.wait(timeout=10)
         self.log.close()
+
+
+@contextlib.contextmanager
+def running(ws: Path, *extra: str):
+    """A ready daemon for the workspace, stopped (and its processes gone) afterwards whatever happens."""
+    svc = Service(ws, *extra).ready()
+    try:
+        yield svc
+    finally:
+        svc.stop()
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:

@@ -213,3 +213,19 @@ def test_doctor_finds_what_is_wrong_and_says_the_fix(workspace, tmp_path):
     assert "falls back" in errors[0]["fix"]
     assert any("checkpoint-7 is not a conveyor checkpoint" in f["what"] for f in findings)
     assert weights.exists()  # doctor only reads
+
+
+def test_export_adapter_and_merged_model(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ws, run_id = _trained(workspace, tmp_path)
+    r = run_cli(ws, "export", tmp_path / "adapter")
+    assert r.code == 0 and "at global step 3 (step-000003)" in r.out, r.out + r.err
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (ws / "runs" / run_id / "checkpoints" / "step-000003" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "adapter" / "tokenizer.json").exists()
+    r = run_cli(ws, "export", tmp_path / "merged", "--merge")
+    assert r.code == 0, r.out + r.err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # loads without PEFT
+    assert sum(p.numel() for p in merged.parameters()) > 0
+    assert run_cli(ws, "export", tmp_path / "merged").code == 1  # never overwrites

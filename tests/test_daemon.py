@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from conftest import run_cli
-from service import Service, write_jsonl
+from service import Service, running, write_jsonl
 
 pytestmark = pytest.mark.slow
 SETTINGS = {"training": {"batch_size": 1, "grad_accum": 1, "save_every": 25, "max_length": 48},
@@ -22,10 +22,8 @@ SETTINGS = {"training": {"batch_size": 1, "grad_accum": 1, "save_every": 25, "ma
 
 @pytest.fixture
 def service(workspace):
-    ws = workspace(**SETTINGS)
-    svc = Service(ws).ready()
-    yield svc
-    svc.stop()
+    with running(workspace(**SETTINGS)) as svc:
+        yield svc
 
 
 def _drop(svc, name, n, folder="."):

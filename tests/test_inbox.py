@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from service import Service, write_jsonl
+from service import running, write_jsonl
 
 pytestmark = pytest.mark.slow
 FAST = {"training": {"batch_size": 2, "grad_accum": 1, "save_every": 3, "max_length": 48},
@@ -19,10 +19,8 @@ FAST = {"training": {"batch_size": 2, "grad_accum": 1, "save_every": 3, "max_len
 
 @pytest.fixture
 def service(workspace):
-    ws = workspace(**FAST)
-    svc = Service(ws).ready()
-    yield svc
-    svc.stop()
+    with running(workspace(**FAST)) as svc:
+        yield svc
 
 
 def _slow_writer(path, n_lines, pause):
