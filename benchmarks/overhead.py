@@ -98,12 +98,14 @@ def serve_and_watch(root: Path, port: int) -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.01)
+    last = 0
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         with client.stream("GET", "/api/stream") as stream:
             for line in stream.iter_lines():
-                if line.startswith("data:"):
+                if line.startswith("data:"):  # as the page does: status, then only the new metric rows
                     client.get("/api/status")
-                    client.get("/api/metrics", params={"since_step": 0})
+                    rows = client.get("/api/metrics", params={"since_step": last}).json().get("rows", [])
+                    last = rows[-1]["step"] if rows else last
 
 
 def _free_port() -> int:

@@ -196,3 +196,29 @@ def tokenize_file(parsed: ParsedFile, tokenizer, max_length: int) -> TokenizedFi
         out.examples.append(Tokenized(example.line, ids, labels, truncated))
         out.tokens += len(ids)
     return out
+
+
+CACHE_VERSION = 1
+
+
+def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir: Path, key: str) -> TokenizedFile:
+    """tokenize_file(parse_file(...)), remembered in cache_dir under `key` (content fingerprint, tokenizer
+    and max_length), so resuming a large job does not tokenize it again. The cache is derived data: an
+    unreadable entry is simply rebuilt."""
+    import hashlib
+    import os
+    import pickle
+
+    entry = cache_dir / (hashlib.sha256(f"{CACHE_VERSION}:{key}:{max_length}".encode()).hexdigest()[:32] + ".pkl")
+    try:
+        with open(entry, "rb") as f:
+            return pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+        pass
+    data = tokenize_file(parse_file(path, name), tokenizer, max_length)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, entry)
+    return data

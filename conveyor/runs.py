@@ -41,6 +41,11 @@ def _weights_hash(folder: Path) -> str | None:
     return None
 
 
+def tokenizer_hash(model_path: str) -> str | None:
+    folder = Path(model_path)
+    return _hash_files(folder, _TOKENIZER_FILES) if folder.is_dir() else None
+
+
 def identity(config: Config, model_path: str) -> dict:
     """The fields a checkpoint must match to be resumed, flattened to dotted keys."""
     folder = Path(model_path)

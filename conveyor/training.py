@@ -12,7 +12,7 @@ from . import manifest as mf
 from .config import Config
 from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
-from .formats import TokenizedFile, parse_file, tokenize_file
+from .formats import TokenizedFile, parse_file, tokenize_cached, tokenize_file
 from .jobs import Job, JobState
 from .plan import examples_per_step, require_steps
 from .reconcile import Placement, place
@@ -94,7 +94,8 @@ class Training:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
         from .worker import load_tokenizer
 
-        data = tokenize_file(parse_file(Path(job.stored), job.file), load_tokenizer(model_path), config.training.max_length)
+        data = tokenize_cached(Path(job.stored), job.file, load_tokenizer(model_path), config.training.max_length,
+                               self.ws.data / "tokenized", _cache_key(job.fingerprint, model_path))
         if data.truncated_lines:
             shown = ", ".join(map(str, data.truncated_lines[:20]))
             more = f" and {len(data.truncated_lines) - 20} more" if len(data.truncated_lines) > 20 else ""
@@ -307,11 +308,18 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
     resume, _ = newest_verified(ws.run_dir(run.id))  # rank 0 already set unusable ones aside
     steps_done, position = Placement(run, resume).position_of(job)
     model_path = ws.model_path(config.model.name)
-    data = tokenize_file(parse_file(Path(job.stored), job.file), _tokenizer(model_path), config.training.max_length)
+    data = tokenize_cached(Path(job.stored), job.file, _tokenizer(model_path), config.training.max_length,
+                           ws.data / "tokenized", _cache_key(job.fingerprint, model_path))
     spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id), job_id=job.id, fingerprint=job.fingerprint, data=data,
                    epochs=job.epochs, planned_steps=job.planned_steps, start_step=job.start_step,
                    steps_done=steps_done, position=position, identity=run.identity, resume=resume)
     train_job(config, model_path, spec, Hooks(), world_size)
+
+
+def _cache_key(fingerprint: str, model_path: str) -> str:
+    from .runs import tokenizer_hash
+
+    return f"{fingerprint}:{model_path}:{tokenizer_hash(model_path)}"
 
 
 def _tokenizer(model_path: str):

@@ -364,12 +364,14 @@ def _trainer_callback(inner: _JobCallback):
     return Adapter()
 
 
-def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None):
+def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None,
+                       job_id: int = 0):
     from transformers import TrainingArguments
 
     t = config.training
     if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str((run_dir or output_dir) / "tensorboard"))
+        # One TensorBoard run per job: the integrations count the Trainer's job-local steps, not global ones.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str((run_dir or output_dir) / "tensorboard" / f"job-{job_id:05d}")
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
@@ -401,7 +403,8 @@ def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | Non
     inner.padded_len = len(dataset)
     inner._hooks = hooks or Hooks()
     remaining = spec.planned_steps - spec.steps_done
-    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir),
+    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
+                                                                 spec.job_id),
                       train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
                       callbacks=[_trainer_callback(inner)])
     trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
