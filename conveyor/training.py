@@ -319,7 +319,7 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
 def _cache_key(fingerprint: str, model_path: str) -> str:
     from .runs import tokenizer_hash
 
-    return f"{fingerprint}:{model_path}:{tokenizer_hash(model_path)}"
+    return f"{fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
 
 
 def _tokenizer(model_path: str):
