@@ -18,6 +18,7 @@ from typing import Callable
 
 from . import manifest as mf
 from .errors import CheckpointError
+from .fingerprint import fingerprint
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
@@ -66,7 +67,7 @@ def _seal(tmp: Path, content: dict) -> None:
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[str(path.relative_to(tmp))] = mf.sha256_file(path)
+        files[str(path.relative_to(tmp))] = fingerprint(path)
     content = {**content, mf.K_FILES: files}
     with open(tmp / mf.MANIFEST, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2, sort_keys=True)
@@ -124,6 +125,12 @@ def estimate_size(run_dir: Path) -> int:
     if not found:
         return 1 << 20
     return sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file())
+
+
+def space_needed(run_dir: Path | None, keep: int, reserve_bytes: int) -> int:
+    """Free bytes a job needs: `keep` checkpoints plus the one being written and a job-end one, plus a reserve."""
+    per = estimate_size(run_dir) if run_dir else 1 << 20
+    return per * (keep + 2) + reserve_bytes
 
 
 def numbered(run_dir: Path) -> list[Path]:

@@ -75,10 +75,10 @@ class ConsoleReporter:
                             rate=f"{rate:.1f}")
 
     def job_finished(self, job: jobs.Job) -> None:
-        self._close()
+        self.close()
         console.print(f"job {job.id} done: global steps {job.start_step}–{job.end_step}")
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
@@ -143,7 +143,7 @@ def _drain(ws: Workspace, quiet: bool = False) -> bool:
         with Lock(ws):
             return Daemon(ws, reporter).work(drain=True)
     finally:
-        reporter._close()
+        reporter.close()
 
 
 @app.command()

@@ -24,7 +24,7 @@ from .inbox import Inbox, file_finished
 from .jobs import JobState
 from .status import LOCK_FILE
 from .store import log_event
-from .training import DISK, DONE, FAILED, STOPPED, Reporter, Training
+from .training import DISK, FAILED, STOPPED, Reporter, Training
 from .workspace import Workspace
 
 
@@ -116,8 +116,9 @@ class Daemon:
     def enough_disk(self, job) -> bool:
         """Pause (not fail) when the next job's checkpoints would not fit; say the numbers."""
         run = runs.active(self.db)
-        per = ck.estimate_size(self.ws.run_dir(run.id)) if run else 1 << 20
-        need = per * (self.config.training.keep_checkpoints + 2) + self.config.daemon.min_free_mb * 10**6
+        run_dir = self.ws.run_dir(run.id) if run else None
+        per = ck.estimate_size(run_dir) if run_dir else 1 << 20
+        need = ck.space_needed(run_dir, self.config.training.keep_checkpoints, self.config.daemon.min_free_mb * 10**6)
         free = self.ws.free_bytes()
         if free >= need:
             self._said.discard("disk")

@@ -9,11 +9,10 @@ from pathlib import Path
 from . import checkpoints as ck
 from . import jobs, runs
 from . import manifest as mf
+from .config import Config
 from .errors import ConveyorError
 from .fingerprint import fingerprint
 from .workspace import Workspace
-
-MIN_FREE = 500 * 10**6
 
 
 @dataclass
@@ -101,10 +100,12 @@ def _run(ws: Workspace, run: runs.Run) -> list[Finding]:
 def _disk(ws: Workspace, config) -> list[Finding]:
     free = ws.free_bytes()
     active = runs.active(ws.db)
-    per_checkpoint = ck.estimate_size(ws.run_dir(active.id)) if active else 0
-    keep = config.training.keep_checkpoints if config else 3
-    need = max(MIN_FREE, per_checkpoint * (keep + 2))
+    defaults = Config()  # with invalid settings, judge by the defaults
+    settings = config or defaults
+    need = ck.space_needed(ws.run_dir(active.id) if active else None, settings.training.keep_checkpoints,
+                           settings.daemon.min_free_mb * 10**6)
     if free < need:
-        return [Finding("error", f"{free / 1e6:.0f} MB free, about {need / 1e6:.0f} MB needed for checkpoints",
-                        "free disk space or lower training.keep_checkpoints")]
+        return [Finding("error", f"{free / 1e6:.0f} MB free, about {need / 1e6:.0f} MB needed for checkpoints "
+                        "and the reserve", "free disk space, or lower training.keep_checkpoints or "
+                        "daemon.min_free_mb")]
     return [Finding("ok", f"{free / 1e9:.1f} GB free (about {need / 1e6:.0f} MB needed)")]

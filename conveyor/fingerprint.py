@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -14,6 +15,18 @@ def fingerprint(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_hashing(source: Path, target: Path) -> str:
+    """Copy source to target in one pass, returning the sha256 of the bytes copied."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
     return digest.hexdigest()
 
 

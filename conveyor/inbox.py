@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import jobs
 from .errors import DataError
-from .fingerprint import fingerprint, short
+from .fingerprint import copy_hashing, fingerprint, short
 from .formats import parse_file
 from .jobs import Job, JobState
 from .store import log_event
@@ -33,8 +33,7 @@ def _store_copy(ws: Workspace, source: Path, fp: str) -> Path:
     if target.exists() and fingerprint(target) == fp:
         return target
     tmp = ws.data / f".{fp}.{os.getpid()}.tmp"
-    shutil.copyfile(source, tmp)
-    if fingerprint(tmp) != fp:
+    if copy_hashing(source, tmp) != fp:  # the bytes copied are not the bytes fingerprinted
         tmp.unlink()
         raise DataError(f"{source}: the file changed while it was being copied; add it again once it is complete")
     os.replace(tmp, target)

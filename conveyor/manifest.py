@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from .fingerprint import fingerprint
 
 VERSION = 1
 
@@ -37,13 +38,6 @@ J_STEPS_DONE = "steps_done"
 J_PLANNED = "planned_steps"
 J_START_STEP = "start_step"
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read(folder: Path) -> dict:
@@ -78,6 +72,6 @@ def verify(folder: Path) -> dict:
         path = folder / name
         if not path.exists():
             raise ValueError(f"{name} is missing")
-        if sha256_file(path) != expected:
+        if fingerprint(path) != expected:
             raise ValueError(f"{name} does not match its sha256 in the manifest (changed or truncated)")
     return data

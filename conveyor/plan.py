@@ -10,9 +10,12 @@ import numpy as np
 from .errors import PlanError
 
 
-def planned_steps(examples: int, epochs: int, batch: int, grad_accum: int, world_size: int = 1) -> int:
-    """ceil(examples × epochs / (batch × grad_accum × world_size)): the last partial step included."""
-    return math.ceil(examples * epochs / (batch * grad_accum * world_size))
+def planned_steps(total: int, per_step: int, steps_done: int = 0, position: int = 0) -> int:
+    """Law 1: ceil(examples × epochs / (batch × grad_accum × world_size)), the last partial step included.
+
+    Mid-job (steps_done steps have trained `position` examples) the rest is planned from the position, so
+    a batch size changed in between neither skips nor repeats an example."""
+    return steps_done + math.ceil(max(total - position, 0) / per_step)
 
 
 def require_steps(steps: int, examples: int, epochs: int, file: str) -> int:

@@ -35,7 +35,7 @@ class Placement:
         return info[mf.J_STEPS_DONE], info[mf.J_POSITION]
 
 
-def place(ws: Workspace, config: Config, model_path: str, say: Say) -> Placement:
+def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: int = 1) -> Placement:
     """The run to train in and its checkpoint; jobs trained past that checkpoint go back to the queue."""
     ident = runs.identity(config, model_path)
     run = runs.active(ws.db)
@@ -50,7 +50,7 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say) -> Placement
         return Placement(run, None)
     rewind(ws, run, resume, say)
     if resume is not None:
-        state_setting_changes(resume, config, say)
+        state_setting_changes(resume, config, say, world_size)
     return Placement(run, resume)
 
 
@@ -116,7 +116,7 @@ def rewind(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, say: Say)
             jobs.transition(ws.db, job, JobState.QUEUED, reopen=True, steps_done=0, start_step=None, end_step=None)
 
 
-def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int = 1) -> None:
+def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:
     """Settings outside the identity (learning rate, batch, ...) are applied to the same run, and said."""
     from .worker import hyperparameters
 

@@ -3,7 +3,6 @@ data, plan the steps, run the worker, act on controls between steps, record the 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
 from .formats import TokenizedFile, parse_file, tokenize_cached, tokenize_file
 from .jobs import Job, JobState
-from .plan import examples_per_step, require_steps
+from .plan import examples_per_step, planned_steps, require_steps
 from .reconcile import Placement, place
 from .store import log_event
 from .workspace import Workspace
@@ -42,13 +41,12 @@ class Reporter:
 class Training:
     """Trains the next job of the queue; `stop_reason` (set by a signal handler) makes it stop warm."""
 
-    def __init__(self, ws: Workspace, reporter: Reporter | None = None, config: Config | None = None,
-                 world_size: int = 1):
+    def __init__(self, ws: Workspace, reporter: Reporter | None = None, config: Config | None = None):
         self.ws = ws
         self.db = ws.db
         self.reporter = reporter or Reporter()
         self.config = config  # None: read conveyor.toml
-        self.world_size = world_size
+        self.world_size = 1  # set per job from the process group (torchrun decides)
         self.stop_reason: str | None = None
         self.ended = DONE
         self.released = False  # whether the other ranks were told to train
@@ -67,7 +65,7 @@ class Training:
         config = self.config or self.ws.config()
         self.world_size = distributed.world()  # torchrun decides; planning and the manifest follow it
         model_path = self.ws.model_path(config.model.name)
-        placement = place(self.ws, config, model_path, self.say)
+        placement = place(self.ws, config, model_path, self.say, self.world_size)
         job = jobs.next_queued(self.db)
         if job is None or (job_id is not None and job.id != job_id and job.state != JobState.RUNNING):
             return True
@@ -92,10 +90,7 @@ class Training:
 
     def prepare(self, job: Job, config: Config, model_path: str) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
-        from .worker import load_tokenizer
-
-        data = tokenize_cached(Path(job.stored), job.file, load_tokenizer(model_path), config.training.max_length,
-                               self.ws.data / "tokenized", _cache_key(job.fingerprint, model_path))
+        data = job_data(self.ws, job, config, model_path)
         if data.truncated_lines:
             shown = ", ".join(map(str, data.truncated_lines[:20]))
             more = f" and {len(data.truncated_lines) - 20} more" if len(data.truncated_lines) > 20 else ""
@@ -117,9 +112,7 @@ class Training:
         total = len(data.examples) * epochs
         eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
         steps_done, position = placement.position_of(job)
-        # Re-planned from the exact position, so a changed batch size mid-job neither skips nor repeats examples.
-        steps = require_steps(steps_done + math.ceil(max(total - position, 0) / eps), len(data.examples), epochs,
-                              job.file)
+        steps = require_steps(planned_steps(total, eps, steps_done, position), len(data.examples), epochs, job.file)
         if steps_done == 0 and self._duplicate(job, placement.run, config):
             return jobs.get(self.db, job.id)
         if steps_done:
@@ -308,21 +301,18 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
     resume, _ = newest_verified(ws.run_dir(run.id))  # rank 0 already set unusable ones aside
     steps_done, position = Placement(run, resume).position_of(job)
     model_path = ws.model_path(config.model.name)
-    data = tokenize_cached(Path(job.stored), job.file, _tokenizer(model_path), config.training.max_length,
-                           ws.data / "tokenized", _cache_key(job.fingerprint, model_path))
+    data = job_data(ws, job, config, model_path)
     spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id), job_id=job.id, fingerprint=job.fingerprint, data=data,
                    epochs=job.epochs, planned_steps=job.planned_steps, start_step=job.start_step,
                    steps_done=steps_done, position=position, identity=run.identity, resume=resume)
     train_job(config, model_path, spec, Hooks(), world_size)
 
 
-def _cache_key(fingerprint: str, model_path: str) -> str:
+def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
+    """The job's stored file, parsed and tokenized, cached by content, tokenizer and max_length."""
     from .runs import tokenizer_hash
-
-    return f"{fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
-
-
-def _tokenizer(model_path: str):
     from .worker import load_tokenizer
 
-    return load_tokenizer(model_path)
+    key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
+    return tokenize_cached(Path(job.stored), job.file, load_tokenizer(model_path), config.training.max_length,
+                           ws.data / "tokenized", key)

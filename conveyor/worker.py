@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -78,7 +78,6 @@ class Outcome:
     tokens: int
     stopped: str | None = None  # why the job stopped before its planned end
     checkpoint: Path | None = None
-    losses: list[float] = field(default_factory=list)
 
 
 def load_tokenizer(model_path: str):
@@ -144,16 +143,14 @@ class AuditingCollator:
         from transformers import DataCollatorForSeq2Seq
 
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-        self.fed: deque[tuple[int, int]] = deque()  # (line, tokens)
+        self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
 
     def __call__(self, features: list[dict]) -> dict:
-        for f in features:
-            self.fed.append((f["line"], len(f["input_ids"])))
+        self.fed.extend(f["line"] for f in features)
         return self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
 
-    def take(self, n: int) -> tuple[list[int], int]:
-        taken = [self.fed.popleft() for _ in range(n)]
-        return [line for line, _ in taken], sum(t for _, t in taken)
+    def take(self, n: int) -> list[int]:
+        return [self.fed.popleft() for _ in range(n)]
 
 
 def rng_file(rank: int) -> str:
@@ -228,7 +225,6 @@ class _JobCallback:
         self.evaluator = None  # set by train_job when a validation set is configured
         self.trainer = None
         self.pending: dict = {}
-        self.losses: list[float] = []
         self.tokens = 0
         self.stopped: str | None = None
         self.last_checkpoint: Path | None = None
@@ -276,7 +272,7 @@ class _JobCallback:
         """What the ranks' data loaders really fed this step must be exactly the planned lines (law 2)."""
         per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
         self.consumed += per_rank * self.world_size
-        fed, _ = self.collator.take(per_rank)
+        fed = self.collator.take(per_rank)
         everyone = distributed.gather([line for line in fed if line])  # 0 marks a filler
         if self.main:
             got = [line for rank_lines in everyone for line in rank_lines]
@@ -302,7 +298,6 @@ class _JobCallback:
                "grad_norm": logs.get("grad_norm")}
         self.pending = {}
         self.metrics.append(row)
-        self.losses.append(row["loss"])
         hooks = self._hooks
         if hooks.progress:
             hooks.progress(self.done, self.spec.planned_steps, row["loss"], row["examples"] / max(row["step_time"], 1e-9))
@@ -430,4 +425,4 @@ def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | Non
     if inner.stopped is None and inner.done != spec.planned_steps:
         raise RuntimeError(f"the Trainer ran {trained} steps where conveyor planned {remaining}; this is a bug")
     return Outcome(steps_done=inner.done, end_step=spec.start_step + inner.done - 1, tokens=inner.tokens,
-                   stopped=inner.stopped, checkpoint=inner.last_checkpoint, losses=inner.losses)
+                   stopped=inner.stopped, checkpoint=inner.last_checkpoint)
