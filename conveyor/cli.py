@@ -387,6 +387,9 @@ def history(
 ):
     """The ledger: which job trained which global steps, on how many examples and tokens, with its loss."""
     ws = _ws()
+    known = [r.id for r in runs.all_runs(ws.db)]
+    if run_id is not None and run_id not in known:
+        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
     run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
     if examples:
         rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"]} for r in ledger.audit_rows(ws.db, run_id)]

@@ -53,6 +53,8 @@ def _reject(ws: Workspace, source: Path, fp: str, stored: Path, reason: str, pri
 def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal"], epochs: int = 1) -> Enqueued:
     """Validate and enqueue one file; a bad file becomes a `rejected` job with every problem listed."""
     source = Path(source)
+    if source.is_dir():
+        raise DataError(f"{source} is a folder; pass the JSONL files in it (e.g. {source}/*.jsonl)")
     if not source.is_file():
         raise DataError(f"{source}: no such file; check the path")
     ws.data.mkdir(exist_ok=True)

@@ -60,3 +60,13 @@ def test_bad_command_arguments(workspace, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     r = run_cli(ws, "add", tmp_path / "a.jsonl", "--priority", "urgent")
     assert r.code == 1 and "'urgent' is not one of high, normal, low" in r.out + r.err
+    r = run_cli(ws, "add", tmp_path)
+    assert r.code == 1 and "is a folder; pass the JSONL files in it" in r.out + r.err
+    r = run_cli(ws, "history", "--run", "run-9999")
+    assert r.code == 1 and "--run 'run-9999': no such run; the runs are none yet" in r.out + r.err
+    r = run_cli(ws, "queue", "move", "42", "--priority", "high")
+    assert r.code == 1 and "no job 42" in r.out + r.err
+    r = run_cli(ws, "pause")
+    assert r.code == 1 and "no conveyor daemon is running" in r.out + r.err
+    r = run_cli(ws, "export", tmp_path / "out")
+    assert r.code == 1 and "nothing trained yet" in r.out + r.err
