@@ -14,6 +14,7 @@ from .errors import ConveyorError
 class JobState(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    INTERRUPTED = "interrupted"  # stopped mid-way; resumes from its own position (law 2)
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
