@@ -12,19 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import jobs, ledger, runs
 from .config import Config
+from .console import ConsoleReporter, console, err, print_ledger
 from .errors import ConveyorError
 from .fingerprint import short
 from .workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous fine-tuning of causal LMs.")
-console = Console(stderr=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"workspace": Path("."), "debug": False}
 
 
@@ -38,50 +35,6 @@ def _global(
 
 def _ws() -> Workspace:
     return Workspace.open(_state["workspace"])
-
-
-class ConsoleReporter:
-    """Prints the daemon's messages and a progress bar per job (step / planned, loss, examples/s, ETA)."""
-
-    STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.bar: Progress | None = None
-        self.task = None
-
-    def message(self, level: str, text: str) -> None:
-        target = err if level != "info" else console
-        prefix = "" if level == "info" else f"{level}: "
-        target.print(f"[{self.STYLES[level]}]{prefix}{text}[/]" if self.STYLES[level] else prefix + text,
-                     markup=bool(self.STYLES[level]))
-
-    def job_started(self, job: jobs.Job) -> None:
-        console.print(f"job {job.id} [bold]{job.file}[/] ({short(job.fingerprint)}): {job.examples} examples × "
-                      f"{job.epochs} epoch(s) → {job.planned_steps} steps, global {job.start_step}–{job.end_step}")
-        if self.quiet:
-            return
-        self.bar = Progress(TextColumn("  job {task.fields[job]}"), BarColumn(), TaskProgressColumn(),
-                            TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} ex/s"),
-                            TimeRemainingColumn(), console=console, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task("train", total=job.planned_steps, completed=job.steps_done, job=job.id,
-                                      loss="-", rate="-")
-
-    def progress(self, job, done, planned, loss, rate) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, loss=f"{loss:.4f}" if loss is not None else "-",
-                            rate=f"{rate:.1f}")
-
-    def job_finished(self, job: jobs.Job) -> None:
-        self.close()
-        console.print(f"job {job.id} done: global steps {job.start_step}–{job.end_step}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
 
 
 def _print_json(data) -> None:
@@ -404,51 +357,19 @@ def history(
     print_ledger(rows)
 
 
-def print_ledger(rows: list[dict]) -> None:
-    table = Table("run", "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens", "first loss",
-                  "last loss", title="ledger")
-    console.width = max(console.width, 120)
-    for r in rows:
-        fmt = lambda v: f"{v:.4f}" if v is not None else "-"
-        table.add_row(r["run"], str(r["job"]), r["file"], short(r["fingerprint"]),
-                      f"{r['start_step']}–{r['end_step']}", str(r["examples"]), str(r["epochs"]), str(r["tokens"]),
-                      fmt(r["first_loss"]), fmt(r["last_loss"]))
-    console.print(table)
-
-
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="Folder to write (must not exist yet)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights (a plain model)."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
 ):
-    """Export the newest verified checkpoint of a run: the adapter (or merged model) plus the tokenizer."""
-    from . import checkpoints as ck
-    from .worker import build_model, load_tokenizer
+    """Export the newest verified checkpoint of a run, as that run was trained (not as conveyor.toml says now)."""
+    from .export import export as export_run
 
-    ws = _ws()
-    run_ = next((r for r in runs.all_runs(ws.db) if r.id == run_id), None) if run_id else runs.active(ws.db)
-    if run_ is None:
-        raise ConveyorError(f"no run {run_id!r}; `conveyor status` lists the runs" if run_id else "nothing trained yet")
-    if out.exists():
-        raise ConveyorError(f"{out} already exists; pick a new folder (export never overwrites)")
-    found, problems = ck.newest_verified(ws.run_dir(run_.id))
-    for problem in problems:
-        err.print(f"warning: skipped {problem.path.name}: {problem.reason}", style="yellow", markup=False)
-    if found is None:
-        raise ConveyorError(f"{run_.id} has no verified checkpoint to export")
-    config = ws.config()
-    model_path = ws.model_path(run_.identity["model.name"])
-    model = build_model(config, model_path, found.path)
-    if merge and run_.identity["adapter.method"] == "lora":
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    load_tokenizer(model_path).save_pretrained(out)
-    (out / "conveyor-export.json").write_text(json.dumps({"run": run_.id, "global_step": found.step,
-                                                          "checkpoint": found.path.name, "merged": merge,
-                                                          "identity": run_.identity}, indent=2) + "\n")
-    kind = "merged model" if merge else "adapter" if run_.identity["adapter.method"] == "lora" else "model"
-    console.print(f"exported the {kind} of {run_.id} at global step {found.step} ({found.path.name}) to {out}")
+    message, warnings = export_run(_ws(), out, merge, run_id)
+    for text in warnings:
+        err.print(f"warning: {text}", style="yellow", markup=False)
+    console.print(message, markup=False)
 
 
 @app.command()
