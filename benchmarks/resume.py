@@ -64,11 +64,11 @@ def time_into(marks: dict, owner, name: str) -> None:
 
 
 def child_conveyor(args, marks: dict) -> None:
-    from conveyor import cli, worker
-    from conveyor.training import Training
+    from conveyor import cli, trainer
+    from conveyor.worker import Worker
 
-    time_into(marks, Training, "prepare")
-    worker._JobCallback.on_step_end = lambda self, *a, **kw: _done(args, self.spec.start_step + self.done, marks)
+    time_into(marks, Worker, "prepare")
+    trainer._JobCallback.on_step_end = lambda self, *a, **kw: _done(args, self.pos.last_step + 1, marks)
     sys.argv = ["conveyor", "-w", args.target, "run", "--drain", "-q"]  # exactly what a restart runs
     cli.main()
 
@@ -163,8 +163,7 @@ def conveyor_crash_at(root: Path, k: int) -> None:
     path = folder / ck.folder_name(k) / mf.MANIFEST  # not in its own "files": the other hashes stay valid
     content = json.loads(path.read_text())
     content[mf.K_STEP] = job.start_step + k - 1
-    content[mf.K_JOB].update({mf.J_STEPS_DONE: k, mf.J_POSITION: k * BATCH, mf.J_EPOCH: 0,
-                              mf.J_EPOCH_POSITION: k * BATCH})
+    content[mf.K_JOB].update({"steps_done": k, "position": k * BATCH, "epoch": 0, "position_in_epoch": k * BATCH})
     path.write_text(json.dumps(content, indent=2, sort_keys=True))
     (folder / mf.LATEST).write_text(ck.folder_name(k) + "\n")
     # Flushed at step k's checkpoint: audit rows to k, metrics to k-1 (placeholder values; resume never reads them).
@@ -240,7 +239,7 @@ def main() -> None:
     if args.child:
         return child(args)
     from conveyor.tiny import ensure_tiny
-    from conveyor.worker import quiet_libraries
+    from conveyor.trainer import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="conveyor-resume-") as tmp:

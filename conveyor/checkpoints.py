@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 from . import manifest as mf
 from .errors import CheckpointError
 from .fingerprint import fingerprint
+from .testhooks import failpoint
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
@@ -28,7 +28,7 @@ UNUSABLE = "unusable"
 class Checkpoint:
     path: Path
     step: int
-    manifest: dict
+    manifest: mf.Manifest
 
 
 @dataclass
@@ -61,22 +61,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _seal(tmp: Path, content: dict) -> None:
+def _seal(tmp: Path, manifest: mf.Manifest) -> None:
     """Hash every file, write the manifest and flush everything to disk."""
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files[str(path.relative_to(tmp))] = fingerprint(path)
-    content = {**content, mf.K_FILES: files}
+    manifest.files = files
     with open(tmp / mf.MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
 
 
-def write(run_dir: Path, step: int, save: Callable[[Path], None], content: dict, keep: int) -> Checkpoint:
+def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int) -> Checkpoint:
     """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -160,10 +160,10 @@ def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
         except ValueError as e:
             problems.append(Problem(path, str(e)))
             continue
-        if data[mf.K_STEP] != step_of(path):
-            problems.append(Problem(path, f"folder says step {step_of(path)}, manifest says {data[mf.K_STEP]}"))
+        if data.global_step != step_of(path):
+            problems.append(Problem(path, f"folder says step {step_of(path)}, manifest says {data.global_step}"))
             continue
-        return Checkpoint(path, data[mf.K_STEP], data), problems
+        return Checkpoint(path, data.global_step, data), problems
     return None, problems
 
 
@@ -190,21 +190,6 @@ def clean_temporary(run_dir: Path) -> list[Path]:
     return leftovers
 
 
-def failpoint(name: str, step: int) -> None:
-    """Test hook: CONVEYOR_FAILPOINT="<name>:<step>[:<marker file>]" kills this process there, as a power cut
-    would; with a marker file, only once (the marker is created first)."""
-    spec = os.environ.get("CONVEYOR_FAILPOINT", "")
-    parts = spec.split(":", 2)
-    if parts[:2] != [name, str(step)]:
-        return
-    if len(parts) == 3:
-        marker = Path(parts[2])
-        if marker.exists():
-            return
-        marker.write_text("fired\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def prune(run_dir: Path, keep: int) -> list[Path]:
     """Delete checkpoints beyond the last `keep`, except the last one of each job and any unreadable one."""
     found = numbered(run_dir)
@@ -212,7 +197,7 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     last_of_job: dict[int, Path] = {}
     for path in found:
         try:
-            last_of_job[mf.read(path)[mf.K_JOB][mf.J_ID]] = path  # numeric order: the last one wins
+            last_of_job[mf.read(path).job.job_id] = path  # numeric order: the last one wins
         except (ValueError, KeyError, TypeError):
             protected.add(path)  # never delete what we cannot read: a person may want to look at it
     protected |= set(last_of_job.values())

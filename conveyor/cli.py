@@ -155,43 +155,49 @@ def _dashboard_thread(ws: Workspace, enabled: bool, host: str, port: int, token:
 
 
 @app.command(hidden=True)
-def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to train; without it, read it from stdin.")):
-    """Internal: a worker process trains one job and exits with its outcome (see training.DONE etc.).
+def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to train; without it, read it from stdin."),
+           claim: Optional[str] = typer.Option(None, "--claim", help="The daemon's claim on the job.")):
+    """Internal: a worker process trains one claimed job and exits with its outcome (worker.EXIT_CODES).
 
-    Without --job it imports the training stack first and then waits for {"job": N, "config": {...}} on
-    stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.
+    Without --job it imports the training stack first and then waits for {"job": N, "claim": C, "config": {...}}
+    on stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.
     """
-    from .config import parse_config
-    from .training import Training
+    from . import process
 
+    process.die_with_parent()
     ws = _ws()
     raw = os.environ.get("CONVEYOR_CONFIG_JSON")
     if job is None:
-        import gc
-
-        from . import worker as _engine  # noqa: F401  (the slow imports happen here, before the job arrives)
-        import peft  # noqa: F401
-        import transformers.trainer  # noqa: F401
-
-        gc.freeze()  # the imported objects are permanent: spare them the full collection training starts with
-
-        line = sys.stdin.readline()
-        if not line.strip():
+        order = _wait_for_job()
+        if order is None:
             raise typer.Exit(0)  # the daemon is shutting down
-        order = json.loads(line)
-        job, raw = order["job"], json.dumps(order["config"])
-    config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
+        job, claim, raw = order["job"], order["claim"], json.dumps(order["config"])
     from . import distributed
-    from .training import follow
+    from .config import parse_config
+    from .worker import Worker, follow
 
+    config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
     distributed.init_from_env(config.distributed.backend)  # under torchrun: join the process group
     if not distributed.is_main():
         follow(ws, config, distributed.world())
         raise typer.Exit(0)
-    training = Training(ws, ConsoleReporter(quiet=True), config)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(training, "stop_reason", "SIGTERM"))
-    training.train_next(job_id=job)
-    raise typer.Exit(training.ended)
+    w = Worker(ws, config, job, claim or "", ConsoleReporter(quiet=True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))
+    raise typer.Exit(w.run().code)
+
+
+def _wait_for_job() -> dict | None:
+    """A warm worker: import the training stack now, then read the job the daemon hands over (None: EOF)."""
+    import gc
+
+    import peft  # noqa: F401  (the slow imports happen here, before the job arrives)
+    import transformers.trainer  # noqa: F401
+
+    from . import trainer as _glue  # noqa: F401
+
+    gc.freeze()  # the imported objects are permanent: spare them the full collection training starts with
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
 
 
 def _control(action: str, reason: Optional[str], wait: float) -> None:
@@ -201,10 +207,9 @@ def _control(action: str, reason: Optional[str], wait: float) -> None:
     ws = _ws()
     if daemon_pid(ws) is None:
         raise ConveyorError(f"no conveyor daemon is running in {ws.root}; start one with `conveyor run`")
-    request_id = controls.request(ws.db, controls.Action(action), who=f"cli (pid {os.getpid()})", reason=reason)
+    request_id = controls.ask(ws.db, controls.Action(action), who=f"cli (pid {os.getpid()})", reason=reason)
     result = controls.wait(ws.db, request_id, wait)
     if result is None:
-        controls.ack(ws.db, request_id, "expired: nobody acted on it in time")
         raise ConveyorError(f"the daemon did not act on `{action}` within {wait:.0f} s; nothing was changed. "
                             "Check `conveyor logs`")
     console.print(result)
@@ -247,9 +252,7 @@ def queue_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
     if ctx.invoked_subcommand:
         return
     ws = _ws()
-    rows = ws.db.execute("SELECT * FROM jobs WHERE state IN ('running', 'queued')"
-                         " ORDER BY state = 'running' DESC, priority, id").fetchall()
-    queued = [jobs.Job.from_row(r).to_json() for r in rows]
+    queued = [j.to_json() for j in jobs.running_and_waiting(ws.db)]
     if as_json:
         return _print_json(queued)
     table = Table("#", "job", "file", "priority", "state", "examples", "steps")
@@ -262,33 +265,19 @@ def queue_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
 @queue_app.command("move")
 def queue_move(job: int = typer.Argument(..., help="Job id."),
                priority: str = typer.Option(..., help="high | normal | low")):
-    """Change a queued job's priority."""
-    ws = _ws()
-    found = jobs.get(ws.db, job)
-    if found.state != jobs.JobState.QUEUED:
-        raise ConveyorError(f"job {job} is {found.state.value}; only queued jobs can be moved")
-    jobs.update(ws.db, job, priority=_priority(priority))
-    console.print(f"job {job} ({found.file}) now has priority {priority}")
+    """Change a waiting job's priority."""
+    from . import queue
+
+    console.print(queue.move(_ws(), job, _priority(priority)))
 
 
 @queue_app.command("remove")
 def queue_remove(job: int = typer.Argument(..., help="Job id."),
                  reason: str = typer.Option("removed by a person", help="Why; kept with the file.")):
-    """Remove a queued job; its file is kept in removed/ with the reason."""
-    import shutil
+    """Remove a waiting job; its file is kept in removed/ with the reason."""
+    from . import queue
 
-    ws = _ws()
-    found = jobs.get(ws.db, job)
-    if found.state != jobs.JobState.QUEUED:
-        raise ConveyorError(f"job {job} is {found.state.value}; only queued jobs can be removed "
-                            "(use `conveyor skip` for the running one)")
-    folder = ws.root / "removed"
-    folder.mkdir(exist_ok=True)
-    kept = folder / f"{job:05d}-{found.file}"
-    shutil.copyfile(found.stored, kept)
-    (folder / f"{kept.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
-    jobs.transition(ws.db, found, jobs.JobState.SKIPPED, error=f"removed from the queue: {reason}")
-    console.print(f"removed job {job}; its file is kept at {kept}")
+    console.print(queue.remove(_ws(), job, reason))
 
 
 @app.command()

@@ -110,9 +110,11 @@ class InboxConfig(_Section):
 
 class DaemonConfig(_Section):
     max_attempts: int = Field(3, ge=1, le=100)
-    """Times a job is started after its worker process dies, before the job is marked failed."""
+    """Worker deaths in a row without a new checkpoint before the job is marked failed (progress resets it)."""
     retry_backoff_seconds: float = Field(2.0, ge=0.0)
-    """Wait before the first retry; doubles with each further attempt."""
+    """Wait before the first retry; doubles with each further attempt without progress."""
+    max_backoff_seconds: float = Field(300.0, ge=0.0)
+    """The longest wait between retries, however many attempts failed."""
     min_free_mb: int = Field(200, ge=0)
     """Free disk kept in reserve beyond the job's estimated checkpoint needs; the daemon pauses below it."""
 

@@ -31,8 +31,10 @@ class ConsoleReporter:
                      markup=bool(self.STYLES[level]))
 
     def job_started(self, job: jobs.Job) -> None:
+        where = (f"global {job.start_step}–{job.end_step}" if not job.steps_done else
+                 f"its steps {job.steps_done + 1}–{job.planned_steps} at global {job.segment_start}–{job.end_step}")
         console.print(f"job {job.id} [bold]{job.file}[/] ({short(job.fingerprint)}): {job.examples} examples × "
-                      f"{job.epochs} epoch(s) → {job.planned_steps} steps, global {job.start_step}–{job.end_step}")
+                      f"{job.epochs} epoch(s) → {job.planned_steps} steps, {where}")
         if self.quiet:
             return
         self.bar = Progress(TextColumn("  job {task.fields[job]}"), BarColumn(), TaskProgressColumn(),
@@ -61,11 +63,11 @@ class ConsoleReporter:
 def print_ledger(rows: list[dict]) -> None:
     """The ledger as a table: which job trained which global steps, on how much data, with its loss."""
     table = Table("run", "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens", "first loss",
-                  "last loss", title="ledger")
+                  "last loss", "outcome", title="ledger")
     console.width = max(console.width, 120)
     for r in rows:
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"
         table.add_row(r["run"], str(r["job"]), r["file"], short(r["fingerprint"]),
                       f"{r['start_step']}–{r['end_step']}", str(r["examples"]), str(r["epochs"]), str(r["tokens"]),
-                      fmt(r["first_loss"]), fmt(r["last_loss"]))
+                      fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"])
     console.print(table)

@@ -1,5 +1,6 @@
-"""The daemon: owns the queue. `Daemon.work(drain=False)` reads top to bottom: claim inbox files, act on
-controls, check disk, train the next job (in a worker process, or in this process), record, repeat.
+"""The daemon: the one owner of the queue. `Daemon.work(drain=False)` reads top to bottom: claim inbox files,
+act on controls, reconcile with the checkpoints, claim the next job (compare-and-set), train it (in a worker
+process, or in this process), settle its outcome, repeat.
 
 The first SIGTERM/SIGINT is a warm stop (the worker finishes its step, checkpoints, exits); a second one
 stops at once. Run it with `conveyor run` (a long-running service) or `conveyor run --drain`.
@@ -9,22 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
+import traceback
+import uuid
 
 from . import checkpoints as ck
-from . import controls, jobs, runs
+from . import controls, jobs, process, runs
 from .config import Config
+from .controls import Context, Effect
 from .errors import ConveyorError
 from .inbox import Inbox, file_finished
-from .jobs import JobState
+from .jobs import Job, JobState
+from .reconcile import place
 from .status import LOCK_FILE
 from .store import log_event
-from .training import DISK, FAILED, STOPPED, Reporter, Training
+from .worker import Outcome, Reporter, Worker
 from .workspace import Workspace
 
 
@@ -36,38 +38,52 @@ class Daemon:
         self.isolate = isolate  # one worker process per job (frees memory, survives worker crashes)
         self.watch = watch  # claim files dropped into inbox/
         self.stop_reason: str | None = None
+        self.drain = False
         self.config: Config | None = None  # the last valid settings
-        self.training: Training | None = None
-        self.worker: subprocess.Popen | None = None
         self.paused = controls.paused(self.db)
+        self.worker: Worker | None = None  # the job training in this process
+        self.process: process.WorkerProcess | None = None  # the job training in a worker process
+        self._warm: process.WorkerProcess | None = None
         self._signals = 0
         self._inbox: Inbox | None = None
-        self._warm: subprocess.Popen | None = None
         self._said: set[str] = set()
 
     # The work loop -----------------------------------------------------------------------------
     def work(self, drain: bool = False) -> bool:
-        """Train queued jobs in order; False if any failed. drain=True returns once nothing is queued."""
+        """Train queued jobs in order; False if any failed. drain=True returns once nothing is waiting."""
         ok = True
-        if self.isolate and self.reload_config() and self.config.distributed.nproc_per_node == 1:
-            self._warm = self._spawn()
+        self.drain = drain
+        self.reload_config()
+        self._startup()
         with self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
-                self.claim()
+                self.claim_files()
                 self.act_on_controls()
-                job = None if self.paused else jobs.next_queued(self.db)
-                if job is None:
+                waiting = not self.paused and jobs.waiting(self.db)
+                if not waiting:
                     if drain and not self.paused:
                         break
                     self.idle()
                     continue
-                if not self.reload_config() or not self.enough_disk(job):
+                if not self.reload_config() or not self.enough_disk(waiting[0]):
                     self.idle(seconds=5.0)
                     continue
-                ok = self.train(job) and ok
+                self.reconcile()
+                job = jobs.claim_next(self.db, claim=uuid.uuid4().hex)
+                if job is not None:
+                    ok = self.settle(job, self.train(job)) and ok
         return ok
 
-    def claim(self) -> None:
+    def _startup(self) -> None:
+        """Requests taken by a process that died are answered; a job left running by one is placed again."""
+        if controls.orphaned(self.db, "not acted on: the process that took it ended first; ask again"):
+            self.say("warning", "answered control requests left by a process that ended before acting on them")
+        if self.isolate and self.config and self.config.distributed.nproc_per_node == 1:
+            self._warm = process.spawn_warm(str(self.ws.root))
+        if self.config and self.db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone():
+            self.reconcile()
+
+    def claim_files(self) -> None:
         if self._inbox is None:
             return
         for result in self._inbox.scan():
@@ -78,19 +94,27 @@ class Daemon:
                      f"inbox: claimed {result.job.file} as job {result.job.id} ({state})")
 
     def act_on_controls(self) -> None:
-        """Controls that arrive while no job is training."""
-        for req in controls.pending(self.db):
-            if req.action == controls.Action.PAUSE:
+        """Controls that arrive while no job is training (a training worker takes its own)."""
+        while self.stop_reason is None and (req := controls.take(self.db, f"daemon (pid {os.getpid()})")):
+            where = Context.PAUSED_BETWEEN_JOBS if self.paused else Context.BETWEEN_JOBS
+            effect = req.effect(where)
+            if effect == Effect.HOLD:
                 self.paused = True
-                controls.ack(self.db, req.id, "paused between jobs; no job starts until `conveyor resume`")
-            elif req.action == controls.Action.RESUME:
-                controls.ack(self.db, req.id, "resumed" if self.paused else "not paused")
+                controls.answer(self.db, req.id, "paused between jobs; no job starts until `conveyor resume`", effect)
+            elif effect == Effect.GO_ON:
                 self.paused = False
-            elif req.action == controls.Action.STOP:
+                controls.answer(self.db, req.id, "resumed", effect)
+            elif effect == Effect.STOP:
                 self.stop_reason = f"stop requested by {req.who}"
-                controls.ack(self.db, req.id, "daemon stopped between jobs; queued jobs start on the next run")
-            elif req.action == controls.Action.SKIP:
-                controls.ack(self.db, req.id, "no job is training; nothing to skip (use `conveyor queue remove`)")
+                controls.answer(self.db, req.id, "daemon stopped between jobs; waiting jobs start on the next run",
+                                effect)
+            else:
+                controls.answer(self.db, req.id, req.why_nothing(where))
+
+    def reconcile(self) -> None:
+        """Make the database agree with the newest verified checkpoint (and the settings' run identity)."""
+        place(self.ws, self.config, self.ws.model_path(self.config.model.name), self.say,
+              self.config.distributed.nproc_per_node)
 
     def idle(self, seconds: float | None = None) -> None:
         """Wait for an inbox event, a control or a timeout; a settling file shortens the wait."""
@@ -113,7 +137,7 @@ class Daemon:
             self.say_once("config", "warning", f"{e}\nkeeping the last valid settings until this is fixed")
         return self.config is not None
 
-    def enough_disk(self, job) -> bool:
+    def enough_disk(self, job: Job) -> bool:
         """Pause (not fail) when the next job's checkpoints would not fit; say the numbers."""
         run = runs.active(self.db)
         run_dir = self.ws.run_dir(run.id) if run else None
@@ -129,114 +153,110 @@ class Daemon:
                       "free space or lower daemon.min_free_mb; training starts by itself")
         return False
 
-    def train(self, job) -> bool:
-        """Train one job, here or in a worker process; False if it failed."""
-        if not self.isolate and self.config.distributed.nproc_per_node == 1:
-            self.training = Training(self.ws, self.reporter, self.config)
-            self.training.stop_reason = self.stop_reason
-            ok = self.training.train_next()
-            self.stop_reason = self.stop_reason or self.training.stop_reason
-            self._after(job.id)
-            return ok
-        return self._train_in_worker(job)
+    # Training one job --------------------------------------------------------------------------
+    def train(self, job: Job) -> Outcome | None:
+        """Train the claimed job here or in a worker process; its Outcome, or None if the worker died."""
+        if self.isolate or self.config.distributed.nproc_per_node > 1:
+            return self._train_in_worker_process(job)
+        self.worker = Worker(self.ws, self.config, job.id, job.claim, self.reporter)
+        self.worker.stop_reason = self.stop_reason
+        try:
+            return self.worker.run()
+        except Exception:  # a bug or the machine (out of memory, ...): handled as a worker death, never fatal
+            log_event(self.db, "error", "crash", traceback.format_exc(), job.id)
+            return None
+        finally:
+            self.stop_reason = self.stop_reason or (self.worker.stop_reason if self.worker else None)
+            self.worker = None
 
-    # Worker processes ----------------------------------------------------------------------------
-    def _train_in_worker(self, job) -> bool:
-        """Run the job in a worker process; the job's state in the database says what happened to it."""
-        code = self._run_worker(job)
-        state = jobs.get(self.db, job.id).state
-        if state in (JobState.DONE, JobState.SKIPPED):
-            self._after(job.id)
-            return True
-        if state in (JobState.FAILED, JobState.REJECTED) or code == FAILED:
-            return False
-        if code == DISK:
-            self.paused = True
-            self.say("error", "paused: a checkpoint could not be written (see above); `conveyor resume` retries")
-            return False
-        if code == STOPPED or self.stop_reason:
-            self.stop_reason = self.stop_reason or "stop requested"
-            return True  # the job stays queued and resumes from its checkpoint on the next start
-        return self._crashed(job, code)
-
-    def _run_worker(self, job) -> int:
-        """Hand the job to the warm worker (imports done) and wait for it, claiming inbox files meanwhile.
-
-        Returns the worker's outcome (training.DONE, ...), as it logged it, else its exit code."""
+    def _train_in_worker_process(self, job: Job) -> Outcome | None:
+        """Hand the job to the warm worker (or torchrun) and wait for it, claiming inbox files meanwhile."""
         nproc = self.config.distributed.nproc_per_node
-        worker = self._handoff(job) if nproc == 1 else self._spawn_distributed(job, nproc)
-        self.worker = worker
-        since = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-        log_event(self.db, "info", "worker", f"worker pid {worker.pid} trains job {job.id}", job.id)
+        config = self.config.model_dump()
+        if nproc == 1:
+            self.process = self._warm if self._warm is not None and self._warm.poll() is None else \
+                process.spawn_warm(str(self.ws.root))
+            self._warm = None
+            self.process.hand(job.id, job.claim, config)
+        else:
+            self._close_warm()
+            self.process = process.launch_distributed(str(self.ws.root), job.id, job.claim, config, nproc)
+        log_event(self.db, "info", "worker", f"worker pid {self.process.pid} trains job {job.id}", job.id)
         started = time.monotonic()
-        while worker.poll() is None:
-            self.claim()  # files keep queueing while a job trains
+        while self.process.poll() is None:
+            self.claim_files()  # files keep queueing while a job trains
             # The next warm worker starts once this one is under way, not competing with its setup.
             if nproc == 1 and self._warm is None and (time.monotonic() - started > 5 or self._stepped(job)):
-                self._warm = self._spawn()
+                self._warm = process.spawn_warm(str(self.ws.root))
             self.idle()
-        self.worker = None
-        row = self.db.execute("SELECT message FROM events WHERE kind = 'outcome' AND id > ? ORDER BY id DESC"
-                              " LIMIT 1", (since,)).fetchone()
-        return int(row["message"]) if row and worker.returncode in (0, int(row["message"])) else worker.returncode
+        code, self.process = self.process.returncode, None
+        outcome = Outcome.from_code(code)
+        if outcome is None:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log_event(self.db, "warning", "worker", f"worker of job {job.id} died ({how})", job.id)
+        return outcome
 
-    def _handoff(self, job) -> subprocess.Popen:
-        worker = self._warm if self._warm is not None and self._warm.poll() is None else self._spawn()
-        self._warm = None
-        try:
-            worker.stdin.write(json.dumps({"job": job.id, "config": self.config.model_dump()}) + "\n")
-            worker.stdin.close()
-        except BrokenPipeError:
-            pass  # it died while waiting; its exit code says so
-        return worker
+    def _stepped(self, job: Job) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? AND step > ? LIMIT 1",
+                                    (job.id, (job.segment_start or 1) - 1)).fetchone())
 
-    def _stepped(self, job) -> bool:
-        return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? LIMIT 1", (job.id,)).fetchone())
-
-    def _spawn_distributed(self, job, nproc: int) -> subprocess.Popen:
-        """torchrun starts nproc worker processes for the job (data parallel); conveyor does not reimplement it."""
-        self._close_warm()
-        env = {**os.environ, "CONVEYOR_CONFIG_JSON": json.dumps(self.config.model_dump())}
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "conveyor", "-w", str(self.ws.root), "worker", "--job", str(job.id)]
-        return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
-
-    def _spawn(self) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "conveyor", "-w", str(self.ws.root), "worker"]
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
-
-    def _close_warm(self) -> None:
-        if self._warm is not None and self._warm.poll() is None:
-            self._warm.stdin.close()  # EOF: it exits without training
-            try:
-                self._warm.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._warm.kill()
-        self._warm = None
-
-    def _crashed(self, job, code: int) -> bool:
-        job = jobs.get(self.db, job.id)
-        attempts = job.attempts + 1
-        jobs.update(self.db, job.id, attempts=attempts)
-        how = f"signal {-code}" if code < 0 else f"exit code {code}"
-        if attempts >= self.config.daemon.max_attempts:
-            reason = f"its worker died {attempts} time(s) (last: {how}); see `conveyor logs`"
-            jobs.transition(self.db, job, JobState.FAILED, error=reason)
-            self.say("error", f"job {job.id} failed: {reason}")
+    def settle(self, job: Job, outcome: Outcome | None) -> bool:
+        """Act on how the job's training ended; False if the job failed."""
+        if outcome in (Outcome.DONE, Outcome.SKIPPED):
+            file_finished(self.ws, jobs.get(self.db, job.id))
+            return True
+        if outcome == Outcome.FAILED:
             return False
-        wait = self.config.daemon.retry_backoff_seconds * 2 ** (attempts - 1)
-        self.say("warning", f"job {job.id}: worker died ({how}); attempt {attempts + 1} of "
-                 f"{self.config.daemon.max_attempts} in {wait:.0f} s, from its last checkpoint")
+        if outcome == Outcome.STOPPED:
+            self.stop_reason = self.stop_reason or "stop requested"
+            return True
+        if outcome == Outcome.CHECKPOINT_ERROR:  # the disk, not the job: the job keeps its place
+            if self.drain:
+                self.stop_reason = "a checkpoint could not be written"
+                self.say("error", "stopped: a checkpoint could not be written (see above); run again to resume")
+            else:
+                self.paused = True
+                self.say("error", "paused: a checkpoint could not be written (see above); `conveyor resume` retries")
+            return False
+        if outcome == Outcome.NOT_MINE:
+            return True
+        return self._died(job)
+
+    def _died(self, job: Job) -> bool:
+        """A worker died. The checkpoints say where its job stands; a death counts against daemon.max_attempts
+        only when the job made no checkpointed progress since it was claimed."""
+        if self.stop_reason and self._signals > 1:
+            return True
+        self.reconcile()
+        now = jobs.get(self.db, job.id)
+        if now.state == JobState.DONE:
+            file_finished(self.ws, now)
+            return True
+        progressed = now.steps_done > job.steps_done
+        attempts = 0 if progressed else now.attempts + 1
+        jobs.update(self.db, job.id, attempts=attempts, deaths=now.deaths + 1)
+        d = self.config.daemon
+        if attempts >= d.max_attempts:
+            reason = (f"its worker died {attempts} time(s) in a row without a new checkpoint ({now.deaths + 1} "
+                      "death(s) in all); see `conveyor logs`")
+            jobs.transition(self.db, job.id, JobState.FAILED, expect=now.state, error=reason)
+            self.say("error", f"job {job.id} failed: {reason}", job.id)
+            return False
+        wait = min(d.retry_backoff_seconds * 2 ** max(attempts - 1, 0), d.max_backoff_seconds)
+        gained = f"it had reached its step {now.steps_done}" if progressed else "no new checkpoint since its start"
+        self.say("warning", f"job {job.id}: worker died ({gained}); "
+                 + (f"attempt {attempts + 1} of {d.max_attempts}" if attempts else "progress resets the attempts")
+                 + f"; resumes in {wait:.0f} s from its last checkpoint", job.id)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and self.stop_reason is None:
-            self.claim()
+            self.claim_files()
             self.idle(seconds=min(0.5, max(deadline - time.monotonic(), 0.01)))
         return True
 
-    def _after(self, job_id: int) -> None:
-        job = jobs.get(self.db, job_id)
-        if job.state in (JobState.DONE, JobState.SKIPPED):
-            file_finished(self.ws, job)
+    def _close_warm(self) -> None:
+        if self._warm is not None:
+            self._warm.close()
+        self._warm = None
 
     def close(self) -> None:
         self._close_warm()
@@ -257,8 +277,8 @@ class Daemon:
         if not self.watch:
             yield
             return
-        self.reload_config()
-        self._inbox = Inbox(self.ws, self.config.inbox.settle_seconds, self.say)
+        self._inbox = Inbox(self.ws, self.config.inbox.settle_seconds, self.say,
+                            epochs=lambda: self.config.training.epochs)
         self._inbox.start()
         try:
             yield
@@ -269,15 +289,15 @@ class Daemon:
     def _warm_stop_signals(self):
         def on_signal(signum, frame):
             self._signals += 1
-            if self._signals > 1:  # second signal: stop at once
-                if self.worker is not None:
-                    self.worker.kill()
+            if self._signals > 1:  # second signal: stop at once, the worker's whole process group too
+                if self.process is not None:
+                    self.process.kill()
                 raise SystemExit(130)
             self.stop_reason = signal.Signals(signum).name
-            if self.training is not None:
-                self.training.stop_reason = self.stop_reason
             if self.worker is not None:
-                self.worker.send_signal(signal.SIGTERM)
+                self.worker.stop_reason = self.stop_reason
+            if self.process is not None:
+                self.process.warm_stop()
             self.reporter.message("warning", f"{self.stop_reason}: finishing this step, then checkpointing "
                                   "(send again to stop at once)")
 
@@ -289,19 +309,9 @@ class Daemon:
                 signal.signal(s, handler)
 
 
-def _die_with_parent() -> None:
-    """In the worker: get SIGKILL if the daemon dies, so a killed daemon never leaves a worker training."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # a Ctrl-C in the terminal reaches the daemon, which forwards a warm stop
-
-
 class Lock:
-    """One daemon per workspace: an flock on daemon.lock holding the PID; the OS frees it if the process dies."""
+    """One daemon per workspace: an flock on daemon.lock (the OS frees it when the process dies, so a dead
+    daemon never blocks and a reused PID never looks alive). The file holds the PID for messages only."""
 
     def __init__(self, ws: Workspace):
         self.path = ws.root / LOCK_FILE
@@ -309,15 +319,21 @@ class Lock:
 
     def __enter__(self) -> "Lock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ConveyorError(f"another conveyor daemon (pid {holder}) is running in this workspace; "
-                                "stop it with `conveyor stop`, or use another workspace") from None
+        deadline = time.monotonic() + 1.0  # `status` probes the lock for an instant; that is not a daemon
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConveyorError(f"another conveyor daemon (pid {holder}) is running in this workspace; "
+                                    "stop it with `conveyor stop`, or use another workspace") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -325,3 +341,4 @@ class Lock:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
+            self.fd = None

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -131,6 +132,16 @@ def snapshot(ws: Workspace) -> dict:
     }
 
 
+def _wait(con, request_id: int, timeout: float) -> tuple[str | None, bool]:
+    """The answer within `timeout` seconds (None if none yet) without expiring it: a running daemon keeps it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result, taken = controls.result_of(con, request_id)
+        if result is not None or time.monotonic() >= deadline:
+            return result, taken
+        time.sleep(0.05)
+
+
 def create_app(ws_root: Path, token: str | None = None, control_timeout: float = 10.0,
                stream_interval: float = 1.0, heartbeat_seconds: float = 15.0) -> FastAPI:
     """The dashboard app for one workspace. With a token, every /api/* request must carry
@@ -177,8 +188,8 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     def jobs_() -> dict:
         with open_workspace(root) as ws:
             all_jobs = [j.to_json() for j in jobs.all_jobs(ws.db)]
-        active = (jobs.JobState.QUEUED.value, jobs.JobState.RUNNING.value)
-        return {"queue": [j for j in all_jobs if j["state"] in active], "jobs": all_jobs}
+            queue = [j.to_json() for j in jobs.running_and_waiting(ws.db)]
+        return {"queue": queue, "jobs": all_jobs}
 
     @app.get("/api/metrics", dependencies=[api])
     def metrics(run: Optional[str] = None, since_step: int = Query(0, ge=0)) -> dict:
@@ -227,14 +238,14 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         if action not in valid:
             raise HTTPException(404, f"no control {action!r}; valid actions: {', '.join(valid)}")
         with open_workspace(root) as ws:
-            request_id = controls.request(ws.db, controls.Action(action), who="dashboard",
-                                          reason=body.reason if body else None)
-            result = controls.wait(ws.db, request_id, control_timeout)
+            request_id = controls.ask(ws.db, controls.Action(action), who="dashboard",
+                                      reason=body.reason if body else None)
+            result, _ = _wait(ws.db, request_id, control_timeout)
             # With no daemon to act on it, the request expires (as the CLI's do): a daemon started later must not
             # act on a click nobody waits for. A running daemon keeps it and acts between steps.
-            expired = result is None and daemon_pid(ws) is None
-            if expired:
-                controls.ack(ws.db, request_id, EXPIRED)
+            expired = result is None and daemon_pid(ws) is None and controls.expire(ws.db, request_id, EXPIRED)
+            if result is None and not expired:
+                result, _ = controls.result_of(ws.db, request_id)  # answered at the last moment
         if result is None:
             return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED,
                                  "expired": expired}, 202)

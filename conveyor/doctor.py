@@ -52,7 +52,7 @@ def _database(ws: Workspace) -> list[Finding]:
 def _stored_data(ws: Workspace) -> list[Finding]:
     findings = []
     for job in jobs.all_jobs(ws.db):
-        if job.state not in (jobs.JobState.QUEUED, jobs.JobState.RUNNING):
+        if job.state not in (jobs.JobState.QUEUED, jobs.JobState.RUNNING, jobs.JobState.INTERRUPTED):
             continue
         path = Path(job.stored)
         if not path.exists():
@@ -80,7 +80,7 @@ def _run(ws: Workspace, run: runs.Run) -> list[Finding]:
     for path in ck.numbered(run_dir):
         try:
             data = mf.verify(path)
-            verified.append(data[mf.K_STEP])
+            verified.append(data.global_step)
         except ValueError as e:
             findings.append(Finding("error", f"{run.id}/{path.name}: {e}",
                                     "conveyor will not resume from it; it falls back to the newest verified one"))

@@ -24,7 +24,7 @@ def load_trained(identity: dict, model_path: str, checkpoint_dir: Path):
     """
     from transformers import AutoModelForCausalLM
 
-    from .worker import DTYPES
+    from .trainer import DTYPES
 
     method, precision = identity.get("adapter.method"), identity.get("model.precision")
     if method not in ("lora", "full") or precision not in DTYPES:
@@ -57,7 +57,7 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None) -> tuple[s
 
     Returns the message to show and the warnings (skipped checkpoints, --merge on a full run, a changed base).
     """
-    from .worker import load_tokenizer
+    from .trainer import load_tokenizer
 
     run = _find_run(ws, run_id)
     out = Path(out)

@@ -1,4 +1,8 @@
-"""Jobs: one dataset file to train, its states and the only allowed transitions between them."""
+"""Jobs: one dataset file to train, its states and the only allowed transitions between them.
+
+Every change of state is a compare-and-set (`UPDATE ... WHERE id = ? AND state IN (...)`) that checks its row
+count, so two writers (the daemon, a worker, `conveyor queue remove`) can never both think they own a job.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ConveyorError
+from .store import transaction
 
 
 class JobState(str, Enum):
@@ -23,7 +28,10 @@ class JobState(str, Enum):
 
 TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.QUEUED: {JobState.RUNNING, JobState.SKIPPED, JobState.FAILED},
-    JobState.RUNNING: {JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.QUEUED},
+    # An interrupted job goes back to queued only when reconciliation finds its position lost with a checkpoint.
+    JobState.INTERRUPTED: {JobState.RUNNING, JobState.SKIPPED, JobState.QUEUED, JobState.INTERRUPTED,
+                           JobState.FAILED},
+    JobState.RUNNING: {JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.INTERRUPTED, JobState.QUEUED},
     JobState.DONE: set(),
     JobState.FAILED: {JobState.QUEUED},
     JobState.SKIPPED: set(),
@@ -33,12 +41,20 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
 # Reconciliation alone may reopen a finished job: when its later checkpoints turn out unusable, its steps
 # after the newest verified checkpoint must train again (never silently lost).
 REOPEN: dict[JobState, set[JobState]] = {
-    JobState.DONE: {JobState.RUNNING, JobState.QUEUED},
-    JobState.RUNNING: {JobState.RUNNING, JobState.QUEUED},
+    JobState.DONE: {JobState.INTERRUPTED, JobState.QUEUED},
 }
+
+# Waiting to train, in the order they train: priority first; within a priority an interrupted job goes before
+# queued ones (it was already under way), then arrival.
+WAITING = (JobState.QUEUED, JobState.INTERRUPTED)
+QUEUE_ORDER = "priority, state = 'interrupted' DESC, id"
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+
+
+class Conflict(ConveyorError):
+    """A job was not in the state a transition expected: someone else changed it first."""
 
 
 @dataclass
@@ -59,7 +75,11 @@ class Job:
     start_step: int | None
     end_step: int | None
     steps_done: int
+    position: int
+    segment_start: int | None
     attempts: int
+    deaths: int
+    claim: str | None
     kept: str | None
     truncated: int
     excluded: list[int]
@@ -73,8 +93,10 @@ class Job:
             fingerprint=row["fingerprint"], format=row["format"], priority=row["priority"],
             state=JobState(row["state"]), examples=row["examples"], tokens=row["tokens"], epochs=row["epochs"],
             planned_steps=row["planned_steps"], start_step=row["start_step"], end_step=row["end_step"],
-            steps_done=row["steps_done"], attempts=row["attempts"], kept=row["kept"], truncated=row["truncated"],
-            excluded=json.loads(row["excluded"] or "[]"), warnings=json.loads(row["warnings"]), error=row["error"],
+            steps_done=row["steps_done"], position=row["position"], segment_start=row["segment_start"],
+            attempts=row["attempts"], deaths=row["deaths"], claim=row["claim"], kept=row["kept"],
+            truncated=row["truncated"], excluded=json.loads(row["excluded"] or "[]"),
+            warnings=json.loads(row["warnings"]), error=row["error"],
         )
 
     def to_json(self) -> dict:
@@ -83,8 +105,8 @@ class Job:
             "fingerprint": self.fingerprint, "format": self.format, "priority": PRIORITY_NAMES[self.priority],
             "state": self.state.value, "examples": self.examples, "tokens": self.tokens, "epochs": self.epochs,
             "planned_steps": self.planned_steps, "start_step": self.start_step, "end_step": self.end_step,
-            "steps_done": self.steps_done, "attempts": self.attempts, "kept": self.kept,
-            "truncated": self.truncated, "excluded_lines": self.excluded,
+            "steps_done": self.steps_done, "position": self.position, "attempts": self.attempts,
+            "deaths": self.deaths, "kept": self.kept, "truncated": self.truncated, "excluded_lines": self.excluded,
             "warnings": self.warnings, "error": self.error,
         }
 
@@ -111,37 +133,84 @@ def all_jobs(con: sqlite3.Connection) -> list[Job]:
     return [Job.from_row(r) for r in con.execute("SELECT * FROM jobs ORDER BY id")]
 
 
-def next_queued(con: sqlite3.Connection) -> Job | None:
-    """The job to train next: a running one left by a crash first, then by priority, then arrival."""
-    row = con.execute(
-        "SELECT * FROM jobs WHERE state IN ('running', 'queued')"
-        " ORDER BY state = 'running' DESC, priority, id LIMIT 1"
-    ).fetchone()
-    return Job.from_row(row) if row else None
+def waiting(con: sqlite3.Connection) -> list[Job]:
+    """Jobs waiting to train, in the order they will train."""
+    rows = con.execute(f"SELECT * FROM jobs WHERE state IN ('queued', 'interrupted') ORDER BY {QUEUE_ORDER}")
+    return [Job.from_row(r) for r in rows]
 
 
-def transition(con: sqlite3.Connection, job: Job, new: JobState, reopen: bool = False, **fields) -> Job:
-    """Move a job to a new state (only along TRANSITIONS, or REOPEN for reconciliation) and update columns."""
-    allowed = REOPEN.get(job.state, set()) if reopen else TRANSITIONS[job.state]
-    if new != job.state and new not in allowed:
-        raise ConveyorError(f"job {job.id} cannot go from {job.state.value} to {new.value}")
+def running_and_waiting(con: sqlite3.Connection) -> list[Job]:
+    """The running job (if any), then the waiting ones in the order they will train."""
+    rows = con.execute("SELECT * FROM jobs WHERE state IN ('running', 'queued', 'interrupted')"
+                       f" ORDER BY state = 'running' DESC, {QUEUE_ORDER}")
+    return [Job.from_row(r) for r in rows]
+
+
+def claim_next(con: sqlite3.Connection, claim: str) -> Job | None:
+    """Take the next waiting job for one worker (atomic): it becomes `running` under this claim, or None."""
+    with transaction(con):
+        row = con.execute(f"SELECT * FROM jobs WHERE state IN ('queued', 'interrupted') ORDER BY {QUEUE_ORDER}"
+                          " LIMIT 1").fetchone()
+        if row is None:
+            return None
+        job = Job.from_row(row)
+        return transition(con, job.id, JobState.RUNNING, expect=job.state, claim=claim)
+
+
+def transition(con: sqlite3.Connection, job_id: int, new: JobState, *, expect: JobState | tuple[JobState, ...],
+               claim: str | None = None, owner: str | None = None, reopen: bool = False, **fields) -> Job:
+    """Compare-and-set: move the job from one of `expect` to `new` (only along TRANSITIONS, or REOPEN for
+    reconciliation) and update columns; with `owner`, only while the job is still under that claim.
+
+    Raises Conflict if the job was not in an expected state (someone else moved it first)."""
+    expected = (expect,) if isinstance(expect, JobState) else tuple(expect)
+    for old in expected:
+        allowed = REOPEN.get(old, set()) | TRANSITIONS[old] if reopen else TRANSITIONS[old]
+        if new != old and new not in allowed:
+            raise ConveyorError(f"job {job_id} cannot go from {old.value} to {new.value}")
     fields["state"] = new.value
-    if new == JobState.RUNNING and job.state != JobState.RUNNING:
+    if claim is not None:
+        fields["claim"] = claim
+    if new == JobState.RUNNING:
         fields.setdefault("started_at", time.time())
     if new in (JobState.DONE, JobState.FAILED, JobState.SKIPPED):
         fields.setdefault("finished_at", time.time())
-    if reopen:
+    elif reopen:
         fields.setdefault("finished_at", None)
-    update(con, job.id, **fields)
-    return get(con, job.id)
+    where = f"id = ? AND state IN ({', '.join('?' * len(expected))})" + (" AND claim = ?" if owner else "")
+    args = (*_encode(fields).values(), job_id, *(s.value for s in expected), *((owner,) if owner else ()))
+    columns = ", ".join(f"{key} = ?" for key in fields)
+    if con.execute(f"UPDATE jobs SET {columns} WHERE {where}", args).rowcount != 1:
+        now = get(con, job_id)
+        raise Conflict(f"job {job_id} is {now.state.value}, not {' or '.join(s.value for s in expected)}"
+                       + (" under this worker's claim" if owner and now.claim != owner else "")
+                       + f"; it was changed by someone else, so {new.value} was not recorded")
+    return get(con, job_id)
 
 
-def update(con: sqlite3.Connection, job_id: int, **fields) -> None:
+def update(con: sqlite3.Connection, job_id: int, *, expect: JobState | tuple[JobState, ...] | None = None,
+           owner: str | None = None, **fields) -> None:
+    """Update columns other than the state; with `expect`/`owner`, only if the job is still in that state/claim."""
+    where, args = "id = ?", [job_id]
+    if expect is not None:
+        expected = (expect,) if isinstance(expect, JobState) else tuple(expect)
+        where += f" AND state IN ({', '.join('?' * len(expected))})"
+        args += [s.value for s in expected]
+    if owner is not None:
+        where += " AND claim = ?"
+        args.append(owner)
+    fields = _encode(fields)
+    columns = ", ".join(f"{key} = ?" for key in fields)
+    if con.execute(f"UPDATE jobs SET {columns} WHERE {where}", (*fields.values(), *args)).rowcount != 1 and (
+            expect is not None or owner is not None):
+        raise Conflict(f"job {job_id} changed underneath (now {get(con, job_id).state.value}); nothing was recorded")
+
+
+def _encode(fields: dict) -> dict:
     for key in ("warnings", "excluded"):
         if key in fields and not isinstance(fields[key], str):
             fields[key] = json.dumps(fields[key])
-    columns = ", ".join(f"{key} = ?" for key in fields)
-    con.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*fields.values(), job_id))
+    return fields
 
 
 def add_warning(con: sqlite3.Connection, job: Job, message: str) -> None:

@@ -6,6 +6,8 @@ import json
 import sqlite3
 import time
 
+from .store import transaction
+
 
 def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int, list[int]]],
                 metrics: list[dict], evals: list[dict] = (), samples: list[dict] = ()) -> None:
@@ -13,7 +15,11 @@ def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int
     if not audit and not metrics and not evals and not samples:
         return
     now = time.time()
-    con.execute("BEGIN IMMEDIATE")
+    with transaction(con):
+        _write_steps(con, run_id, now, audit, metrics, evals, samples)
+
+
+def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
     con.executemany("INSERT OR REPLACE INTO audit (run_id, step, job_id, lines) VALUES (?, ?, ?, ?)",
                     [(run_id, step, job, json.dumps(lines)) for step, job, lines in audit])
     con.executemany(
@@ -28,7 +34,6 @@ def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int
     con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at)"
                     " VALUES (:run_id, :step, :prompt, :output, :created_at)",
                     [{"run_id": run_id, "created_at": now, **x} for x in samples])
-    con.execute("COMMIT")
 
 
 def forget_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
@@ -41,8 +46,47 @@ def forget_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
 
 def supersede_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
     """Mark ledger rows that reach past `step` as lost; their jobs train those steps again and append anew."""
-    return con.execute("UPDATE ledger SET outcome = 'lost' WHERE run_id = ? AND end_step > ? AND outcome = 'done'",
+    return con.execute("UPDATE ledger SET outcome = 'lost' WHERE run_id = ? AND end_step > ? AND outcome != 'lost'",
                        (run_id, step)).rowcount
+
+
+def segment_closed(con: sqlite3.Connection, run_id: str, job_id: int, step: int) -> bool:
+    """Whether a (not lost) ledger row of the job ends at `step`: its segment was closed there (a stop)."""
+    return con.execute("SELECT 1 FROM ledger WHERE run_id = ? AND job_id = ? AND end_step = ? AND outcome != 'lost'",
+                       (run_id, job_id, step)).fetchone() is not None
+
+
+def segment_counts(con: sqlite3.Connection, run_id: str, job_id: int, first: int, last: int) -> tuple[int, list[int]]:
+    """(optimizer steps, lines trained) of the job in global steps [first, last], from the audit."""
+    rows = con.execute("SELECT lines FROM audit WHERE run_id = ? AND job_id = ? AND step BETWEEN ? AND ?",
+                       (run_id, job_id, first, last)).fetchall()
+    return len(rows), [line for r in rows for line in json.loads(r["lines"])]
+
+
+def segment_tokens(con: sqlite3.Connection, run_id: str, job_id: int, first: int, last: int) -> int:
+    row = con.execute("SELECT COALESCE(SUM(tokens), 0) FROM metrics WHERE run_id = ? AND job_id = ? AND step"
+                      " BETWEEN ? AND ?", (run_id, job_id, first, last)).fetchone()
+    return row[0]
+
+
+def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos, *, expect, tokens: int,
+                  owner: str | None = None, **fields) -> None:
+    """End a job's segment in one transaction: its ledger row, the run's global step and the job's new state.
+
+    `pos` is the job's position after the segment's last step; a segment of no steps writes no ledger row."""
+    from . import jobs, runs
+
+    outcome = {"done": "done", "interrupted": "interrupted", "skipped": "skipped"}[state.value]
+    with transaction(con):
+        if pos.last_step >= pos.segment_start:
+            _, lines = segment_counts(con, run_id, job_id, pos.segment_start, pos.last_step)
+            record(con, run_id=run_id, job_id=job_id, start_step=pos.segment_start, end_step=pos.last_step,
+                   examples=len(lines), epochs=pos.epochs, tokens=tokens, outcome=outcome)
+            runs.set_step(con, run_id, pos.last_step)
+        jobs.transition(con, job_id, state, expect=expect, owner=owner, reopen=True, claim=None,
+                        steps_done=pos.steps_done, position=pos.position, planned_steps=pos.planned_steps,
+                        start_step=pos.start_step or None, end_step=pos.last_step if state.value != "interrupted"
+                        else pos.end_step, segment_start=pos.segment_start, **fields)
 
 
 def audit_rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
@@ -51,16 +95,16 @@ def audit_rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]
             for r in con.execute(query, (run_id,) if run_id else ())]
 
 
-def losses(con: sqlite3.Connection, run_id: str, job_id: int) -> list[float]:
-    rows = con.execute("SELECT loss FROM metrics WHERE run_id = ? AND job_id = ? AND loss IS NOT NULL ORDER BY step",
-                       (run_id, job_id))
+def losses(con: sqlite3.Connection, run_id: str, job_id: int, first: int = 0, last: int = 2**62) -> list[float]:
+    rows = con.execute("SELECT loss FROM metrics WHERE run_id = ? AND job_id = ? AND loss IS NOT NULL"
+                       " AND step BETWEEN ? AND ? ORDER BY step", (run_id, job_id, first, last))
     return [r["loss"] for r in rows]
 
 
 def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int, end_step: int,
            examples: int, epochs: int, tokens: int, outcome: str) -> None:
     """Append the ledger row of a job that has finished training (or stopped training, by outcome)."""
-    job_losses = losses(con, run_id, job_id)
+    job_losses = losses(con, run_id, job_id, start_step, end_step)
     con.execute(
         "INSERT INTO ledger (run_id, job_id, start_step, end_step, examples, epochs, tokens, first_loss, last_loss,"
         " mean_loss, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

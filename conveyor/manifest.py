@@ -1,13 +1,20 @@
-"""The manifest in every checkpoint: names of checkpoint files and manifest keys live here, and nowhere else."""
+"""The manifest in every checkpoint: names of checkpoint files and manifest keys live here, and nowhere else.
+
+A manifest is the truth about the weights next to it: the run identity, the global step, the position of the
+job that trained that step and of every other job of the run that was stopped mid-way (so an interrupted job
+resumes from its own position whatever ran in between), and a sha256 of every file.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fingerprint import fingerprint
+from .plan import Position
 
-VERSION = 1
+VERSION = 2
 
 # Checkpoint file names.
 MANIFEST = "manifest.json"
@@ -22,56 +29,91 @@ K_VERSION = "version"
 K_RUN = "run_id"
 K_STEP = "global_step"
 K_JOB = "job"
+K_JOB_END = "job_end"  # true when this checkpoint closes its job
+K_OPEN_JOBS = "open_jobs"  # positions of the run's other jobs stopped mid-way, as of this step
 K_IDENTITY = "identity"
 K_HPARAMS = "hyperparameters"
 K_LIBRARIES = "libraries"
 K_FILES = "files"
-K_JOB_END = "job_end"  # true when this checkpoint closes its job
-
-# Keys inside K_JOB.
-J_ID = "id"
-J_FINGERPRINT = "fingerprint"
-J_EPOCH = "epoch"
-J_EPOCH_POSITION = "position_in_epoch"
-J_POSITION = "position"  # examples of the job consumed so far, epochs laid end to end
-J_STEPS_DONE = "steps_done"
-J_PLANNED = "planned_steps"
-J_START_STEP = "start_step"
 
 
+@dataclass
+class Manifest:
+    run_id: str
+    global_step: int
+    job: Position
+    job_end: bool
+    identity: dict
+    open_jobs: list[Position] = field(default_factory=list)
+    hyperparameters: dict = field(default_factory=dict)
+    libraries: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
-def read(folder: Path) -> dict:
+    def position_of(self, job_id: int) -> Position | None:
+        """The job's position at this step if it is under way (mid-job here, or stopped mid-way earlier)."""
+        if self.job.job_id == job_id:
+            return None if self.job_end else self.job
+        return next((p for p in self.open_jobs if p.job_id == job_id), None)
+
+    def under_way(self) -> list[Position]:
+        """Every job of the run that has trained some but not all of its steps, as of this step."""
+        return ([] if self.job_end else [self.job]) + list(self.open_jobs)
+
+    def to_json(self) -> dict:
+        return {K_VERSION: VERSION, K_RUN: self.run_id, K_STEP: self.global_step, K_JOB: self.job.to_json(),
+                K_JOB_END: self.job_end, K_OPEN_JOBS: [p.to_json() for p in self.open_jobs],
+                K_IDENTITY: self.identity, K_HPARAMS: self.hyperparameters, K_LIBRARIES: self.libraries,
+                K_FILES: self.files}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        data = upgrade(data)
+        try:
+            return cls(run_id=data[K_RUN], global_step=data[K_STEP], job=Position.from_json(data[K_JOB]),
+                       job_end=bool(data[K_JOB_END]), identity=data[K_IDENTITY],
+                       open_jobs=[Position.from_json(p) for p in data[K_OPEN_JOBS]],
+                       hyperparameters=data.get(K_HPARAMS, {}), libraries=data.get(K_LIBRARIES, {}),
+                       files=data[K_FILES])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def upgrade(data: dict) -> dict:
+    """Bring an older manifest to VERSION, or refuse one this conveyor does not know."""
+    version = data.get(K_VERSION)
+    if version not in (1, VERSION):
+        raise ValueError(f"manifest version {version!r} is not supported (this conveyor reads 1 and {VERSION})")
+    missing = [k for k in (K_RUN, K_STEP, K_JOB, K_IDENTITY, K_FILES) if k not in data]
+    if missing:
+        raise ValueError(f"manifest.json lacks {', '.join(missing)}")
+    if version == 1:  # v1: one segment per job, no open jobs; example counts were not recorded (0: unknown)
+        job = data[K_JOB]
+        data = {**data, K_VERSION: VERSION, K_OPEN_JOBS: [], K_JOB_END: data.get(K_JOB_END, False),
+                K_JOB: {**job, "examples": 0, "epochs": 0, "segment_start": job["start_step"], "segment_base": 0}}
+    return data
+
+
+def read(folder: Path) -> Manifest:
     """Parse a checkpoint's manifest; ValueError says why it cannot be used."""
     path = folder / MANIFEST
     if not path.exists():
         raise ValueError("no manifest.json (not written by conveyor, or the write was cut off)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"manifest.json is unreadable ({e})") from None
     if not isinstance(data, dict):
         raise ValueError("manifest.json is not a JSON object")
-    return upgrade(data)
+    return Manifest.from_json(data)
 
 
-def upgrade(data: dict) -> dict:
-    """Bring an older manifest to VERSION, or refuse one this conveyor does not know."""
-    version = data.get(K_VERSION)
-    if version != VERSION:
-        raise ValueError(f"manifest version {version!r} is not supported (this conveyor reads version {VERSION})")
-    missing = [k for k in (K_RUN, K_STEP, K_JOB, K_IDENTITY, K_FILES) if k not in data]
-    if missing:
-        raise ValueError(f"manifest.json lacks {', '.join(missing)}")
-    return data
-
-
-def verify(folder: Path) -> dict:
+def verify(folder: Path) -> Manifest:
     """The manifest of a checkpoint whose every file matches its sha256; ValueError names the first problem."""
-    data = read(folder)
-    for name, expected in data[K_FILES].items():
+    manifest = read(folder)
+    for name, expected in manifest.files.items():
         path = folder / name
         if not path.exists():
             raise ValueError(f"{name} is missing")
         if fingerprint(path) != expected:
             raise ValueError(f"{name} does not match its sha256 in the manifest (changed or truncated)")
-    return data
+    return manifest

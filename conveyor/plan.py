@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,3 +55,81 @@ class JobOrder:
 
 def examples_per_step(batch: int, grad_accum: int, world_size: int = 1) -> int:
     return batch * grad_accum * world_size
+
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a job stands: steps and examples done (epochs end to end), and where its current segment began.
+
+    A job trains in one or more segments of consecutive global steps (a higher-priority job may run in
+    between); which examples it trains never depends on which global steps it got (law 2)."""
+    job_id: int
+    fingerprint: str
+    examples: int  # trainable examples of the job's file
+    epochs: int
+    planned_steps: int
+    steps_done: int = 0
+    position: int = 0
+    start_step: int = 0  # global step of the job's first step ever (0: not started)
+    segment_start: int = 0  # global step of the current segment's first step
+    segment_base: int = 0  # steps_done when the current segment began
+
+    @property
+    def total(self) -> int:
+        return self.examples * self.epochs
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.examples
+
+    @property
+    def position_in_epoch(self) -> int:
+        return self.position % self.examples
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done >= self.planned_steps
+
+    @property
+    def last_step(self) -> int:
+        """Global step of the job's latest trained step (segment_start - 1 before its first in this segment)."""
+        return self.segment_start + self.steps_done - self.segment_base - 1
+
+    @property
+    def end_step(self) -> int:
+        """Global step where the job ends if nothing runs in between."""
+        return self.segment_start + self.planned_steps - self.segment_base - 1
+
+    def next_step_examples(self, per_step: int) -> int:
+        """Examples the next optimizer step trains: a full step, or what is left of the job."""
+        return min(per_step, self.total - self.position)
+
+    def after_step(self, per_step: int) -> "Position":
+        return replace(self, steps_done=self.steps_done + 1, position=self.position + self.next_step_examples(per_step))
+
+    def begin_segment(self, base_step: int, per_step: int) -> "Position":
+        """Continue at global step base_step + 1. The rest is re-planned from the position, so a batch size
+        changed in between neither skips nor repeats an example."""
+        steps = planned_steps(self.total, per_step, self.steps_done, self.position)
+        return replace(self, planned_steps=steps, start_step=self.start_step or base_step + 1,
+                       segment_start=base_step + 1, segment_base=self.steps_done)
+
+    def to_json(self) -> dict:
+        return {"id": self.job_id, "fingerprint": self.fingerprint, "examples": self.examples,
+                "epochs": self.epochs, "planned_steps": self.planned_steps, "steps_done": self.steps_done,
+                "position": self.position, "epoch": self.epoch, "position_in_epoch": self.position_in_epoch,
+                "start_step": self.start_step, "segment_start": self.segment_start,
+                "segment_base": self.segment_base}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Position":
+        return cls(job_id=data["id"], fingerprint=data["fingerprint"], examples=data["examples"],
+                   epochs=data["epochs"], planned_steps=data["planned_steps"], steps_done=data["steps_done"],
+                   position=data["position"], start_step=data["start_step"], segment_start=data["segment_start"],
+                   segment_base=data["segment_base"])
+
+
+def fresh(job_id: int, fingerprint: str, examples: int, epochs: int) -> Position:
+    """A job that has not trained a step yet (its plan is fixed by begin_segment)."""
+    return Position(job_id, fingerprint, examples, epochs, planned_steps=0)

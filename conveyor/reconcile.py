@@ -25,14 +25,9 @@ class Placement:
     run: runs.Run
     resume: ck.Checkpoint | None
 
-    def position_of(self, job: Job) -> tuple[int, int]:
-        """(steps done, examples done) of `job` inside the resume checkpoint; (0, 0) if it starts fresh."""
-        if self.resume is None or self.resume.manifest[mf.K_JOB_END]:
-            return 0, 0
-        info = self.resume.manifest[mf.K_JOB]
-        if info[mf.J_ID] != job.id:
-            return 0, 0
-        return info[mf.J_STEPS_DONE], info[mf.J_POSITION]
+    @property
+    def step(self) -> int:
+        return self.resume.step if self.resume else 0
 
 
 def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: int = 1) -> Placement:
@@ -41,7 +36,7 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
     run = runs.active(ws.db)
     resume = newest_checkpoint(ws, run, say) if run else None
     if run is not None:
-        recorded = resume.manifest[mf.K_IDENTITY] if resume else run.identity
+        recorded = resume.manifest.identity if resume else run.identity
         if recorded != ident:
             return Placement(new_run(ws, run, recorded, ident, say), None)
     if run is None:
@@ -79,14 +74,25 @@ def new_run(ws: Workspace, old: runs.Run, recorded: dict, ident: dict, say: Say)
         + "\n  ".join(changes) + f"\n{old.id} is kept untouched; a new run starts at step 0 from the base model.")
     run = runs.create(ws.db, ident, note=f"new identity after {old.id}: " + "; ".join(changes))
     for job in jobs.all_jobs(ws.db):
-        if job.state == JobState.RUNNING:  # its steps so far stay in the old run; it starts over in the new one
-            jobs.transition(ws.db, job, JobState.QUEUED, run_id=None, steps_done=0, start_step=None, end_step=None)
+        if job.state in (JobState.RUNNING, JobState.INTERRUPTED):
+            # Its steps so far stay in the old run (and its ledger); it starts over in the new one.
+            jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, **FRESH)
+            say("warning", f"job {job.id} ({job.file}) had trained {job.steps_done} step(s) in {old.id}; "
+                f"it starts from its first example in {run.id}")
     return run
 
 
+# Columns of a job that has not trained a step (in the current run).
+FRESH = {"run_id": None, "steps_done": 0, "position": 0, "start_step": None, "end_step": None,
+         "segment_start": None, "planned_steps": None, "claim": None}
+
+
 def rewind(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, say: Say) -> None:
-    """Make the database agree with the checkpoint: what was trained after it is lost and trains again."""
+    """Make the database agree with the checkpoint: what was trained after it is lost and trains again; every
+    job under way at it (the one that trained that step, and those stopped mid-way before) stands where the
+    manifest says."""
     step = resume.step if resume else 0
+    manifest = resume.manifest if resume else None
     lost = ledger.forget_after(ws.db, run.id, step)
     if lost:
         say("info", f"{lost} step(s) after {'step ' + str(step) if step else 'the start'} were lost "
@@ -94,33 +100,43 @@ def rewind(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, say: Say)
     ledger.supersede_after(ws.db, run.id, step)
     runs.set_step(ws.db, run.id, step)
     run.global_step = step
-    inside = resume.manifest[mf.K_JOB][mf.J_ID] if resume and not resume.manifest[mf.K_JOB_END] else None
-    ended = resume.manifest[mf.K_JOB][mf.J_ID] if resume and resume.manifest[mf.K_JOB_END] else None
     for job in jobs.all_jobs(ws.db):
-        if job.run_id != run.id or job.state not in (JobState.DONE, JobState.RUNNING):
-            continue
-        if job.id == ended and job.state == JobState.RUNNING:
-            # Stopped between its last checkpoint and being marked done: it is done, nothing trains again.
-            ledger.record(ws.db, run_id=run.id, job_id=job.id, start_step=job.start_step, end_step=step,
-                          examples=job.examples, epochs=job.epochs, tokens=job.tokens * job.epochs, outcome="done")
-            jobs.transition(ws.db, job, JobState.DONE, steps_done=job.planned_steps)
+        if job.run_id == run.id and job.state in (JobState.DONE, JobState.RUNNING, JobState.INTERRUPTED):
+            _place_job(ws, run, job, manifest, step, say)
+        elif job.state == JobState.RUNNING:  # claimed, but its worker died before it planned a step
+            jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, **FRESH)
+
+
+def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | None, step: int, say: Say) -> None:
+    if manifest is not None and manifest.job.job_id == job.id and manifest.job_end:
+        if job.state != JobState.DONE:  # its last checkpoint was written, the record of it was not
+            ledger.close_segment(ws.db, run.id, job.id, JobState.DONE, manifest.job, expect=job.state,
+                                 tokens=ledger.segment_tokens(ws.db, run.id, job.id, manifest.job.segment_start, step))
             say("info", f"job {job.id} ({job.file}) had finished at step {step} before the stop; recorded as done")
-        elif job.id == inside:
-            if job.state == JobState.DONE:
-                say("warning", f"job {job.id} ({job.file}) reopens at step {step + 1}: its later checkpoints "
-                    "are unusable")
-            jobs.transition(ws.db, job, JobState.RUNNING, reopen=True)
-        elif job.start_step is not None and job.start_step > step:
-            if job.state == JobState.DONE:
-                say("warning", f"job {job.id} ({job.file}) trains again: its checkpoints are unusable")
-            jobs.transition(ws.db, job, JobState.QUEUED, reopen=True, steps_done=0, start_step=None, end_step=None)
+        return
+    pos = manifest.position_of(job.id) if manifest else None
+    if pos is not None:
+        if job.state == JobState.DONE:
+            say("warning", f"job {job.id} ({job.file}) reopens at its step {pos.steps_done + 1}: its later "
+                "checkpoints are unusable")
+        jobs.transition(ws.db, job.id, JobState.INTERRUPTED, expect=job.state, reopen=True, claim=None,
+                        steps_done=pos.steps_done, position=pos.position, planned_steps=pos.planned_steps,
+                        start_step=pos.start_step, end_step=pos.end_step, segment_start=pos.segment_start)
+        return
+    if job.state == JobState.DONE and job.end_step is not None and job.end_step <= step:
+        return  # finished before the checkpoint
+    # Not under way at the checkpoint and not finished by it: everything it trained came after, and is lost.
+    if job.state == JobState.DONE or job.steps_done:
+        say("warning", f"job {job.id} ({job.file}) trains again from its first example: the steps it trained "
+            f"came after step {step}, whose checkpoints are lost or unusable")
+    jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, reopen=True, **FRESH)
 
 
 def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:
     """Settings outside the identity (learning rate, batch, ...) are applied to the same run, and said."""
-    from .worker import hyperparameters
+    from .trainer import hyperparameters
 
-    before = resume.manifest.get(mf.K_HPARAMS, {})
+    before = resume.manifest.hyperparameters
     now = hyperparameters(config, world_size)
     changes = [f"training.{k}: {before.get(k)} → {now[k]}" for k in now if before.get(k) != now[k]]
     if changes:

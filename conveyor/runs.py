@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .store import transaction
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "tokenizer.model", "vocab.json", "merges.txt")
@@ -111,11 +112,10 @@ def create(con: sqlite3.Connection, ident: dict, note: str | None = None) -> Run
     """A new active run at step 0; earlier runs stay, inactive and untouched."""
     n = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] + 1
     run_id = f"run-{n:04d}"
-    con.execute("BEGIN IMMEDIATE")
-    con.execute("UPDATE runs SET active = 0")
-    con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note) VALUES (?, ?, ?, 0, 1, ?)",
-                (run_id, time.time(), json.dumps(ident), note))
-    con.execute("COMMIT")
+    with transaction(con):
+        con.execute("UPDATE runs SET active = 0")
+        con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note) VALUES (?, ?, ?, 0, 1, ?)",
+                    (run_id, time.time(), json.dumps(ident), note))
     return active(con)
 
 

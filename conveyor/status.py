@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 
@@ -13,19 +14,22 @@ LOCK_FILE = "daemon.lock"
 
 
 def daemon_pid(ws: Workspace) -> int | None:
-    """PID of the live daemon holding the workspace lock, if any."""
-    path = ws.root / LOCK_FILE
+    """PID of the live daemon, if any. Liveness is the daemon's flock on the lock file, never the PID alone (a
+    dead daemon's PID may belong to another process by now); the PID in the file is only for messages."""
     try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
+        fd = os.open(ws.root / LOCK_FILE, os.O_RDONLY)
+    except OSError:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a daemon is alive
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
-    except PermissionError:
-        pass
-    return pid
+    finally:
+        os.close(fd)
 
 
 def schedule_text(config) -> str:
@@ -74,7 +78,7 @@ def status_data(ws: Workspace) -> dict:
         "config_error": config_error,
         "current": current_job(ws),
         "last_eval": last_eval,
-        "queue": [j.to_json() for j in all_jobs if j.state in (jobs.JobState.QUEUED, jobs.JobState.RUNNING)],
+        "queue": [j.to_json() for j in jobs.running_and_waiting(ws.db)],
         "failures": [j.to_json() for j in all_jobs if j.state in (jobs.JobState.FAILED, jobs.JobState.REJECTED)][-10:],
         "free_disk_bytes": ws.free_bytes(),
         "jobs": [j.to_json() for j in all_jobs],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     start_step INTEGER,
     end_step INTEGER,
     steps_done INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL DEFAULT 0,
+    segment_start INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
+    deaths INTEGER NOT NULL DEFAULT 0,
+    claim TEXT,
     kept TEXT,
     truncated INTEGER NOT NULL DEFAULT 0,
     excluded TEXT,
@@ -104,8 +109,11 @@ CREATE TABLE IF NOT EXISTS controls (
     who TEXT NOT NULL,
     reason TEXT,
     requested_at REAL NOT NULL,
+    taken_at REAL,
+    taken_by TEXT,
     acked_at REAL,
-    result TEXT
+    result TEXT,
+    effect TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -118,6 +126,19 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+# Columns added after the first release: (table, column, declaration). A database made by an older conveyor
+# gets them on open; nothing is dropped or rewritten.
+ADDED_COLUMNS = [
+    ("jobs", "position", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "segment_start", "INTEGER"),
+    ("jobs", "deaths", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "claim", "TEXT"),
+    ("controls", "taken_at", "REAL"),
+    ("controls", "taken_by", "TEXT"),
+    ("controls", "effect", "TEXT"),
+]
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row."""
     con = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -126,7 +147,37 @@ def connect(path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=NORMAL")
     con.execute("PRAGMA foreign_keys=ON")
     con.executescript(SCHEMA)
+    _add_missing_columns(con)
     return con
+
+
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row["name"] for row in con.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            try:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise
+
+
+@contextlib.contextmanager
+def transaction(con: sqlite3.Connection):
+    """All statements inside commit together or not at all (BEGIN IMMEDIATE: writers queue, never interleave).
+
+    Nested use joins the outer transaction, so a function that needs atomicity can be called from one that
+    already holds it."""
+    if con.in_transaction:
+        yield con
+        return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}

@@ -1,428 +1,404 @@
-"""The worker: trains one job on the Hugging Face Trainer (PEFT LoRA or full), from its exact position.
+"""The worker: trains exactly one claimed job, as a recipe: setup → train → checkpoint → record.
 
-setup (model, data from the job's position, optimizer/scheduler/RNG state) → train → checkpoint.
-The Trainer is the engine; conveyor owns step numbers, data order, positions and checkpoints.
+The daemon claims a job (compare-and-set) and hands its id and claim to a Worker, which runs the same way in
+the daemon's process (`conveyor train`, `run --drain`) and in a worker process (`conveyor run`, torchrun).
+How it ended is one Outcome, which is also the process's exit code.
 """
 
 from __future__ import annotations
 
-import os
-import random
 import time
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from . import checkpoints as ck
-from . import distributed
+from . import controls, distributed, jobs, ledger, runs, testhooks
 from . import manifest as mf
 from .config import Config
-from .formats import IGNORE, TokenizedFile
-from .plan import JobOrder, examples_per_step
+from .controls import Context, Effect
+from .errors import CheckpointError, DataError, PlanError
+from .fingerprint import short
+from .formats import TokenizedFile, parse_file, tokenize_cached, tokenize_file
+from .jobs import Conflict, Job, JobState
+from .plan import Position, examples_per_step, fresh, require_steps
+from .store import log_event
+from .workspace import Workspace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+class Outcome(str, Enum):
+    DONE = "done"
+    STOPPED = "stopped"  # a warm stop: the job is interrupted (or back in the queue) and the daemon ends
+    SKIPPED = "skipped"
+    FAILED = "failed"  # the job cannot be trained (bad data, 0 steps); it is marked failed with the reason
+    CHECKPOINT_ERROR = "checkpoint error"  # the disk, not the job: the daemon pauses
+    NOT_MINE = "not mine"  # the job was no longer under this worker's claim; nothing was trained
+
+    @property
+    def code(self) -> int:
+        return EXIT_CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> "Outcome | None":
+        """The outcome a worker process exited with; None if it died (a signal, a traceback)."""
+        return next((o for o, c in EXIT_CODES.items() if c == code), None)
 
 
-def quiet_libraries() -> None:
-    """conveyor prints its own progress; silence the libraries' bars, info logs and deprecation chatter."""
-    import warnings
+EXIT_CODES = {Outcome.DONE: 0, Outcome.FAILED: 3, Outcome.CHECKPOINT_ERROR: 4, Outcome.STOPPED: 5,
+              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7}
 
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+class Reporter:
+    """Where messages and progress go; the CLI prints them, the daemon logs them."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    def message(self, level: str, text: str) -> None:
+        pass
+
+    def job_started(self, job: Job) -> None:
+        pass
+
+    def progress(self, job: Job, done: int, planned: int, loss: float | None, examples_per_s: float) -> None:
+        pass
+
+    def job_finished(self, job: Job) -> None:
+        pass
 
 
 @dataclass
-class JobSpec:
-    """Everything the worker needs about one job; positions are job-local."""
-    run_id: str
-    run_dir: Path
-    job_id: int
-    fingerprint: str
+class Setup:
+    job: Job
+    run: runs.Run
+    resume: ck.Checkpoint | None
     data: TokenizedFile
-    epochs: int
-    planned_steps: int
-    start_step: int  # global step of the job's first optimizer step
-    steps_done: int  # optimizer steps of this job already in the resume checkpoint
-    position: int  # examples of the job (epochs end to end) already trained
-    identity: dict
-    resume: ck.Checkpoint | None  # None: the run starts from the base model
-    eval_data: TokenizedFile | None = None  # the validation set, tokenized like training data
+    start: Position
+    open_jobs: list[Position]
 
 
-@dataclass
-class Hooks:
-    """Callbacks from the training loop to the caller (progress display, control, database)."""
-    progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
-    flush: Callable[..., None] | None = None  # (audit, metrics, evals, samples, steps_done, position)
-    # Between steps (rank 0): what a person asked for: "pause", a reason to stop now, or None to go on.
-    peek: Callable[[], str | None] | None = None
-    # After a pause's checkpoint: blocks until resumed (returns None) or stopped/skipped (returns why).
-    hold: Callable[[Path], str | None] | None = None
+class Worker:
+    """Trains one claimed job; `stop_reason` (set by a signal handler) makes it stop warm after the step."""
 
+    def __init__(self, ws: Workspace, config: Config, job_id: int, claim: str, reporter: Reporter | None = None):
+        self.ws, self.db, self.config = ws, ws.db, config
+        self.job_id, self.claim = job_id, claim
+        self.reporter = reporter or Reporter()
+        self.world_size = 1
+        self.stop_reason: str | None = None
+        self.request: controls.Request | None = None  # the stop or skip being acted on
+        self.model_path = ws.model_path(config.model.name)
 
-@dataclass
-class Outcome:
-    steps_done: int
-    end_step: int
-    tokens: int
-    stopped: str | None = None  # why the job stopped before its planned end
-    checkpoint: Path | None = None
+    def run(self) -> Outcome:
+        """Train the job to its planned end or a requested stop, record what happened; never raises for the job."""
+        self.world_size = distributed.world()  # torchrun decides; planning and the manifest follow it
+        released = False
+        try:
+            setup = self.setup()
+            if isinstance(setup, Outcome):
+                return setup
+            distributed.broadcast(follow_order(setup))  # the other ranks (if any) set up the same segment
+            released = True
+            return self.record(setup, self.train(setup))
+        except (DataError, PlanError) as e:
+            return self._fail(str(e))
+        except CheckpointError as e:
+            self.say("error", f"job {self.job_id} stopped: {e}", self.job_id)
+            return Outcome.CHECKPOINT_ERROR
+        except Conflict as e:
+            self.say("warning", f"worker for job {self.job_id}: {e}", self.job_id)
+            return Outcome.NOT_MINE
+        finally:
+            if not released:
+                distributed.broadcast(None)  # nothing to train: the other ranks (if any) exit
 
+    # setup ---------------------------------------------------------------------------------------
+    def setup(self) -> Setup | Outcome:
+        job = jobs.get(self.db, self.job_id)
+        if job.state != JobState.RUNNING or job.claim != self.claim:
+            raise Conflict(f"job {job.id} is {job.state.value}, not running under this worker's claim")
+        run = runs.active(self.db)
+        resume, _ = ck.newest_verified(self.ws.run_dir(run.id))  # the daemon set unusable ones aside
+        if resume is not None and resume.step != run.global_step:
+            raise Conflict(f"{run.id} is at step {run.global_step} but its newest checkpoint is {resume.path.name}; "
+                           "the daemon reconciles before the next claim")
+        data = self.prepare(job)
+        start = self.position(job, run, resume, data)
+        if start.steps_done == 0 and self._duplicate(job, run):
+            return Outcome.SKIPPED
+        open_jobs = [p for p in (resume.manifest.under_way() if resume else []) if p.job_id != job.id
+                     and jobs.get(self.db, p.job_id).state == JobState.INTERRUPTED]
+        job = self.plan(job, run, start, data)
+        return Setup(job, run, resume, data, start, open_jobs)
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    def prepare(self, job: Job) -> TokenizedFile:
+        """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
+        config = self.config
+        data = job_data(self.ws, job, config, self.model_path)
+        if data.truncated_lines:
+            text = (f"{len(data.truncated_lines)} example(s) longer than training.max_length="
+                    f"{config.training.max_length} tokens (lines {_lines(data.truncated_lines)})")
+            if config.data.too_long == "reject":
+                raise DataError(f"{job.file}: {text}; data.too_long = \"reject\". Shorten them or raise max_length")
+            self._warn(job, f"{text} were truncated")
+        if data.excluded_lines:
+            self._warn(job, f"{len(data.excluded_lines)} example(s) lost their whole trainable part to truncation "
+                       f"and are not trained (lines {_lines(data.excluded_lines)}); raise training.max_length "
+                       "to keep them")
+        return data
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    def position(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> Position:
+        """Where the job continues (law 2): its own position in the newest checkpoint's manifest, whatever ran
+        since it stopped; a job the manifest does not know has not trained a step."""
+        t = self.config.training
+        eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
+        epochs = job.epochs or t.epochs
+        known = resume.manifest.position_of(job.id) if resume else None
+        if known is None:
+            start = fresh(job.id, job.fingerprint, len(data.examples), epochs).begin_segment(run.global_step, eps)
+        else:
+            if known.fingerprint != job.fingerprint or known.examples not in (0, len(data.examples)):
+                raise PlanError(f"job {job.id}: {resume.path.name} places it in data {short(known.fingerprint)} "
+                                f"with {known.examples} examples, but its file is {short(job.fingerprint)} with "
+                                f"{len(data.examples)}; remove the job and add the file again")
+            known = replace(known, examples=len(data.examples), epochs=known.epochs or epochs)
+            resumed_here = resume.manifest.job.job_id == job.id
+            if resumed_here and not ledger.segment_closed(self.db, run.id, job.id, resume.step):
+                start = replace(known, planned_steps=_replan(known, eps))  # the same segment goes on
+            else:
+                start = known.begin_segment(run.global_step, eps)
+            self.say("info", f"job {job.id} resumes at global step {run.global_step + 1} from {resume.path.name} "
+                     f"(its step {known.steps_done + 1}; epoch {known.epoch + 1}, example {known.position_in_epoch} "
+                     "of that epoch's order)", job.id)
+        require_steps(start.planned_steps - start.steps_done, len(data.examples), epochs, job.file)
+        return start
 
+    def plan(self, job: Job, run: runs.Run, start: Position, data: TokenizedFile) -> Job:
+        """Record the job's step range (law 1) under this worker's claim."""
+        jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, run_id=run.id, epochs=start.epochs,
+                    examples=start.examples, planned_steps=start.planned_steps, start_step=start.start_step,
+                    end_step=start.end_step, steps_done=start.steps_done, position=start.position,
+                    segment_start=start.segment_start, tokens=data.tokens, truncated=len(data.truncated_lines),
+                    excluded=data.excluded_lines)
+        log_event(self.db, "info", "planned", f"job {job.id}: {start.examples} examples × {start.epochs} epoch(s) = "
+                  f"{start.planned_steps} steps; steps {start.steps_done + 1}–{start.planned_steps} at global steps "
+                  f"{start.last_step + 1}–{start.end_step}", job.id)
+        return jobs.get(self.db, job.id)
 
-def build_model(config: Config, model_path: str, resume_dir: Path | None):
-    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights."""
-    from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import set_seed
+    def _duplicate(self, job: Job, run: runs.Run) -> bool:
+        row = self.db.execute(
+            "SELECT id, file, start_step, end_step FROM jobs WHERE run_id = ? AND fingerprint = ? AND state = 'done'"
+            " AND id != ? ORDER BY id LIMIT 1", (run.id, job.fingerprint, job.id)).fetchone()
+        if row is None:
+            return False
+        earlier = (f"same bytes ({short(job.fingerprint)}) as job {row['id']} ({row['file']}), "
+                   f"trained at steps {row['start_step']}–{row['end_step']} of {run.id}")
+        if self.config.data.skip_duplicates:
+            reason = f"skipped: {earlier}; data.skip_duplicates = true"
+            jobs.transition(self.db, job.id, JobState.SKIPPED, expect=JobState.RUNNING, owner=self.claim,
+                            run_id=run.id, error=reason, claim=None)
+            self.say("warning", f"job {job.id} ({job.file}) {reason}", job.id)
+            return True
+        self._warn(job, f"trained again: {earlier} (set data.skip_duplicates = true to skip repeats)")
+        return False
 
-    dtype = DTYPES[config.model.precision]
-    if config.adapter.method == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(resume_dir or model_path), dtype=dtype)
-        model.config.use_cache = False
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
+    # train ---------------------------------------------------------------------------------------
+    def train(self, setup: Setup):
+        from .trainer import Hooks, JobSpec, train_segment
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    base.config.use_cache = False
-    if resume_dir is not None:
-        return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
-    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
-    lora = LoraConfig(r=config.adapter.r, lora_alpha=config.adapter.alpha, lora_dropout=config.adapter.dropout,
-                      target_modules=list(config.adapter.target_modules), bias=config.adapter.bias,
-                      task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+        spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
+                       start=setup.start, identity=setup.run.identity, resume=setup.resume,
+                       open_jobs=setup.open_jobs, eval_data=self._eval_data())
+        job = setup.job
+        self.reporter.job_started(job)
+        if self.stop_reason:  # a warm stop that came during setup: no step is started
+            from .trainer import Trained
 
+            return Trained(setup.start, self.stop_reason)
+        hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
+                      flush=lambda *rows: self._flush(setup, *rows), peek=self._peek,
+                      hold=lambda checkpoint: self._hold(job, checkpoint), say=self.say)
+        return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
 
-class PlanDataset(Dataset):
-    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1)).
+    def _flush(self, setup: Setup, audit, metrics, evals, samples, pos: Position) -> None:
+        ledger.write_steps(self.db, setup.run.id, audit, metrics, evals, samples)
+        jobs.update(self.db, setup.job.id, expect=JobState.RUNNING, owner=self.claim, steps_done=pos.steps_done,
+                    position=pos.position)
+        runs.set_step(self.db, setup.run.id, pos.last_step)
 
-    With several processes the last step is padded with fully masked one-token fillers (zero loss, zero
-    gradient) up to a multiple of batch × processes, so no rank runs dry and no example is repeated (the
-    usual even_batches remedy would train the first examples twice).
-    """
+    # record --------------------------------------------------------------------------------------
+    def record(self, setup: Setup, trained) -> Outcome:
+        """One transaction: the segment's ledger row, the run's step and the job's new state; then answer."""
+        pos, job, run = trained.position, setup.job, setup.run
+        tokens = _tokens(setup.data, ledger.segment_counts(self.db, run.id, job.id, pos.segment_start,
+                                                            pos.last_step)[1])
+        skip = self.request is not None and self.request.action == controls.Action.SKIP
+        if pos.finished:
+            state, outcome = JobState.DONE, Outcome.DONE
+        elif skip:
+            state, outcome = JobState.SKIPPED, Outcome.SKIPPED
+        else:
+            state, outcome = (JobState.INTERRUPTED if pos.steps_done else JobState.QUEUED), Outcome.STOPPED
+        extra = {"error": self._skip_reason(job, pos)} if state == JobState.SKIPPED else {}
+        if state == JobState.QUEUED:  # stopped before its first step: nothing to record
+            jobs.transition(self.db, job.id, state, expect=JobState.RUNNING, owner=self.claim, claim=None,
+                            steps_done=0, position=0, start_step=None, end_step=None, segment_start=None)
+        else:
+            ledger.close_segment(self.db, run.id, job.id, state, pos, expect=JobState.RUNNING, owner=self.claim,
+                                 tokens=tokens, **extra)
+        self._announce(jobs.get(self.db, job.id), pos, trained, extra.get("error"))
+        return outcome
 
-    def __init__(self, data: TokenizedFile, order: JobOrder, start: int, pad_to: int = 1, pad_id: int = 0):
-        self.data, self.order, self.start, self.pad_id = data, order, start, pad_id
-        real = len(order) - start
-        self.length = -(-real // pad_to) * pad_to if real else 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        if self.start + i >= len(self.order):
-            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
-        _, index = self.order[self.start + i]
-        ex = self.data.examples[index]
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": ex.line}
-
-
-class AuditingCollator:
-    """Pads a batch (Hugging Face's DataCollatorForSeq2Seq) and remembers which lines it fed, in order."""
-
-    def __init__(self, tokenizer):
-        from transformers import DataCollatorForSeq2Seq
-
-        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-        self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
-
-    def __call__(self, features: list[dict]) -> dict:
-        self.fed.extend(f["line"] for f in features)
-        return self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-
-    def take(self, n: int) -> list[int]:
-        return [self.fed.popleft() for _ in range(n)]
-
-
-def rng_file(rank: int) -> str:
-    return mf.RNG if rank == 0 else mf.RNG.replace(".pt", f"-rank{rank}.pt")
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_scheduler(config: Config, optimizer, planned_steps: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    t = config.training
-    if t.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, planned_steps)
-    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
-
-
-def apply_learning_rate(scheduler, lr: float) -> None:
-    """Set the configured peak LR at the scheduler's position (an LR change is applied, not a new run)."""
-    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * fn(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-
-
-def hyperparameters(config: Config, world_size: int) -> dict:
-    t = config.training
-    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
-            "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
-            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
-            "max_length": t.max_length, "epochs": t.epochs}
-
-
-def libraries() -> dict:
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-class _JobCallback:
-    """Hooks into the Trainer's loop: audit, metrics, checkpoints, RNG restore and warm stops."""
-
-    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, order: JobOrder):
-        self.spec, self.config, self.collator, self.order = spec, config, collator, order
-        self.main = distributed.is_main()
-        self.padded_len = 0  # items in the data set including fillers (set by train_job)
-        self.consumed = 0
-        self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
-        self.world_size = world_size
-        self.total = len(spec.data.examples) * spec.epochs
-        self.done = spec.steps_done
-        self.position = spec.position
-        self.audit: list = []
-        self.metrics: list = []
-        self.evals: list = []
-        self.samples: list = []
-        self.evaluator = None  # set by train_job when a validation set is configured
-        self.trainer = None
-        self.pending: dict = {}
-        self.tokens = 0
-        self.stopped: str | None = None
-        self.last_checkpoint: Path | None = None
-        self.restore_rng = spec.resume is not None and spec.steps_done > 0
-        self.t_step = self.t_flush = time.perf_counter()
-
-    # Trainer callback protocol -------------------------------------------------------------------
-    def on_step_begin(self, args, state, control, **kw):
-        if self.restore_rng:
-            # Mid-job resume: continue the RNG stream of the uninterrupted run (dropout, etc.).
-            set_rng_state(torch.load(self.spec.resume.path / rng_file(distributed.rank()), weights_only=False))
-            self.restore_rng = False
-
-    def on_step_end(self, args, state, control, **kw):
-        n = min(self.eps, self.total - self.position)
-        lines, tokens = self._planned(n)
-        self._check_fed(n, lines)
-        self.done += 1
-        self.position += n
-        self.tokens += tokens
-        step = self.spec.start_step + self.done - 1
-        self.audit.append((step, self.spec.job_id, lines))
-        if self.main:
-            ck.failpoint("step", step)
-        now = time.perf_counter()
-        self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
-                        "step_time": now - self.t_step}
-        self.t_step = now
-        last = self.done == self.spec.planned_steps
-        every = self.config.eval.every_steps
-        if self.main and self.evaluator is not None and (last or (every and step % every == 0)):
-            self._evaluate(step, kw["model"])
-        # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
-        action = distributed.broadcast(None if last or not self._hooks.peek else self._hooks.peek())
-        if action or last or step % self.config.training.save_every == 0:
-            self._checkpoint_everywhere(step, kw, last)
-        if action == "pause":
-            action = distributed.broadcast(self._hooks.hold(self.last_checkpoint) if self._hooks.hold else None)
-        if action:
-            self.stopped = action
-            control.should_training_stop = True
-        return control
-
-    def _check_fed(self, n: int, lines: list[int]) -> None:
-        """What the ranks' data loaders really fed this step must be exactly the planned lines (law 2)."""
-        per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
-        self.consumed += per_rank * self.world_size
-        fed = self.collator.take(per_rank)
-        everyone = distributed.gather([line for line in fed if line])  # 0 marks a filler
-        if self.main:
-            got = [line for rank_lines in everyone for line in rank_lines]
-            if sorted(got) != sorted(lines) or (self.world_size == 1 and got != lines):
-                raise RuntimeError(f"the Trainer fed lines {got} where conveyor planned {lines}; this is a bug")
-
-    def _planned(self, n: int) -> tuple[list[int], int]:
-        """Lines and tokens of the next n plan positions: what this optimizer step trains on all ranks."""
-        examples = [self.spec.data.examples[self.order[p][1]] for p in range(self.position, self.position + n)]
-        return [e.line for e in examples], sum(len(e.input_ids) for e in examples)
-
-    def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
-        states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
-        if self.main:
-            self._flush()
-            self.last_checkpoint = self._checkpoint(step, kw["model"], kw["optimizer"], kw["lr_scheduler"], last,
-                                                    states)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not self.pending or not logs or "loss" not in logs:
+    def _announce(self, job: Job, pos: Position, trained, skip_reason: str | None) -> None:
+        if job.state == JobState.DONE:
+            log_event(self.db, "info", "done", f"job {job.id}: steps {job.start_step}–{job.end_step}", job.id)
+            self.reporter.job_finished(job)
             return
-        row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
-               "grad_norm": logs.get("grad_norm")}
-        self.pending = {}
-        self.metrics.append(row)
-        hooks = self._hooks
-        if hooks.progress:
-            hooks.progress(self.done, self.spec.planned_steps, row["loss"], row["examples"] / max(row["step_time"], 1e-9))
-        if time.perf_counter() - self.t_flush > 2.0:
-            self._flush()
+        if job.state == JobState.SKIPPED:
+            text = f"job {job.id} {skip_reason}"
+            level = "warning"
+        elif pos.steps_done:
+            where = f" from {trained.checkpoint.name}" if trained.checkpoint else ""
+            text = (f"stopped ({trained.stopped}) after global step {pos.last_step}; job {job.id} is interrupted "
+                    f"at its step {pos.steps_done} of {pos.planned_steps} and resumes from there{where}, before "
+                    "other jobs of its priority")
+            level = "info"
+        else:
+            text = f"stopped ({trained.stopped}) before job {job.id} trained a step; it stays queued"
+            level = "info"
+        self.say(level, text, job.id)
+        if self.request is not None:
+            controls.answer(self.db, self.request.id, text, Effect(self.request.action.value))
 
-    # --------------------------------------------------------------------------------------------
-    _hooks = Hooks()
+    def _skip_reason(self, job: Job, pos: Position) -> str:
+        req = self.request
+        return (f"skipped by {req.who}" + (f": {req.reason}" if req.reason else "")
+                + f" after {pos.steps_done} of {pos.planned_steps} steps (global {job.start_step}–{pos.last_step})")
 
-    def _evaluate(self, step: int, model) -> None:
-        result = self.evaluator.loss(self.trainer, model)
-        self.evals.append({"step": step, "job_id": self.spec.job_id, "eval_loss": result.loss,
-                           "examples": result.examples})
-        self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
+    # controls between optimizer steps ------------------------------------------------------------
+    def _peek(self, step: int) -> str | None:
+        """Between steps: "pause", a reason to stop now (stop, skip, a signal), or None to go on."""
+        for action in testhooks.requests_due(step):
+            controls.ask(self.db, controls.Action(action), who=f"test hook at step {step}")
+        while self.stop_reason is None:
+            req = controls.take(self.db, f"worker of job {self.job_id}")
+            if req is None:
+                return None
+            effect = req.effect(Context.BETWEEN_STEPS)
+            if effect == Effect.HOLD:
+                self.request = req
+                return "pause"
+            if effect == Effect.NOTHING:
+                controls.answer(self.db, req.id, req.why_nothing(Context.BETWEEN_STEPS))
+                continue
+            self.request = req
+            return f"{req.action.value} requested by {req.who}"
+        return self.stop_reason
 
-    def _flush(self) -> None:
-        if self._hooks.flush:
-            self._hooks.flush(self.audit, self.metrics, self.evals, self.samples, self.done, self.position)
-        self.audit, self.metrics, self.evals, self.samples = [], [], [], []
-        self.t_flush = time.perf_counter()
+    def _hold(self, job: Job, checkpoint: Path) -> str | None:
+        """Paused after `checkpoint`: wait for resume (None), stop or skip (the reason)."""
+        step = ck.step_of(checkpoint)
+        pause, self.request = self.request, None
+        controls.answer(self.db, pause.id, f"paused job {job.id} at global step {step} (checkpoint "
+                        f"{checkpoint.name}); `conveyor resume` continues", Effect.HOLD)
+        self.say("info", f"paused by {pause.who} at step {step}", job.id)
+        while self.stop_reason is None:
+            req = controls.take(self.db, f"worker of job {self.job_id}")
+            if req is None:
+                time.sleep(0.1)
+                continue
+            effect = req.effect(Context.PAUSED_IN_JOB)
+            if effect == Effect.NOTHING:
+                controls.answer(self.db, req.id, req.why_nothing(Context.PAUSED_IN_JOB))
+            elif effect == Effect.GO_ON:
+                text = f"resumed job {job.id} at step {step + 1}"
+                controls.answer(self.db, req.id, text, Effect.GO_ON)
+                self.say("info", f"{text} ({req.who})", job.id)
+                return None
+            else:
+                self.request = req
+                return f"{req.action.value} requested by {req.who}"
+        return self.stop_reason
 
-    def _checkpoint(self, step: int, model, optimizer, scheduler, job_end: bool, rng_states: list) -> Path:
-        position = self.position
-        epoch, in_epoch = divmod(position, len(self.spec.data.examples))
-        content = {
-            mf.K_VERSION: mf.VERSION, mf.K_RUN: self.spec.run_id, mf.K_STEP: step, mf.K_JOB_END: job_end,
-            mf.K_JOB: {mf.J_ID: self.spec.job_id, mf.J_FINGERPRINT: self.spec.fingerprint, mf.J_EPOCH: epoch,
-                       mf.J_EPOCH_POSITION: in_epoch, mf.J_POSITION: position, mf.J_STEPS_DONE: self.done,
-                       mf.J_PLANNED: self.spec.planned_steps, mf.J_START_STEP: self.spec.start_step},
-            mf.K_IDENTITY: self.spec.identity,
-            mf.K_HPARAMS: hyperparameters(self.config, self.world_size),
-            mf.K_LIBRARIES: libraries(),
-        }
+    # messages ------------------------------------------------------------------------------------
+    def say(self, level: str, text: str, job_id: int | None = None) -> None:
+        log_event(self.db, level, "message", text, job_id)
+        self.reporter.message(level, text)
 
-        def save(folder: Path) -> None:
-            model.save_pretrained(folder)
-            torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
-            torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
-            for r, state in enumerate(rng_states):
-                torch.save(state, folder / rng_file(r))
+    def _warn(self, job: Job, text: str) -> None:
+        jobs.add_warning(self.db, job, text)
+        self.say("warning", f"job {job.id} ({job.file}): {text}", job.id)
 
-        return ck.write(self.spec.run_dir, step, save, content, self.config.training.keep_checkpoints).path
+    def _fail(self, reason: str) -> Outcome:
+        jobs.transition(self.db, self.job_id, JobState.FAILED, expect=JobState.RUNNING, owner=self.claim,
+                        error=reason, claim=None)
+        self.say("error", f"job {self.job_id} failed: {reason}", self.job_id)
+        return Outcome.FAILED
 
+    def _eval_data(self) -> TokenizedFile | None:
+        """The validation set, tokenized and masked exactly like training data; None if not configured."""
+        from .trainer import load_tokenizer
 
-def _trainer_callback(inner: _JobCallback):
-    from transformers import TrainerCallback
-
-    class Adapter(TrainerCallback):
-        # Only forwards the events conveyor uses; keeps the Trainer import out of module import time.
-        def on_step_begin(self, *a, **kw):
-            return inner.on_step_begin(*a, **kw)
-
-        def on_step_end(self, *a, **kw):
-            return inner.on_step_end(*a, **kw)
-
-        def on_log(self, *a, **kw):
-            return inner.on_log(*a, **kw)
-
-    return Adapter()
-
-
-def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None,
-                       job_id: int = 0):
-    from transformers import TrainingArguments
-
-    t = config.training
-    if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
-        # One TensorBoard run per job: the integrations count the Trainer's job-local steps, not global ones.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str((run_dir or output_dir) / "tensorboard" / f"job-{job_id:05d}")
-    return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
-        train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
-        ddp_timeout=int(distributed.TIMEOUT.total_seconds()), ddp_find_unused_parameters=False,
-        # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
-        **({"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() else {}),
-        save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
-        disable_tqdm=True,
-        remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
-    )
+        config = self.config
+        if not config.eval.file:
+            return None
+        path = Path(config.eval.file)
+        path = path if path.is_absolute() else self.ws.root / path
+        try:
+            data = tokenize_file(parse_file(path, f"eval.file {path.name}"), load_tokenizer(self.model_path),
+                                 config.training.max_length)
+        except (DataError, OSError) as e:
+            self.say("warning", f"no evaluation loss: {e}")
+            return None
+        data.examples = data.examples[: config.eval.max_examples]
+        return data
 
 
-def train_job(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | None = None,
-              world_size: int = 1) -> Outcome:
-    """Train one job from spec.steps_done to its planned end (or a requested stop); returns what happened."""
-    from transformers import PrinterCallback, Trainer
+def _replan(pos: Position, eps: int) -> int:
+    from .plan import planned_steps
 
-    quiet_libraries()
-    tokenizer = load_tokenizer(model_path)
-    model = build_model(config, model_path, spec.resume.path if spec.resume else None)
-    t = config.training
-    order = JobOrder(t.seed, spec.fingerprint, len(spec.data.examples), spec.epochs)
-    dataset = PlanDataset(spec.data, order, spec.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
-                          pad_id=tokenizer.pad_token_id)
-    collator = AuditingCollator(tokenizer)
-    inner = _JobCallback(spec, config, collator, world_size, order)
-    inner.padded_len = len(dataset)
-    inner._hooks = hooks or Hooks()
-    remaining = spec.planned_steps - spec.steps_done
-    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
-                                                                 spec.job_id),
-                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[_trainer_callback(inner)])
-    trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
-    inner.trainer = trainer
-    if spec.eval_data is not None:
-        from .evaluation import Evaluator
+    return planned_steps(pos.total, eps, pos.steps_done, pos.position)
 
-        e = config.eval
-        inner.evaluator = Evaluator(spec.eval_data, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
-                                    tokenizer)
-    trainer.create_optimizer()
-    scheduler = make_scheduler(config, trainer.optimizer, spec.planned_steps)
-    if spec.resume is not None:
-        trainer.optimizer.load_state_dict(torch.load(spec.resume.path / mf.OPTIMIZER, weights_only=False))
-        # A new job under the cosine schedule starts its own curve; otherwise the schedule continues.
-        if not (t.schedule == "cosine" and spec.steps_done == 0):
-            scheduler.load_state_dict(torch.load(spec.resume.path / mf.SCHEDULER, weights_only=False))
-    apply_learning_rate(scheduler, t.learning_rate)
-    trainer.lr_scheduler = scheduler
-    trainer.train()
-    inner._flush()  # the last step's metrics arrive after its checkpoint
-    trained = inner.done - spec.steps_done
-    if inner.stopped is None and inner.done != spec.planned_steps:
-        raise RuntimeError(f"the Trainer ran {trained} steps where conveyor planned {remaining}; this is a bug")
-    return Outcome(steps_done=inner.done, end_step=spec.start_step + inner.done - 1, tokens=inner.tokens,
-                   stopped=inner.stopped, checkpoint=inner.last_checkpoint)
+
+def _lines(lines: list[int]) -> str:
+    more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
+    return ", ".join(map(str, lines[:20])) + more
+
+
+def _tokens(data: TokenizedFile, lines: list[int]) -> int:
+    length = {e.line: len(e.input_ids) for e in data.examples}
+    return sum(length[line] for line in lines)
+
+
+def follow_order(setup: Setup) -> dict:
+    """What rank 0 tells the other ranks: the same segment, from the same checkpoint."""
+    return {"job": setup.job.id, "run": setup.run.id, "start": setup.start.to_json(),
+            "open": [p.to_json() for p in setup.open_jobs],
+            "resume": str(setup.resume.path) if setup.resume else None}
+
+
+def follow(ws: Workspace, config: Config, world_size: int) -> None:
+    """A rank other than 0: wait for rank 0's order, set up the same segment, train in step."""
+    from .trainer import JobSpec, train_segment
+
+    order = distributed.broadcast(None)
+    if order is None:
+        return
+    job = jobs.get(ws.db, order["job"])
+    run = next(r for r in runs.all_runs(ws.db) if r.id == order["run"])
+    resume = None
+    if order["resume"]:
+        path = Path(order["resume"])
+        resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
+    model_path = ws.model_path(config.model.name)
+    spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id), data=job_data(ws, job, config, model_path),
+                   start=Position.from_json(order["start"]), identity=run.identity, resume=resume,
+                   open_jobs=[Position.from_json(p) for p in order["open"]])
+    train_segment(config, model_path, spec, None, world_size)
+
+
+def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
+    """The job's stored file, parsed and tokenized, cached by content, tokenizer and max_length."""
+    from .runs import tokenizer_hash
+    from .trainer import load_tokenizer
+
+    key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
+    return tokenize_cached(Path(job.stored), job.file, load_tokenizer(model_path), config.training.max_length,
+                           ws.data / "tokenized", key)

@@ -63,7 +63,7 @@ class Workspace:
     def model_path(self, name: str) -> str:
         """Where the base model's files are: the tiny model is made in the workspace on first use."""
         if name == TINY:
-            from .worker import quiet_libraries
+            from .trainer import quiet_libraries
 
             quiet_libraries()
             return str(ensure_tiny(self.models / TINY))

@@ -49,7 +49,7 @@ def test_manifest_records_identity_position_and_hashes(workspace, tmp_path):
     data = json.loads((folder / mf.MANIFEST).read_text())
     assert data[mf.K_VERSION] == mf.VERSION and data[mf.K_RUN] == run_id and data[mf.K_STEP] == 2
     job = data[mf.K_JOB]
-    assert (job[mf.J_ID], job[mf.J_EPOCH], job[mf.J_EPOCH_POSITION], job[mf.J_POSITION], job[mf.J_STEPS_DONE]) == \
+    assert (job["id"], job["epoch"], job["position_in_epoch"], job["position"], job["steps_done"]) == \
         (1, 0, 16, 16, 2)
     assert data[mf.K_IDENTITY]["adapter.r"] == 8 and data[mf.K_IDENTITY]["model.tokenizer_hash"]
     assert data[mf.K_HPARAMS]["batch_size"] == 4 and "torch" in data[mf.K_LIBRARIES]

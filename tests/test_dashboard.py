@@ -145,17 +145,23 @@ def test_control_without_daemon_is_not_acknowledged(client, trained):
 
 def test_control_kept_for_a_running_daemon(client, trained):
     """A live daemon that has not answered yet keeps the request: it acts on it between steps."""
-    lock = trained / LOCK_FILE
-    lock.write_text(str(os.getpid()))  # the daemon's lock, held by a live process
-    try:
+    from conveyor.daemon import Lock
+    from conveyor.workspace import Workspace
+
+    with Lock(Workspace(trained)):  # the daemon's flock, held by a live process
         r = client.post("/api/control/pause")
-    finally:
-        lock.unlink()
     assert r.status_code == 202 and r.json()["expired"] is False
     con = store.connect(trained / "conveyor.db")
     assert [q.id for q in controls.pending(con)] == [r.json()["request_id"]]
-    controls.ack(con, r.json()["request_id"], "acted on by the test")
+    controls.answer(con, r.json()["request_id"], "acted on by the test")
     con.close()
+
+
+def test_a_dead_daemons_pid_is_not_a_live_daemon(client, trained):
+    """The lock file names a live process (this one) but nobody holds the lock: no daemon, the request expires."""
+    (trained / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    r = client.post("/api/control/pause")
+    assert r.status_code == 202 and r.json()["expired"] is True
 
 
 def test_control_answer_from_the_worker(trained):
@@ -167,8 +173,9 @@ def test_control_answer_from_the_worker(trained):
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                for request in controls.pending(con):
-                    controls.ack(con, request.id, "skipped job 2 at step 5")
+                request = controls.take(con, "stand-in worker")
+                if request:
+                    controls.answer(con, request.id, "skipped job 2 at step 5")
                     return
                 time.sleep(0.02)
         finally:

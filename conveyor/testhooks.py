@@ -1,0 +1,44 @@
+"""Test hooks, read from the environment: crash the process at a named point, or make a person's request
+arrive at a given step. They let tests walk every path deterministically; unset, they cost one dict lookup.
+
+CONVEYOR_FAILPOINT="<name>:<step>[:<marker file>]" SIGKILLs this process at that point (a power cut); with a
+marker file only once. Names: step, checkpoint-write, checkpoint-renamed.
+CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, resume, stop, skip) right
+after that global step, as `conveyor <action>` would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def failpoint(name: str, step: int) -> None:
+    spec = os.environ.get("CONVEYOR_FAILPOINT", "")
+    if not spec:
+        return
+    parts = spec.split(":", 2)
+    if parts[:2] != [name, str(step)]:
+        return
+    if len(parts) == 3:
+        marker = Path(parts[2])
+        if marker.exists():
+            return
+        marker.write_text("fired\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(step: int) -> None:
+    failpoint("step", step)
+
+
+def requests_due(step: int) -> list[str]:
+    """Control actions a test asked to arrive right after this global step."""
+    spec = os.environ.get("CONVEYOR_TEST_REQUESTS", "")
+    due = []
+    for item in filter(None, spec.split(",")):
+        action, _, at = item.partition("@")
+        if at.isdigit() and int(at) == step:
+            due.append(action)
+    return due

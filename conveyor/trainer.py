@@ -1,0 +1,449 @@
+"""The Hugging Face Trainer glue: trains one planned job segment (PEFT LoRA or full) from its exact position.
+
+The Trainer is the engine; conveyor owns step numbers, data order, positions and checkpoints. The callback
+only forwards the Trainer's events to small parts with one concern each: step accounting (what was fed, the
+position, the audit), metrics, checkpoints (weights, optimizer, scheduler, RNG, manifest) and controls.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import checkpoints as ck
+from . import distributed, testhooks
+from . import manifest as mf
+from .config import Config
+from .formats import IGNORE, TokenizedFile
+from .plan import JobOrder, Position, examples_per_step
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries() -> None:
+    """conveyor prints its own progress; silence the libraries' bars, info logs and deprecation chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class JobSpec:
+    """Everything the Trainer glue needs about one job segment."""
+    run_id: str
+    run_dir: Path
+    data: TokenizedFile
+    start: Position  # the job's position at the start of this segment (begin_segment already applied)
+    identity: dict
+    resume: ck.Checkpoint | None  # None: the run starts from the base model
+    open_jobs: list[Position]  # the run's other jobs stopped mid-way: every checkpoint records them
+    eval_data: TokenizedFile | None = None  # the validation set, tokenized like training data
+
+    @property
+    def job_id(self) -> int:
+        return self.start.job_id
+
+
+@dataclass
+class Hooks:
+    """Callbacks from the training loop to the caller (progress display, control, database)."""
+    progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
+    flush: Callable[..., None] | None = None  # (audit, metrics, evals, samples, position)
+    # Between steps (rank 0), given the global step: "pause", a reason to stop now, or None to go on.
+    peek: Callable[[int], str | None] | None = None
+    # After a pause's checkpoint: blocks until resumed (returns None) or stopped/skipped (returns why).
+    hold: Callable[[Path], str | None] | None = None
+    checkpointed: Callable[[Position], None] | None = None  # a checkpoint of this position verified
+    say: Callable[[str, str], None] | None = None  # (level, text)
+
+
+@dataclass
+class Trained:
+    """What a segment did: where the job stands now, and why it stopped early (None: it reached its end)."""
+    position: Position
+    stopped: str | None = None
+    checkpoint: Path | None = None
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(config: Config, model_path: str, resume_dir: Path | None):
+    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import set_seed
+
+    dtype = DTYPES[config.model.precision]
+    if config.adapter.method == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(resume_dir or model_path), dtype=dtype)
+        model.config.use_cache = False
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    base.config.use_cache = False
+    if resume_dir is not None:
+        return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
+    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
+    lora = LoraConfig(r=config.adapter.r, lora_alpha=config.adapter.alpha, lora_dropout=config.adapter.dropout,
+                      target_modules=list(config.adapter.target_modules), bias=config.adapter.bias,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+class PlanDataset(Dataset):
+    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1)).
+
+    With several processes the last step is padded with fully masked one-token fillers (zero loss, zero
+    gradient) up to a multiple of batch × processes, so no rank runs dry and no example is repeated (the
+    usual even_batches remedy would train the first examples twice).
+    """
+
+    def __init__(self, data: TokenizedFile, order: JobOrder, start: int, pad_to: int = 1, pad_id: int = 0):
+        self.data, self.order, self.start, self.pad_id = data, order, start, pad_id
+        real = len(order) - start
+        self.length = -(-real // pad_to) * pad_to if real else 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self.start + i >= len(self.order):
+            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
+        _, index = self.order[self.start + i]
+        ex = self.data.examples[index]
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": ex.line}
+
+
+class AuditingCollator:
+    """Pads a batch (Hugging Face's DataCollatorForSeq2Seq) and remembers which lines it fed, in order."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.fed.extend(f["line"] for f in features)
+        return self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+
+    def take(self, n: int) -> list[int]:
+        return [self.fed.popleft() for _ in range(n)]
+
+
+def rng_file(rank: int) -> str:
+    return mf.RNG if rank == 0 else mf.RNG.replace(".pt", f"-rank{rank}.pt")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_scheduler(config: Config, optimizer, planned_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    t = config.training
+    if t.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, planned_steps)
+    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def apply_learning_rate(scheduler, lr: float) -> None:
+    """Set the configured peak LR at the scheduler's position (an LR change is applied, not a new run)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def hyperparameters(config: Config, world_size: int) -> dict:
+    t = config.training
+    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
+            "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
+            "max_length": t.max_length, "epochs": t.epochs}
+
+
+def libraries() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class _JobCallback:
+    """Hooks into the Trainer's loop: step accounting and audit, metrics, checkpoints, RNG restore, controls."""
+
+    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, order: JobOrder,
+                 padded_len: int, hooks: Hooks):
+        self.spec, self.config, self.collator, self.order, self.hooks = spec, config, collator, order, hooks
+        self.main = distributed.is_main()
+        self.padded_len = padded_len  # items in the data set including fillers
+        self.consumed = 0
+        self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
+        self.world_size = world_size
+        self.pos = spec.start
+        self.audit: list = []
+        self.metrics: list = []
+        self.evals: list = []
+        self.samples: list = []
+        self.evaluator = None  # set by train_segment when a validation set is configured
+        self.trainer = None
+        self.pending: dict = {}
+        self.stopped: str | None = None
+        self.last_checkpoint: Path | None = None
+        # Mid-job: continue the RNG stream the checkpoint saved (dropout, etc.), as an uninterrupted run would.
+        self.restore_rng = spec.resume is not None and spec.start.steps_done > 0
+        self.t_step = self.t_flush = time.perf_counter()
+
+    # Trainer callback protocol -------------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kw):
+        if self.restore_rng:
+            restore_rng(self.spec.resume.path, distributed.rank(), self.hooks)
+            self.restore_rng = False
+
+    def on_step_end(self, args, state, control, **kw):
+        n = self.pos.next_step_examples(self.eps)
+        lines, tokens = self._planned(n)
+        self._check_fed(lines)
+        self.pos = self.pos.after_step(self.eps)
+        step = self.pos.last_step
+        self.audit.append((step, self.spec.job_id, lines))
+        now = time.perf_counter()
+        self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
+                        "step_time": now - self.t_step}
+        self.t_step = now
+        if self.main:
+            testhooks.after_step(step)
+        last = self.pos.finished
+        every = self.config.eval.every_steps
+        if self.main and self.evaluator is not None and (last or (every and step % every == 0)):
+            self._evaluate(step, kw["model"])
+        # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
+        action = distributed.broadcast(None if last or not self.hooks.peek else self.hooks.peek(step))
+        if action or last or step % self.config.training.save_every == 0:
+            self._checkpoint_everywhere(step, kw, last)
+        if action == "pause":
+            action = distributed.broadcast(self.hooks.hold(self.last_checkpoint) if self.hooks.hold else None)
+        if action:
+            self.stopped = action
+            control.should_training_stop = True
+        return control
+
+    def _check_fed(self, lines: list[int]) -> None:
+        """What the ranks' data loaders really fed this step must be exactly the planned lines (law 2)."""
+        per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
+        self.consumed += per_rank * self.world_size
+        fed = self.collator.take(per_rank)
+        everyone = distributed.gather([line for line in fed if line])  # 0 marks a filler
+        if self.main:
+            got = [line for rank_lines in everyone for line in rank_lines]
+            if sorted(got) != sorted(lines) or (self.world_size == 1 and got != lines):
+                raise RuntimeError(f"the Trainer fed lines {got} where conveyor planned {lines}; this is a bug")
+
+    def _planned(self, n: int) -> tuple[list[int], int]:
+        """Lines and tokens of the next n plan positions: what this optimizer step trains on all ranks."""
+        at = self.pos.position
+        examples = [self.spec.data.examples[self.order[p][1]] for p in range(at, at + n)]
+        return [e.line for e in examples], sum(len(e.input_ids) for e in examples)
+
+    def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
+        states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
+        if self.main:
+            self._flush()
+            manifest = mf.Manifest(run_id=self.spec.run_id, global_step=step, job=self.pos, job_end=last,
+                                   identity=self.spec.identity, open_jobs=self.spec.open_jobs,
+                                   hyperparameters=hyperparameters(self.config, self.world_size),
+                                   libraries=libraries())
+            self.last_checkpoint = save_checkpoint(self.spec.run_dir, manifest, kw["model"], kw["optimizer"],
+                                                   kw["lr_scheduler"], states,
+                                                   self.config.training.keep_checkpoints)
+            if self.hooks.checkpointed:
+                self.hooks.checkpointed(self.pos)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self.pending or not logs or "loss" not in logs:
+            return
+        row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm")}
+        self.pending = {}
+        self.metrics.append(row)
+        if self.hooks.progress:
+            self.hooks.progress(self.pos.steps_done, self.pos.planned_steps, row["loss"],
+                                row["examples"] / max(row["step_time"], 1e-9))
+        if time.perf_counter() - self.t_flush > 2.0:
+            self._flush()
+
+    def _evaluate(self, step: int, model) -> None:
+        result = self.evaluator.loss(self.trainer, model)
+        self.evals.append({"step": step, "job_id": self.spec.job_id, "eval_loss": result.loss,
+                           "examples": result.examples})
+        self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
+
+    def _flush(self) -> None:
+        if self.hooks.flush:
+            self.hooks.flush(self.audit, self.metrics, self.evals, self.samples, self.pos)
+        self.audit, self.metrics, self.evals, self.samples = [], [], [], []
+        self.t_flush = time.perf_counter()
+
+
+def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
+                    keep: int) -> Path:
+    """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest."""
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
+        torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
+        for r, state in enumerate(rng_states):
+            torch.save(state, folder / rng_file(r))
+
+    return ck.write(run_dir, manifest.global_step, save, manifest, keep).path
+
+
+def restore_rng(folder: Path, rank: int, hooks: Hooks) -> None:
+    """This rank's RNG from the checkpoint; a rank the checkpoint has none for (the world size grew since) is
+    re-seeded from (seed, rank, step) and the change is said: exactness across a world-size change is not kept."""
+    path = folder / rng_file(rank)
+    if path.exists():
+        set_rng_state(torch.load(path, weights_only=False))
+        return
+    from transformers.trainer_utils import set_seed
+
+    step = int(folder.name.split("-")[1])
+    set_seed(hash((rank, step)) % 2**31)
+    if hooks.say:
+        hooks.say("warning", f"{folder.name} has no RNG state for rank {rank} (the world size changed since): "
+                  "that rank is re-seeded; the run goes on, but not bit-exact with an unchanged world size")
+
+
+def _trainer_callback(inner: _JobCallback):
+    from transformers import TrainerCallback
+
+    class Adapter(TrainerCallback):
+        # Only forwards the events conveyor uses; keeps the Trainer import out of module import time.
+        def on_step_begin(self, *a, **kw):
+            return inner.on_step_begin(*a, **kw)
+
+        def on_step_end(self, *a, **kw):
+            return inner.on_step_end(*a, **kw)
+
+        def on_log(self, *a, **kw):
+            return inner.on_log(*a, **kw)
+
+    return Adapter()
+
+
+def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None,
+                       job_id: int = 0):
+    from transformers import TrainingArguments
+
+    t = config.training
+    if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
+        # One TensorBoard run per job: the integrations count the Trainer's job-local steps, not global ones.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str((run_dir or output_dir) / "tensorboard" / f"job-{job_id:05d}")
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
+        train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
+        ddp_timeout=int(distributed.TIMEOUT.total_seconds()), ddp_find_unused_parameters=False,
+        # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
+        **({"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() else {}),
+        save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
+        disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
+    )
+
+
+def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | None = None,
+                  world_size: int = 1) -> Trained:
+    """Train one job from spec.start to its planned end (or a requested stop); returns where it stands."""
+    from transformers import PrinterCallback, Trainer
+
+    quiet_libraries()
+    hooks = hooks or Hooks()
+    tokenizer = load_tokenizer(model_path)
+    model = build_model(config, model_path, spec.resume.path if spec.resume else None)
+    t = config.training
+    start = spec.start
+    order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
+    dataset = PlanDataset(spec.data, order, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
+                          pad_id=tokenizer.pad_token_id)
+    collator = AuditingCollator(tokenizer)
+    inner = _JobCallback(spec, config, collator, world_size, order, len(dataset), hooks)
+    remaining = start.planned_steps - start.steps_done
+    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
+                                                           spec.job_id),
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                      callbacks=[_trainer_callback(inner)])
+    trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
+    inner.trainer = trainer
+    if spec.eval_data is not None:
+        from .evaluation import Evaluator
+
+        e = config.eval
+        inner.evaluator = Evaluator(spec.eval_data, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
+                                    tokenizer)
+    trainer.create_optimizer()
+    trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec)
+    trainer.train()
+    inner._flush()  # the last step's metrics arrive after its checkpoint
+    if inner.stopped is None and not inner.pos.finished:
+        raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
+                           f"planned {remaining}; this is a bug")
+    return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+
+
+def restore_optimizer(config: Config, optimizer, spec: JobSpec):
+    """Optimizer and LR schedule as the resume checkpoint left them; returns the scheduler.
+
+    The constant schedule runs once per run, so it continues from the checkpoint. The cosine schedule belongs
+    to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since)."""
+    t = config.training
+    scheduler = make_scheduler(config, optimizer, spec.start.planned_steps)
+    if spec.resume is not None:
+        optimizer.load_state_dict(torch.load(spec.resume.path / mf.OPTIMIZER, weights_only=False))
+        if t.schedule == "cosine":
+            scheduler = make_scheduler(config, optimizer, spec.start.planned_steps)
+            with warnings.catch_warnings():  # stepping a schedule without optimizer steps is what we mean here
+                warnings.simplefilter("ignore")
+                for _ in range(spec.start.steps_done):
+                    scheduler.step()
+        else:
+            scheduler.load_state_dict(torch.load(spec.resume.path / mf.SCHEDULER, weights_only=False))
+    apply_learning_rate(scheduler, t.learning_rate)
+    return scheduler
