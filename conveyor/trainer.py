@@ -233,7 +233,7 @@ class _JobCallback:
     # Trainer callback protocol -------------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kw):
         if self.restore_rng:
-            restore_rng(self.spec.resume.path, distributed.rank(), self.hooks)
+            restore_rng(self.spec.resume.path, distributed.rank(), self.world_size, self.hooks)
             self.restore_rng = False
 
     def on_step_end(self, args, state, control, **kw):
@@ -334,20 +334,20 @@ def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, sche
     return ck.write(run_dir, manifest.global_step, save, manifest, keep).path
 
 
-def restore_rng(folder: Path, rank: int, hooks: Hooks) -> None:
-    """This rank's RNG from the checkpoint; a rank the checkpoint has none for (the world size grew since) is
-    re-seeded from (seed, rank, step) and the change is said: exactness across a world-size change is not kept."""
-    path = folder / rng_file(rank)
-    if path.exists():
-        set_rng_state(torch.load(path, weights_only=False))
+def restore_rng(folder: Path, rank: int, world_size: int, hooks: Hooks) -> None:
+    """This rank's RNG from the checkpoint. A rank the checkpoint has none for (the world size grew since it was
+    written) is re-seeded from (rank, step), and rank 0 says so: the run goes on, not bit-exact across the change."""
+    missing = [r for r in range(world_size) if not (folder / rng_file(r)).exists()]
+    if rank == 0 and missing and hooks.say:
+        hooks.say("warning", f"{folder.name} has no RNG state for rank(s) {', '.join(map(str, missing))} (written "
+                  f"with fewer processes than the {world_size} now): they are re-seeded; the job continues from "
+                  "its exact position, but dropout noise is not bit-exact with an unchanged world size")
+    if rank not in missing:
+        set_rng_state(torch.load(folder / rng_file(rank), weights_only=False))
         return
     from transformers.trainer_utils import set_seed
 
-    step = int(folder.name.split("-")[1])
-    set_seed(hash((rank, step)) % 2**31)
-    if hooks.say:
-        hooks.say("warning", f"{folder.name} has no RNG state for rank {rank} (the world size changed since): "
-                  "that rank is re-seeded; the run goes on, but not bit-exact with an unchanged world size")
+    set_seed(1_000_003 * rank + int(folder.name.split("-")[1]))
 
 
 def _trainer_callback(inner: _JobCallback):

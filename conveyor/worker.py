@@ -256,9 +256,10 @@ class Worker:
             level = "warning"
         elif pos.steps_done:
             where = f" from {trained.checkpoint.name}" if trained.checkpoint else ""
-            text = (f"stopped ({trained.stopped}) after global step {pos.last_step}; job {job.id} is interrupted "
-                    f"at its step {pos.steps_done} of {pos.planned_steps} and resumes from there{where}, before "
-                    "other jobs of its priority")
+            text = (f"stopped ({trained.stopped}) after global step {pos.last_step}; job {job.id} resumes at step "
+                    f"{pos.last_step + 1} (its step {pos.steps_done + 1} of {pos.planned_steps}){where} on the next "
+                    "start, before other jobs of its priority (a higher-priority job may go first; it then resumes "
+                    "from its own position after that)")
             level = "info"
         else:
             text = f"stopped ({trained.stopped}) before job {job.id} trained a step; it stays queued"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 
 class Service:
-    def __init__(self, ws: Path, *extra: str):
+    def __init__(self, ws: Path, *extra: str, env: dict | None = None):
         self.ws = ws
         self.log = open(ws / "daemon-test-output.txt", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "run", *extra], stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
 
     def query(self, sql: str, args=()) -> list:
         con = sqlite3.connect(self.ws / "conveyor.db", timeout=30)

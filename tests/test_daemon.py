@@ -65,7 +65,7 @@ def test_pause_resume_skip_stop_act_between_steps(service):
     service.proc.wait(timeout=60)
     assert service.proc.returncode == 0
     job = service.jobs()["third.jsonl"]
-    assert job["state"] == "queued"  # stop keeps the job; it resumes on the next start
+    assert job["state"] == "interrupted"  # stop keeps the job and its position; it resumes on the next start
     resume_at = int(r.out.split("resumes at step ")[1].split()[0])
     assert (service.ws / "runs" / "run-0001" / "checkpoints" / f"step-{resume_at - 1:06d}").is_dir()
 
@@ -95,25 +95,32 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_with_an_exact_audit(serv
     os.kill(pid, signal.SIGKILL)
     service.wait(lambda: service.jobs()["victim.jsonl"]["state"] == "done", 180, "the retried job")
     job = service.jobs()["victim.jsonl"]
-    assert job["attempts"] == 1 and (job["start_step"], job["end_step"]) == (1, 150)
+    # It had passed a checkpoint when it died: a death with progress does not count against max_attempts.
+    assert (job["attempts"], job["deaths"]) == (0, 1) and (job["start_step"], job["end_step"]) == (1, 150)
     audit = service.query("SELECT step, lines FROM audit ORDER BY step")
     assert [r["step"] for r in audit] == list(range(1, 151))
     assert Counter(x for r in audit for x in json.loads(r["lines"])) == Counter(range(1, 151))
-    assert "worker died (signal 9); attempt 2 of 3" in service.messages()
+    assert "worker died ((signal 9), it had reached its step" in service.messages()
 
 
-def test_a_worker_that_keeps_dying_fails_the_job_and_the_daemon_goes_on(service):
-    _drop(service, "doomed.jsonl", 4000)
-    for attempt in range(3):
-        service.wait(lambda: len(service.query("SELECT id FROM events WHERE kind = 'worker'")) == attempt + 1,
-                     120, f"worker {attempt + 1}")
-        service.wait(lambda: _steps_done(service, 1) > 0 or service.steps() > 0, 120, "a step")
-        time.sleep(0.3)
-        os.kill(service.worker_pid(1), signal.SIGKILL)
-    service.wait(lambda: service.jobs()["doomed.jsonl"]["state"] == "failed", 60, "the job to fail")
-    assert "its worker died 3 time(s)" in service.jobs()["doomed.jsonl"]["error"]
-    _drop(service, "after.jsonl", 5)
-    service.wait(lambda: service.jobs().get("after.jsonl", {}).get("state") == "done", 120, "the next file")
+def test_a_worker_that_keeps_dying_without_progress_fails_the_job_and_the_daemon_goes_on(workspace):
+    """Every worker dies at global step 30. The first death comes after checkpoint 25 (progress: not counted);
+    the next three make no new checkpoint, so the job fails on the third (max_attempts = 3)."""
+    ws = workspace(**SETTINGS)
+    env = {**os.environ, "CONVEYOR_FAILPOINT": "step:30"}
+    svc = Service(ws, env=env).ready()
+    try:
+        _drop(svc, "doomed.jsonl", 4000)
+        svc.wait(lambda: svc.jobs().get("doomed.jsonl", {}).get("state") == "failed", 240, "the job to fail")
+        job = svc.jobs()["doomed.jsonl"]
+        assert (job["attempts"], job["deaths"], job["steps_done"]) == (3, 4, 25)
+        assert "its worker died 3 time(s) in a row without a new checkpoint (4 death(s) in all)" in job["error"]
+        _drop(svc, "after.jsonl", 4)  # global steps 26–29: the failpoint at 30 is never reached
+        svc.wait(lambda: svc.jobs().get("after.jsonl", {}).get("state") == "done", 120, "the next file")
+        assert (svc.jobs()["after.jsonl"]["start_step"], svc.jobs()["after.jsonl"]["end_step"]) == (26, 29)
+        assert svc.proc.poll() is None
+    finally:
+        svc.stop()
 
 
 def test_invalid_settings_edited_in_keep_the_last_valid_ones(service):

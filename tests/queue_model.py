@@ -1,0 +1,274 @@
+"""A model-based test of the queue: random sequences of what people and machines do to conveyor (add files of
+any size, format, priority and epochs; stop, skip, pause/resume at a step; remove a waiting job; SIGKILL at a
+failpoint; restart; change settings between jobs; change the LoRA rank, which starts a new run), with the laws
+checked after every step against a plain model of the queue.
+
+Each `run --drain` is a real `conveyor` process forked from a forkserver that has the training stack imported
+(so a restart costs a fork, not 6 s of imports) and that never ran torch itself (forking after torch's thread
+pools start can deadlock). A failing sequence is printed by hypothesis as a program that replays it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import make_workspace, run_cli
+from conveyor.config import load_config, render_config
+from conveyor.plan import JobOrder
+
+PRELOAD = ["conveyor.cli", "conveyor.daemon", "conveyor.worker", "conveyor.trainer", "transformers.trainer", "peft"]
+_context = None
+
+
+def _forkserver():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _drain_child(ws: str, env: dict) -> None:
+    os.environ.update(env)
+    from conveyor import cli
+
+    sys.argv = ["conveyor", "-w", ws, "run", "--drain", "-q"]
+    cli.main()
+
+
+def drain(ws: Path, env: dict | None = None, timeout: float = 300) -> int:
+    """`conveyor run --drain` in a fresh process; its exit code (-9 when a failpoint killed it)."""
+    p = _forkserver().Process(target=_drain_child, args=(str(ws), env or {}))
+    p.start()
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        raise AssertionError(f"`run --drain` did not end within {timeout} s")
+    return p.exitcode
+
+
+def _write(path: Path, n: int, fmt: str, tag: str) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(1, n + 1):
+            record = {"text": f"{tag} {i} fox {i * 7 % 13}"} if fmt == "text" else \
+                {"prompt": f"{tag} q{i}", "completion": f"a{i * 3 % 11}"}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def _tree_hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+STATS: Counter = Counter()  # what the sequences did, for the closing note and to see the test is not idle
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """The plain model: which files were added (bytes, lines, epochs), which jobs a person removed or skipped,
+    and the files of runs that a new identity left behind."""
+
+    tiny_dir: Path = None  # set by the test
+
+    def __init__(self):
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="queue-model-"))
+        self.ws = make_workspace(self.tmp / "ws", self.tiny_dir, training={
+            "batch_size": 2, "grad_accum": 1, "save_every": 3, "max_length": 48, "learning_rate": 1e-3})
+        self.files: dict[int, dict] = {}  # job id → {"path", "bytes", "lines", "epochs"}
+        self.closed_runs: dict[str, dict] = {}  # run id → file hashes when a new identity left it
+        self.step_seen = 0
+        self.n_added = 0
+        self.log: list[str] = []
+
+    def teardown(self):
+        """Every sequence ends with a clean start: whatever is left trains to its end, exactly."""
+        if self.files:
+            self.run_drain(None, None)
+            self.laws_hold()
+        STATS["sequences"] += 1
+        STATS["steps trained"] += self._global_step()
+        STATS["jobs"] += len(self.files)
+        STATS["done"] += sum(j["state"] == "done" for j in self._jobs())
+        STATS["interrupted"] += sum(j["state"] == "interrupted" for j in self._jobs())
+        STATS["skipped"] += sum(j["state"] == "skipped" for j in self._jobs())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # rules -----------------------------------------------------------------------------------------
+    @initialize(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt"]))
+    def first_file(self, n, fmt):
+        self.add(n, fmt, "normal", 1)
+
+    @rule(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt"]),
+          priority=st.sampled_from(["high", "normal", "low"]), epochs=st.sampled_from([1, 1, 2]))
+    def add(self, n, fmt, priority, epochs):
+        self.n_added += 1
+        path = _write(self.tmp / f"f{self.n_added}.jsonl", n, fmt, f"f{self.n_added}")
+        r = run_cli(self.ws, "add", path, "--priority", priority, "--epochs", str(epochs))
+        assert r.code == 0, r.out + r.err
+        job_id = max(j["id"] for j in self._jobs())
+        self.files[job_id] = {"path": path, "bytes": path.read_bytes(), "lines": n, "epochs": epochs}
+
+    KILLS = st.tuples(st.sampled_from(["step", "checkpoint-write", "checkpoint-renamed"]), st.integers(1, 8))
+    REQUESTS = st.tuples(st.sampled_from(["stop", "skip", "pause,resume"]), st.integers(1, 8))
+
+    @rule()
+    def restart(self):
+        self.run_drain(None, None)
+
+    @rule(kill=KILLS)
+    def restart_killed(self, kill):
+        self.run_drain(kill, None)
+
+    @rule(request=REQUESTS)
+    def restart_with_request(self, request):
+        self.run_drain(None, request)
+
+    @rule(kill=KILLS, request=REQUESTS)
+    def restart_with_request_then_killed(self, kill, request):
+        self.run_drain(kill, request)
+
+    def run_drain(self, kill, request):
+        """A (re)start: `run --drain`, perhaps SIGKILLed at a failpoint or asked to stop/skip/pause at a step
+        a few steps ahead of where the run stands."""
+        env = {}
+        at = self._global_step()
+        if kill:
+            env["CONVEYOR_FAILPOINT"] = f"{kill[0]}:{at + kill[1]}"
+        if request:
+            env["CONVEYOR_TEST_REQUESTS"] = ",".join(f"{a}@{at + request[1]}" for a in request[0].split(","))
+        code = drain(self.ws, env)
+        self.log.append(f"drain {env} → {code}")
+        STATS.update({"drains": 1, "killed": code == -9, "requests": bool(request)})
+        assert code in (0, -9), f"run --drain exited {code}"
+        if code == 0 and not request:
+            assert not [j for j in self._jobs() if j["state"] in ("queued", "interrupted", "running")], self._jobs()
+
+    @precondition(lambda self: any(j["state"] in ("queued", "interrupted") for j in self._jobs()))
+    @rule(data=st.data())
+    def remove(self, data):
+        waiting = [j for j in self._jobs() if j["state"] in ("queued", "interrupted")]
+        job = data.draw(st.sampled_from(waiting))
+        r = run_cli(self.ws, "queue", "remove", str(job["id"]), "--reason", "model test")
+        assert r.code == 0, r.out + r.err
+
+    @rule(lr=st.sampled_from([1e-3, 5e-4]), save_every=st.integers(1, 5), epochs=st.integers(1, 2),
+          batch=st.sampled_from([1, 2, 3]))
+    def change_settings(self, lr, save_every, epochs, batch):
+        self._edit(lambda c: (setattr(c.training, "learning_rate", lr), setattr(c.training, "save_every", save_every),
+                              setattr(c.training, "epochs", epochs), setattr(c.training, "batch_size", batch)))
+
+    @rule()
+    def change_lora_rank(self):
+        """A new identity: the next start makes a new run; the old run's files must never change again."""
+        run = self._active_run()
+        if run is not None and run not in self.closed_runs:
+            self.closed_runs[run] = _tree_hashes(self.ws / "runs" / run)
+        self._edit(lambda c: setattr(c.adapter, "r", 4 if c.adapter.r == 8 else 8))
+
+    # the laws, after every rule --------------------------------------------------------------------
+    @invariant()
+    def laws_hold(self):
+        STATS["operations"] += 1
+        con = sqlite3.connect(self.ws / "conveyor.db")
+        con.row_factory = sqlite3.Row
+        try:
+            self._check(con)
+        finally:
+            con.close()
+
+    def _check(self, con):
+        jobs = {r["id"]: dict(r) for r in con.execute("SELECT * FROM jobs")}
+        runs = {r["id"]: dict(r) for r in con.execute("SELECT * FROM runs")}
+        seed = load_config(self.ws / "conveyor.toml").training.seed
+        for run_id in runs:
+            audit = [(r["step"], r["job_id"], json.loads(r["lines"])) for r in
+                     con.execute("SELECT * FROM audit WHERE run_id = ? ORDER BY step", (run_id,))]
+            # Law 1: global steps are contiguous and increasing from 1.
+            assert [s for s, _, _ in audit] == list(range(1, len(audit) + 1)), (run_id, [s for s, _, _ in audit])
+            for job_id in {j for _, j, _ in audit}:
+                self._check_job(jobs[job_id], [x for _, j, lines in audit if j == job_id for x in lines], seed,
+                                run_id, [s for s, j, _ in audit if j == job_id])
+            self._check_ledger(con, run_id, audit, jobs)
+        for run_id, hashes in self.closed_runs.items():
+            assert _tree_hashes(self.ws / "runs" / run_id) == hashes, f"{run_id} changed after a new run began"
+        for job_id, f in self.files.items():  # law 6: the person's file is untouched and a verified copy is kept
+            assert f["path"].read_bytes() == f["bytes"]
+            assert Path(jobs[job_id]["stored"]).read_bytes() == f["bytes"]
+        assert not [j for j in jobs.values() if j["state"] == "failed"], "a job failed"
+
+    def _check_job(self, job, lines, seed, run_id, steps):
+        """Law 2: a job's lines, in the order trained, are exactly the start of its planned order (no line
+        skipped, repeated or reordered, whatever stopped it), and all of it once it is done."""
+        f = self.files[job["id"]]
+        order = JobOrder(seed, job["fingerprint"], f["lines"], f["epochs"])
+        planned = [order[p][1] + 1 for p in range(len(order))]
+        assert lines == planned[:len(lines)], (job["id"], run_id, lines, planned)
+        if job["state"] == "done" and job["run_id"] == run_id:
+            assert Counter(lines) == Counter({line: f["epochs"] for line in range(1, f["lines"] + 1)})
+            assert len(steps) == job["planned_steps"], (job["id"], len(steps), job["planned_steps"])
+
+    def _check_ledger(self, con, run_id, audit, jobs):
+        """Ledger rows (not lost) cover trained steps without overlap, each within one job's steps; every step
+        of a finished or stopped segment is covered."""
+        rows = con.execute("SELECT * FROM ledger WHERE run_id = ? AND outcome != 'lost' ORDER BY start_step",
+                           (run_id,)).fetchall()
+        owner = {s: j for s, j, _ in audit}
+        covered = []
+        for r in rows:
+            steps = list(range(r["start_step"], r["end_step"] + 1))
+            assert all(owner.get(s) == r["job_id"] for s in steps), (run_id, dict(r))
+            covered += steps
+        assert covered == sorted(set(covered)), f"ledger rows overlap in {run_id}"
+        open_steps = {s for s, j, _ in audit if jobs[j]["state"] == "running"}
+        segment_steps = {s for s, j, _ in audit if jobs[j]["state"] == "interrupted"
+                         and s >= (jobs[j]["segment_start"] or 0) and jobs[j]["run_id"] == run_id}
+        for s, j, _ in audit:
+            if s not in covered and s not in open_steps:
+                # Steps after the newest checkpoint may be in the audit until the next start rewinds them.
+                assert s > self._newest_checkpoint(run_id) or s in segment_steps, (run_id, s, j, jobs[j]["state"])
+
+    # helpers ---------------------------------------------------------------------------------------
+    def _jobs(self) -> list[dict]:
+        con = sqlite3.connect(self.ws / "conveyor.db")
+        con.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in con.execute("SELECT * FROM jobs ORDER BY id")]
+        finally:
+            con.close()
+
+    def _active_run(self) -> str | None:
+        con = sqlite3.connect(self.ws / "conveyor.db")
+        try:
+            row = con.execute("SELECT id FROM runs WHERE active = 1").fetchone()
+            return row[0] if row else None
+        finally:
+            con.close()
+
+    def _global_step(self) -> int:
+        run = self._active_run()
+        return self._newest_checkpoint(run) if run else 0
+
+    def _newest_checkpoint(self, run_id: str) -> int:
+        folder = self.ws / "runs" / run_id / "checkpoints"
+        steps = [int(p.name.split("-")[1]) for p in folder.glob("step-*")] if folder.exists() else []
+        return max(steps, default=0)
+
+    def _edit(self, change) -> None:
+        path = self.ws / "conveyor.toml"
+        config = load_config(path)
+        change(config)
+        path.write_text(render_config(config), encoding="utf-8")
