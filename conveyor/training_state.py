@@ -1,0 +1,103 @@
+"""Training state that carries from step to step and job to job: optimizer, LR schedule, every rank's RNG,
+and writing them with the weights and the manifest as one checkpoint."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoints as ck
+from . import manifest as mf
+from .config import Config
+from .plan import Position
+
+
+def rng_file(rank: int) -> str:
+    return mf.RNG if rank == 0 else mf.RNG.replace(".pt", f"-rank{rank}.pt")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_scheduler(config: Config, optimizer, planned_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    t = config.training
+    if t.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, planned_steps)
+    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def apply_learning_rate(scheduler, lr: float) -> None:
+    """Set the configured peak LR at the scheduler's position (an LR change is applied, not a new run)."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
+                    keep: int) -> Path:
+    """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest."""
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
+        torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
+        for r, state in enumerate(rng_states):
+            torch.save(state, folder / rng_file(r))
+
+    return ck.write(run_dir, manifest.global_step, save, manifest, keep).path
+
+
+def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:
+    """This rank's RNG from the checkpoint. A rank the checkpoint has none for (the world size grew since it was
+    written) is re-seeded from (rank, step), and rank 0 says so: the run goes on, not bit-exact across the change."""
+    missing = [r for r in range(world_size) if not (folder / rng_file(r)).exists()]
+    if rank == 0 and missing and say:
+        say("warning", f"{folder.name} has no RNG state for rank(s) {', '.join(map(str, missing))} (written "
+                  f"with fewer processes than the {world_size} now): they are re-seeded; the job continues from "
+                  "its exact position, but dropout noise is not bit-exact with an unchanged world size")
+    if rank not in missing:
+        set_rng_state(torch.load(folder / rng_file(rank), weights_only=False))
+        return
+    from transformers.trainer_utils import set_seed
+
+    set_seed(1_000_003 * rank + int(folder.name.split("-")[1]))
+
+
+def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position):
+    """Optimizer and LR schedule as the resume checkpoint left them; returns the scheduler.
+
+    The constant schedule runs once per run, so it continues from the checkpoint. The cosine schedule belongs
+    to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since)."""
+    t = config.training
+    scheduler = make_scheduler(config, optimizer, start.planned_steps)
+    if resume is not None:
+        optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
+        if t.schedule == "cosine":
+            scheduler = make_scheduler(config, optimizer, start.planned_steps)
+            with warnings.catch_warnings():  # stepping a schedule without optimizer steps is what we mean here
+                warnings.simplefilter("ignore")
+                for _ in range(start.steps_done):
+                    scheduler.step()
+        else:
+            scheduler.load_state_dict(torch.load(resume / mf.SCHEDULER, weights_only=False))
+    apply_learning_rate(scheduler, t.learning_rate)
+    return scheduler
