@@ -18,10 +18,12 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def copy_hashing(source: Path, target: Path) -> str:
-    """Copy source to target in one pass, returning the sha256 of the bytes copied."""
+def copy_hashing(source: Path, target: Path, exclusive: bool = False) -> str:
+    """Copy source to target in one pass, returning the sha256 of the bytes copied.
+
+    exclusive: fail (FileExistsError) rather than overwrite an existing target."""
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "wb") as dst:
+    with open(source, "rb") as src, open(target, "xb" if exclusive else "wb") as dst:
         while chunk := src.read(CHUNK):
             digest.update(chunk)
             dst.write(chunk)

@@ -7,6 +7,7 @@ Formats, detected per file: `text`; `messages` (chat, loss on every assistant tu
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,25 @@ TEXT, CHAT, PROMPT = "text", "messages", "prompt_completion"
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20
 IGNORE = -100  # label id that the loss skips (Hugging Face convention)
+MAX_LINE_BYTES = 64 << 20  # one example longer than this is a mistake; reading it whole could exhaust memory
+CHUNK = 1 << 20  # how much of an over-long line is read at a time while skipping it
+SNIFF_BYTES = 4096  # enough of the start of a file to tell compressed data or UTF-16 from JSONL
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16 = "UTF-16 text: save it as UTF-8 (most editors offer the encoding under \"Save as\") and add it again"
+# First bytes of what people drop by mistake; none can start a JSONL line.
+MAGIC = [
+    (b"\x1f\x8b", "gzip-compressed data: decompress it (gunzip) and drop the .jsonl"),
+    (b"PK\x03\x04", "a zip archive: extract it (unzip) and drop the .jsonl files in it"),
+    (b"PK\x05\x06", "an empty zip archive: there is nothing in it to train"),
+    (b"BZh", "bzip2-compressed data: decompress it (bunzip2) and drop the .jsonl"),
+    (b"\xfd7zXZ\x00", "xz-compressed data: decompress it (unxz) and drop the .jsonl"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data: decompress it (unzstd) and drop the .jsonl"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive: extract it (7z x) and drop the .jsonl files in it"),
+    (b"\xff\xfe\x00\x00", "UTF-32 text: save it as UTF-8 and add it again"),
+    (b"\x00\x00\xfe\xff", "UTF-32 text: save it as UTF-8 and add it again"),
+    (b"\xff\xfe", UTF16),
+    (b"\xfe\xff", UTF16),
+]
 
 
 @dataclass
@@ -49,6 +69,17 @@ def _nonempty_str(record: dict, key: str) -> None:
         raise ValueError(f'"{key}" must be a string, found {type(value).__name__}')
     if not value.strip():
         raise ValueError(f'"{key}" is empty')
+    _encodable(value, f'"{key}"')
+
+
+def _encodable(value: str, where: str) -> None:
+    # JSON may escape half of a UTF-16 surrogate pair ("\\ud800"), which is no text: tokenizing it would fail
+    # later, mid-training, so it is a bad line here.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} holds an unpaired surrogate \\u{ord(value[e.start]):04x} at character "
+                         f"{e.start + 1}, which is not text; remove it, or write the character itself") from None
 
 
 def _check_messages(messages) -> None:
@@ -61,6 +92,7 @@ def _check_messages(messages) -> None:
             raise ValueError(f'messages[{i}].role {message["role"]!r} is unknown; use one of {", ".join(ROLES)}')
         if not isinstance(message["content"], str) or not message["content"].strip():
             raise ValueError(f"messages[{i}].content must be a non-empty string")
+        _encodable(message["content"], f"messages[{i}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn, so nothing to train on")
 
@@ -80,38 +112,113 @@ def _check_record(record) -> str:
 
 
 def parse_file(path: Path, name: str | None = None) -> ParsedFile:
-    """Read and validate a whole JSONL file; raise DataError listing every bad line (under `name`)."""
-    problems: list[tuple[int, str]] = []
-    examples: list[Example] = []
-    formats: dict[str, int] = {}
+    """Read and validate a whole JSONL file; raise DataError listing every bad line (under `name`).
+
+    The file is only read. A file that is not UTF-8 text at all (compressed, UTF-16, ...) is named as such."""
+    name = name or path.name
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append((number, f"invalid UTF-8 at byte {e.start}"))
-                continue
-            if not text.strip():
-                continue  # blank lines are not examples
-            try:
-                record = json.loads(text)
-                fmt = _check_record(record)
-            except json.JSONDecodeError as e:
-                problems.append((number, f"invalid JSON: {e.msg} at column {e.colno}"))
-                continue
-            except ValueError as e:
-                problems.append((number, str(e)))
-                continue
-            formats.setdefault(fmt, number)
-            examples.append(Example(number, record))
+        kind = what_it_is(f.read(SNIFF_BYTES))
+        if kind:
+            raise DataError(describe_problems(name, [(0, kind)]))
+        f.seek(0)
+        problems, examples, formats = _parse_lines(f, max_line_bytes())
     if len(formats) > 1:
         first = ", ".join(f"{fmt} (first on line {line})" for fmt, line in formats.items())
         problems.append((0, f"the file mixes formats: {first}; one file must use one format"))
     if not examples and not problems:
         problems.append((0, "the file has no examples"))
     if problems:
-        raise DataError(describe_problems(name or path.name, problems))
+        raise DataError(describe_problems(name, problems))
     return ParsedFile(next(iter(formats)), examples)
+
+
+def _parse_lines(f, limit: int) -> tuple[list[tuple[int, str]], list[Example], dict[str, int]]:
+    """Every line checked: (problems by line, examples, first line of each format)."""
+    problems: list[tuple[int, str]] = []
+    examples: list[Example] = []
+    formats: dict[str, int] = {}
+    for number, raw in _read_lines(f, limit):
+        try:
+            parsed = _parse_line(number, raw, limit)
+        except ValueError as e:
+            problems.append((number, str(e)))
+            continue
+        if parsed is not None:  # blank lines are not examples
+            record, fmt = parsed
+            formats.setdefault(fmt, number)
+            examples.append(Example(number, record))
+    return problems, examples, formats
+
+
+def _read_lines(f, limit: int):
+    """(line number, bytes) for every line; a line longer than `limit` is skipped, never held in memory,
+    and yielded as None."""
+    number = 0
+    while raw := f.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            raw = None
+        yield number, raw
+
+
+def _parse_line(number: int, raw: bytes | None, limit: int) -> tuple[dict, str] | None:
+    """(record, format) of one line, None for a blank line; ValueError says what is wrong with it."""
+    if raw is None:
+        raise ValueError(f"longer than {_size(limit)}, the most one line may hold; split it into smaller examples")
+    if b"\0" in raw:
+        raise ValueError(f"binary data: a NUL byte at byte {raw.index(0)}; a JSONL file holds only text")
+    bom = len(UTF8_BOM) if number == 1 and raw.startswith(UTF8_BOM) else 0  # harmless, some editors add it
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start + bom}; save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        # removesuffix: some of json's messages end in " at" already ("Invalid control character at").
+        raise ValueError(f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from None
+    except RecursionError:  # the json module recurses once per level: a hostile line must not end the daemon
+        raise ValueError("nested deeper than the JSON parser allows; an example is one flat JSON object") from None
+    return record, _check_record(record)
+
+
+def what_it_is(head: bytes) -> str | None:
+    """What a file is when its first bytes show it is not UTF-8 JSONL (which starts with `{`, a space or a
+    UTF-8 BOM), as a message saying what to do; None when it may be JSONL."""
+    for magic, kind in MAGIC:
+        if head.startswith(magic):
+            return f"this looks like {kind}"
+    if _utf16_without_bom(head):
+        return f"this looks like {UTF16}"
+    return None
+
+
+def _utf16_without_bom(head: bytes) -> bool:
+    """JSON's punctuation and keys are ASCII, so UTF-16 has a NUL in every other byte (odd ones in little-endian,
+    even ones in big-endian) and none in the others."""
+    head = head[: len(head) // 2 * 2]
+    for text, zeros in ((head[0::2], head[1::2]), (head[1::2], head[0::2])):
+        if text and 0 not in text and zeros.count(0) * 2 >= len(zeros):
+            return True
+    return False
+
+
+def max_line_bytes() -> int:
+    """MAX_LINE_BYTES, or CONVEYOR_MAX_LINE_BYTES when set to a positive integer (a machine with little memory,
+    or a test, lowers it without editing code; any other value is ignored)."""
+    value = os.environ.get("CONVEYOR_MAX_LINE_BYTES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_LINE_BYTES
+
+
+def _size(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
 
 
 def describe_problems(name: str, problems: list[tuple[int, str]]) -> str:
@@ -120,9 +227,9 @@ def describe_problems(name: str, problems: list[tuple[int, str]]) -> str:
     lines = [f"  line {n}: {msg}" if n else f"  {msg}" for n, msg in shown]
     if len(problems) > MAX_REPORTED:
         lines.append(f"  ... and {len(problems) - MAX_REPORTED} more problem(s)")
-    return f"{name}: rejected, nothing trained from it ({len(problems)} problem(s)):\n" + "\n".join(lines) + (
-        "\nFix the lines above and add the file again."
-    )
+    fix = "Fix the lines above and add the file again." if any(n for n, _ in problems) else (
+        "Fix the file and add it again.")
+    return f"{name}: rejected, nothing trained from it ({len(problems)} problem(s)):\n" + "\n".join(lines) + "\n" + fix
 
 
 @dataclass

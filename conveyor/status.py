@@ -134,7 +134,7 @@ def render(data: dict):
     parts.append(queue if data["queue"] else Text("queue: empty"))
     done = Table("job", "file", "state", "global steps", "notes", title="jobs", title_justify="left")
     for j in data["jobs"]:
-        if j["state"] in ("queued", "running"):
+        if j["state"] in ("queued", "running", "interrupted"):
             continue
         span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
         done.add_row(str(j["id"]), j["file"], j["state"], span, (j["error"] or "; ".join(j["warnings"]))[:100])

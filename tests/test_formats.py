@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
+import zipfile
 
 import pytest
 
 from conftest import ASSETS, run_cli, status, text_file
+from conveyor import formats
 from conveyor.errors import DataError
 from conveyor.formats import CHAT, IGNORE, PROMPT, TEXT, parse_file, tokenize_file
-from conveyor.worker import load_tokenizer
+
+try:
+    from conveyor.trainer import load_tokenizer
+except ImportError:  # its home before the training code was split into trainer.py and worker.py
+    from conveyor.worker import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +51,106 @@ def test_many_bad_lines_show_first_20_and_a_count():
     message = str(e.value)
     assert "30 problem(s)" in message and "line 20:" in message and "line 21:" not in message
     assert "... and 10 more problem(s)" in message
+
+
+def _problems(path) -> list[str]:
+    """The problem lines of a rejection, without the indentation, header and advice."""
+    with pytest.raises(DataError) as e:
+        parse_file(path)
+    head, *lines, advice = str(e.value).split("\n")
+    assert head.startswith(f"{path.name}: rejected, nothing trained from it ({len(lines)} problem(s))")
+    assert advice in ("Fix the lines above and add the file again.", "Fix the file and add it again.")
+    return [line.removeprefix("  ") for line in lines]
+
+
+def _zip(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("data.jsonl", data)
+    return out.getvalue()
+
+
+GOOD = b'{"text": "one"}\n{"text": "two"}\n'
+UTF16 = 'this looks like UTF-16 text: save it as UTF-8 (most editors offer the encoding under "Save as") and add it again'
+
+
+@pytest.mark.parametrize("data, expected", [
+    (GOOD + b"[" * 200_000 + b"\n" + GOOD,
+     ["line 3: nested deeper than the JSON parser allows; an example is one flat JSON object"]),
+    (gzip.compress(GOOD), ["this looks like gzip-compressed data: decompress it (gunzip) and drop the .jsonl"]),
+    (_zip(GOOD), ["this looks like a zip archive: extract it (unzip) and drop the .jsonl files in it"]),
+    (bz2.compress(GOOD), ["this looks like bzip2-compressed data: decompress it (bunzip2) and drop the .jsonl"]),
+    (lzma.compress(GOOD), ["this looks like xz-compressed data: decompress it (unxz) and drop the .jsonl"]),
+    (b"\x28\xb5\x2f\xfd" + bytes(range(40)),
+     ["this looks like zstd-compressed data: decompress it (unzstd) and drop the .jsonl"]),
+    (GOOD.decode().encode("utf-16"), [UTF16]),  # with a byte order mark
+    (GOOD.decode().encode("utf-16-le"), [UTF16]),  # without one: NUL in every other byte
+    (GOOD.decode().encode("utf-16-be"), [UTF16]),
+    (GOOD + b'{"text": "a\x00b"}\n' + b"\x89PNG\x00\x00\n",
+     ["line 3: binary data: a NUL byte at byte 11; a JSONL file holds only text",
+      "line 4: binary data: a NUL byte at byte 4; a JSONL file holds only text"]),
+    (b'{"text": "caf\xe9"}\n', ["line 1: invalid UTF-8 at byte 13; save the file as UTF-8"]),
+    (b'\xef\xbb\xbf{"text": "caf\xe9"}\n', ["line 1: invalid UTF-8 at byte 16; save the file as UTF-8"]),
+    (GOOD + b'\xef\xbb\xbf{"text": "x"}\n', ["line 3: invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) "
+                                            "at column 1"]),  # a BOM is only ever at the start of a file
+    (b'{"text": "half a pair \\ud83d"}\n',
+     ['line 1: "text" holds an unpaired surrogate \\ud83d at character 13, which is not text; remove it, or '
+      "write the character itself"]),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\udc00"}]}\n',
+     ["line 1: messages[1].content holds an unpaired surrogate \\udc00 at character 1, which is not text; "
+      "remove it, or write the character itself"]),
+    (b"", ["the file has no examples"]),
+    (b"\n   \n\t\r\n\n", ["the file has no examples"]),
+    (b'[1, 2]\n"text"\n', ["line 1: a line must be a JSON object, found list",
+                           "line 2: a line must be a JSON object, found str"]),
+])
+def test_each_kind_of_bad_input_is_named_with_its_line(tmp_path, data, expected):
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(data)
+    assert _problems(path) == expected
+    assert path.read_bytes() == data  # only read
+
+
+def test_a_utf8_byte_order_mark_on_line_1_is_accepted_and_the_file_left_as_it_is(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD)
+    parsed = parse_file(path)
+    assert parsed.format == TEXT and [(e.line, e.record) for e in parsed.examples] == [(1, {"text": "one"}),
+                                                                                      (2, {"text": "two"})]
+    assert path.read_bytes() == b"\xef\xbb\xbf" + GOOD
+
+
+def test_a_line_longer_than_the_limit_is_rejected_by_number_and_skipped_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(formats, "CHUNK", 16)  # the rest of a long line is skipped in pieces this small
+    read_lines, seen = formats._read_lines, []
+
+    def spy(f, limit):
+        for number, raw in read_lines(f, limit):
+            seen.append(None if raw is None else len(raw))
+            yield number, raw
+
+    monkeypatch.setattr(formats, "_read_lines", spy)
+    exact = json.dumps({"text": "x" * 52}).encode()
+    assert len(exact) == 64
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(exact + b"\n" + json.dumps({"text": "y" * 200}).encode() + b"\n" + GOOD
+                     + exact + b"z")  # the last line, without a newline, one byte too long
+    assert _problems(path) == ["line 2: longer than 64 bytes, the most one line may hold; split it into smaller examples",
+                               "line 5: longer than 64 bytes, the most one line may hold; split it into smaller examples"]
+    assert seen == [65, None, 16, 16, None]  # no line held beyond the limit (and its newline)
+    path.write_bytes(exact + b"\n" + GOOD + exact)
+    assert [e.line for e in parse_file(path).examples] == [1, 2, 3, 4]  # exactly the limit is fine
+
+
+def test_the_line_limit_is_64_mib_unless_the_environment_lowers_it(tmp_path, monkeypatch):
+    assert formats.MAX_LINE_BYTES == 64 << 20 and formats.max_line_bytes() == 64 << 20
+    monkeypatch.setenv("CONVEYOR_MAX_LINE_BYTES", "1024")
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(GOOD + json.dumps({"text": "w" * 2000}).encode() + b"\n")
+    assert _problems(path) == ["line 3: longer than 1 KiB, the most one line may hold; split it into smaller examples"]
+    monkeypatch.setenv("CONVEYOR_MAX_LINE_BYTES", "lots")  # not a number: the default stands
+    assert formats.max_line_bytes() == 64 << 20
 
 
 def test_text_trains_on_everything_after_bos(tok, tmp_path):
