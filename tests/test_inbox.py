@@ -3,7 +3,6 @@ the claiming itself in-process (fast): kept names, the same bytes dropped twice,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -130,10 +129,6 @@ def _claim(inbox: Inbox) -> list:
     return inbox.scan() + inbox.scan()
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def test_kept_names_fit_the_file_system_keep_the_extension_and_never_collide(tmp_path):
     long_name = "n" * 244 + ".jsonl"  # 250 bytes: with `00012-` and `.reason.txt` beyond NAME_MAX
     first = kept_path(tmp_path, 12, long_name)
@@ -184,13 +179,17 @@ def test_same_bytes_dropped_while_their_job_waits_are_kept_and_make_no_new_job(w
     assert all(p.read_bytes() == data for p in (inbox.ws.root / "finished").iterdir())
 
 
-def test_the_cli_queues_the_same_bytes_twice_and_keeps_the_files_untouched(workspace, tmp_path):
+def test_the_cli_queues_the_same_bytes_twice_unless_their_job_stopped_mid_way(workspace, tmp_path):
     ws = Workspace.open(workspace())
     a = write_jsonl(tmp_path / "a.jsonl", ["x", "y"])
     b = tmp_path / "b.jsonl"
     b.write_bytes(a.read_bytes())
     first, second = enqueue(ws, a), enqueue(ws, b)
     assert first.new and second.new and first.job.id != second.job.id  # `conveyor train a b` asks for both
+    ws.db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (first.job.id,))
+    third = enqueue(ws, b)  # but a job stopped mid-way resumes from its own position instead (law 2)
+    assert not third.new and third.job.id == first.job.id and "no new job" in third.messages[0]
+    assert len(jobs.all_jobs(ws.db)) == 2
     assert a.read_bytes() == b.read_bytes() == b'{"text": "x"}\n{"text": "y"}\n'
 
 
