@@ -71,6 +71,8 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
         if result.job.state == jobs.JobState.REJECTED:
             ok = False
             err.print(f"job {result.job.id}: kept in {ws.rejected} with the reason", style="red")
+        elif not result.new:
+            console.print(f"no new job: {file.name} continues as job {result.job.id} ({result.job.state.value})")
         else:
             console.print(f"queued job {result.job.id}: {file.name} ({result.job.examples} examples, "
                           f"{result.job.format}, {short(result.job.fingerprint)})")

@@ -89,6 +89,8 @@ class Daemon:
         for result in self._inbox.scan():
             for text in result.messages:
                 self.say("warning", text)
+            if not result.new:
+                continue  # the same dataset as a job that carries on; its messages said so
             state = "rejected" if result.job.state == JobState.REJECTED else "queued"
             self.say("info" if state == "queued" else "error",
                      f"inbox: claimed {result.job.file} as job {result.job.id} ({state})")

@@ -7,7 +7,7 @@ import shutil
 
 from . import jobs
 from .errors import ConveyorError
-from .inbox import kept_path
+from .kept import kept_path
 from .jobs import Conflict, JobState
 from .workspace import Workspace
 

@@ -14,7 +14,8 @@ import pytest
 
 from conveyor import inbox as inbox_module
 from conveyor import jobs
-from conveyor.inbox import NAME_MAX, REASON, Inbox, enqueue, file_finished, kept_path, printable
+from conveyor.inbox import Inbox, enqueue, file_finished
+from conveyor.kept import NAME_MAX, REASON, kept_path, printable
 from conveyor.workspace import Workspace
 from service import running, write_jsonl
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.inbox import NAME_MAX, REASON, printable
+from conveyor.kept import NAME_MAX, REASON, printable
 from service import running
 
 pytestmark = pytest.mark.slow
