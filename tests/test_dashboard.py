@@ -356,8 +356,9 @@ def test_pause_and_resume_a_real_worker_from_the_page(tmp_path, tiny_dir):
             expect(page.locator("#control-result")).to_contain_text("paused job 3 at global step", timeout=30_000)
             expect(page.locator("#daemon-state")).to_have_text("paused", timeout=10_000)
             held = svc.steps()
-            time.sleep(2)
-            assert svc.steps() == held  # the worker holds: no step advances while paused
+            for _ in range(3):  # each answer comes from the worker's hold loop: it holds, no step advances
+                r = run_cli(svc.ws, "pause")
+                assert r.out.strip() == "already paused" and svc.steps() == held, r.out + r.err
             page.click("#btn-resume")
             expect(page.locator("#control-result")).to_contain_text("resumed job 3", timeout=30_000)
             svc.wait(lambda: svc.steps() > held + 5, 60, "training to go on after Resume")

@@ -48,12 +48,14 @@ def test_dropped_files_are_each_trained_exactly_once(service, tmp_path):
     writer.start()  # 12 lines over ~2 s, never still for 1 s
     staged = write_jsonl(tmp_path / "staged.jsonl", [f"staged {i}" for i in range(1, 9)])
     (inbox / "renamed.jsonl.part").write_bytes(staged.read_bytes())
-    time.sleep(1.5)  # the .part file is ignored however long it sits
-    assert "renamed.jsonl.part" not in service.jobs()
+    # A witness dropped after the .part file is claimed once settled: the .part file had settled as long.
+    write_jsonl(inbox / "witness.jsonl", ["witness"])
+    service.wait(lambda: "witness.jsonl" in service.jobs(), 60, "the witness file to be claimed")
+    assert "renamed.jsonl.part" not in service.jobs()  # ignored however long it sits
     os.rename(inbox / "renamed.jsonl.part", inbox / "renamed.jsonl")
     writer.join()
-    service.wait(lambda: {j["state"] for j in service.jobs().values()} == {"done"} and len(service.jobs()) == 2,
-                 120, "both files to train")
+    service.wait(lambda: {j["state"] for j in service.jobs().values()} == {"done"} and len(service.jobs()) == 3,
+                 120, "the files to train")
     jobs = service.jobs()
     assert jobs["slow.jsonl"]["examples"] == 12 and jobs["renamed.jsonl"]["examples"] == 8
     audit = service.query("SELECT job_id, lines FROM audit ORDER BY step")
@@ -61,7 +63,7 @@ def test_dropped_files_are_each_trained_exactly_once(service, tmp_path):
         lines = Counter(x for r in audit if r["job_id"] == jobs[name]["id"] for x in json.loads(r["lines"]))
         assert lines == Counter(range(1, n + 1))
     assert not any(p.suffix == ".jsonl" for p in inbox.iterdir())  # claimed files left the inbox...
-    service.wait(lambda: len(list((service.ws / "finished").glob("*.jsonl"))) == 2, 30, "originals to move")
+    service.wait(lambda: len(list((service.ws / "finished").glob("*.jsonl"))) == 3, 30, "originals to move")
     finished = service.ws / "finished"
     assert (finished / f"{jobs['renamed.jsonl']['id']:05d}-renamed.jsonl").read_bytes() == staged.read_bytes()
     assert (finished / f"{jobs['slow.jsonl']['id']:05d}-slow.jsonl").exists()  # ...and were kept
@@ -91,7 +93,8 @@ def test_what_is_not_a_jsonl_file_is_left_in_place_and_reported_once(service, tm
     (inbox / "vanishes.jsonl").unlink()
     write_jsonl(inbox / "high" / "good.jsonl", ["good one", "good two"])
     service.wait(lambda: service.jobs().get("good.jsonl", {}).get("state") == "done", 120, "the good file")
-    time.sleep(1.5)  # several more scans: each problem must still be reported only once
+    write_jsonl(inbox / "witness.jsonl", ["witness"])  # claimed only after more scans than the problems needed
+    service.wait(lambda: service.jobs().get("witness.jsonl", {}).get("state") == "done", 120, "the witness file")
     out = service.messages()
     assert out.count("left notes.txt in place: not a .jsonl file") == 1
     assert out.count("left a-folder in place: a folder") == 1
@@ -99,7 +102,7 @@ def test_what_is_not_a_jsonl_file_is_left_in_place_and_reported_once(service, tm
     assert out.count("left broken.jsonl in place: a symlink to") == 1  # points outside the inbox (and nowhere)
     assert all((inbox / n).exists() or (inbox / n).is_symlink()
                for n in ("notes.txt", "a-folder", "outside.jsonl", "broken.jsonl"))
-    assert set(service.jobs()) == {"good.jsonl"}  # the vanished file never became a job
+    assert set(service.jobs()) == {"good.jsonl", "witness.jsonl"}  # the vanished file never became a job
     assert service.jobs()["good.jsonl"]["priority"] == 0  # inbox/high/
     assert service.proc.poll() is None  # and the daemon is still running
 
@@ -113,7 +116,8 @@ def test_bad_file_in_inbox_is_rejected_at_once_and_kept(service):
     assert "line 2" in job["error"] and "line 3" in job["error"] and job["attempts"] == 0
     kept = service.ws / "rejected" / f"{job['id']:05d}-bad.jsonl"
     assert kept.read_text().startswith('{"text": "ok"}')
-    assert not (inbox / "bad.jsonl").exists()
+    # The job is recorded first, then the original leaves the inbox (rejected/ holds the identical copy).
+    service.wait(lambda: not (inbox / "bad.jsonl").exists(), 30, "the original to leave the inbox")
 
 
 # In-process claiming (fast) ------------------------------------------------------------------------------------
