@@ -34,11 +34,16 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
     """The run to train in and its checkpoint; jobs trained past that checkpoint go back to the queue."""
     ident = runs.identity(config, model_path)
     run = runs.active(ws.db)
-    resume = newest_checkpoint(ws, run, say) if run else None
+    resume, problems = ck.newest_verified(ws.run_dir(run.id)) if run else (None, [])  # read-only
     if run is not None:
         recorded = resume.manifest.identity if resume else run.identity
         if recorded != ident:
+            # The old run's folder stays byte-identical (leftovers included); its rows are left as its
+            # checkpoints say, every segment closed.
+            rewind(ws, run, resume, say)
+            close_open_segments(ws, run)
             return Placement(new_run(ws, run, recorded, ident, say), None)
+        tidy(ws, run, resume, problems, say)
     if run is None:
         run = runs.create(ws.db, ident)
         say("info", f"started {run.id} from {config.model.name} ({config.adapter.method})")
@@ -49,11 +54,11 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
     return Placement(run, resume)
 
 
-def newest_checkpoint(ws: Workspace, run: runs.Run, say: Say) -> ck.Checkpoint | None:
+def tidy(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, problems: list, say: Say) -> None:
+    """Before resuming a run: remove cut-off checkpoint writes and set unusable checkpoints aside, saying so."""
     run_dir = ws.run_dir(run.id)
     for leftover in ck.clean_temporary(run_dir):
         say("warning", f"removed {leftover.name}: a checkpoint write that never finished (never resumable)")
-    resume, problems = ck.newest_verified(run_dir)
     for problem in problems:
         if ck.step_of(problem.path) is None:
             say("warning", f"not resuming from {problem.path.name}: {problem.reason}; it is left in place")
@@ -64,7 +69,6 @@ def newest_checkpoint(ws: Workspace, run: runs.Run, say: Say) -> ck.Checkpoint |
             f"kept for inspection in {kept.relative_to(ws.root)}")
     if problems and resume:
         say("warning", f"using the newest verified checkpoint, {resume.path.name}")
-    return resume
 
 
 def new_run(ws: Workspace, old: runs.Run, recorded: dict, ident: dict, say: Say) -> runs.Run:
@@ -130,6 +134,20 @@ def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | N
         say("warning", f"job {job.id} ({job.file}) trains again from its first example: the steps it trained "
             f"came after step {step}, whose checkpoints are lost or unusable")
     jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, reopen=True, **FRESH)
+
+
+def close_open_segments(ws: Workspace, run: runs.Run) -> None:
+    """Give every segment of `run` that has trained steps but no ledger row (a job interrupted by a crash) its
+    `interrupted` row, so the run's ledger covers exactly its trained steps before it is left."""
+    for job in jobs.all_jobs(ws.db):
+        if job.run_id != run.id or job.state != JobState.INTERRUPTED or not job.segment_start:
+            continue
+        first, last = job.segment_start, run.global_step
+        steps, lines = ledger.segment_counts(ws.db, run.id, job.id, first, last)
+        if steps and not ledger.segment_closed(ws.db, run.id, job.id, first + steps - 1):
+            ledger.record(ws.db, run_id=run.id, job_id=job.id, start_step=first, end_step=first + steps - 1,
+                          examples=len(lines), epochs=job.epochs,
+                          tokens=ledger.segment_tokens(ws.db, run.id, job.id, first, last), outcome="interrupted")
 
 
 def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:

@@ -31,4 +31,4 @@ def test_random_sequences_keep_the_laws(tiny_dir):
 
 @pytest.mark.slow
 def test_many_more_random_sequences_keep_the_laws(tiny_dir):
-    _run(tiny_dir, examples=int(os.environ.get("CONVEYOR_MODEL_EXAMPLES_SLOW", 80)), steps=12)
+    _run(tiny_dir, examples=int(os.environ.get("CONVEYOR_MODEL_EXAMPLES_SLOW", 60)), steps=12)
