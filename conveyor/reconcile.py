@@ -131,8 +131,8 @@ def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | N
         return  # finished before the checkpoint
     # Not under way at the checkpoint and not finished by it: everything it trained came after, and is lost.
     if job.state == JobState.DONE or job.steps_done:
-        say("warning", f"job {job.id} ({job.file}) trains again from its first example: the steps it trained "
-            f"came after step {step}, whose checkpoints are lost or unusable")
+        say("warning", f"job {job.id} ({job.file}) trains again from its first example: none of its steps is in "
+            f"a usable checkpoint (the newest verified one is {'step ' + str(step) if step else 'none'})")
     jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, reopen=True, **FRESH)
 
 

@@ -247,3 +247,24 @@ def test_controls_through_the_cli_while_paused_between_jobs(workspace):
         svc.wait(lambda: svc.jobs()["held.jsonl"]["state"] == "done", 120, "the job after resume")
         assert status(ws)["daemon"]["paused"] is False
         assert json.loads(run_cli(ws, "history", "--json").out)[0]["end_step"] == 6
+
+
+def test_a_warm_stop_while_the_worker_starts_up_is_a_stop_not_a_death(workspace):
+    """With max_attempts = 1, a SIGTERM sent the moment a worker is handed its job (before it could act on it)
+    must neither fail the job nor count a death; the next start trains it exactly."""
+    ws = workspace(**{**ONE_BY_ONE, "daemon": {**DAEMON["daemon"], "max_attempts": 1}})
+    svc = Service(ws)
+    try:
+        svc.wait(lambda: "watching" in svc.output(), 60, "the daemon to start")  # the warm worker still imports
+        write_jsonl(ws / "inbox" / "ten.jsonl", [f"ten {i}" for i in range(1, 11)])
+        svc.wait(lambda: svc.query("SELECT 1 FROM events WHERE kind = 'worker'"), 60, "the job's handover")
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=120) == 0
+    finally:
+        svc.stop()
+    job = svc.jobs()["ten.jsonl"]
+    assert job["state"] in ("queued", "interrupted") and (job["attempts"], job["deaths"]) == (0, 0), job
+    assert not svc.query("SELECT * FROM events WHERE kind = 'death'")
+    r = run_cli(ws, "run", "--drain", "-q")
+    assert r.code == 0, r.out + r.err
+    _assert_one_job_exact(ws, 10)
