@@ -86,6 +86,8 @@ def ask(con: sqlite3.Connection, action: Action, who: str, reason: str | None = 
 
 def take(con: sqlite3.Connection, taker: str) -> Request | None:
     """The oldest request nobody has taken, now taken by `taker` (atomic), or None."""
+    if con.execute("SELECT 1 FROM controls WHERE taken_at IS NULL AND acked_at IS NULL LIMIT 1").fetchone() is None:
+        return None  # the common case between steps, answered without a write transaction
     with transaction(con):
         row = con.execute("SELECT * FROM controls WHERE taken_at IS NULL AND acked_at IS NULL ORDER BY id"
                           " LIMIT 1").fetchone()
