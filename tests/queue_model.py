@@ -130,6 +130,10 @@ class QueueMachine(RuleBasedStateMachine):
     def restart(self):
         self.run_drain(None, None)
 
+    def _waiting(self) -> bool:
+        return any(j["state"] in ("queued", "interrupted") for j in self._jobs())
+
+    @precondition(lambda self: self._waiting())
     @rule(kill=KILLS)
     def restart_killed(self, kill):
         self.run_drain(kill, None)
@@ -138,6 +142,7 @@ class QueueMachine(RuleBasedStateMachine):
     def restart_with_request(self, request):
         self.run_drain(None, request)
 
+    @precondition(lambda self: self._waiting())
     @rule(kill=KILLS, request=REQUESTS)
     def restart_with_request_then_killed(self, kill, request):
         self.run_drain(kill, request)
@@ -148,7 +153,7 @@ class QueueMachine(RuleBasedStateMachine):
         env = {}
         at = self._global_step()
         if kill:
-            env["CONVEYOR_FAILPOINT"] = f"{kill[0]}:{at + kill[1]}"
+            env["CONVEYOR_FAILPOINT"] = f"{kill[0]}:{at + self._kill_offset(*kill)}"
         if request:
             env["CONVEYOR_TEST_REQUESTS"] = ",".join(f"{a}@{at + request[1]}" for a in request[0].split(","))
         before = self._active_run()
@@ -265,6 +270,19 @@ class QueueMachine(RuleBasedStateMachine):
             return [dict(r) for r in con.execute("SELECT * FROM jobs ORDER BY id")]
         finally:
             con.close()
+
+    def _kill_offset(self, where: str, k: int) -> int:
+        """Steps ahead of the newest checkpoint where the kill lands inside the work left: anywhere for a
+        step kill; at the end of the next job (always a checkpoint) for a kill while writing a checkpoint."""
+        config = load_config(self.ws / "conveyor.toml").training
+        per_step = config.batch_size * config.grad_accum
+        left = [(j["planned_steps"] - j["steps_done"]) if j["planned_steps"] else
+                -(-self.files[j["id"]]["lines"] * self.files[j["id"]]["epochs"] // per_step)
+                for j in sorted((j for j in self._jobs() if j["state"] in ("queued", "interrupted")),
+                                key=lambda j: (j["priority"], j["state"] != "interrupted", j["id"]))]
+        if where == "step":
+            return 1 + (k - 1) % max(sum(left), 1)
+        return max(left[0], 1) if left else k
 
     def _active_run(self) -> str | None:
         con = sqlite3.connect(self.ws / "conveyor.db")
