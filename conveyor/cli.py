@@ -398,6 +398,23 @@ def dashboard(
 
 
 @app.command()
+def preview(
+    file: Path = typer.Argument(..., help="JSONL file to show."),
+    lines: Optional[str] = typer.Option(None, "--lines", help="Only the examples on these file lines: A-B or A."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Each example as training sees it (this workspace's model and settings, after truncation): the text with
+    the trained tokens highlighted, the token count and the trainable-token count."""
+    from .preview import describe, preview_file
+
+    shown = preview_file(_ws(), file, lines)
+    if as_json:
+        return _print_json([s.to_json() for s in shown.examples])
+    for text in describe(shown):
+        console.print(text)
+
+
+@app.command()
 def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
     """Make a workspace with the tiny model and two sample files, train them one after the other, print the ledger."""
     from .demo import demo_config, write_samples

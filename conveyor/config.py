@@ -71,6 +71,8 @@ class DataConfig(_Section):
     """truncate cuts examples to training.max_length (and reports how many); reject refuses such files."""
     skip_duplicates: bool = False
     """false trains a file again (with a warning) when its bytes match a finished job; true skips it."""
+    chat_template: str = ""
+    """A Jinja chat template file (workspace-relative or absolute) to use instead of the model's; empty: the model's."""
 
 
 class EvalConfig(_Section):

@@ -1,7 +1,8 @@
 """Input formats: validate a JSONL file whole, then turn its examples into token ids and loss masks.
 
-Formats, detected per file: `text`; `messages` (chat, loss on every assistant turn);
-`prompt` + `completion` (loss on the completion only).
+Formats, detected per file: `text`; `messages` (chat, loss on every assistant reply and its end-of-turn
+marker; how a conversation is rendered and masked is chat.py's job); `prompt` + `completion` (loss on the
+completion only).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import ChatError, RenderedChat, render_chat
 from .errors import DataError
 
 TEXT, CHAT, PROMPT = "text", "messages", "prompt_completion"
@@ -253,64 +255,100 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _segments(tokenizer, record: dict, fmt: str) -> list[tuple[str, bool]]:
-    """(text, trainable) pieces whose concatenation is the full rendered example."""
+    """(text, trainable) pieces of a text or prompt/completion example, each tokenized on its own."""
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     if fmt == TEXT:
         return [(bos, False), (record["text"] + eos, True)]
-    if fmt == PROMPT:
-        return [(bos + record["prompt"], False), (record["completion"] + eos, True)]
-    return _chat_segments(tokenizer, record["messages"])
+    return [(bos + record["prompt"], False), (record["completion"] + eos, True)]
 
 
-def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    # Render growing prefixes so every assistant turn's reply is trainable and everything else is context.
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-    segments, done = [], ""
-    for i, message in enumerate(messages):
-        full = render(messages[: i + 1])
-        if message["role"] == "assistant":
-            header = render(messages[:i], gen=True) if i else ""
-            if header and full.startswith(header) and header.startswith(done):
-                segments.append((header[len(done):], False))
-                done = header
-        if not full.startswith(done):
-            raise DataError("the model's chat template does not render conversations prefix by prefix; "
-                            "conveyor cannot tell assistant turns apart with it")
-        segments.append((full[len(done):], message["role"] == "assistant"))
-        done = full
-    return segments
+def encode_chat(tokenizer, rendered: RenderedChat) -> tuple[list[int], list[int]]:
+    """Token ids of the whole rendering (what the model sees at inference); a token is trainable when any of
+    its characters is in a trainable span (return_offsets_mapping)."""
+    try:
+        encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        raise ChatError("the model's tokenizer cannot map tokens to characters (it is not a fast tokenizer)",
+                        "give model.name a folder with a tokenizer.json") from None
+    ids, labels = encoded["input_ids"], []
+    for token, (start, end) in zip(ids, encoded["offset_mapping"]):
+        inside = any(start < span_end and end > span_start for span_start, span_end in rendered.spans)
+        labels.append(token if inside else IGNORE)
+    return ids, labels
 
 
-def tokenize_file(parsed: ParsedFile, tokenizer, max_length: int) -> TokenizedFile:
-    """Token ids and labels per example, truncated to max_length; examples with nothing trainable left are excluded."""
+def _ids_and_labels(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[int]]:
+    if fmt == CHAT:
+        return encode_chat(tokenizer, render_chat(tokenizer, record["messages"]))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trainable in _segments(tokenizer, record, fmt):
+        piece = _encode(tokenizer, text)
+        ids += piece
+        labels += piece if trainable else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def tokenize_example(tokenizer, example: Example, fmt: str, max_length: int) -> Tokenized:
+    """One example as training sees it: ids and labels, truncated to max_length. ChatError: see chat.py."""
+    ids, labels = _ids_and_labels(tokenizer, example.record, fmt)
+    return Tokenized(example.line, ids[:max_length], labels[:max_length], len(ids) > max_length)
+
+
+def trainable_positions(example: Tokenized) -> list[bool]:
+    """Which tokens the loss counts: a causal LM predicts token t from tokens < t, so position 0 never counts."""
+    return [k > 0 and label != IGNORE for k, label in enumerate(example.labels)]
+
+
+def tokenize_file(parsed: ParsedFile, tokenizer, max_length: int, name: str = "the file") -> TokenizedFile:
+    """Token ids and labels per example, truncated to max_length; examples with nothing trainable left are
+    excluded. Conversations the chat template cannot render or mask are all named in one DataError."""
     out = TokenizedFile(examples=[])
+    problems: list[tuple[int, ChatError]] = []
     for example in parsed.examples:
-        ids: list[int] = []
-        labels: list[int] = []
-        for text, trainable in _segments(tokenizer, example.record, parsed.format):
-            piece = _encode(tokenizer, text)
-            ids += piece
-            labels += piece if trainable else [IGNORE] * len(piece)
-        truncated = len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
-        if truncated:
+        try:
+            tokenized = tokenize_example(tokenizer, example, parsed.format, max_length)
+        except ChatError as e:
+            problems.append((example.line, e))
+            continue
+        if tokenized.truncated:
             out.truncated_lines.append(example.line)
-        # A causal LM predicts token t from tokens < t, so label position 0 never counts.
-        if all(label == IGNORE for label in labels[1:]):
+        if not any(trainable_positions(tokenized)):
             out.excluded_lines.append(example.line)
             continue
-        out.examples.append(Tokenized(example.line, ids, labels, truncated))
-        out.tokens += len(ids)
+        out.examples.append(tokenized)
+        out.tokens += len(tokenized.input_ids)
+    if problems:
+        raise DataError(describe_template_problems(name, problems))
     return out
 
 
-CACHE_VERSION = 1
+def describe_template_problems(name: str, problems: list[tuple[int, ChatError]]) -> str:
+    """One report: each distinct problem with its lines (first MAX_REPORTED problems), then each fix once."""
+    lines: dict[str, list[int]] = {}
+    for line, error in problems:
+        lines.setdefault(error.problem, []).append(line)
+    rows = [f"  {_line_list(numbers)}: {problem}" for problem, numbers in list(lines.items())[:MAX_REPORTED]]
+    if len(lines) > MAX_REPORTED:
+        rows.append(f"  ... and {len(lines) - MAX_REPORTED} more problem(s)")
+    fixes = list(dict.fromkeys(error.fix for _, error in problems))
+    return (f"{name}: the chat template cannot render or mask {len(problems)} example(s), so nothing is trained "
+            "from the file:\n" + "\n".join(rows) + "\n" + "\n".join(f"To fix: {fix}." for fix in fixes))
+
+
+def _line_list(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:10]))
+    more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+    return f"line {shown}" if len(numbers) == 1 else f"lines {shown}{more}"
+
+
+CACHE_VERSION = 2  # 2: chat ids are the whole rendering, labels from character spans
 
 
 def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir: Path, key: str) -> TokenizedFile:
     """tokenize_file(parse_file(...)), remembered in cache_dir under `key` (content fingerprint, tokenizer
-    and max_length), so resuming a large job does not tokenize it again. The cache is derived data: an
+    and chat template) and max_length, so resuming a large job does not tokenize it again. The cache is derived data: an
     unreadable entry is simply rebuilt."""
     import hashlib
     import os
@@ -322,7 +360,7 @@ def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir
             return pickle.load(f)
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
         pass
-    data = tokenize_file(parse_file(path, name), tokenizer, max_length)
+    data = tokenize_file(parse_file(path, name), tokenizer, max_length, name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "wb") as f:

@@ -335,7 +335,7 @@ class Worker:
 
     def _eval_data(self) -> TokenizedFile | None:
         """The validation set, tokenized and masked exactly like training data; None if not configured."""
-        from .trainer import load_tokenizer
+        from .chat import load_tokenizer
 
         config = self.config
         if not config.eval.file:
@@ -343,8 +343,9 @@ class Worker:
         path = Path(config.eval.file)
         path = path if path.is_absolute() else self.ws.root / path
         try:
-            data = tokenize_file(parse_file(path, f"eval.file {path.name}"), load_tokenizer(self.model_path),
-                                 config.training.max_length)
+            tokenizer = load_tokenizer(self.model_path, config.data.chat_template, self.ws.root)
+            data = tokenize_file(parse_file(path, f"eval.file {path.name}"), tokenizer, config.training.max_length,
+                                 f"eval.file {path.name}")
         except (DataError, OSError) as e:
             self.say("warning", f"no evaluation loss: {e}")
             return None
@@ -396,10 +397,11 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
 
 
 def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
-    """The job's stored file, parsed and tokenized, cached by content, tokenizer and max_length."""
+    """The job's stored file, parsed and tokenized, cached by content, tokenizer, chat template and max_length."""
+    from .chat import load_tokenizer, template_id
     from .runs import tokenizer_hash
-    from .trainer import load_tokenizer
 
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)  # data.chat_template applied
     key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
-    return tokenize_cached(Path(job.stored), job.file, load_tokenizer(model_path), config.training.max_length,
-                           ws.data / "tokenized", key)
+    return tokenize_cached(Path(job.stored), job.file, tokenizer, config.training.max_length,
+                           ws.data / "tokenized", f"{key}:{template_id(tokenizer)}")
