@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
@@ -21,7 +23,27 @@ class ModelConfig(_Section):
     name: str = "tiny"
     """"tiny" (built in, offline), a local Hugging Face model folder, or a hub id."""
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the base model is loaded in."""
+    """Dtype the base model is loaded in (run identity); autocast is training.mixed_precision."""
+    quantization: Literal["none", "nf4"] = "none"
+    """nf4 loads the base in 4-bit through bitsandbytes and trains LoRA on it (QLoRA; run identity)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 (needs flash-attn and a CUDA GPU)."""
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_available(cls, value: str) -> str:
+        if value == "nf4" and not installed("bitsandbytes"):
+            raise PydanticCustomError("unavailable", "nf4 needs bitsandbytes (pip install 'conveyor[qlora]'); "
+                                      "or set \"none\"")
+        return value
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention_available(cls, value: str) -> str:
+        if value == "flash_attention_2" and not installed("flash_attn"):
+            raise PydanticCustomError("unavailable", "flash_attention_2 needs the flash-attn package and a CUDA "
+                                      "GPU (pip install flash-attn); use \"sdpa\" (the default) or \"eager\"")
+        return value
 
 
 class AdapterConfig(_Section):
@@ -64,6 +86,34 @@ class TrainingConfig(_Section):
     """Checkpoints kept per run besides the last one of each job."""
     seed: int = Field(42, ge=0)
     """Run seed: fixes adapter initialisation and each epoch's data order."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast forward and backward in bf16 or fp16 while weights and optimizer stay fp32 (fp16: CUDA only)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, slower steps, the same weights."""
+    optimizer: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    """adamw_torch (torch's AdamW) or adamw_8bit (bitsandbytes: 8-bit moments, less memory)."""
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _autocast_available(cls, value: str) -> str:
+        if value == "no":
+            return value
+        import torch
+
+        if value == "fp16" and not torch.cuda.is_available():
+            raise PydanticCustomError("unavailable", "fp16 autocast needs a CUDA GPU (on CPU the Trainer would "
+                                      "silently train in fp32); use \"bf16\" or \"no\"")
+        if value == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise PydanticCustomError("unavailable", "this GPU has no bf16; use \"fp16\" or \"no\"")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_available(cls, value: str) -> str:
+        if value == "adamw_8bit" and not installed("bitsandbytes"):
+            raise PydanticCustomError("unavailable", "adamw_8bit needs bitsandbytes (pip install 'conveyor[qlora]'); "
+                                      "or use \"adamw_torch\"")
+        return value
 
 
 class DataConfig(_Section):
@@ -132,9 +182,30 @@ class Config(_Section):
     inbox: InboxConfig = Field(default_factory=InboxConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Config":
+        if self.model.quantization != "none" and self.adapter.method != "lora":
+            raise PydanticCustomError("conflict", "model.quantization = \"{q}\" trains a LoRA adapter on a frozen "
+                                      "4-bit base, but adapter.method is \"{m}\"; set adapter.method = \"lora\" or "
+                                      "model.quantization = \"none\"", {"q": self.model.quantization,
+                                                                          "m": self.adapter.method})
+        if self.training.mixed_precision == "fp16" and self.adapter.method == "full" \
+                and self.model.precision == "float16":
+            raise PydanticCustomError("conflict", "training.mixed_precision = \"fp16\" needs float32 master weights, "
+                                      "but a full fine-tune trains model.precision = \"float16\" weights; set "
+                                      "model.precision = \"float32\" or training.mixed_precision = \"no\"")
+        return self
+
+
+def installed(package: str) -> bool:
+    """Whether an optional package can be imported (without importing it)."""
+    return importlib.util.find_spec(package) is not None
+
 
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if not key:  # a conflict between sections: its message names the keys
+        return error["msg"]
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {error['input']!r}); remove it or check its spelling"
     return f"{key}: {error['msg']} (found {error['input']!r})"

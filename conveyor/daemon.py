@@ -213,16 +213,26 @@ class Daemon:
             self.stop_reason = self.stop_reason or "stop requested"
             return True
         if outcome == Outcome.CHECKPOINT_ERROR:  # the disk, not the job: the job keeps its place
-            if self.drain:
-                self.stop_reason = "a checkpoint could not be written"
-                self.say("error", "stopped: a checkpoint could not be written (see above); run again to resume")
-            else:
-                self.paused = True
-                self.say("error", "paused: a checkpoint could not be written (see above); `conveyor resume` retries")
-            return False
+            return self._hold("a checkpoint could not be written (see above)")
+        if outcome == Outcome.OUT_OF_MEMORY:  # the settings, not the job: the same step would fail again
+            self.reconcile()  # back to its newest checkpoint, as after a death, but with no retry
+            now = jobs.get(self.db, job.id)
+            where = (f"interrupted at its step {now.steps_done} of {now.planned_steps}" if now.steps_done
+                     else "queued, before its first step")
+            return self._hold(f"job {job.id} ran out of memory (see above); it stays {where}")
         if outcome == Outcome.NOT_MINE:
             return True
         return self._died(job)
+
+    def _hold(self, why: str) -> bool:
+        """A problem a retry would repeat: stop (drain) or pause until `conveyor resume`; the job keeps its place."""
+        if self.drain:
+            self.stop_reason = why
+            self.say("error", f"stopped: {why}; run again to resume")
+        else:
+            self.paused = True
+            self.say("error", f"paused: {why}; `conveyor resume` retries")
+        return False
 
     def _died(self, job: Job) -> bool:
         """A worker died. The checkpoints say where its job stands; a death counts against daemon.max_attempts

@@ -1,5 +1,5 @@
-"""Runs: one model trained continuously. Its identity (base model, tokenizer, adapter, precision) decides
-whether a checkpoint may be resumed (law 5)."""
+"""Runs: one model trained continuously. Its identity (base model, tokenizer, adapter, precision, quantization)
+decides whether a checkpoint may be resumed (law 5)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def identity(config: Config, model_path: str) -> dict:
         "model.precision": config.model.precision,
         "adapter.method": config.adapter.method,
     }
+    if config.model.quantization != "none":
+        # The base the adapter was trained on (and means something with) is the quantized one. Absent means
+        # "none", so runs started before this key existed keep resuming.
+        ident["model.quantization"] = config.model.quantization
     if config.adapter.method == "lora":
         ident.update({
             "adapter.r": config.adapter.r,

@@ -39,6 +39,24 @@ def schedule_text(config) -> str:
     return f"per job: warmup {t.warmup_steps} step(s), then cosine decay from {t.learning_rate} to 0"
 
 
+def precision_settings(config) -> dict:
+    """The precision and memory settings, as configured (the run identity records those that are identity)."""
+    m, t = config.model, config.training
+    return {"model.precision": m.precision, "model.quantization": m.quantization,
+            "model.attn_implementation": m.attn_implementation, "training.mixed_precision": t.mixed_precision,
+            "training.gradient_checkpointing": t.gradient_checkpointing, "training.optimizer": t.optimizer}
+
+
+def precision_text(settings: dict) -> str:
+    s = settings
+    base = f"base {s['model.precision']}" + (f" quantized {s['model.quantization']}"
+                                             if s["model.quantization"] != "none" else "")
+    autocast = "no autocast" if s["training.mixed_precision"] == "no" else f"{s['training.mixed_precision']} autocast"
+    checkpointing = "on" if s["training.gradient_checkpointing"] else "off"
+    return (f"{base}, {autocast}, attention {s['model.attn_implementation']}, gradient checkpointing "
+            f"{checkpointing}, optimizer {s['training.optimizer']}")
+
+
 def current_job(ws: Workspace) -> dict | None:
     """The running job with progress and an ETA from the recent step times."""
     row = ws.db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id LIMIT 1").fetchone()
@@ -75,6 +93,7 @@ def status_data(ws: Workspace) -> dict:
         "run": active.to_json() if active else None,
         "runs": [r.to_json() for r in runs.all_runs(ws.db)],
         "schedule": schedule_text(config) if config else None,
+        "precision": precision_settings(config) if config else None,
         "config_error": config_error,
         "current": current_job(ws),
         "last_eval": last_eval,
@@ -108,8 +127,9 @@ def render(data: dict):
         ident = run["identity"]
         adapter = f"lora r={ident.get('adapter.r')} alpha={ident.get('adapter.alpha')} on " \
             f"{','.join(ident.get('adapter.target_modules') or [])}" if ident["adapter.method"] == "lora" else "full"
+        quantized = f", {ident['model.quantization']}" if ident.get("model.quantization") else ""
         parts.append(Text(f"run {run['id']} at global step {run['global_step']}: {ident['model.name']} "
-                          f"({ident['model.precision']}), {adapter}"))
+                          f"({ident['model.precision']}{quantized}), {adapter}"))
     else:
         parts.append(Text("run: none yet"))
     for other in data["runs"]:
@@ -119,6 +139,7 @@ def render(data: dict):
         parts.append(Text(f"settings problem: {data['config_error']}", "red"))
     else:
         parts.append(Text(f"schedule: {data['schedule']}"))
+        parts.append(Text(f"precision and memory: {precision_text(data['precision'])}"))
     if data["last_eval"]:
         parts.append(Text(f"eval loss {data['last_eval']['eval_loss']:.4f} at step {data['last_eval']['step']}"))
     cur = data["current"]

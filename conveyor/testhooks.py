@@ -2,7 +2,8 @@
 arrive at a given step. They let tests walk every path deterministically; unset, they cost one dict lookup.
 
 CONVEYOR_FAILPOINT="<name>:<step>[:<marker file>]" SIGKILLs this process at that point (a power cut); with a
-marker file only once. Names: step, checkpoint-write, checkpoint-renamed.
+marker file only once. Names: step, checkpoint-write, checkpoint-renamed. Two names raise instead, right after
+that step (before its checkpoint): oom raises torch.OutOfMemoryError (as CUDA does), host-oom a MemoryError.
 CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, resume, stop, skip) right
 after that global step, as `conveyor <action>` would.
 """
@@ -14,23 +15,35 @@ import signal
 from pathlib import Path
 
 
-def failpoint(name: str, step: int) -> None:
+def _due(name: str, step: int) -> bool:
     spec = os.environ.get("CONVEYOR_FAILPOINT", "")
     if not spec:
-        return
+        return False
     parts = spec.split(":", 2)
     if parts[:2] != [name, str(step)]:
-        return
+        return False
     if len(parts) == 3:
         marker = Path(parts[2])
         if marker.exists():
-            return
+            return False
         marker.write_text("fired\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def failpoint(name: str, step: int) -> None:
+    if _due(name, step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def after_step(step: int) -> None:
     failpoint("step", step)
+    if _due("oom", step):
+        import torch
+
+        oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+        raise oom(f"CUDA out of memory. Tried to allocate 2.00 GiB (test failpoint oom:{step})")
+    if _due("host-oom", step):
+        raise MemoryError(f"test failpoint host-oom:{step}")
 
 
 def requests_due(step: int) -> list[str]:

@@ -7,6 +7,7 @@ position, the audit), metrics, checkpoints (weights, optimizer, scheduler, RNG, 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -19,11 +20,12 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoints as ck
-from . import distributed, testhooks
+from . import distributed, memory, precision, testhooks
 from . import manifest as mf
 from .config import Config
 from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
+from .precision import DTYPES, build_model  # noqa: F401  (DTYPES: export's)
 from .training_state import restore_optimizer, restore_rng, rng_state, save_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +39,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes on CPU warns at import that an optional hub-downloaded kernel is missing: nothing to act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -88,29 +91,6 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def build_model(config: Config, model_path: str, resume_dir: Path | None):
-    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights."""
-    from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import set_seed
-
-    dtype = DTYPES[config.model.precision]
-    if config.adapter.method == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(resume_dir or model_path), dtype=dtype)
-        model.config.use_cache = False
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    base.config.use_cache = False
-    if resume_dir is not None:
-        return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
-    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
-    lora = LoraConfig(r=config.adapter.r, lora_alpha=config.adapter.alpha, lora_dropout=config.adapter.dropout,
-                      target_modules=list(config.adapter.target_modules), bias=config.adapter.bias,
-                      task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
-
-
 class PlanDataset(Dataset):
     """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1)).
 
@@ -153,11 +133,15 @@ class AuditingCollator:
 
 
 def hyperparameters(config: Config, world_size: int) -> dict:
+    """Settings outside the run identity, recorded in every manifest; a change is applied to the same run."""
     t = config.training
     return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
             "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
             "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
-            "max_length": t.max_length, "epochs": t.epochs}
+            "max_length": t.max_length, "epochs": t.epochs, "mixed_precision": t.mixed_precision,
+            "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+            # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
+            "attn_implementation": config.model.attn_implementation}
 
 
 def libraries() -> dict:
@@ -308,14 +292,16 @@ def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir
     if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
         # One TensorBoard run per job: the integrations count the Trainer's job-local steps, not global ones.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str((run_dir or output_dir) / "tensorboard" / f"job-{job_id:05d}")
+    # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
+    cpu_ranks = {"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() \
+        else {}
     return TrainingArguments(
+        **{**precision.trainer_arguments(config, TrainingArguments), **cpu_ranks},
         output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
         train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
         ddp_timeout=int(distributed.TIMEOUT.total_seconds()), ddp_find_unused_parameters=False,
-        # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
-        **({"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() else {}),
         save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
         disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
@@ -351,12 +337,28 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
         e = config.eval
         inner.evaluator = Evaluator(spec.eval_data, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
                                     tokenizer)
+    if distributed.is_main():
+        memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
     trainer.create_optimizer()
     trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec.resume.path if spec.resume else None,
-                                             spec.start)
+                                             spec.start, _same_optimizer(config, spec, hooks))
     trainer.train()
     inner._flush()  # the last step's metrics arrive after its checkpoint
     if inner.stopped is None and not inner.pos.finished:
         raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
                            f"planned {remaining}; this is a bug")
     return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+
+
+def _same_optimizer(config: Config, spec: JobSpec, hooks: Hooks) -> bool:
+    """Whether the checkpoint's optimizer state fits training.optimizer; a change restarts the moments, said."""
+    if spec.resume is None:
+        return True
+    before = spec.resume.manifest.hyperparameters.get("optimizer", "adamw_torch")  # older manifests: the default
+    if before == config.training.optimizer:
+        return True
+    if hooks.say and distributed.is_main():
+        hooks.say("warning", f"training.optimizer changed from {before} to {config.training.optimizer} since "
+                  f"{spec.resume.path.name}: its moments cannot carry over, so they start from zero at step "
+                  f"{spec.resume.step + 1}; weights, position and learning-rate schedule carry on")
+    return False

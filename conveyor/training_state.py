@@ -82,15 +82,17 @@ def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:
     set_seed(1_000_003 * rank + int(folder.name.split("-")[1]))
 
 
-def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position):
+def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position, moments: bool = True):
     """Optimizer and LR schedule as the resume checkpoint left them; returns the scheduler.
 
     The constant schedule runs once per run, so it continues from the checkpoint. The cosine schedule belongs
-    to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since)."""
+    to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since).
+    moments=False keeps the optimizer's fresh state (training.optimizer changed: the saved one does not fit)."""
     t = config.training
     scheduler = make_scheduler(config, optimizer, start.planned_steps)
     if resume is not None:
-        optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
+        if moments:
+            optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
         if t.schedule == "cosine":
             scheduler = make_scheduler(config, optimizer, start.planned_steps)
             with warnings.catch_warnings():  # stepping a schedule without optimizer steps is what we mean here

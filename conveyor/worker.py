@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import controls, distributed, jobs, ledger, runs, testhooks
+from . import controls, distributed, jobs, ledger, memory, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .controls import Context, Effect
@@ -32,6 +32,7 @@ class Outcome(str, Enum):
     SKIPPED = "skipped"
     FAILED = "failed"  # the job cannot be trained (bad data, 0 steps); it is marked failed with the reason
     CHECKPOINT_ERROR = "checkpoint error"  # the disk, not the job: the daemon pauses
+    OUT_OF_MEMORY = "out of memory"  # the settings, not the job: it stays at its last checkpoint, the daemon pauses
     NOT_MINE = "not mine"  # the job was no longer under this worker's claim; nothing was trained
 
     @property
@@ -45,7 +46,7 @@ class Outcome(str, Enum):
 
 
 EXIT_CODES = {Outcome.DONE: 0, Outcome.FAILED: 3, Outcome.CHECKPOINT_ERROR: 4, Outcome.STOPPED: 5,
-              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7}
+              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8}
 
 
 class Reporter:
@@ -105,9 +106,19 @@ class Worker:
         except Conflict as e:
             self.say("warning", f"worker for job {self.job_id}: {e}", self.job_id)
             return Outcome.NOT_MINE
+        except Exception as e:
+            if not memory.is_oom(e):
+                raise
+            text = memory.oom_message(self.config, self.job_id, e)
         finally:
             if not released:
                 distributed.broadcast(None)  # nothing to train: the other ranks (if any) exit
+        # Out of memory. Outside the except block the failed step's frames (model, activations) are unreferenced.
+        # The job stays as the database has it (running, under this claim); the daemon puts it back at its
+        # newest checkpoint, as after a death, but does not retry it.
+        memory.release()
+        self.say("error", text, self.job_id)
+        return Outcome.OUT_OF_MEMORY
 
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> Setup | Outcome:
