@@ -167,6 +167,8 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
     from . import process
 
     process.die_with_parent()
+    stopped: list[str] = []  # a warm stop can come at any moment, even while the worker is still starting up
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
     ws = _ws()
     raw = os.environ.get("CONVEYOR_CONFIG_JSON")
     if job is None:
@@ -185,6 +187,7 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
         raise typer.Exit(0)
     w = Worker(ws, config, job, claim or "", ConsoleReporter(quiet=True))
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))
+    w.stop_reason = w.stop_reason or (stopped[0] if stopped else None)  # one that came during start-up
     raise typer.Exit(w.run().code)
 
 

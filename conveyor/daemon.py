@@ -45,6 +45,7 @@ class Daemon:
         self.process: process.WorkerProcess | None = None  # the job training in a worker process
         self._warm: process.WorkerProcess | None = None
         self._signals = 0
+        self._exit = "an exception"  # how the last worker ended, for messages
         self._inbox: Inbox | None = None
         self._said: set[str] = set()
 
@@ -192,11 +193,13 @@ class Daemon:
                 self._warm = process.spawn_warm(str(self.ws.root))
             self.idle()
         code, self.process = self.process.returncode, None
-        outcome = Outcome.from_code(code)
-        if outcome is None:
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            log_event(self.db, "warning", "death", f"worker of job {job.id} died ({how})", job.id)
-        return outcome
+        self._exit = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if code == -signal.SIGTERM and self.stop_reason:
+            # Our own warm stop reached it before it could act on it (still starting up, or already exiting):
+            # a stop, not a death; reconciliation puts the job where its checkpoints say.
+            self.reconcile()
+            return Outcome.DONE if jobs.get(self.db, job.id).state == JobState.DONE else Outcome.STOPPED
+        return Outcome.from_code(code)
 
     def _stepped(self, job: Job) -> bool:
         return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? AND step > ? LIMIT 1",
@@ -241,9 +244,10 @@ class Daemon:
             return True
         self.reconcile()
         now = jobs.get(self.db, job.id)
-        if now.state == JobState.DONE:
+        if now.state == JobState.DONE:  # it had finished; only its exit was cut short
             file_finished(self.ws, now)
             return True
+        log_event(self.db, "warning", "death", f"worker of job {job.id} died ({self._exit})", job.id)
         progressed = now.steps_done > job.steps_done
         attempts = 0 if progressed else now.attempts + 1
         jobs.update(self.db, job.id, attempts=attempts, deaths=now.deaths + 1)

@@ -156,7 +156,12 @@ def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world
 
     before = resume.manifest.hyperparameters
     now = hyperparameters(config, world_size)
-    changes = [f"training.{k}: {before.get(k)} → {now[k]}" for k in now if before.get(k) != now[k]]
+    section = {"attn_implementation": "model", "world_size": "distributed"}  # the rest live in [training]
+    changes = [f"{section.get(k, 'training')}.{k}: {before.get(k)} → {now[k]}" for k in now
+               if before.get(k) != now[k] and before.get(k) is not None]
+    new_keys = [k for k in now if k not in before]  # a manifest written before the setting existed
+    if new_keys:
+        changes.append(f"recorded from now on: {', '.join(new_keys)}")
     if changes:
         say("info", f"settings changed since {resume.path.name}, applied from step {resume.step + 1} in the same "
             "run: " + "; ".join(changes))

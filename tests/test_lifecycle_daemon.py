@@ -216,7 +216,7 @@ def test_world_size_grown_mid_job_reseeds_the_new_rank_and_keeps_every_line_once
     p = _drain_process(ws)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    assert "re-seeded" in out and "training.world_size: 1 → 2" in out, out
+    assert "re-seeded" in out and "distributed.world_size: 1 → 2" in out, out
     s = status(ws)
     # 20 examples at world size 1 (5 steps of 4), then 40 at world size 2 (5 steps of 8): one run, steps 1..10.
     assert [r["id"] for r in s["runs"]] == ["run-0001"] and s["run"]["global_step"] == 10
