@@ -127,3 +127,15 @@ def rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
             "outcome": r["outcome"],
         })
     return out
+
+
+def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
+    """Give an open segment of a job that another job now overtakes (it stopped in a crash, so no row was
+    written) its `interrupted` row; idempotent. Its next segment starts after the overtaking job."""
+    if pos.last_step < pos.segment_start or segment_closed(con, run_id, pos.job_id, pos.last_step):
+        return False
+    _, lines = segment_counts(con, run_id, pos.job_id, pos.segment_start, pos.last_step)
+    record(con, run_id=run_id, job_id=pos.job_id, start_step=pos.segment_start, end_step=pos.last_step,
+           examples=len(lines), epochs=pos.epochs,
+           tokens=segment_tokens(con, run_id, pos.job_id, pos.segment_start, pos.last_step), outcome="interrupted")
+    return True

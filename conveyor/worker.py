@@ -136,6 +136,8 @@ class Worker:
             return Outcome.SKIPPED
         open_jobs = [p for p in (resume.manifest.under_way() if resume else []) if p.job_id != job.id
                      and jobs.get(self.db, p.job_id).state == JobState.INTERRUPTED]
+        for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
+            ledger.close_overtaken(self.db, run.id, p)
         job = self.plan(job, run, start, data)
         return Setup(job, run, resume, data, start, open_jobs)
 
