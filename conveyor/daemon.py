@@ -260,10 +260,7 @@ class Daemon:
             return False
         wait = min(d.retry_backoff_seconds * 2 ** max(attempts - 1, 0), d.max_backoff_seconds)
         gained = f"it had reached its step {now.steps_done}" if progressed else "no new checkpoint since its start"
-        how = self.db.execute("SELECT message FROM events WHERE kind = 'death' AND job_id = ? ORDER BY id DESC LIMIT 1",
-                              (job.id,)).fetchone()
-        how = how["message"].split("died ")[-1] + ", " if how else ""
-        self.say("warning", f"job {job.id}: worker died ({how}{gained}); "
+        self.say("warning", f"job {job.id}: worker died (({self._exit}), {gained}); "
                  + (f"attempt {attempts + 1} of {d.max_attempts}" if attempts else "progress resets the attempts")
                  + f"; resumes in {wait:.0f} s from its last checkpoint", job.id)
         deadline = time.monotonic() + wait

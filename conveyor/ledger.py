@@ -130,8 +130,8 @@ def rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
 
 
 def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
-    """Give an open segment of a job that another job now overtakes (it stopped in a crash, so no row was
-    written) its `interrupted` row; idempotent. Its next segment starts after the overtaking job."""
+    """Give an open segment (a job stopped by a crash, so no row was written) its `interrupted` row, when
+    another job overtakes it or its run is left; idempotent. Its next segment starts after that."""
     if pos.last_step < pos.segment_start or segment_closed(con, run_id, pos.job_id, pos.last_step):
         return False
     _, lines = segment_counts(con, run_id, pos.job_id, pos.segment_start, pos.last_step)

@@ -108,11 +108,14 @@ class Position:
     def after_step(self, per_step: int) -> "Position":
         return replace(self, steps_done=self.steps_done + 1, position=self.position + self.next_step_examples(per_step))
 
+    def replan(self, per_step: int) -> "Position":
+        """The same segment going on, its remaining steps planned from the position for this step size."""
+        return replace(self, planned_steps=planned_steps(self.total, per_step, self.steps_done, self.position))
+
     def begin_segment(self, base_step: int, per_step: int) -> "Position":
         """Continue at global step base_step + 1. The rest is re-planned from the position, so a batch size
         changed in between neither skips nor repeats an example."""
-        steps = planned_steps(self.total, per_step, self.steps_done, self.position)
-        return replace(self, planned_steps=steps, start_step=self.start_step or base_step + 1,
+        return replace(self.replan(per_step), start_step=self.start_step or base_step + 1,
                        segment_start=base_step + 1, segment_base=self.steps_done)
 
     def to_json(self) -> dict:

@@ -41,7 +41,8 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
             # The old run's folder stays byte-identical (leftovers included); its rows are left as its
             # checkpoints say, every segment closed.
             rewind(ws, run, resume, say)
-            close_open_segments(ws, run)
+            for pos in resume.manifest.under_way() if resume else []:
+                ledger.close_overtaken(ws.db, run.id, pos)  # every open segment gets its row
             return Placement(new_run(ws, run, recorded, ident, say), None)
         tidy(ws, run, resume, problems, say)
     if run is None:
@@ -134,20 +135,6 @@ def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | N
         say("warning", f"job {job.id} ({job.file}) trains again from its first example: none of its steps is in "
             f"a usable checkpoint (the newest verified one is {'step ' + str(step) if step else 'none'})")
     jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, reopen=True, **FRESH)
-
-
-def close_open_segments(ws: Workspace, run: runs.Run) -> None:
-    """Give every segment of `run` that has trained steps but no ledger row (a job interrupted by a crash) its
-    `interrupted` row, so the run's ledger covers exactly its trained steps before it is left."""
-    for job in jobs.all_jobs(ws.db):
-        if job.run_id != run.id or job.state != JobState.INTERRUPTED or not job.segment_start:
-            continue
-        first, last = job.segment_start, run.global_step
-        steps, lines = ledger.segment_counts(ws.db, run.id, job.id, first, last)
-        if steps and not ledger.segment_closed(ws.db, run.id, job.id, first + steps - 1):
-            ledger.record(ws.db, run_id=run.id, job_id=job.id, start_step=first, end_step=first + steps - 1,
-                          examples=len(lines), epochs=job.epochs,
-                          tokens=ledger.segment_tokens(ws.db, run.id, job.id, first, last), outcome="interrupted")
 
 
 def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:

@@ -174,7 +174,7 @@ class Worker:
             known = replace(known, examples=len(data.examples), epochs=known.epochs or epochs)
             resumed_here = resume.manifest.job.job_id == job.id
             if resumed_here and not ledger.segment_closed(self.db, run.id, job.id, resume.step):
-                start = replace(known, planned_steps=_replan(known, eps))  # the same segment goes on
+                start = known.replan(eps)  # the same segment goes on
             else:
                 start = known.begin_segment(run.global_step, eps)
             self.say("info", f"job {job.id} resumes at global step {run.global_step + 1} from {resume.path.name} "
@@ -364,12 +364,6 @@ class Worker:
             return None
         data.examples = data.examples[: config.eval.max_examples]
         return data
-
-
-def _replan(pos: Position, eps: int) -> int:
-    from .plan import planned_steps
-
-    return planned_steps(pos.total, eps, pos.steps_done, pos.position)
 
 
 def _lines(lines: list[int]) -> str:

@@ -115,3 +115,16 @@ def adapter_weights(checkpoint: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b), (sorted(a), sorted(b))
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def set_setting(ws: Path, section: str, key: str, value: str) -> None:
+    """Edit one `key = value` line of a section of the workspace's conveyor.toml, as a person would."""
+    path = ws / "conveyor.toml"
+    lines = path.read_text().splitlines()
+    current = None
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.startswith(f"{key} = "):
+            lines[i] = f"{key} = {value}"
+    path.write_text("\n".join(lines) + "\n")

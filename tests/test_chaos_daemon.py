@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import adapter_weights, audit, ledger, make_workspace, max_abs_diff, run_cli, status, text_file
-from service import Service
+from service import process_running as _running, Service
 
 pytestmark = pytest.mark.slow
 SIZES = {"a.jsonl": 60, "b.jsonl": 40, "c.jsonl": 80}  # batch 2 × grad_accum 2: 15 + 10 + 20 = 45 steps
@@ -46,15 +46,6 @@ def uninterrupted(tmp_path_factory, tiny_dir):
     r = run_cli(ws, "run", "--drain", "-q")
     assert r.code == 0, r.out + r.err
     return _final_weights(ws)
-
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (a killed child nobody has reaped yet is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _children_alive(daemon_pid: int) -> list[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import audit, checkpoint_steps, ledger, run_cli, status, text_file
+from conftest import set_setting as _set, audit, checkpoint_steps, ledger, run_cli, status, text_file
 from conveyor import checkpoints as ck
 from conveyor import manifest as mf
 
@@ -22,18 +22,6 @@ from conveyor import manifest as mf
 def _tree_hashes(folder: Path) -> dict:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _set(ws: Path, section: str, key: str, value: str) -> None:
-    path = ws / "conveyor.toml"
-    lines = path.read_text().splitlines()
-    current = None
-    for i, line in enumerate(lines):
-        if line.startswith("["):
-            current = line.strip("[]")
-        elif current == section and line.startswith(f"{key} = "):
-            lines[i] = f"{key} = {value}"
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _trained(workspace, tmp_path, n=24, **settings):

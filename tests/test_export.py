@@ -8,22 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, status, text_file
+from conftest import set_setting as _set, run_cli, status, text_file
 from conveyor import checkpoints as ck
 from conveyor.errors import ConfigError
 from conveyor.workspace import Workspace
-
-
-def _set(ws: Path, section: str, key: str, value: str) -> None:
-    path = ws / "conveyor.toml"
-    lines = path.read_text().splitlines()
-    current = None
-    for i, line in enumerate(lines):
-        if line.startswith("["):
-            current = line.strip("[]")
-        elif current == section and line.startswith(f"{key} = "):
-            lines[i] = f"{key} = {value}"
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _train(ws: Path, file: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import audit, ledger, run_cli, status, text_file
-from service import Service, running, write_jsonl
+from service import process_running as _running, Service, running, write_jsonl
 
 pytestmark = pytest.mark.slow
 DAEMON = {"inbox": {"settle_seconds": 0.3, "poll_seconds": 0.2},
@@ -47,15 +47,6 @@ def _until(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
-
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (a killed child nobody has reaped yet is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _live_processes(match) -> list[int]:
