@@ -4,6 +4,8 @@ arrive at a given step. They let tests walk every path deterministically; unset,
 CONVEYOR_FAILPOINT="<name>:<step>[:<marker file>]" SIGKILLs this process at that point (a power cut); with a
 marker file only once. Names: step, checkpoint-write, checkpoint-renamed. Two names raise instead, right after
 that step (before its checkpoint): oom raises torch.OutOfMemoryError (as CUDA does), host-oom a MemoryError.
+CONVEYOR_TEST_STEP_SECONDS="<seconds>" makes every optimizer step last at least that long (a sleep after it), so
+that a test killing processes from outside can land between steps of the tiny model, whose steps take ~20 ms.
 CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, resume, stop, skip) right
 after that global step, as `conveyor <action>` would.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -36,6 +39,9 @@ def failpoint(name: str, step: int) -> None:
 
 
 def after_step(step: int) -> None:
+    pace = os.environ.get("CONVEYOR_TEST_STEP_SECONDS")
+    if pace:
+        time.sleep(float(pace))
     failpoint("step", step)
     if _due("oom", step):
         import torch

@@ -140,6 +140,7 @@ def hyperparameters(config: Config, world_size: int) -> dict:
             "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
             "max_length": t.max_length, "epochs": t.epochs, "mixed_precision": t.mixed_precision,
             "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+            "deterministic": t.deterministic,
             # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
             "attn_implementation": config.model.attn_implementation}
 
@@ -174,7 +175,8 @@ class _JobCallback:
         self.last_checkpoint: Path | None = None
         # Mid-job: continue the RNG stream the checkpoint saved (dropout, etc.), as an uninterrupted run would.
         self.restore_rng = spec.resume is not None and spec.start.steps_done > 0
-        self.t_step = self.t_flush = time.perf_counter()
+        self.t_step = time.perf_counter()
+        self.t_flush = float("-inf")  # a segment's first step is written at once (status shows it training)
 
     # Trainer callback protocol -------------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kw):

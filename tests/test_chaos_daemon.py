@@ -1,7 +1,7 @@
 """Chaos under the long-running daemon: 22 SIGKILLs at random moments of training, each of either the daemon's
 whole session or only the worker process training the current job, the daemon restarted whenever it was killed.
 With the default daemon settings (max_attempts 3) nothing fails, and the queue ends exactly like an
-uninterrupted `conveyor run --drain`: steps 1..45 once each, every line once, the same weights (law 3)."""
+uninterrupted `conveyor run --drain`: steps 1..90 once each, every line once, the same weights (law 3)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ from conftest import adapter_weights, audit, ledger, make_workspace, max_abs_dif
 from service import process_running as _running, Service
 
 pytestmark = pytest.mark.slow
-SIZES = {"a.jsonl": 60, "b.jsonl": 40, "c.jsonl": 80}  # batch 2 × grad_accum 2: 15 + 10 + 20 = 45 steps
-SPANS = {1: (1, 15), 2: (16, 25), 3: (26, 45)}
-TOTAL_STEPS = 45
+# batch 2 × grad_accum 2: 30 + 20 + 40 = 90 steps, enough that most of the 22 kills land at random moments
+# (a kill costs up to one checkpoint interval) and the rest inside checkpoint writes, before the queue ends.
+SIZES = {"a.jsonl": 120, "b.jsonl": 80, "c.jsonl": 160}
+SPANS = {1: (1, 30), 2: (31, 50), 3: (51, 90)}
+TOTAL_STEPS = 90
 SETTINGS = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 4, "warmup_steps": 3, "max_length": 48},
             "adapter": {"dropout": 0.1}}  # dropout > 0: the RNG state must be restored exactly too
 DAEMON = {"daemon": {"min_free_mb": 0, "retry_backoff_seconds": 0.2}}  # max_attempts stays at its default, 3
 MAX_ATTEMPTS = 3
 KILLS = 22
 SEED = 20250117
+# The tiny model trains a step in ~20 ms and a whole job in well under a second once its worker is up: too fast
+# for a kill from outside to land between steps or inside a checkpoint write. Each step is paced to 0.15 s.
+PACED = {**os.environ, "CONVEYOR_TEST_STEP_SECONDS": "0.15"}
 
 
 def _files(folder: Path) -> list[Path]:
@@ -76,7 +81,7 @@ class Chaos:
         self.kills: Counter = Counter()
         self.landed: list[str] = []  # where each kill landed, for the printed summary
         self.last_kill = time.time()
-        self.svc = Service(ws)
+        self.svc = Service(ws, env=PACED)
 
     def wait(self, predicate, timeout: float, what: str) -> None:
         """Service.wait, polled more often."""
@@ -180,7 +185,7 @@ class Chaos:
         self.last_kill = time.time()
         self.svc.log.close()
         (self.ws / "daemon-test-output.txt").rename(self.ws / f"daemon-output-{self.kills['daemon']}.txt")
-        self.svc = Service(self.ws)
+        self.svc = Service(self.ws, env=PACED)
 
 
 def test_sigkill_daemon_or_worker_at_random_moments_ends_exactly_like_an_uninterrupted_run(
