@@ -103,6 +103,8 @@ GENERATION = """\
 """
 
 _CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SMALL = "small"  # the built-in `small` model (tiny.py): ChatML with generation marks, a larger BPE vocabulary
+SMALL_VOCAB_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ FAMILIES = {f.name: f for f in [
            added=("<think>", "</think>"), drops_reasoning=True),
     Family("generation", GENERATION, tuple(_CHATML), eos="<|im_end|>", end="<|im_end|>", pad="<|endoftext|>"),
 ]}
+_SMALL = Family(SMALL, GENERATION, tuple(_CHATML), eos="<|im_end|>", end="<|im_end|>", pad="<|endoftext|>")
 
 # What the BPE merges are learned from: plain sentences and the words chat templates use, repeated so that
 # frequent pairs merge. Fixed, so every build of a family gives the same tokenizer.
@@ -155,15 +158,32 @@ def _corpus() -> list[str]:
     return [_WORDS] * 20 + _SENTENCES * 10
 
 
+def _small_corpus() -> list[str]:
+    """The family corpus plus seeded English-like sentences over a wider word list, so that `small` learns a few
+    thousand merges (whole words and common pieces) as a real BPE vocabulary has."""
+    import random
+
+    rng = random.Random(0)
+    words = (_WORDS + " " + " ".join(_SENTENCES)).replace(".", "").replace(",", "").replace("?", "").replace(
+        ":", "").replace(";", "").split()
+    stems = ["train", "learn", "read", "writ", "count", "model", "token", "file", "step", "queue", "check", "point",
+             "run", "job", "data", "line", "weigh", "loss", "batch", "epoch", "order", "seed", "hash", "disk"]
+    suffixes = ["", "s", "ed", "ing", "er", "ers", "able", "ness", "ly", "ful"]
+    vocabulary = sorted(set(words) | {s + x for s in stems for x in suffixes})
+    sentences = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(6, 18))) + "." for _ in range(4000)]
+    numbers = [" ".join(str(rng.randint(0, 10 ** rng.randint(1, 5))) for _ in range(8)) for _ in range(200)]
+    return _corpus() + sentences + numbers
+
+
 def _train_bpe(family: Family):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(family.special), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=SMALL_VOCAB_SIZE if family.name == SMALL else VOCAB_SIZE, special_tokens=list(family.special), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(_corpus(), trainer=trainer)
+    core.train_from_iterator(_small_corpus() if family.name == SMALL else _corpus(), trainer=trainer)
     return core
 
 
@@ -182,17 +202,18 @@ def make_tokenizer(family: Family):
     return tokenizer
 
 
-def ensure_family(name: str, folder: Path) -> Path:
-    """Create the model folder of family `name` in `folder` unless it is already there; returns the folder."""
-    from .tiny import _make_model
+def ensure_family(name: str, folder: Path, sizes: dict | None = None) -> Path:
+    """Create the model folder of family `name` in `folder` unless it is already there; returns the folder.
+    `sizes` are LlamaConfig sizes (default: the tiny model's)."""
+    from .tiny import TINY_SIZES, _make_model
 
-    family = FAMILIES[name]
+    family = _SMALL if name == SMALL else FAMILIES[name]
     folder = Path(folder)
     if (folder / _MARKER).exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(family)
-    model = _make_model(len(tokenizer))
+    model = _make_model(len(tokenizer), sizes or TINY_SIZES)
     for key, token in (("bos_token_id", family.bos), ("eos_token_id", family.eos), ("pad_token_id", family.pad)):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         setattr(model.config, key, token_id)

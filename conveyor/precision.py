@@ -7,6 +7,7 @@ the others change only how a step is computed and are hyperparameters (trainer.h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ def build_model(config: Config, model_path: str, resume_dir: Path | None):
 
 
 def trainer_arguments(config: Config, arguments_class) -> dict:
-    """TrainingArguments for training.mixed_precision, gradient_checkpointing and optimizer."""
+    """TrainingArguments for training.mixed_precision, gradient_checkpointing, deterministic and optimizer."""
     t = config.training
     args: dict = {}
     if t.mixed_precision != "no":
@@ -74,6 +75,12 @@ def trainer_arguments(config: Config, arguments_class) -> dict:
             else "gradient_checkpointing"  # earlier transformers releases know only the old name
         args[name] = True
         args[f"{name}_kwargs"] = {"use_reentrant": False}
+    if t.deterministic:
+        # torch.use_deterministic_algorithms, cuDNN deterministic, a fixed cuBLAS workspace (the Trainer's own
+        # switch). Without it, GPU kernels that reduce in a varying order (atomics) make law 3 hold only within
+        # floating-point nondeterminism; CPU kernels are deterministic either way.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # before the first cuBLAS handle exists
+        args["full_determinism"] = True
     if t.optimizer == "adamw_8bit":
         args["optim"] = "adamw_bnb_8bit"
     # adamw_torch is the Trainer's default: torch's AdamW (its fused kernel where torch has one), as before.

@@ -44,7 +44,8 @@ def precision_settings(config) -> dict:
     m, t = config.model, config.training
     return {"model.precision": m.precision, "model.quantization": m.quantization,
             "model.attn_implementation": m.attn_implementation, "training.mixed_precision": t.mixed_precision,
-            "training.gradient_checkpointing": t.gradient_checkpointing, "training.optimizer": t.optimizer}
+            "training.gradient_checkpointing": t.gradient_checkpointing, "training.optimizer": t.optimizer,
+            "training.deterministic": t.deterministic}
 
 
 def precision_text(settings: dict) -> str:
@@ -54,7 +55,8 @@ def precision_text(settings: dict) -> str:
     autocast = "no autocast" if s["training.mixed_precision"] == "no" else f"{s['training.mixed_precision']} autocast"
     checkpointing = "on" if s["training.gradient_checkpointing"] else "off"
     return (f"{base}, {autocast}, attention {s['model.attn_implementation']}, gradient checkpointing "
-            f"{checkpointing}, optimizer {s['training.optimizer']}")
+            f"{checkpointing}, optimizer {s['training.optimizer']}"
+            + (", deterministic kernels" if s.get("training.deterministic") else ""))
 
 
 def current_job(ws: Workspace) -> dict | None:

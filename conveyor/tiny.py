@@ -1,4 +1,7 @@
-"""The built-in `tiny` model: seeded random Llama weights and a byte-level tokenizer, made offline in a second."""
+"""The built-in models, made offline and deterministically: `tiny` (seeded random Llama weights, 0.1M parameters, a
+byte-level tokenizer, made in a second) for tests and demos, and `small` (the same architecture at 26M parameters,
+with a BPE tokenizer whose merges are trained on a fixed corpus, and a ChatML template with generation marks) for
+benchmarks and for what `tiny`'s one-token-per-byte tokenizer cannot show."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 from pathlib import Path
 
 TINY = "tiny"
+SMALL = "small"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # The generation-prompt form lets conveyor mask the role header and train only on the reply.
 CHAT_TEMPLATE = (
@@ -39,18 +43,20 @@ def _make_tokenizer():
     return tokenizer
 
 
-def _make_model(vocab_size: int):
+TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048}
+# A 25M-parameter Llama: big enough that a step's cost is in its matrix products, not Python (benchmarks).
+SMALL_SIZES = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+               "num_key_value_heads": 4, "max_position_embeddings": 4096}
+
+
+def _make_model(vocab_size: int, sizes: dict = TINY_SIZES):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        **sizes,
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
@@ -72,3 +78,13 @@ def ensure_tiny(folder: Path) -> Path:
     tokenizer.save_pretrained(folder)
     (folder / _MARKER).write_text(json.dumps({"name": TINY, "seed": _SEED}) + "\n")
     return folder
+
+
+def ensure_small(folder: Path) -> Path:
+    """Create the small model in `folder` unless it is already there; returns the folder."""
+    from .families import SMALL, ensure_family
+
+    return ensure_family(SMALL, folder, SMALL_SIZES)
+
+
+BUILTIN = {TINY: ensure_tiny, SMALL: ensure_small}  # model.name -> maker of its folder

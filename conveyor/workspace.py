@@ -10,7 +10,7 @@ from pathlib import Path
 from . import store
 from .config import CONFIG_FILE, Config, load_config, render_config
 from .errors import WorkspaceError
-from .tiny import TINY, ensure_tiny
+from .tiny import BUILTIN
 
 DB_FILE = "conveyor.db"
 
@@ -61,12 +61,12 @@ class Workspace:
         return store.connect(self.root / DB_FILE)
 
     def model_path(self, name: str) -> str:
-        """Where the base model's files are: the tiny model is made in the workspace on first use."""
-        if name == TINY:
+        """Where the base model's files are: a built-in model (tiny, small) is made in the workspace on first use."""
+        if name in BUILTIN:
             from .trainer import quiet_libraries
 
             quiet_libraries()
-            return str(ensure_tiny(self.models / TINY))
+            return str(BUILTIN[name](self.models / name))
         return name
 
     def run_dir(self, run_id: str) -> Path:
