@@ -1,13 +1,13 @@
 """Training speed and peak memory of each precision and memory setting on this machine.
 
-Each setting trains the same --examples `text` lines (tiny model, LoRA r=8 on q_proj/v_proj, batch 8, grad_accum 1,
+Each setting trains the same --examples `text` lines (the built-in --model, tiny or small; LoRA r=8 on q_proj/v_proj, batch 8, grad_accum 1,
 max_length 128) with `conveyor train` in a fresh process. Tokens/s counts the trained tokens over the summed
 optimizer-step times conveyor records (model load and setup excluded); peak RSS is that process's maximum resident
 memory (os.wait4). With --repeats R each setting trains R times and the fastest is shown (other processes on the
 machine only ever slow a run down). A setting this machine refuses (fp16 autocast without a GPU) is listed with
 the refusal.
 
-    python benchmarks/precision.py [--examples N] [--repeats R] [--only NAME ...]
+    python benchmarks/precision.py [--model tiny|small] [--examples N] [--repeats R] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ def write_data(path: Path, n: int) -> None:
             f.write(json.dumps({"text": f"example {i}: {words}"}) + "\n")
 
 
-def measure(name: str, changes: dict, data: Path, tiny: Path, root: Path) -> dict:
+def measure(name: str, changes: dict, data: Path, model: str, model_dir: Path, root: Path) -> dict:
     from conveyor.config import parse_config
     from conveyor.errors import ConfigError
     from conveyor.workspace import Workspace
 
     sections = json.loads(json.dumps(BASE))
+    sections["model"] = {"name": model}
     for section, values in changes.items():
         sections.setdefault(section, {}).update(values)
     try:
@@ -63,7 +64,7 @@ def measure(name: str, changes: dict, data: Path, tiny: Path, root: Path) -> dic
         return {"name": name, "refused": str(e).splitlines()[-1].strip(" -")}
     ws = root / "".join(c if c.isalnum() else "_" for c in name)
     Workspace.create(ws, config)
-    shutil.copytree(tiny, ws / "models" / "tiny")
+    shutil.copytree(model_dir, ws / "models" / model)
     proc = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "train", str(data), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
@@ -84,21 +85,22 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    parser.add_argument("--model", choices=["tiny", "small"], default="tiny", help="the built-in model to train")
     args = parser.parse_args()
-    from conveyor.tiny import ensure_tiny
+    from conveyor.tiny import BUILTIN
 
     with tempfile.TemporaryDirectory(prefix="conveyor-precision-") as tmp:
         root = Path(tmp)
-        tiny = ensure_tiny(root / "tiny")
+        model_dir = BUILTIN[args.model](root / args.model)
         data = root / "data.jsonl"
         write_data(data, args.examples)
         rows = []
         for name, changes in SETTINGS.items():
             if args.only and name not in args.only:
                 continue
-            tries = [measure(name, changes, data, tiny, root / f"try-{i}") for i in range(args.repeats)]
+            tries = [measure(name, changes, data, args.model, model_dir, root / f"try-{i}") for i in range(args.repeats)]
             rows.append(max(tries, key=lambda r: r.get("tokens_per_s", 0)))
-    print(f"tiny model, LoRA, {args.examples} examples, batch 8, max_length 128, {os.cpu_count()} CPU(s)\n")
+    print(f"{args.model} model, LoRA, {args.examples} examples, batch 8, max_length 128, {os.cpu_count()} CPU(s)\n")
     print(f"{'setting':30} {'steps':>5} {'tokens':>7} {'tokens/s':>9} {'peak RSS MB':>11} {'last loss':>9}")
     for r in rows:
         if "refused" in r:

@@ -92,6 +92,8 @@ class TrainingConfig(_Section):
     """Recompute each layer's activations in the backward pass: less memory, slower steps, the same weights."""
     optimizer: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     """adamw_torch (torch's AdamW) or adamw_8bit (bitsandbytes: 8-bit moments, less memory)."""
+    packing: bool = True
+    """Padding-free micro-batches (examples end to end, attention kept within each); padded where the model cannot."""
     deterministic: bool = False
     """Deterministic kernels only (GPU): a resumed run then ends with the uninterrupted run's weights; slower. CPU needs no flag."""
 

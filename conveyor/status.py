@@ -45,7 +45,7 @@ def precision_settings(config) -> dict:
     return {"model.precision": m.precision, "model.quantization": m.quantization,
             "model.attn_implementation": m.attn_implementation, "training.mixed_precision": t.mixed_precision,
             "training.gradient_checkpointing": t.gradient_checkpointing, "training.optimizer": t.optimizer,
-            "training.deterministic": t.deterministic}
+            "training.deterministic": t.deterministic, "training.packing": t.packing}
 
 
 def precision_text(settings: dict) -> str:
@@ -56,7 +56,8 @@ def precision_text(settings: dict) -> str:
     checkpointing = "on" if s["training.gradient_checkpointing"] else "off"
     return (f"{base}, {autocast}, attention {s['model.attn_implementation']}, gradient checkpointing "
             f"{checkpointing}, optimizer {s['training.optimizer']}"
-            + (", deterministic kernels" if s.get("training.deterministic") else ""))
+            + (", deterministic kernels" if s.get("training.deterministic") else "")
+            + (", padding-free batches" if s.get("training.packing") else ", padded batches"))
 
 
 def current_job(ws: Workspace) -> dict | None:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoints as ck
-from . import distributed, memory, precision, testhooks
+from . import distributed, memory, packing, precision, testhooks
 from . import manifest as mf
 from .config import Config
 from .formats import IGNORE, TokenizedFile
@@ -72,6 +72,7 @@ class Hooks:
     hold: Callable[[Path], str | None] | None = None
     checkpointed: Callable[[Position], None] | None = None  # a checkpoint of this position verified
     say: Callable[[str, str], None] | None = None  # (level, text)
+    warn: Callable[[str], None] | None = None  # a warning about the job, kept with it (status shows it)
 
 
 @dataclass
@@ -116,17 +117,19 @@ class PlanDataset(Dataset):
 
 
 class AuditingCollator:
-    """Pads a batch (Hugging Face's DataCollatorForSeq2Seq) and remembers which lines it fed, in order."""
+    """Makes a micro-batch, padding-free (packing.py) or padded (Hugging Face's DataCollatorForSeq2Seq), and
+    remembers which lines it fed, in order."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, padding_free: bool = False):
         from transformers import DataCollatorForSeq2Seq
 
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.batch = packing.flattening_collator() if padding_free else self.pad
         self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
 
     def __call__(self, features: list[dict]) -> dict:
         self.fed.extend(f["line"] for f in features)
-        return self.pad([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        return self.batch([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
 
     def take(self, n: int) -> list[int]:
         return [self.fed.popleft() for _ in range(n)]
@@ -140,7 +143,7 @@ def hyperparameters(config: Config, world_size: int) -> dict:
             "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
             "max_length": t.max_length, "epochs": t.epochs, "mixed_precision": t.mixed_precision,
             "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
-            "deterministic": t.deterministic,
+            "deterministic": t.deterministic, "packing": t.packing,
             # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
             "attn_implementation": config.model.attn_implementation}
 
@@ -324,7 +327,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
     dataset = PlanDataset(spec.data, order, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
                           pad_id=tokenizer.pad_token_id)
-    collator = AuditingCollator(tokenizer)
+    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, hooks))
     inner = _JobCallback(spec, config, collator, world_size, order, len(dataset), hooks)
     remaining = start.planned_steps - start.steps_done
     trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
@@ -350,6 +353,21 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
         raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
                            f"planned {remaining}; this is a bug")
     return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+
+
+def _padding_free(config: Config, model, hooks: Hooks) -> bool:
+    """training.packing, if this model computes packed rows right (checked, not assumed); a fallback is said."""
+    if not config.training.packing:
+        return False
+    reason = packing.check(model, model.get_input_embeddings().weight.shape[0])
+    if reason and distributed.is_main():
+        text = (f"training.packing: padded batches instead of padding-free ones, because {reason}; set "
+                f"training.packing = false to silence this")
+        if hooks.warn:
+            hooks.warn(text)
+        elif hooks.say:
+            hooks.say("warning", text)
+    return reason is None
 
 
 def _same_optimizer(config: Config, spec: JobSpec, hooks: Hooks) -> bool:

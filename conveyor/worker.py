@@ -227,7 +227,8 @@ class Worker:
             return Trained(setup.start, self.stop_reason)
         hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
                       flush=lambda *rows: self._flush(setup, *rows), peek=self._peek,
-                      hold=lambda checkpoint: self._hold(job, checkpoint), say=self.say)
+                      hold=lambda checkpoint: self._hold(job, checkpoint), say=self.say,
+                      warn=lambda text: self._warn(job, text))
         return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
 
     def _flush(self, setup: Setup, audit, metrics, evals, samples, pos: Position) -> None:

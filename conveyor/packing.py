@@ -1,0 +1,64 @@
+"""Padding-free batches: the examples of a micro-batch laid end to end in one row, positions restarting at each
+example, attention never crossing from one example into another; and the check that the loaded model honours that.
+
+A padded micro-batch spends compute on pad tokens up to its longest example; on chat data with skewed lengths that
+is most of it. transformers 5 builds a block-diagonal causal mask from position ids that restart (sdpa and eager,
+through masking_utils) or runs variable-length kernels from them (flash_attention_2), when no attention mask is
+given. Whether a given model does is not assumed: `check` runs the model on a probe and looks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import IGNORE
+
+
+def flattening_collator():
+    """Hugging Face's padding-free collator: input_ids, labels and position_ids of shape [1, total tokens]; the
+    first label of each example is IGNORE, so no loss crosses from one example to the next."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+
+
+@torch.no_grad()
+def check(model, vocab_size: int) -> str | None:
+    """None if the model computes an example packed after another exactly as alone; else what went wrong.
+
+    Two probes of one row each: example B after example A, and B after a different A'. B's logits must not depend
+    on what came before it (no attention leaks across the boundary) and must equal B's logits alone (positions
+    restart). Fixed token ids and eval mode: the probe consumes no random numbers, so it cannot change training.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        n = 6
+        a, a_other, b = (torch.tensor([(7 * k + shift) % vocab_size for k in range(n)], device=device)
+                         for shift in (3, 11, 5))
+        positions = torch.arange(n, device=device)
+
+        def logits(*parts):
+            ids = torch.cat(parts)[None]
+            pos = torch.cat([positions] * len(parts))[None]
+            return model(input_ids=ids, position_ids=pos).logits[0, -n:].float()
+
+        alone, after_a, after_other = logits(b), logits(a, b), logits(a_other, b)
+    except Exception as e:  # a model whose forward cannot take position ids without a mask
+        return f"the model's forward failed on a packed row ({type(e).__name__}: {e})"
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(alone.abs().max()))
+    tolerance = (1e-4 if alone.dtype == torch.float32 and _compute_dtype(model) == torch.float32 else 3e-2) * scale
+    leak, shift = float((after_a - after_other).abs().max()), float((after_a - alone).abs().max())
+    if leak > tolerance:
+        return f"attention crosses example boundaries in a packed row (logits moved by {leak:.2e})"
+    if shift > tolerance:
+        return f"a packed example does not compute as it does alone (logits differ by {shift:.2e})"
+    return None
+
+
+def _compute_dtype(model) -> torch.dtype:
+    floating = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    return torch.float32 if not floating or all(d == torch.float32 for d in floating) else torch.bfloat16
