@@ -39,7 +39,20 @@ def load_base(config: Config, path: str):
         # Freezes the base and keeps its unquantized parts (norms, embeddings, head) in fp32. Gradient
         # checkpointing is the Trainer's to switch on, as without quantization.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_4bit_layout(model)
     return model
+
+
+def _keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference. On a CPU with AVX512-BF16, the first
+    forward in eval mode without gradients (an evaluation, a sample, the packing probe) converts each layer's
+    weights in place to an inference-only layout, after which training computes no gradient at all, silently
+    (bitsandbytes 0.50; found by a resume test, see tests/test_precision.py)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def build_model(config: Config, model_path: str, resume_dir: Path | None):

@@ -165,6 +165,33 @@ def test_settings_outside_the_identity_apply_to_the_same_run_and_are_said(worksp
 
 
 @needs_bnb
+def test_qlora_still_trains_after_an_evaluation_forward(tiny_dir):
+    """An eval-mode forward without gradients (evaluation, samples, the packing probe) must not leave the 4-bit
+    layers in bitsandbytes' inference-only CPU layout, which computes no gradient afterwards."""
+    import torch
+
+    from conveyor.precision import build_model
+
+    config = Config()
+    config.model.quantization = "nf4"
+    ids = torch.arange(3, 40)[None] % 200
+
+    def lora_grads(evaluate_first: bool) -> dict:
+        model = build_model(config, str(tiny_dir), None)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    plain, after_eval = lora_grads(False), lora_grads(True)
+    assert len(after_eval) == len(plain) == 8  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    assert max(float((plain[k] - after_eval[k]).abs().max()) for k in plain) == 0.0
+
+
+@needs_bnb
 def test_a_quantization_change_starts_a_new_run_and_keeps_the_old(workspace, tmp_path):
     ws = _ws(workspace, "ws")
     _train(ws, text_file(tmp_path / "a.jsonl", 8, "a"))
@@ -198,6 +225,8 @@ def test_an_optimizer_change_restarts_the_moments_and_says_so(workspace, tmp_pat
 
 RESUMABLE = {
     "qlora-nf4": pytest.param({"model": {"quantization": "nf4"}}, marks=needs_bnb),
+    "qlora-nf4-padded": pytest.param({"model": {"quantization": "nf4"}, "training": {"packing": False}},
+                                     marks=[needs_bnb, pytest.mark.slow]),
     "bf16-autocast": pytest.param({"training": {"mixed_precision": "bf16"}}, marks=pytest.mark.slow),
     "gradient-checkpointing": pytest.param({"training": {"gradient_checkpointing": True}}, marks=pytest.mark.slow),
     "adamw-8bit": pytest.param({"training": {"optimizer": "adamw_8bit"}}, marks=[needs_bnb, pytest.mark.slow]),
