@@ -17,8 +17,10 @@ from queue_model import STATS, QueueMachine
 
 def _run(tiny_dir, examples: int, steps: int) -> None:
     QueueMachine.tiny_dir = tiny_dir
+    # A fresh subclass per call: @settings may be applied to a class only once per process.
     machine = settings(max_examples=examples, stateful_step_count=steps, deadline=None, derandomize=True,
-                       database=None, suppress_health_check=list(HealthCheck), print_blob=True)(QueueMachine)
+                       database=None, suppress_health_check=list(HealthCheck), print_blob=True)(
+        type("QueueMachineRun", (QueueMachine,), {}))
     STATS.clear()
     machine.TestCase().runTest()
     print(f"queue model: {dict(STATS)}")  # shown with -s; quoted in the closing note
