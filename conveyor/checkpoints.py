@@ -22,6 +22,7 @@ from .testhooks import failpoint
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
+HASHES = ".hashes.json"  # in checkpoints/: "step-000123/<file>" -> [size, mtime_ns, sha256] of files hashed before
 
 
 @dataclass
@@ -61,13 +62,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _seal(tmp: Path, manifest: mf.Manifest) -> None:
-    """Hash every file, write the manifest and flush everything to disk."""
+class HashCache:
+    """sha256 of checkpoint files, each hashed once: a file whose size and mtime are those recorded when it was
+    hashed (at its write, or at an earlier verification) is trusted; any other is hashed again. A file changed in
+    place with its size and mtime kept is only found by `conveyor doctor --deep`, which hashes everything."""
+
+    def __init__(self, root: Path):
+        self.root, self.dirty = root, False
+        try:
+            self.entries = json.loads((root / HASHES).read_text(encoding="utf-8"))
+            assert isinstance(self.entries, dict)
+        except (OSError, ValueError, AssertionError):
+            self.entries = {}  # none yet, or unreadable: hash everything again
+
+    def sha256(self, path: Path) -> str:
+        st, key = path.stat(), f"{path.parent.name}/{path.name}"
+        entry = self.entries.get(key)
+        if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            return entry[2]
+        digest = fingerprint(path)
+        self.record(key, st, digest)
+        return digest
+
+    def record(self, key: str, st: os.stat_result, digest: str) -> None:
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write the entries of checkpoints that still exist (atomically; a lost write only costs a re-hash)."""
+        if not self.dirty or not self.root.is_dir():
+            return
+        live = {p.name for p in self.root.iterdir()}
+        entries = {k: v for k, v in self.entries.items() if k.split("/")[0] in live}
+        tmp = self.root / f".{HASHES}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(entries), encoding="utf-8")
+        os.replace(tmp, self.root / HASHES)
+        self.dirty = False
+
+
+def _seal(tmp: Path, manifest: mf.Manifest, hashes: HashCache, final_name: str) -> None:
+    """Hash every file once (recorded under its final folder name), write the manifest, flush it all to disk."""
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[str(path.relative_to(tmp))] = fingerprint(path)
+        name = str(path.relative_to(tmp))
+        files[name] = fingerprint(path)
+        if "/" not in name:  # the cache keys files directly inside a checkpoint folder
+            hashes.record(f"{final_name}/{name}", path.stat(), files[name])
     manifest.files = files
     with open(tmp / mf.MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
@@ -76,19 +118,21 @@ def _seal(tmp: Path, manifest: mf.Manifest) -> None:
     _fsync_dir(tmp)
 
 
-def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int) -> Checkpoint:
+def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int,
+          job_ends: int) -> Checkpoint:
     """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
     tmp = root / f".tmp-{folder_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    hashes = HashCache(root)
     try:
         tmp.mkdir()
         save(tmp)
         failpoint("checkpoint-write", step)
-        _seal(tmp, content)
-        data = mf.verify(tmp)
+        _seal(tmp, content, hashes, final.name)
+        data = mf.verify(tmp, _hashed_by(hashes, final.name))  # the manifest and every file are there
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoint numbers must strictly increase")
         os.rename(tmp, final)
@@ -108,8 +152,14 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint {final.name} failed verification right after writing: {e}") from e
     _point_latest(run_dir, final.name)
-    prune(run_dir, keep)
+    prune(run_dir, keep, job_ends)
+    hashes.save()
     return Checkpoint(final, step, data)
+
+
+def _hashed_by(hashes: HashCache, final_name: str):
+    """The hash _seal just took of a file of the temporary folder (read once; it is still in the page cache)."""
+    return lambda path: (hashes.entries.get(f"{final_name}/{path.name}") or [None, None, fingerprint(path)])[2]
 
 
 def _point_latest(run_dir: Path, name: str) -> None:
@@ -127,10 +177,12 @@ def estimate_size(run_dir: Path) -> int:
     return sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file())
 
 
-def space_needed(run_dir: Path | None, keep: int, reserve_bytes: int) -> int:
-    """Free bytes a job needs: `keep` checkpoints plus the one being written and a job-end one, plus a reserve."""
+def space_needed(run_dir: Path | None, keep: int, job_ends: int, reserve_bytes: int) -> int:
+    """Free bytes a job needs: retention holds at most `keep` + `job_ends` checkpoints, plus the one being
+    written; what the run holds already is on disk. Plus a reserve."""
     per = estimate_size(run_dir) if run_dir else 1 << 20
-    return per * (keep + 2) + reserve_bytes
+    held = len(numbered(run_dir)) if run_dir else 0
+    return per * max(1, keep + job_ends + 1 - held) + reserve_bytes
 
 
 def numbered(run_dir: Path) -> list[Path]:
@@ -154,17 +206,25 @@ def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
     """The newest checkpoint whose manifest and hashes check out, and the problems of every newer one."""
     problems: list[Problem] = [Problem(p, "not a conveyor checkpoint folder (no step-N name); never resumed")
                                for p in foreign(run_dir)]
+    hashes = HashCache(checkpoints_dir(run_dir))
+    try:
+        return _newest(run_dir, hashes, problems), problems
+    finally:
+        hashes.save()
+
+
+def _newest(run_dir: Path, hashes: HashCache, problems: list[Problem]) -> Checkpoint | None:
     for path in reversed(numbered(run_dir)):
         try:
-            data = mf.verify(path)
+            data = mf.verify(path, hashes.sha256)
         except ValueError as e:
             problems.append(Problem(path, str(e)))
             continue
         if data.global_step != step_of(path):
             problems.append(Problem(path, f"folder says step {step_of(path)}, manifest says {data.global_step}"))
             continue
-        return Checkpoint(path, data.global_step, data), problems
-    return None, problems
+        return Checkpoint(path, data.global_step, data)
+    return None
 
 
 def set_aside(run_dir: Path, problem: Problem) -> Path:
@@ -190,17 +250,19 @@ def clean_temporary(run_dir: Path) -> list[Path]:
     return leftovers
 
 
-def prune(run_dir: Path, keep: int) -> list[Path]:
-    """Delete checkpoints beyond the last `keep`, except the last one of each job and any unreadable one."""
+def prune(run_dir: Path, keep: int, job_ends: int) -> list[Path]:
+    """Delete checkpoints beyond the last `keep`, except the ends of the last `job_ends` finished jobs and any
+    unreadable one. So a run holds at most keep + job_ends checkpoints (space_needed counts on that)."""
     found = numbered(run_dir)
     protected = set(found[-keep:])
-    last_of_job: dict[int, Path] = {}
+    ends: list[Path] = []
     for path in found:
         try:
-            last_of_job[mf.read(path).job.job_id] = path  # numeric order: the last one wins
+            if mf.read(path).job_end:
+                ends.append(path)
         except (ValueError, KeyError, TypeError):
             protected.add(path)  # never delete what we cannot read: a person may want to look at it
-    protected |= set(last_of_job.values())
+    protected |= set(ends[-job_ends:] if job_ends else [])
     removed = [p for p in found if p not in protected]
     for path in removed:
         shutil.rmtree(path)

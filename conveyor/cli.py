@@ -367,11 +367,12 @@ def export(
 
 
 @app.command()
-def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           deep: bool = typer.Option(False, "--deep", help="Hash every checkpoint file again (slow on big models).")):
     """Check the workspace (settings, database, stored data, every checkpoint, disk) and say how to fix it."""
     from .doctor import check
 
-    findings = check(_ws())
+    findings = check(_ws(), deep)
     if as_json:
         _print_json([f.to_json() for f in findings])
     else:

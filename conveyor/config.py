@@ -83,7 +83,9 @@ class TrainingConfig(_Section):
     save_every: int = Field(50, ge=1)
     """Write a checkpoint every N global steps (and always at the end of each job)."""
     keep_checkpoints: int = Field(3, ge=1)
-    """Checkpoints kept per run besides the last one of each job."""
+    """The newest checkpoints kept per run (older ones are deleted once a newer one verifies)."""
+    keep_job_ends: int = Field(3, ge=0)
+    """Also kept: the end-of-job checkpoints of the last N finished jobs (so a run holds at most keep_checkpoints + N)."""
     seed: int = Field(42, ge=0)
     """Run seed: fixes adapter initialisation and each epoch's data order."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

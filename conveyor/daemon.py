@@ -145,14 +145,15 @@ class Daemon:
         run = runs.active(self.db)
         run_dir = self.ws.run_dir(run.id) if run else None
         per = ck.estimate_size(run_dir) if run_dir else 1 << 20
-        need = ck.space_needed(run_dir, self.config.training.keep_checkpoints, self.config.daemon.min_free_mb * 10**6)
+        t = self.config.training
+        need = ck.space_needed(run_dir, t.keep_checkpoints, t.keep_job_ends, self.config.daemon.min_free_mb * 10**6)
         free = self.ws.free_bytes()
         if free >= need:
             self._said.discard("disk")
             return True
         self.say_once("disk", "error", f"waiting: {free / 1e6:.0f} MB free, job {job.id} needs about "
-                      f"{need / 1e6:.0f} MB (checkpoints {per / 1e6:.1f} MB each, keep "
-                      f"{self.config.training.keep_checkpoints}, reserve {self.config.daemon.min_free_mb} MB); "
+                      f"{need / 1e6:.0f} MB (checkpoints {per / 1e6:.1f} MB each, keep {t.keep_checkpoints} + "
+                      f"{t.keep_job_ends} job ends, reserve {self.config.daemon.min_free_mb} MB); "
                       "free space or lower daemon.min_free_mb; training starts by itself")
         return False
 

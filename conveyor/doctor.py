@@ -25,7 +25,8 @@ class Finding:
         return {"level": self.level, "what": self.what, "fix": self.fix}
 
 
-def check(ws: Workspace) -> list[Finding]:
+def check(ws: Workspace, deep: bool = False) -> list[Finding]:
+    """Every finding; `deep` hashes every checkpoint file again instead of trusting hashes taken before."""
     findings: list[Finding] = []
     try:
         config = ws.config()
@@ -36,7 +37,7 @@ def check(ws: Workspace) -> list[Finding]:
     findings += _database(ws)
     findings += _stored_data(ws)
     for run in runs.all_runs(ws.db):
-        findings += _run(ws, run)
+        findings += _run(ws, run, deep)
     findings += _disk(ws, config)
     return findings
 
@@ -66,8 +67,11 @@ def _stored_data(ws: Workspace) -> list[Finding]:
     return findings
 
 
-def _run(ws: Workspace, run: runs.Run) -> list[Finding]:
+def _run(ws: Workspace, run: runs.Run, deep: bool) -> list[Finding]:
     run_dir = ws.run_dir(run.id)
+    # Read-only: what it hashes is not recorded (doctor never writes); --deep trusts nothing.
+    trusted = ck.HashCache(ck.checkpoints_dir(run_dir))
+    sha256 = fingerprint if deep else trusted.sha256
     findings = []
     for path in ck.foreign(run_dir):
         findings.append(Finding("warning", f"{run.id}: {path.name} is not a conveyor checkpoint; it is never resumed",
@@ -79,7 +83,7 @@ def _run(ws: Workspace, run: runs.Run) -> list[Finding]:
     verified = []
     for path in ck.numbered(run_dir):
         try:
-            data = mf.verify(path)
+            data = mf.verify(path, sha256)
             verified.append(data.global_step)
         except ValueError as e:
             findings.append(Finding("error", f"{run.id}/{path.name}: {e}",
@@ -102,10 +106,11 @@ def _disk(ws: Workspace, config) -> list[Finding]:
     active = runs.active(ws.db)
     defaults = Config()  # with invalid settings, judge by the defaults
     settings = config or defaults
-    need = ck.space_needed(ws.run_dir(active.id) if active else None, settings.training.keep_checkpoints,
+    t = settings.training
+    need = ck.space_needed(ws.run_dir(active.id) if active else None, t.keep_checkpoints, t.keep_job_ends,
                            settings.daemon.min_free_mb * 10**6)
     if free < need:
         return [Finding("error", f"{free / 1e6:.0f} MB free, about {need / 1e6:.0f} MB needed for checkpoints "
-                        "and the reserve", "free disk space, or lower training.keep_checkpoints or "
+                        "and the reserve", "free disk space, or lower training.keep_checkpoints, training.keep_job_ends or "
                         "daemon.min_free_mb")]
     return [Finding("ok", f"{free / 1e9:.1f} GB free (about {need / 1e6:.0f} MB needed)")]

@@ -241,8 +241,7 @@ class _JobCallback:
                                    hyperparameters=hyperparameters(self.config, self.world_size),
                                    libraries=libraries())
             self.last_checkpoint = save_checkpoint(self.spec.run_dir, manifest, kw["model"], kw["optimizer"],
-                                                   kw["lr_scheduler"], states,
-                                                   self.config.training.keep_checkpoints)
+                                                   kw["lr_scheduler"], states, self.config.training)
             if self.hooks.checkpointed:
                 self.hooks.checkpointed(self.pos)
 

@@ -54,8 +54,9 @@ def apply_learning_rate(scheduler, lr: float) -> None:
 
 
 def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
-                    keep: int) -> Path:
-    """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest."""
+                    retention) -> Path:
+    """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest;
+    `retention` is training's settings (keep_checkpoints, keep_job_ends)."""
     def save(folder: Path) -> None:
         model.save_pretrained(folder)
         torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
@@ -63,7 +64,8 @@ def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, sche
         for r, state in enumerate(rng_states):
             torch.save(state, folder / rng_file(r))
 
-    return ck.write(run_dir, manifest.global_step, save, manifest, keep).path
+    return ck.write(run_dir, manifest.global_step, save, manifest, retention.keep_checkpoints,
+                    retention.keep_job_ends).path
 
 
 def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:

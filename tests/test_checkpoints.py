@@ -177,6 +177,50 @@ def test_retention_keeps_last_k_and_each_jobs_last(workspace, tmp_path):
     assert checkpoint_steps(ws, run_id) == [5, 7, 8]  # job a's last (5), then the last two
 
 
+def test_retention_is_bounded_by_keep_plus_job_ends(workspace, tmp_path):
+    ws = workspace(training={"save_every": 1, "keep_checkpoints": 2, "keep_job_ends": 1})
+    files = [text_file(tmp_path / f"{tag}.jsonl", 16, tag) for tag in "abc"]  # 2 steps each: ends at 2, 4, 6
+    assert run_cli(ws, "train", *files, "-q").code == 0
+    run_id = status(ws)["run"]["id"]
+    assert checkpoint_steps(ws, run_id) == [5, 6]  # the last two; 6 is also the newest job end
+    ws2 = workspace("ws2", training={"save_every": 1, "keep_checkpoints": 1, "keep_job_ends": 2})
+    assert run_cli(ws2, "train", *files, "-q").code == 0
+    assert checkpoint_steps(ws2, status(ws2)["run"]["id"]) == [4, 6]  # ends of the last two jobs (6 is newest too)
+
+
+def test_each_checkpoint_file_is_hashed_once_when_written_and_not_again_at_the_next_start(
+        workspace, tmp_path, monkeypatch):
+    from conveyor import checkpoints
+
+    hashed: list[str] = []
+    real = checkpoints.fingerprint
+    monkeypatch.setattr(checkpoints, "fingerprint", lambda path: hashed.append(str(path)) or real(path))
+    monkeypatch.setattr(mf, "fingerprint", lambda path: hashed.append("manifest:" + str(path)) or real(path))
+    ws = workspace(training={"save_every": 100})
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 8), "-q").code == 0  # one checkpoint: step 1
+    run_id = status(ws)["run"]["id"]
+    files = [p for p in (ws / "runs" / run_id / "checkpoints" / "step-000001").iterdir() if p.name != mf.MANIFEST]
+    assert sorted(hashed) == sorted(str(p).replace("step-000001", f".tmp-step-000001-{os.getpid()}")
+                                    for p in files)  # each file once, in the temporary folder
+    hashed.clear()
+    assert run_cli(ws, "train", text_file(tmp_path / "b.jsonl", 8, "b"), "-q").code == 0  # resumes from step 1
+    assert [h for h in hashed if "step-000001" in h] == []  # trusted: same size and mtime as when hashed
+
+
+def test_a_change_that_keeps_size_and_mtime_is_found_by_doctor_deep(workspace, tmp_path):
+    ws, run_id = _trained(workspace, tmp_path, n=24)
+    weights = ws / "runs" / run_id / "checkpoints" / "step-000003" / "adapter_model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # bit rot: same size; the mtime is put back
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    quick = json.loads(run_cli(ws, "doctor", "--json").out)
+    assert not [f for f in quick if f["level"] == "error" and "step-000003" in f["what"]]
+    deep = json.loads(run_cli(ws, "doctor", "--json", "--deep").out)
+    assert [f for f in deep if f["level"] == "error" and "step-000003" in f["what"] and "sha256" in f["what"]]
+
+
 def test_numeric_not_string_order(tmp_path):
     for step in (900, 1000):
         (tmp_path / "checkpoints" / ck.folder_name(step)).mkdir(parents=True)
