@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .chat import ChatError, RenderedChat, render_chat
 from .errors import DataError
@@ -114,42 +115,75 @@ def _check_record(record) -> str:
 
 
 def parse_file(path: Path, name: str | None = None) -> ParsedFile:
-    """Read and validate a whole JSONL file; raise DataError listing every bad line (under `name`).
+    """Read and validate a whole JSONL file into memory (preview, evaluation: small files); raise DataError
+    listing every bad line (under `name`). Training streams the file instead (scan_file, stream_examples)."""
+    examples: list[Example] = []
+    fmt = _validated(path, name or path.name, lambda example, _: examples.append(example))
+    return ParsedFile(fmt, examples)
 
-    The file is only read. A file that is not UTF-8 text at all (compressed, UTF-16, ...) is named as such."""
-    name = name or path.name
+
+def scan_file(path: Path, name: str | None = None) -> tuple[str, int]:
+    """(format, example count) of a valid JSONL file, read as a stream: memory stays flat whatever its size.
+    DataError lists every bad line (the first MAX_REPORTED and a count), as parse_file does."""
+    count = 0
+
+    def one(example: Example, fmt: str) -> None:
+        nonlocal count
+        count += 1
+
+    return _validated(path, name or path.name, one), count
+
+
+def stream_examples(path: Path, name: str | None = None) -> Iterator[tuple[Example, str]]:
+    """(example, format) of each line of a file validated before (a stored copy), one at a time."""
+    with open(path, "rb") as f:
+        for number, raw in _read_lines(f, max_line_bytes()):
+            try:
+                parsed = _parse_line(number, raw, max_line_bytes())
+            except ValueError as e:
+                raise DataError(describe_problems(name or path.name, [(number, str(e))])) from None
+            if parsed is not None:
+                yield Example(number, parsed[0]), parsed[1]
+
+
+def _validated(path: Path, name: str, each) -> str:
+    """Check every line, calling each(example, format) for the good ones; the file's format, or DataError."""
     with open(path, "rb") as f:
         kind = what_it_is(f.read(SNIFF_BYTES))
         if kind:
             raise DataError(describe_problems(name, [(0, kind)]))
         f.seek(0)
-        problems, examples, formats = _parse_lines(f, max_line_bytes())
+        problems, total, formats = _parse_lines(f, max_line_bytes(), each)
     if len(formats) > 1:
         first = ", ".join(f"{fmt} (first on line {line})" for fmt, line in formats.items())
         problems.append((0, f"the file mixes formats: {first}; one file must use one format"))
-    if not examples and not problems:
+        total += 1
+    if not formats and not problems:
         problems.append((0, "the file has no examples"))
+        total += 1
     if problems:
-        raise DataError(describe_problems(name, problems))
-    return ParsedFile(next(iter(formats)), examples)
+        raise DataError(describe_problems(name, problems, total))
+    return next(iter(formats))
 
 
-def _parse_lines(f, limit: int) -> tuple[list[tuple[int, str]], list[Example], dict[str, int]]:
-    """Every line checked: (problems by line, examples, first line of each format)."""
+def _parse_lines(f, limit: int, each) -> tuple[list[tuple[int, str]], int, dict[str, int]]:
+    """Every line checked: (the first MAX_REPORTED problems by line, their total, first line of each format)."""
     problems: list[tuple[int, str]] = []
-    examples: list[Example] = []
+    total = 0
     formats: dict[str, int] = {}
     for number, raw in _read_lines(f, limit):
         try:
             parsed = _parse_line(number, raw, limit)
         except ValueError as e:
-            problems.append((number, str(e)))
+            total += 1
+            if len(problems) < MAX_REPORTED:  # a file of a million bad lines must not fill the memory
+                problems.append((number, str(e)))
             continue
         if parsed is not None:  # blank lines are not examples
             record, fmt = parsed
             formats.setdefault(fmt, number)
-            examples.append(Example(number, record))
-    return problems, examples, formats
+            each(Example(number, record), fmt)
+    return problems, total, formats
 
 
 def _read_lines(f, limit: int):
@@ -223,15 +257,16 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def describe_problems(name: str, problems: list[tuple[int, str]]) -> str:
-    """Plain-language report: the first MAX_REPORTED problems by line and a count of the rest."""
+def describe_problems(name: str, problems: list[tuple[int, str]], total: int | None = None) -> str:
+    """Plain-language report: the first MAX_REPORTED problems by line and a count of the rest (of `total`)."""
+    total = len(problems) if total is None else total
     shown = problems[:MAX_REPORTED]
     lines = [f"  line {n}: {msg}" if n else f"  {msg}" for n, msg in shown]
-    if len(problems) > MAX_REPORTED:
-        lines.append(f"  ... and {len(problems) - MAX_REPORTED} more problem(s)")
+    if total > len(shown):
+        lines.append(f"  ... and {total - len(shown)} more problem(s)")
     fix = "Fix the lines above and add the file again." if any(n for n, _ in problems) else (
         "Fix the file and add it again.")
-    return f"{name}: rejected, nothing trained from it ({len(problems)} problem(s)):\n" + "\n".join(lines) + "\n" + fix
+    return f"{name}: rejected, nothing trained from it ({total} problem(s)):\n" + "\n".join(lines) + "\n" + fix
 
 
 @dataclass
@@ -341,29 +376,3 @@ def _line_list(numbers: list[int]) -> str:
     shown = ", ".join(map(str, numbers[:10]))
     more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
     return f"line {shown}" if len(numbers) == 1 else f"lines {shown}{more}"
-
-
-CACHE_VERSION = 2  # 2: chat ids are the whole rendering, labels from character spans
-
-
-def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir: Path, key: str) -> TokenizedFile:
-    """tokenize_file(parse_file(...)), remembered in cache_dir under `key` (content fingerprint, tokenizer
-    and chat template) and max_length, so resuming a large job does not tokenize it again. The cache is derived data: an
-    unreadable entry is simply rebuilt."""
-    import hashlib
-    import os
-    import pickle
-
-    entry = cache_dir / (hashlib.sha256(f"{CACHE_VERSION}:{key}:{max_length}".encode()).hexdigest()[:32] + ".pkl")
-    try:
-        with open(entry, "rb") as f:
-            return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
-        pass
-    data = tokenize_file(parse_file(path, name), tokenizer, max_length, name)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, entry)
-    return data

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import jobs
 from .errors import DataError
 from .fingerprint import copy_hashing, fingerprint, short
-from .formats import parse_file
+from .formats import scan_file
 from .kept import REASON, _move_new, kept_path, printable
 from .jobs import Job, JobState
 from .store import log_event
@@ -97,7 +97,7 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
     """enqueue() once the bytes are in data/: validate, recognise the same dataset, insert the job."""
     name = printable(source.name)
     try:
-        parsed = parse_file(stored, name)
+        fmt, examples = scan_file(stored, name)  # streamed: the daemon never holds a file's records
     except DataError as e:
         return reject(ws, source, fp, stored, str(e), priority)
     except Exception as e:  # MemoryError, or a case no check foresaw: this file is rejected, nothing else stops
@@ -109,10 +109,9 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
     messages = [f"{name} has the same bytes ({short(fp)}) as job {j.id} ({j.file}, trained at steps "
                 f"{j.start_step}–{j.end_step}); see data.skip_duplicates" for j in same if j.state == JobState.DONE]
     job = jobs.insert(ws.db, file=name, source=printable(str(source.resolve())), stored=str(stored),
-                      fingerprint=fp, priority=priority, state=JobState.QUEUED, format=parsed.format,
-                      examples=len(parsed.examples), epochs=epochs)
-    log_event(ws.db, "info", "queued", f"job {job.id}: {name} ({len(parsed.examples)} examples, "
-              f"{parsed.format}, {short(fp)})", job.id)
+                      fingerprint=fp, priority=priority, state=JobState.QUEUED, format=fmt,
+                      examples=examples, epochs=epochs)
+    log_event(ws.db, "info", "queued", f"job {job.id}: {name} ({examples} examples, {fmt}, {short(fp)})", job.id)
     return Enqueued(job, messages)
 
 

@@ -19,7 +19,9 @@ from .config import Config
 from .controls import Context, Effect
 from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
-from .formats import TokenizedFile, parse_file, tokenize_cached, tokenize_file
+from .formats import TokenizedFile, parse_file, tokenize_file
+from .tokenized import prune as prune_tokenized
+from .tokenized import tokenize_cached, tokens_of
 from .jobs import Conflict, Job, JobState
 from .plan import Position, examples_per_step, fresh, require_steps
 from .store import log_event
@@ -241,7 +243,7 @@ class Worker:
     def record(self, setup: Setup, trained) -> Outcome:
         """One transaction: the segment's ledger row, the run's step and the job's new state; then answer."""
         pos, job, run = trained.position, setup.job, setup.run
-        tokens = _tokens(setup.data, ledger.segment_counts(self.db, run.id, job.id, pos.segment_start,
+        tokens = tokens_of(setup.data, ledger.segment_counts(self.db, run.id, job.id, pos.segment_start,
                                                             pos.last_step)[1])
         skip = self.request is not None and self.request.action == controls.Action.SKIP
         if pos.finished:
@@ -258,7 +260,17 @@ class Worker:
             ledger.close_segment(self.db, run.id, job.id, state, pos, expect=JobState.RUNNING, owner=self.claim,
                                  tokens=tokens, **extra)
         self._announce(jobs.get(self.db, job.id), pos, trained, extra.get("error"))
+        if state in (JobState.DONE, JobState.SKIPPED):
+            self._prune_tokenized()
         return outcome
+
+    def _prune_tokenized(self) -> None:
+        """Tokenized data of jobs that will not train again goes (it is derived; the stored JSONL stays)."""
+        waiting = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED)
+        needed = {j.fingerprint for j in jobs.all_jobs(self.db) if j.state in waiting}
+        removed = prune_tokenized(self.ws.data / "tokenized", needed)
+        if removed:
+            log_event(self.db, "info", "message", f"removed tokenized data of {len(removed)} finished job(s)")
 
     def _announce(self, job: Job, pos: Position, trained, skip_reason: str | None) -> None:
         if job.state == JobState.DONE:
@@ -370,11 +382,6 @@ class Worker:
 def _lines(lines: list[int]) -> str:
     more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
     return ", ".join(map(str, lines[:20])) + more
-
-
-def _tokens(data: TokenizedFile, lines: list[int]) -> int:
-    length = {e.line: len(e.input_ids) for e in data.examples}
-    return sum(length[line] for line in lines)
 
 
 def follow_order(setup: Setup) -> dict:

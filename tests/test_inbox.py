@@ -235,7 +235,7 @@ def test_a_line_nested_too_deep_is_rejected_by_line_not_the_end_of_the_daemon(wo
 ])
 def test_any_failure_while_validating_rejects_that_file_with_its_reason(workspace, monkeypatch, error, reason):
     inbox, said = _inbox(workspace())
-    monkeypatch.setattr(inbox_module, "parse_file", lambda *a: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(inbox_module, "scan_file", lambda *a: (_ for _ in ()).throw(error))
     write_jsonl(inbox.ws.inbox / "odd.jsonl", ["fine, really"])
     data = (inbox.ws.inbox / "odd.jsonl").read_bytes()
     [result] = _claim(inbox)

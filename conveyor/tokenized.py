@@ -1,0 +1,159 @@
+"""Tokenized jobs on disk: every example's token ids and trainable mask in flat binary arrays, memory-mapped, so a
+worker's memory does not grow with the file and the resume skip stays O(1) (item i is two array slices).
+
+One folder per (content fingerprint, tokenizer and chat template, max_length) under data/tokenized/:
+ids.bin (uint16 or uint32 token ids, end to end), mask.bin (uint8: 1 where the token carries loss), index.bin
+(int64 rows of offset, length, file line) and meta.json (counts, truncated and excluded lines). It is derived data:
+written into a temporary folder and renamed, rebuilt when missing or unreadable, and only numbers are loaded from
+the workspace (no pickle: nothing in data/ can execute code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import DataError
+from .formats import (IGNORE, Example, TokenizedFile, Tokenized, describe_template_problems, stream_examples,
+                      tokenize_example, trainable_positions)
+from .chat import ChatError
+
+VERSION = 3  # 3: memory-mapped arrays (2: a pickle of Python lists, chat ids from the whole rendering)
+META = "meta.json"
+MAX_PROBLEMS = 1000  # template problems collected before giving up on a file (the report shows the first few)
+
+
+class TokenizedArrays:
+    """A read-only sequence of Tokenized examples backed by memory-mapped arrays."""
+
+    def __init__(self, folder: Path, meta: dict):
+        n, tokens = meta["examples"], meta["tokens"]
+        self.index = _map(folder / "index.bin", np.int64, (n, 3))
+        self.ids = _map(folder / "ids.bin", np.dtype(meta["dtype"]), (tokens,))
+        self.mask = _map(folder / "mask.bin", np.uint8, (tokens,))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        offset, length, line = (int(v) for v in self.index[i])
+        ids = self.ids[offset:offset + length].astype(np.int64)
+        labels = np.where(self.mask[offset:offset + length] == 1, ids, IGNORE)
+        return Tokenized(line, ids.tolist(), labels.tolist())
+
+    def __iter__(self) -> Iterator[Tokenized]:
+        return (self[i] for i in range(len(self)))
+
+    def tokens_of(self, lines: list[int]) -> int:
+        """Tokens of the examples at these file lines (each counted as often as it is named)."""
+        at = np.searchsorted(self.index[:, 2], np.asarray(lines, dtype=np.int64))  # lines ascend in the index
+        return int(self.index[at, 1].sum())
+
+
+def _map(path: Path, dtype, shape: tuple) -> np.ndarray:
+    if 0 in shape:  # numpy cannot map an empty file
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+def tokens_of(data: TokenizedFile, lines: list[int]) -> int:
+    """Tokens of the examples at these file lines, for in-memory and memory-mapped data alike."""
+    if isinstance(data.examples, TokenizedArrays):
+        return data.examples.tokens_of(lines)
+    length = {e.line: len(e.input_ids) for e in data.examples}
+    return sum(length[line] for line in lines)
+
+
+def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir: Path, key: str) -> TokenizedFile:
+    """The file's examples tokenized and masked as training sees them, remembered in cache_dir under `key`
+    (content fingerprint, tokenizer and chat template) and max_length. Streams the file: memory stays flat."""
+    folder = cache_dir / hashlib.sha256(f"{VERSION}:{key}:{max_length}".encode()).hexdigest()[:32]
+    loaded = _load(folder)
+    if loaded is not None:
+        return loaded
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _write(tmp, stream_examples(path, name), tokenizer, max_length, name)
+        meta["key"], meta["max_length"] = key, max_length
+        (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
+        if _load(folder) is None:  # absent or damaged (if another process built it meanwhile, theirs is as good)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load(folder) or _raise_unreadable(folder)
+
+
+def prune(cache_dir: Path, needed: set[str]) -> list[Path]:
+    """Remove tokenized data no job needs any more: entries whose content fingerprint is not in `needed` (the
+    jobs still to train), unreadable entries, and caches of earlier versions. Only derived data is removed."""
+    if not cache_dir.is_dir():
+        return []
+    removed = []
+    for entry in cache_dir.iterdir():
+        if entry.name.startswith(".tmp-"):
+            continue  # a write under way in another process
+        try:
+            fingerprint = json.loads((entry / META).read_text(encoding="utf-8"))["key"].split(":")[0]
+        except (OSError, ValueError, KeyError, AttributeError):
+            fingerprint = None  # a v2 pickle, or damaged
+        if fingerprint not in needed:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _raise_unreadable(folder: Path):
+    raise OSError(f"the tokenized data in {folder} could not be read right after writing it")
+
+
+def _load(folder: Path) -> TokenizedFile | None:
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        arrays = TokenizedArrays(folder, meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: rebuilt from the stored file
+    return TokenizedFile(arrays, meta["truncated_lines"], meta["excluded_lines"], meta["tokens"])
+
+
+def _write(folder: Path, examples: Iterator[tuple[Example, str]], tokenizer, max_length: int, name: str) -> dict:
+    """Tokenize every example into the arrays; raise DataError naming the template problems, if any."""
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    meta = {"version": VERSION, "dtype": np.dtype(dtype).name, "examples": 0, "tokens": 0, "truncated_lines": [],
+            "excluded_lines": []}
+    problems: list[tuple[int, ChatError]] = []
+    with open(folder / "ids.bin", "wb") as ids, open(folder / "mask.bin", "wb") as mask, \
+            open(folder / "index.bin", "wb") as index:
+        for example, fmt in examples:
+            try:
+                t = tokenize_example(tokenizer, example, fmt, max_length)
+            except ChatError as e:
+                problems.append((example.line, e))
+                if len(problems) >= MAX_PROBLEMS:
+                    break
+                continue
+            if t.truncated:
+                meta["truncated_lines"].append(example.line)
+            trainable = trainable_positions(t)
+            if not any(trainable):
+                meta["excluded_lines"].append(example.line)
+                continue
+            ids.write(np.asarray(t.input_ids, dtype=dtype).tobytes())
+            mask.write(np.asarray([label != IGNORE for label in t.labels], dtype=np.uint8).tobytes())
+            index.write(np.asarray([meta["tokens"], len(t.input_ids), example.line], dtype=np.int64).tobytes())
+            meta["examples"] += 1
+            meta["tokens"] += len(t.input_ids)
+    if problems:
+        raise DataError(describe_template_problems(name, problems))
+    return meta
