@@ -104,23 +104,28 @@ def plain_side(root: Path, model_dir: Path, data: Path, order: list[int]) -> dic
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--write"]:
+        return write_data(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256, help="examples per file on tiny")
     parser.add_argument("--small", action="store_true", help="also the 25M-parameter built-in model `small`")
     parser.add_argument("--small-examples", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1, help="best of R (other processes only slow a run)")
     args = parser.parse_args()
-    from conveyor.tiny import BUILTIN
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="conveyor-packing-") as tmp:
         root = Path(tmp)
         for model in ["tiny"] + (["small"] if args.small else []):
-            model_dir = BUILTIN[model](root / "models" / model)
+            model_dir = root / "models" / model
+            # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies it).
+            subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{model!r}]"
+                            f"({str(model_dir)!r})"], check=True, capture_output=True)
             n = args.examples if model == "tiny" else args.small_examples
             for profile in ("skewed", "uniform"):
                 data = root / f"{model}-{profile}.jsonl"
-                write_data(data, model_dir, profile, n)
+                # In a child too (the tokenizer imports torch): see above.
+                subprocess.run([sys.executable, __file__, "--write", str(data), str(model_dir), profile, str(n)],
+                               check=True, capture_output=True)
                 best: dict[str, dict] = {}
                 for k in range(args.repeats):
                     free = conveyor_side(root / f"{model}-{profile}-free-{k}", model, model_dir, data, True)

@@ -87,11 +87,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     parser.add_argument("--model", choices=["tiny", "small"], default="tiny", help="the built-in model to train")
     args = parser.parse_args()
-    from conveyor.tiny import BUILTIN
 
     with tempfile.TemporaryDirectory(prefix="conveyor-precision-") as tmp:
         root = Path(tmp)
-        model_dir = BUILTIN[args.model](root / args.model)
+        model_dir = root / args.model
+        # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies its image).
+        subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{args.model!r}]"
+                        f"({str(model_dir)!r})"], check=True, capture_output=True)
         data = root / "data.jsonl"
         write_data(data, args.examples)
         rows = []
