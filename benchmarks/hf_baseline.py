@@ -40,7 +40,8 @@ def tokenize_text_file(path: Path, tokenizer, max_length: int) -> list[dict]:
         if not line.strip():
             continue
         text = json.loads(line)["text"]
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(text + tokenizer.eos_token, add_special_tokens=False)
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]  # ChatML families have none
+        ids = bos + tokenizer.encode(text + tokenizer.eos_token, add_special_tokens=False)
         ids = ids[:max_length]
         labels = [-100] + ids[1:]  # the BOS position is context only
         rows.append({"input_ids": ids, "labels": labels})

@@ -41,11 +41,12 @@ from conveyor.daemon import Daemon  # noqa: E402
 from conveyor.fingerprint import fingerprint  # noqa: E402
 from conveyor.inbox import enqueue  # noqa: E402
 from conveyor.ledger import audit_rows  # noqa: E402
-from conveyor.tiny import ensure_tiny  # noqa: E402
+from conveyor.tiny import BUILTIN  # noqa: E402
 from conveyor.trainer import quiet_libraries  # noqa: E402
 from conveyor.workspace import Workspace  # noqa: E402
 
 BATCH, ACCUM, LR, MAX_LENGTH = 8, 1, 1e-3, 128
+MODEL = ["tiny"]  # --model: the built-in model both sides train
 WORDS = "the a model file step token queue batch run ledger audit learns trains reads writes every one".split()
 
 # conveyor's worker times nothing we can read, and must not be edited: wrap Trainer.train instead (both
@@ -119,11 +120,13 @@ def _free_port() -> int:
 def run_conveyor(root: Path, tiny: Path, data: Path, dashboard: bool = False) -> dict:
     """One fresh workspace, one job; returns timings, tokens and the data order it trained."""
     config = Config()
+    config.model.name = MODEL[0]
     t = config.training
     t.batch_size, t.grad_accum, t.learning_rate, t.max_length = BATCH, ACCUM, LR, MAX_LENGTH
     t.save_every, t.warmup_steps = 10**9, 0  # only the end-of-job checkpoint, as a real job always writes
+    t.packing = False  # the plain side pads: compare the machinery, not the batch layout (benchmarks/packing.py)
     ws = Workspace.create(root, config)
-    shutil.copytree(tiny, ws.models / "tiny")  # a copy, so conveyor never spends time building the model
+    shutil.copytree(tiny, ws.models / MODEL[0])  # a copy, so conveyor never spends time building the model
     enqueue(ws, data, epochs=1)
     ws.db.execute("SELECT 1")  # create the database before a dashboard opens it
     with dashboard_watching(root) if dashboard else contextlib.nullcontext():
@@ -168,7 +171,8 @@ def rate(rows: list[dict], key: str = "seconds", pick=statistics.median) -> floa
 def report(conv: list[dict], plain: list[dict], dash: list[dict], fp_mbps: float, args) -> None:
     # Load avg, CPU-time rates and the best repeat are shown because other processes only ever add wall
     # time: when wall-clock medians disagree with those, the machine was busy, not conveyor.
-    table = Table(title="conveyor vs plain HF Trainer", caption=f"{args.examples} examples, {conv[0]['tokens']} "
+    table = Table(title=f"conveyor vs plain HF Trainer ({args.model} model)",
+                  caption=f"{args.examples} examples, {conv[0]['tokens']} "
                   f"tokens, batch {BATCH}, medians of {args.repeats} repeats, {torch.get_num_threads()} torch "
                   f"thread(s), load avg {os.getloadavg()[0]:.2f}")
     for col in ("side", "train-phase s", "tokens/s", "tokens/CPU-s", "end-to-end s"):
@@ -186,6 +190,9 @@ def report(conv: list[dict], plain: list[dict], dash: list[dict], fp_mbps: float
     dash_ratio = rate(dash) / rate(conv)
     console.print(f"with the dashboard open ÷ without: {dash_ratio:.3f} (target ≥ 0.97: "
                   f"{'met' if dash_ratio >= 0.97 else 'MISSED'}); per CPU-s {rate(dash, 'cpu') / rate(conv, 'cpu'):.3f}")
+    rounds = sorted((c["tokens"] / c["seconds"]) / (p["tokens"] / p["seconds"]) for c, p in zip(conv, plain))
+    console.print(f"conveyor ÷ plain per round (interleaved): min {rounds[0]:.3f}, median "
+                  f"{statistics.median(rounds):.3f}, max {rounds[-1]:.3f} over {len(rounds)} rounds")
     for name, rows in (("conveyor", conv), ("conveyor + dashboard", dash), ("plain HF", plain)):
         console.print(f"{name} per repeat, train-phase wall/CPU s: "
                       + ", ".join(f"{r['seconds']:.2f}/{r['cpu']:.2f}" for r in rows))
@@ -202,14 +209,18 @@ def main() -> None:
     # One torch thread by default: with several, any other busy process on the machine makes OpenMP's
     # spin-waiting threads stall (10-40x slower runs seen), which swamps the few per cent measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default")
+    # The less noisy mode: `--model small --repeats 9` (steps of a 25M-parameter model take long enough that
+    # scheduler noise and per-job constants weigh little; the spread of the per-round ratios is printed).
+    parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
     args = parser.parse_args()
+    MODEL[0] = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_libraries()
     transformers.Trainer.train = _timed_train
     with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
         tmp = Path(tmp)
-        tiny = ensure_tiny(tmp / "tiny")  # built once; both sides load the same weights
+        tiny = BUILTIN[args.model](tmp / args.model)  # built once; both sides load the same weights
         data = tmp / "data.jsonl"
         write_data(data, args.examples)
         # An untimed warm-up pair pays the one-time costs (lazy imports, first kernels, allocator); its
