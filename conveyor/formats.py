@@ -280,9 +280,14 @@ class Tokenized:
 @dataclass
 class TokenizedFile:
     examples: list[Tokenized]
-    truncated_lines: list[int] = field(default_factory=list)
+    truncated_lines: list[int] = field(default_factory=list)  # all of them, or the first ones (see truncated)
     excluded_lines: list[int] = field(default_factory=list)  # nothing trainable left after truncation
     tokens: int = 0
+    truncated_count: int | None = None  # how many were truncated, when truncated_lines holds only the first
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_lines) if self.truncated_count is None else self.truncated_count
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -26,6 +26,7 @@ from .chat import ChatError
 
 VERSION = 3  # 3: memory-mapped arrays (2: a pickle of Python lists, chat ids from the whole rendering)
 META = "meta.json"
+TRUNCATED_KEPT = 100  # truncated lines named (all are counted)
 MAX_PROBLEMS = 1000  # template problems collected before giving up on a file (the report shows the first few)
 
 
@@ -124,14 +125,14 @@ def _load(folder: Path) -> TokenizedFile | None:
         arrays = TokenizedArrays(folder, meta)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or damaged: rebuilt from the stored file
-    return TokenizedFile(arrays, meta["truncated_lines"], meta["excluded_lines"], meta["tokens"])
+    return TokenizedFile(arrays, meta["truncated_lines"], meta["excluded_lines"], meta["tokens"], meta["truncated"])
 
 
 def _write(folder: Path, examples: Iterator[tuple[Example, str]], tokenizer, max_length: int, name: str) -> dict:
     """Tokenize every example into the arrays; raise DataError naming the template problems, if any."""
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    meta = {"version": VERSION, "dtype": np.dtype(dtype).name, "examples": 0, "tokens": 0, "truncated_lines": [],
-            "excluded_lines": []}
+    meta = {"version": VERSION, "dtype": np.dtype(dtype).name, "examples": 0, "tokens": 0, "truncated": 0,
+            "truncated_lines": [], "excluded_lines": []}
     problems: list[tuple[int, ChatError]] = []
     with open(folder / "ids.bin", "wb") as ids, open(folder / "mask.bin", "wb") as mask, \
             open(folder / "index.bin", "wb") as index:
@@ -143,8 +144,10 @@ def _write(folder: Path, examples: Iterator[tuple[Example, str]], tokenizer, max
                 if len(problems) >= MAX_PROBLEMS:
                     break
                 continue
-            if t.truncated:
-                meta["truncated_lines"].append(example.line)
+            if t.truncated:  # counted; the first lines kept to name them (all of a file may be truncated)
+                meta["truncated"] += 1
+                if len(meta["truncated_lines"]) < TRUNCATED_KEPT:
+                    meta["truncated_lines"].append(example.line)
             trainable = trainable_positions(t)
             if not any(trainable):
                 meta["excluded_lines"].append(example.line)

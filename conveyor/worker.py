@@ -147,9 +147,9 @@ class Worker:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
         config = self.config
         data = job_data(self.ws, job, config, self.model_path)
-        if data.truncated_lines:
-            text = (f"{len(data.truncated_lines)} example(s) longer than training.max_length="
-                    f"{config.training.max_length} tokens (lines {_lines(data.truncated_lines)})")
+        if data.truncated:
+            text = (f"{data.truncated} example(s) longer than training.max_length="
+                    f"{config.training.max_length} tokens (lines {_lines(data.truncated_lines, data.truncated)})")
             if config.data.too_long == "reject":
                 raise DataError(f"{job.file}: {text}; data.too_long = \"reject\". Shorten them or raise max_length")
             self._warn(job, f"{text} were truncated")
@@ -190,7 +190,7 @@ class Worker:
         jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, run_id=run.id, epochs=start.epochs,
                     examples=start.examples, planned_steps=start.planned_steps, start_step=start.start_step,
                     end_step=start.end_step, steps_done=start.steps_done, position=start.position,
-                    segment_start=start.segment_start, tokens=data.tokens, truncated=len(data.truncated_lines),
+                    segment_start=start.segment_start, tokens=data.tokens, truncated=data.truncated,
                     excluded=data.excluded_lines)
         log_event(self.db, "info", "planned", f"job {job.id}: {start.examples} examples × {start.epochs} epoch(s) = "
                   f"{start.planned_steps} steps; steps {start.steps_done + 1}–{start.planned_steps} at global steps "
@@ -379,8 +379,9 @@ class Worker:
         return data
 
 
-def _lines(lines: list[int]) -> str:
-    more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
+def _lines(lines: list[int], total: int | None = None) -> str:
+    total = len(lines) if total is None else total
+    more = f" and {total - 20} more" if total > 20 else ""
     return ", ".join(map(str, lines[:20])) + more
 
 

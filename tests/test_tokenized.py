@@ -33,7 +33,8 @@ def test_memory_mapped_examples_equal_in_memory_tokenization(name, tiny_dir, tmp
     assert isinstance(cached.examples, TokenizedArrays) and len(cached.examples) == len(expected.examples)
     assert [(e.line, e.input_ids, e.labels) for e in cached.examples] == \
         [(e.line, e.input_ids, e.labels) for e in expected.examples]
-    assert (cached.tokens, cached.truncated_lines) == (expected.tokens, expected.truncated_lines)
+    assert (cached.tokens, cached.truncated_lines, cached.truncated) == \
+        (expected.tokens, expected.truncated_lines, expected.truncated)
     assert tokens_of(cached, [2, 1, 2]) == tokens_of(expected, [2, 1, 2])
     folder = next((tmp_path / "cache").iterdir())
     assert sorted(p.name for p in folder.iterdir()) == ["ids.bin", "index.bin", "mask.bin", "meta.json"]
@@ -93,3 +94,10 @@ def test_tokenized_data_of_finished_jobs_is_pruned_and_waiting_jobs_keep_theirs(
     assert [j["state"] for j in status(ws)["jobs"]] == ["done", "done", "done"]
     assert list(tokenized.iterdir()) == []
     assert len(list((ws / "data").glob("*.jsonl"))) == 3  # the stored copies of the data stay
+
+
+def test_a_file_truncated_throughout_counts_every_line_and_names_the_first(tiny_dir, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(250)))
+    data = tokenize_cached(path, "long.jsonl", load_tokenizer(str(tiny_dir)), 16, tmp_path / "cache", "k")
+    assert data.truncated == 250 and data.truncated_lines == list(range(1, 101))
