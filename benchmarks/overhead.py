@@ -209,7 +209,7 @@ def main() -> None:
     # One torch thread by default: with several, any other busy process on the machine makes OpenMP's
     # spin-waiting threads stall (10-40x slower runs seen), which swamps the few per cent measured here.
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default")
-    # The less noisy mode: `--model small --repeats 9` (steps of a 25M-parameter model take long enough that
+    # The less noisy mode: `--model small --repeats 9` (steps of a 26M-parameter model take long enough that
     # scheduler noise and per-job constants weigh little; the spread of the per-round ratios is printed).
     parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
     args = parser.parse_args()

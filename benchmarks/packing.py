@@ -108,7 +108,7 @@ def main() -> None:
         return write_data(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=256, help="examples per file on tiny")
-    parser.add_argument("--small", action="store_true", help="also the 25M-parameter built-in model `small`")
+    parser.add_argument("--small", action="store_true", help="also the 26M-parameter built-in model `small`")
     parser.add_argument("--small-examples", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1, help="best of R (other processes only slow a run)")
     args = parser.parse_args()

@@ -45,7 +45,7 @@ def _make_tokenizer():
 
 TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 2048}
-# A 25M-parameter Llama: big enough that a step's cost is in its matrix products, not Python (benchmarks).
+# A 26M-parameter Llama: big enough that a step's cost is in its matrix products, not Python (benchmarks).
 SMALL_SIZES = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
                "num_key_value_heads": 4, "max_position_embeddings": 4096}
 

@@ -1,4 +1,4 @@
-"""The built-in models: `small` (25M parameters, BPE with merges, ChatML with generation marks) is made offline, the
+"""The built-in models: `small` (26M parameters, BPE with merges, ChatML with generation marks) is made offline, the
 same bytes every time, and trains a chat file exactly on its replies through the real CLI; the GPU benchmark script
 keeps working on CPU until a GPU is attached."""
 
