@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import controls, jobs, ledger, runs
 from .errors import ConveyorError
-from .status import daemon_pid, status_data
+from .status import daemon_pid, job_counts, queue_head, status_data
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 NOT_ACKNOWLEDGED = "requested, not yet acknowledged (is the daemon running?)"
 EXPIRED = "expired: no daemon was running to act on it"
+# The status the page polls lists this many of the newest jobs and of the queue; counts cover the rest.
+STATUS_JOBS = 100
+END = ledger.END  # a step past any step: the default end of a range
 # The page's scripts and styles are inline and it talks only to this server: nothing loads from elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -117,7 +120,7 @@ def _rows(con: sqlite3.Connection, query: str, *args) -> list[dict]:
 
 def snapshot(ws: Workspace) -> dict:
     """What the stream compares every second: small, and different whenever the page has something to refetch."""
-    data = status_data(ws)
+    data = status_data(ws, max_jobs=STATUS_JOBS)
     run_id = data["run"]["id"] if data["run"] else None
     one = lambda query, *args: ws.db.execute(query, args).fetchone()[0] or 0
     stable = {k: v for k, v in data.items() if k not in ("time", "free_disk_bytes")}
@@ -125,8 +128,9 @@ def snapshot(ws: Workspace) -> dict:
         "run": run_id,
         "global_step": data["run"]["global_step"] if data["run"] else 0,
         "event_id": one("SELECT MAX(id) FROM events"),
-        "metrics": one("SELECT COUNT(*) FROM metrics WHERE run_id = ?", run_id),
-        "evals": one("SELECT COUNT(*) FROM evals WHERE run_id = ?", run_id),
+        # The last steps, not counts: a MAX is one index seek, a COUNT reads every row of the run.
+        "metric_step": one("SELECT MAX(step) FROM metrics WHERE run_id = ?", run_id),
+        "eval_step": one("SELECT MAX(step) FROM evals WHERE run_id = ?", run_id),
         "sample_id": one("SELECT MAX(id) FROM samples WHERE run_id = ?", run_id),
         "status_hash": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16],
     }
@@ -175,39 +179,47 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     @app.get("/api/status", dependencies=[api])
     def status() -> dict:
         with open_workspace(root) as ws:
-            return status_data(ws)
+            return status_data(ws, max_jobs=STATUS_JOBS)
 
     @app.get("/api/runs", dependencies=[api])
     def runs_() -> list[dict]:
         with open_workspace(root) as ws:
-            counts = {r["run_id"]: r["n"] for r in ws.db.execute(
-                "SELECT run_id, COUNT(*) AS n FROM metrics GROUP BY run_id")}
-            return [{**r.to_json(), "metric_rows": counts.get(r.id, 0)} for r in runs.all_runs(ws.db)]
+            # Summed from the coarsest rollup (a few rows a run), not counted over every metric row.
+            count = lambda run_id: ws.db.execute("SELECT COALESCE(SUM(n), 0) FROM metrics_rollup WHERE run_id = ?"
+                                                 " AND level = ?", (run_id, ledger.ROLLUP_LEVELS[-1])).fetchone()[0]
+            return [{**r.to_json(), "metric_rows": count(r.id)} for r in runs.all_runs(ws.db)]
 
     @app.get("/api/jobs", dependencies=[api])
-    def jobs_() -> dict:
+    def jobs_(offset: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> dict:
+        """A page of the jobs, newest first, and the head of the queue (the running job, then training order)."""
         with open_workspace(root) as ws:
-            all_jobs = [j.to_json() for j in jobs.all_jobs(ws.db)]
-            queue = [j.to_json() for j in jobs.running_and_waiting(ws.db)]
-        return {"queue": queue, "jobs": all_jobs}
+            page = [jobs.Job.from_row(r).to_json() for r in
+                    ws.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))]
+            queue, queue_total = queue_head(ws.db, limit)
+            total = sum(job_counts(ws.db).values())
+        return {"queue": queue, "jobs": page, "total": total, "queue_total": queue_total}
 
     @app.get("/api/metrics", dependencies=[api])
-    def metrics(run: Optional[str] = None, since_step: int = Query(0, ge=0)) -> dict:
-        """One row per optimizer step after `since_step`, for the run (default: the active one)."""
+    def metrics(run: Optional[str] = None, since_step: int = Query(0, ge=0, le=END),
+                start: int = Query(0, ge=0, le=END), end: int = Query(END, ge=0, le=END),
+                points: int = Query(2000, ge=1, le=5000)) -> JSONResponse:
+        """The run's (default: the active one's) metric rows after `since_step` and in steps start..end: one a step
+        when there are at most `points`, else at most `points` rows each merging a range of steps."""
         with open_workspace(root) as ws:
             run_id = resolve_run(ws.db, run)
-            rows = _rows(ws.db, "SELECT step, job_id, loss, learning_rate, grad_norm, tokens, examples, step_time,"
-                                " created_at FROM metrics WHERE run_id = ? AND step > ? ORDER BY step",
-                         run_id, since_step)
-        return {"run": run_id, "rows": rows}
+            series = ledger.metric_series(ws.db, run_id, max(since_step + 1, start), end, points) if run_id else \
+                {"rows": [], "downsampled": False}
+        return JSONResponse({"run": run_id, **series})  # thousands of rows: skip FastAPI's per-value encoder
 
     @app.get("/api/evals", dependencies=[api])
-    def evals(run: Optional[str] = None) -> dict:
+    def evals(run: Optional[str] = None, start: int = Query(0, ge=0, le=END), end: int = Query(END, ge=0, le=END),
+              points: int = Query(2000, ge=1, le=5000)) -> JSONResponse:
+        """The run's evaluations in steps start..end: at most `points` rows, merged by step ranges beyond that."""
         with open_workspace(root) as ws:
             run_id = resolve_run(ws.db, run)
-            rows = _rows(ws.db, "SELECT step, job_id, eval_loss, examples, created_at FROM evals WHERE run_id = ?"
-                                " ORDER BY step", run_id)
-        return {"run": run_id, "rows": rows}
+            series = ledger.eval_series(ws.db, run_id, start, end, points) if run_id else \
+                {"rows": [], "downsampled": False}
+        return JSONResponse({"run": run_id, **series})
 
     @app.get("/api/samples", dependencies=[api])
     def samples(run: Optional[str] = None, limit: int = Query(20, ge=1, le=500)) -> dict:
@@ -219,10 +231,13 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         return {"run": run_id, "rows": rows}
 
     @app.get("/api/ledger", dependencies=[api])
-    def ledger_(run: Optional[str] = None) -> dict:
+    def ledger_(run: Optional[str] = None, offset: int = Query(0, ge=0),
+                limit: int = Query(200, ge=1, le=1000)) -> dict:
+        """A page of the run's ledger rows, newest first, with how many there are."""
         with open_workspace(root) as ws:
             run_id = resolve_run(ws.db, run)
-            return {"run": run_id, "rows": ledger.rows(ws.db, run_id) if run_id else []}
+            rows, total = ledger.page(ws.db, run_id, offset, limit) if run_id else ([], 0)
+        return {"run": run_id, "rows": rows, "total": total, "offset": offset}
 
     @app.get("/api/events", dependencies=[api])
     def events(after_id: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:

@@ -66,8 +66,10 @@ def current_job(ws: Workspace) -> dict | None:
     if row is None:
         return None
     job = jobs.Job.from_row(row)
-    recent = ws.db.execute("SELECT step_time, loss FROM metrics WHERE run_id = ? AND job_id = ? ORDER BY step DESC"
-                           " LIMIT 20", (job.run_id, job.id)).fetchall()
+    # From the job's first step on only: unbounded, a job yet to write a step would scan the whole run backwards.
+    recent = [] if job.start_step is None else ws.db.execute(
+        "SELECT step_time, loss FROM metrics WHERE run_id = ? AND job_id = ? AND step >= ? ORDER BY step DESC"
+        " LIMIT 20", (job.run_id, job.id, job.start_step)).fetchall()
     times = [r["step_time"] for r in recent if r["step_time"]]
     remaining = (job.planned_steps or 0) - job.steps_done
     eta = remaining * sum(times) / len(times) if times else None
@@ -75,20 +77,22 @@ def current_job(ws: Workspace) -> dict | None:
             "eta_seconds": eta, "loss": recent[0]["loss"] if recent else None}
 
 
-def status_data(ws: Workspace) -> dict:
+def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
+    """What conveyor is doing now. `max_jobs` bounds the job lists (the newest jobs, the head of the queue; counts
+    cover the rest) for the dashboard, which asks every second; by default, as `conveyor status`, they are whole."""
     try:
         config = ws.config()
         config_error = None
     except ConveyorError as e:
         config, config_error = None, str(e)
     active = runs.active(ws.db)
-    all_jobs = jobs.all_jobs(ws.db)
     last_eval = None
     if active:
         row = ws.db.execute("SELECT step, eval_loss FROM evals WHERE run_id = ? ORDER BY step DESC LIMIT 1",
                             (active.id,)).fetchone()
         last_eval = dict(row) if row else None
     pid = daemon_pid(ws)
+    queue, queue_total = queue_head(ws.db, max_jobs)
     return {
         "workspace": str(ws.root),
         "time": time.time(),
@@ -100,11 +104,45 @@ def status_data(ws: Workspace) -> dict:
         "config_error": config_error,
         "current": current_job(ws),
         "last_eval": last_eval,
-        "queue": [j.to_json() for j in jobs.running_and_waiting(ws.db)],
-        "failures": [j.to_json() for j in all_jobs if j.state in (jobs.JobState.FAILED, jobs.JobState.REJECTED)][-10:],
+        "queue": queue,
+        "queue_total": queue_total,
+        "failures": _failures(ws.db),
         "free_disk_bytes": ws.free_bytes(),
-        "jobs": [j.to_json() for j in all_jobs],
+        "jobs": _newest_jobs(ws.db, max_jobs),
+        "job_counts": job_counts(ws.db),
     }
+
+
+ACTIVE_STATES = "('running', 'queued', 'interrupted')"
+
+
+def queue_head(con, limit: int | None = None) -> tuple[list[dict], int]:
+    """The running job then the waiting ones in training order (the first `limit` of them), and how many there are."""
+    if limit is None:
+        queue = [j.to_json() for j in jobs.running_and_waiting(con)]
+        return queue, len(queue)
+    rows = con.execute(f"SELECT * FROM jobs WHERE state IN {ACTIVE_STATES}"
+                       f" ORDER BY state = 'running' DESC, {jobs.QUEUE_ORDER} LIMIT ?", (limit,))
+    total = con.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {ACTIVE_STATES}").fetchone()[0]
+    return [jobs.Job.from_row(r).to_json() for r in rows], total
+
+
+def job_counts(con) -> dict[str, int]:
+    """How many jobs are in each state (states with none left out)."""
+    return {r[0]: r[1] for r in con.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+
+def _newest_jobs(con, limit: int | None) -> list[dict]:
+    """The newest `limit` jobs (all by default), oldest first as `conveyor status` lists them."""
+    rows = con.execute("SELECT * FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT ?) ORDER BY id",
+                       (-1 if limit is None else limit,))  # LIMIT -1: no limit
+    return [jobs.Job.from_row(r).to_json() for r in rows]
+
+
+def _failures(con) -> list[dict]:
+    """The last 10 failed or rejected jobs, oldest first."""
+    rows = con.execute("SELECT * FROM jobs WHERE state IN ('failed', 'rejected') ORDER BY id DESC LIMIT 10")
+    return [jobs.Job.from_row(r).to_json() for r in rows][::-1]
 
 
 def _duration(seconds: float | None) -> str:

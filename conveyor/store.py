@@ -123,7 +123,37 @@ CREATE TABLE IF NOT EXISTS events (
     job_id INTEGER,
     message TEXT NOT NULL
 );
+-- Aggregates of metric rows, kept on every write (ledger.roll_up), so that the dashboard reads a few thousand
+-- rows of any range of a run of millions of steps. Bucket b of a level holds steps b*level .. b*level+level-1;
+-- job_id is the job of its last step.
+CREATE TABLE IF NOT EXISTS metrics_rollup (
+    run_id TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    step_min INTEGER NOT NULL,
+    step_max INTEGER NOT NULL,
+    job_id INTEGER,
+    loss_n INTEGER NOT NULL,
+    loss_sum REAL,
+    loss_min REAL,
+    loss_max REAL,
+    lr_sum REAL,
+    lr_n INTEGER NOT NULL,
+    grad_norm_sum REAL,
+    grad_norm_n INTEGER NOT NULL,
+    tokens INTEGER,
+    examples INTEGER,
+    step_time REAL,
+    PRIMARY KEY (run_id, level, bucket)
+) WITHOUT ROWID;
+-- The dashboard counts jobs by state and pages the ledger every second.
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run_id, id);
 """
+
+# PRAGMA user_version from which metrics_rollup is kept on every write of metric rows.
+ROLLUP_VERSION = 1
 
 
 # Columns added after the first release: (table, column, declaration). A database made by an older conveyor
@@ -148,6 +178,7 @@ def connect(path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA foreign_keys=ON")
     con.executescript(SCHEMA)
     _add_missing_columns(con)
+    _build_rollups_once(con)
     return con
 
 
@@ -160,6 +191,19 @@ def _add_missing_columns(con: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as e:  # another process added it first
                 if "duplicate column" not in str(e):
                     raise
+
+
+def _build_rollups_once(con: sqlite3.Connection) -> None:
+    """Give a database from before the rollups its rollups, once, at connect (not lazily on read): from then on
+    every write keeps them, and no reader ever sees a run half rolled up. Afterwards this costs one PRAGMA."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= ROLLUP_VERSION:
+        return
+    from .ledger import rebuild_rollups  # ledger needs this module's transaction(): import here, not at the top
+
+    with transaction(con):
+        if con.execute("PRAGMA user_version").fetchone()[0] < ROLLUP_VERSION:  # not done by another process meanwhile
+            rebuild_rollups(con)
+            con.execute(f"PRAGMA user_version = {ROLLUP_VERSION}")
 
 
 @contextlib.contextmanager

@@ -79,13 +79,16 @@ def test_evals_samples_ledger_jobs(client):
     samples = client.get("/api/samples?run=run-0001").json()["rows"]
     assert [(s["step"], s["output"]) for s in samples] == [(5, "output at 5"), (3, "output at 3")]  # newest first
     assert len(client.get("/api/samples?limit=1").json()["rows"]) == 1
-    ledger = client.get("/api/ledger").json()["rows"]
-    assert [(r["job"], r["file"], r["start_step"], r["end_step"], r["examples"], r["outcome"]) for r in ledger] == [
-        (1, "a.jsonl", 1, 3, 20, "done"), (2, "b.jsonl", 4, 5, 12, "done")]
+    ledger = client.get("/api/ledger").json()
+    assert [(r["job"], r["file"], r["start_step"], r["end_step"], r["examples"], r["outcome"])  # newest first
+            for r in ledger["rows"]] == [(2, "b.jsonl", 4, 5, 12, "done"), (1, "a.jsonl", 1, 3, 20, "done")]
+    assert ledger["total"] == 2
+    assert [r["job"] for r in client.get("/api/ledger?offset=1&limit=5").json()["rows"]] == [1]
     jobs = client.get("/api/jobs").json()
-    assert jobs["queue"] == []
+    assert (jobs["queue"], jobs["total"], jobs["queue_total"]) == ([], 3, 0)
     assert [(j["id"], j["file"], j["state"], j["planned_steps"]) for j in jobs["jobs"]] == [
-        (1, "a.jsonl", "done", 3), (2, "b.jsonl", "done", 2), (3, "bad_chat.jsonl", "rejected", None)]
+        (3, "bad_chat.jsonl", "rejected", None), (2, "b.jsonl", "done", 2), (1, "a.jsonl", "done", 3)]
+    assert [j["id"] for j in client.get("/api/jobs?offset=1&limit=1").json()["jobs"]] == [2]
 
 
 def test_events_after_id(client, trained):
@@ -102,7 +105,8 @@ def test_events_after_id(client, trained):
 @pytest.mark.parametrize("path,code", [
     ("/api/metrics?run=run-0042", 404), ("/api/ledger?run=nope", 404), ("/api/evals?run=x", 404),
     ("/api/samples?run=x", 404), ("/api/metrics?since_step=abc", 422), ("/api/metrics?since_step=-1", 422),
-    ("/api/events?after_id=abc", 422), ("/api/samples?limit=0", 422),
+    ("/api/events?after_id=abc", 422), ("/api/samples?limit=0", 422), ("/api/metrics?points=0", 422),
+    ("/api/metrics?points=5001", 422), ("/api/jobs?limit=1001", 422), ("/api/ledger?offset=-1", 422),
 ])
 def test_bad_requests(client, path, code):
     r = client.get(path)
@@ -244,8 +248,8 @@ def test_stream_updates_when_something_changes(trained):
         lines = r.iter_lines()
         first = _next_update(lines)
         last_event = con.execute("SELECT MAX(id) FROM events").fetchone()[0]
-        assert first == {"run": "run-0001", "global_step": 5, "event_id": last_event, "metrics": 5, "evals": 2,
-                         "sample_id": 2, "status_hash": first["status_hash"]}
+        assert first == {"run": "run-0001", "global_step": 5, "event_id": last_event, "metric_step": 5,
+                         "eval_step": 5, "sample_id": 2, "status_hash": first["status_hash"]}
         assert ": heartbeat" in [next(lines) for _ in range(6)]  # nothing changed: only heartbeats
         store.log_event(con, "info", "test", "something happened")
         second = _next_update(lines)
