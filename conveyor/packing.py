@@ -14,6 +14,22 @@ import torch
 from .formats import IGNORE
 
 
+def worth_it(lengths: list[int], hidden: int | None, varlen: bool) -> bool:
+    """Whether laying these examples end to end costs less than padding them to the longest.
+
+    With variable-length kernels (flash_attention_2) a packed row's attention costs the sum of each example's
+    length squared: never more than padding. sdpa and eager compute the whole row's scores under a
+    block-diagonal mask instead, total length squared, which can cost more than padding when lengths are alike
+    (benchmarks/packing.py: 0.3-0.5x on uniform lengths). Per token, a layer's matrix products cost about
+    12·d² multiply-adds and attention about 2·d per key, so the estimate is tokens × (1 + keys / 6d), and a
+    micro-batch is packed when that saves at least 20% (the estimate ignores the mask's own cost)."""
+    if hidden is None or varlen:
+        return True
+    total, longest = sum(lengths), max(lengths)
+    cost = lambda tokens, keys: tokens * (1 + keys / (6 * hidden))
+    return cost(total, total) < 0.8 * cost(len(lengths) * longest, longest)
+
+
 def flattening_collator():
     """Hugging Face's padding-free collator: input_ids, labels and position_ids of shape [1, total tokens]; the
     first label of each example is IGNORE, so no loss crosses from one example to the next."""

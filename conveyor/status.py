@@ -57,7 +57,7 @@ def precision_text(settings: dict) -> str:
     return (f"{base}, {autocast}, attention {s['model.attn_implementation']}, gradient checkpointing "
             f"{checkpointing}, optimizer {s['training.optimizer']}"
             + (", deterministic kernels" if s.get("training.deterministic") else "")
-            + (", padding-free batches" if s.get("training.packing") else ", padded batches"))
+            + (", padding-free batches (where they save compute)" if s.get("training.packing") else ", padded batches"))
 
 
 def current_job(ws: Workspace) -> dict | None:

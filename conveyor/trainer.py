@@ -120,16 +120,21 @@ class AuditingCollator:
     """Makes a micro-batch, padding-free (packing.py) or padded (Hugging Face's DataCollatorForSeq2Seq), and
     remembers which lines it fed, in order."""
 
-    def __init__(self, tokenizer, padding_free: bool = False):
+    def __init__(self, tokenizer, padding_free: bool = False, hidden: int | None = None, varlen: bool = False):
         from transformers import DataCollatorForSeq2Seq
 
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-        self.batch = packing.flattening_collator() if padding_free else self.pad
+        self.flat = packing.flattening_collator() if padding_free else None
+        self.hidden, self.varlen = hidden, varlen  # for packing.worth_it (hidden None: always pack)
         self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
 
     def __call__(self, features: list[dict]) -> dict:
         self.fed.extend(f["line"] for f in features)
-        return self.batch([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        # Decided by the lengths alone: the same micro-batch gets the same layout on every run and resume.
+        if self.flat and packing.worth_it([len(r["input_ids"]) for r in rows], self.hidden, self.varlen):
+            return self.flat(rows)
+        return self.pad(rows)
 
     def take(self, n: int) -> list[int]:
         return [self.fed.popleft() for _ in range(n)]
@@ -326,7 +331,9 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
     dataset = PlanDataset(spec.data, order, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
                           pad_id=tokenizer.pad_token_id)
-    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, hooks))
+    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, hooks),
+                                hidden=getattr(model.config, "hidden_size", None),
+                                varlen=config.model.attn_implementation == "flash_attention_2")
     inner = _JobCallback(spec, config, collator, world_size, order, len(dataset), hooks)
     remaining = start.planned_steps - start.steps_done
     trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,

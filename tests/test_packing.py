@@ -62,6 +62,20 @@ def test_a_padding_free_batch_is_one_row_with_positions_restarting_and_no_loss_a
     assert padded["input_ids"].numel() - batch["input_ids"].numel() == 4 * max(lengths) - sum(lengths) > 0
 
 
+def test_each_micro_batch_is_packed_only_where_it_saves_compute(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    skewed = [1, 2, 3, 1, 2, 1, 3, 300]  # one long example: padding 8 × 300 wastes most of the compute
+    uniform = [256] * 8  # nothing to save; a packed row's dense attention over 2048 tokens costs more
+    assert packing.worth_it(skewed, hidden=64, varlen=False)
+    assert not packing.worth_it(uniform, hidden=64, varlen=False)
+    assert not packing.worth_it(uniform, hidden=512, varlen=False)
+    assert packing.worth_it(uniform, hidden=64, varlen=True)  # flash-attention varlen: never more than padding
+    collator = AuditingCollator(tokenizer, padding_free=True, hidden=64)
+    same = _features(tokenizer, ["x" * 100] * 4)
+    assert collator(same)["input_ids"].shape == (4, 101)  # padded: all alike (BOS + 100 bytes)
+    assert collator(_features(tokenizer, TEXTS))["input_ids"].shape[0] == 1  # packed
+
+
 def test_one_step_padded_and_padding_free_give_the_same_loss(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     features = _features(tokenizer, TEXTS)
