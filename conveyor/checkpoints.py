@@ -22,6 +22,7 @@ from .testhooks import failpoint
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
+PINS = ".pins.json"  # in checkpoints/: steps of pinned versions (versions.py), never deleted by retention
 HASHES = ".hashes.json"  # in checkpoints/: "step-000123/<file>" -> [size, mtime_ns, sha256] of files hashed before
 
 
@@ -250,11 +251,21 @@ def clean_temporary(run_dir: Path) -> list[Path]:
     return leftovers
 
 
+def _pinned(run_dir: Path) -> set[int]:
+    try:
+        return {int(s) for s in json.loads((checkpoints_dir(run_dir) / PINS).read_text(encoding="utf-8"))}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, TypeError):  # unreadable: keep every job end rather than guess
+        return {s for p in numbered(run_dir) if (s := step_of(p)) is not None}
+
+
 def prune(run_dir: Path, keep: int, job_ends: int) -> list[Path]:
-    """Delete checkpoints beyond the last `keep`, except the ends of the last `job_ends` finished jobs and any
-    unreadable one. So a run holds at most keep + job_ends checkpoints (space_needed counts on that)."""
+    """Delete checkpoints beyond the last `keep`, except the ends of the last `job_ends` finished jobs (at least
+    the newest: the latest version), pinned versions and any unreadable one. So a run holds at most
+    keep + job_ends checkpoints plus its pins (space_needed counts on that)."""
     found = numbered(run_dir)
-    protected = set(found[-keep:])
+    protected = set(found[-keep:]) | {p for p in found if step_of(p) in _pinned(run_dir)}
     ends: list[Path] = []
     for path in found:
         try:
@@ -262,7 +273,7 @@ def prune(run_dir: Path, keep: int, job_ends: int) -> list[Path]:
                 ends.append(path)
         except (ValueError, KeyError, TypeError):
             protected.add(path)  # never delete what we cannot read: a person may want to look at it
-    protected |= set(ends[-job_ends:] if job_ends else [])
+    protected |= set(ends[-max(job_ends, 1):])
     removed = [p for p in found if p not in protected]
     for path in removed:
         shutil.rmtree(path)

@@ -352,6 +352,40 @@ def history(
 
 
 @app.command()
+def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not."""
+    from .versions import all_versions
+
+    rows = all_versions(_ws().db)
+    if as_json:
+        return _print_json(rows)
+    table = Table("version", "run", "job", "file", "step", "eval loss", "pinned")
+    for v in rows:
+        loss = v["eval"].get("eval.file")
+        table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
+                      f"{loss:.4f}" if loss is not None else "-", "yes" if v["pinned"] else "")
+    console.print(table if rows else "no versions yet: a version is made when a job ends")
+
+
+@app.command()
+def pin(version: str = typer.Argument(..., help="A version name, e.g. v3 (see `conveyor versions`).")):
+    """Keep a version's checkpoint from retention forever (`conveyor unpin` undoes)."""
+    from .versions import set_pinned
+
+    ws = _ws()
+    console.print(set_pinned(ws.db, ws.runs, version, True), markup=False)
+
+
+@app.command()
+def unpin(version: str = typer.Argument(..., help="A pinned version, e.g. v3.")):
+    """Let retention treat a pinned version's checkpoint like any other again."""
+    from .versions import set_pinned
+
+    ws = _ws()
+    console.print(set_pinned(ws.db, ws.runs, version, False), markup=False)
+
+
+@app.command()
 def export(
     out: Path = typer.Argument(..., help="Folder to write (must not exist yet)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights (a plain model)."),

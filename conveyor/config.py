@@ -85,7 +85,7 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     """The newest checkpoints kept per run (older ones are deleted once a newer one verifies)."""
     keep_job_ends: int = Field(3, ge=0)
-    """Also kept: the end-of-job checkpoints of the last N finished jobs (so a run holds at most keep_checkpoints + N)."""
+    """Also kept: the end-of-job checkpoints of the last N jobs (the newest always: the latest version) and pinned ones."""
     seed: int = Field(42, ge=0)
     """Run seed: fixes adapter initialisation and each epoch's data order."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

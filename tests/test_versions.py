@@ -1,0 +1,56 @@
+"""Versions: each job's end is a version (v1, v2, ... never reused), listed with its step and evaluation; a pinned
+version's checkpoint survives retention, and the latest version is always kept."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import checkpoint_steps, run_cli, status, text_file
+from conveyor import manifest as mf
+
+
+def _versions(ws) -> list[dict]:
+    r = run_cli(ws, "versions", "--json")
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def test_each_job_end_is_a_version_with_its_step_and_evaluation(workspace, tmp_path):
+    eval_file = text_file(tmp_path / "eval.jsonl", 4, "e")
+    ws = workspace(eval={"file": str(eval_file)})
+    files = [text_file(tmp_path / "a.jsonl", 16, "a"), text_file(tmp_path / "b.jsonl", 24, "b")]  # 2 + 3 steps
+    assert run_cli(ws, "train", *files, "-q").code == 0
+    got = _versions(ws)
+    run_id = status(ws)["run"]["id"]
+    assert [(v["version"], v["run"], v["job"], v["file"], v["step"], v["pinned"]) for v in got] == [
+        ("v1", run_id, 1, "a.jsonl", 2, False), ("v2", run_id, 2, "b.jsonl", 5, False)]
+    assert all(set(v["eval"]) == {"eval.file"} and v["eval"]["eval.file"] > 0 for v in got)
+    assert "v2" in run_cli(ws, "versions").out
+
+
+def test_a_pinned_version_survives_retention_and_the_latest_is_always_kept(workspace, tmp_path):
+    ws = workspace(training={"save_every": 1, "keep_checkpoints": 1, "keep_job_ends": 0})
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0  # v1 at step 2
+    run_id = status(ws)["run"]["id"]
+    r = run_cli(ws, "pin", "v1")
+    assert r.code == 0 and "pinned v1" in r.out, r.out + r.err
+    for tag in "bcde":  # v2..v5 at steps 4, 6, 8, 10
+        assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
+    assert checkpoint_steps(ws, run_id) == [2, 10]  # pinned v1, and the newest (the latest version, v5)
+    mf.verify(ws / "runs" / run_id / "checkpoints" / "step-000002")
+    assert [v["pinned"] for v in _versions(ws)] == [True, False, False, False, False]
+    assert run_cli(ws, "unpin", "v1").code == 0
+    assert run_cli(ws, "train", text_file(tmp_path / "f.jsonl", 16, "f"), "-q").code == 0
+    assert checkpoint_steps(ws, run_id) == [12]
+
+
+def test_pinning_what_does_not_exist_says_what_does(workspace, tmp_path):
+    ws = workspace(training={"save_every": 1, "keep_checkpoints": 1, "keep_job_ends": 0})
+    r = run_cli(ws, "pin", "v1")
+    assert r.code != 0 and "no version 'v1'" in r.err and "a version is made when a job ends" in r.err
+    for tag in "ab":
+        assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
+    r = run_cli(ws, "pin", "seven")
+    assert r.code != 0 and "versions: v1, v2" in r.err
+    r = run_cli(ws, "pin", "v1")  # its checkpoint went when v2 was written (keep 1, no job ends)
+    assert r.code != 0 and "already removed by retention" in r.err and "keep_job_ends" in r.err
