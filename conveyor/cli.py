@@ -386,6 +386,25 @@ def unpin(version: str = typer.Argument(..., help="A pinned version, e.g. v3."))
 
 
 @app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to ask the model."),
+    version: Optional[str] = typer.Option(None, "--version", help="A version (see `conveyor versions`); default: "
+                                          "the newest checkpoint."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Answer a prompt with the current model or a version (greedy; chat template for chat-trained runs)."""
+    from .generate import generate as answer
+    from .trainer import quiet_libraries
+
+    quiet_libraries()
+    result = answer(_ws(), prompt, version, max_new_tokens)
+    if as_json:
+        return _print_json(result)
+    console.print(result["output"], markup=False)
+
+
+@app.command()
 def export(
     out: Path = typer.Argument(..., help="Folder to write (must not exist yet)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights (a plain model)."),

@@ -66,8 +66,13 @@ class Evaluator:
         return out
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                      add_generation_prompt=True, return_dict=False)
-        return ([self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []) + \
-            self.tokenizer.encode(prompt, add_special_tokens=False)
+        return prompt_ids(self.tokenizer, prompt, bool(self.tokenizer.chat_template))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """A prompt as the model is asked it: a user turn through the chat template, or plain text after BOS."""
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=False)
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
+        tokenizer.encode(prompt, add_special_tokens=False)

@@ -54,3 +54,30 @@ def test_pinning_what_does_not_exist_says_what_does(workspace, tmp_path):
     assert r.code != 0 and "versions: v1, v2" in r.err
     r = run_cli(ws, "pin", "v1")  # its checkpoint went when v2 was written (keep 1, no job ends)
     assert r.code != 0 and "already removed by retention" in r.err and "keep_job_ends" in r.err
+
+
+def test_generate_answers_with_the_newest_checkpoint_or_a_version_the_same_way_each_time(workspace, tmp_path):
+    ws = workspace()
+    r = run_cli(ws, "generate", "hello")
+    assert r.code != 0 and "nothing trained yet" in r.err
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), text_file(tmp_path / "b.jsonl", 16, "b"),
+                   "-q").code == 0
+    first = json.loads(run_cli(ws, "generate", "the quick", "--max-new-tokens", "6", "--json").out)
+    assert (first["version"], first["step"], first["chat"]) == ("v2", 4, False) and isinstance(first["output"], str)
+    again = json.loads(run_cli(ws, "generate", "the quick", "--max-new-tokens", "6", "--json").out)
+    assert again == first  # greedy: the same version answers the same way
+    v1 = json.loads(run_cli(ws, "generate", "the quick", "--version", "v1", "--json").out)
+    assert (v1["version"], v1["step"]) == ("v1", 2)
+    r = run_cli(ws, "generate", "hi", "--version", "v9")
+    assert r.code != 0 and "no version 'v9'; versions: v1, v2" in r.err
+
+
+def test_generate_uses_the_chat_template_for_a_chat_trained_run(workspace, tmp_path):
+    ws = workspace()
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(8)))
+    assert run_cli(ws, "train", chats, "-q").code == 0
+    result = json.loads(run_cli(ws, "generate", "q1", "--max-new-tokens", "4", "--json").out)
+    assert result["chat"] is True and result["version"] == "v1"
