@@ -98,7 +98,7 @@ def client(big) -> TestClient:
     return TestClient(create_app(big), base_url=LOCAL)
 
 
-def best_ms(call, tries: int = 3) -> float:
+def best_ms(call, tries: int = 5) -> float:
     """The fastest of `tries` calls after a warm-up one, in ms: a busy machine slows some calls, not all."""
     call()
     times = []
