@@ -181,19 +181,19 @@ def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int
     )
 
 
-def rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
-    query = ("SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON j.id = l.job_id"
-             + (" WHERE l.run_id = ?" if run_id else "") + " ORDER BY l.id")
-    out = []
-    for r in con.execute(query, (run_id,) if run_id else ()):
-        out.append({
-            "run": r["run_id"], "job": r["job_id"], "file": r["file"], "fingerprint": r["fingerprint"],
+_LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON j.id = l.job_id"
+
+
+def _ledger_row(r: sqlite3.Row) -> dict:
+    return {"run": r["run_id"], "job": r["job_id"], "file": r["file"], "fingerprint": r["fingerprint"],
             "start_step": r["start_step"], "end_step": r["end_step"], "steps": r["end_step"] - r["start_step"] + 1,
-            "examples": r["examples"], "epochs": r["epochs"], "tokens": r["tokens"],
-            "first_loss": r["first_loss"], "last_loss": r["last_loss"], "mean_loss": r["mean_loss"],
-            "outcome": r["outcome"],
-        })
-    return out
+            "examples": r["examples"], "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"],
+            "last_loss": r["last_loss"], "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
+
+
+def rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
+    query = _LEDGER_QUERY + (" WHERE l.run_id = ?" if run_id else "") + " ORDER BY l.id"
+    return [_ledger_row(r) for r in con.execute(query, (run_id,) if run_id else ())]
 
 
 def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
@@ -211,14 +211,8 @@ def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
 def page(con: sqlite3.Connection, run_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
     """One page of a run's ledger rows, newest first, and how many rows the run has."""
     total = con.execute("SELECT COUNT(*) FROM ledger WHERE run_id = ?", (run_id,)).fetchone()[0]
-    query = ("SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON j.id = l.job_id WHERE l.run_id = ?"
-             " ORDER BY l.id DESC LIMIT ? OFFSET ?")
-    out = [{"run": r["run_id"], "job": r["job_id"], "file": r["file"], "fingerprint": r["fingerprint"],
-            "start_step": r["start_step"], "end_step": r["end_step"], "steps": r["end_step"] - r["start_step"] + 1,
-            "examples": r["examples"], "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"],
-            "last_loss": r["last_loss"], "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
-           for r in con.execute(query, (run_id, limit, offset))]
-    return out, total
+    query = _LEDGER_QUERY + " WHERE l.run_id = ? ORDER BY l.id DESC LIMIT ? OFFSET ?"
+    return [_ledger_row(r) for r in con.execute(query, (run_id, limit, offset))], total
 
 
 def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, points: int) -> dict:
@@ -226,9 +220,8 @@ def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, p
     rows, each merging a range of steps (means; sums of tokens, examples and step time; exact loss min and max)."""
     between = (run_id, first, last)
     if _at_most(con, "metrics", between, points):
-        return {"rows": [dict(r) for r in con.execute(
-            "SELECT step, job_id, loss, learning_rate, grad_norm, tokens, examples, step_time, created_at FROM metrics"
-            " WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step", between)], "downsampled": False}
+        return _as_stored(con, "metrics", "job_id, loss, learning_rate, grad_norm, tokens, examples, step_time",
+                          between)
     lo, hi = _step_range(con, "metrics", between)
     span = hi - lo + 1
     # The finest level with at most 8 buckets an output row: few rows to read, each of them exact.
@@ -246,6 +239,13 @@ def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, p
         f" FROM ({' UNION ALL '.join(sql for sql, _ in parts)}) GROUP BY (step_min - ?) / ?) g ORDER BY step",
         (run_id, *[a for _, args in parts for a in args], lo, width))
     return {"rows": [dict(r) for r in rows], "downsampled": True, "bucket_steps": width, "level": level}
+
+
+def _as_stored(con: sqlite3.Connection, table: str, columns: str, between: tuple) -> dict:
+    """The rows of a step range as stored (few enough to send whole)."""
+    rows = con.execute(f"SELECT step, {columns}, created_at FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?"
+                       " ORDER BY step", between)
+    return {"rows": [dict(r) for r in rows], "downsampled": False}
 
 
 def _at_most(con: sqlite3.Connection, table: str, between: tuple, count: int) -> bool:
@@ -284,9 +284,7 @@ def eval_series(con: sqlite3.Connection, run_id: str, first: int, last: int, poi
     `points` rows, each merging a range of steps (mean, min and max eval loss)."""
     between = (run_id, first, last)
     if _at_most(con, "evals", between, points):
-        return {"rows": [dict(r) for r in con.execute(
-            "SELECT step, job_id, eval_loss, examples, created_at FROM evals WHERE run_id = ? AND step BETWEEN ? AND ?"
-            " ORDER BY step", between)], "downsampled": False}
+        return _as_stored(con, "evals", "job_id, eval_loss, examples", between)
     lo, hi = _step_range(con, "evals", between)
     width = -(-(hi - lo + 1) // points)
     rows = con.execute(

@@ -93,7 +93,10 @@ def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir
             os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _load(folder) or _raise_unreadable(folder)
+    loaded = _load(folder)
+    if loaded is None:
+        raise OSError(f"the tokenized data in {folder} could not be read right after writing it")
+    return loaded
 
 
 def prune(cache_dir: Path, needed: set[str]) -> list[Path]:
@@ -113,10 +116,6 @@ def prune(cache_dir: Path, needed: set[str]) -> list[Path]:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             removed.append(entry)
     return removed
-
-
-def _raise_unreadable(folder: Path):
-    raise OSError(f"the tokenized data in {folder} could not be read right after writing it")
 
 
 def _load(folder: Path) -> TokenizedFile | None:
