@@ -144,6 +144,36 @@ class EvalConfig(_Section):
     """Prompts the current model answers (greedy) at each evaluation, shown in status and the dashboard."""
     max_new_tokens: int = Field(32, ge=1, le=4096)
     """Length limit of each sample answer."""
+    holdout: float = Field(0, ge=0)
+    """Examples of each job set aside and never trained (a count, or a fraction below 1), scored at every evaluation."""
+    gate: float = Field(0.0, ge=0.0)
+    """Pause the queue when a job raises an earlier held-out set's loss by more than this fraction (0.1 = 10%); 0: off."""
+
+    @field_validator("holdout")
+    @classmethod
+    def _count_or_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise PydanticCustomError("holdout", "a count of examples (a whole number such as 3) or a fraction "
+                                      "below 1 (such as 0.05)")
+        return int(value) if value >= 1 else value
+
+
+class ReplayConfig(_Section):
+    fraction: float = Field(0.0, ge=0.0, le=0.5)
+    """About this fraction of each step's examples are replayed from earlier jobs of the run (0 to 0.5; 0: off)."""
+
+
+class NotifyConfig(_Section):
+    webhook: str = ""
+    """URL that gets a JSON POST on each event (job done, failed, rejected, gate, paused for disk, daemon stopped)."""
+    secret_header: str = ""
+    """A header sent with each POST, as "Name: value" (e.g. "Authorization: Bearer abc"); empty: none."""
+    command: str = ""
+    """A command run on each event, the event's JSON on its standard input; empty: none."""
+    timeout_seconds: float = Field(5.0, gt=0.0, le=300.0)
+    """How long one delivery may take before it counts as failed."""
+    retries: int = Field(3, ge=0, le=20)
+    """Further tries after a failed delivery (waiting 1, 2, 4, ... s); a failure is logged, never fatal."""
 
 
 class ReportConfig(_Section):
@@ -183,6 +213,8 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     inbox: InboxConfig = Field(default_factory=InboxConfig)

@@ -104,6 +104,18 @@ CREATE TABLE IF NOT EXISTS versions (
     lost INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
+-- Losses of the named evaluation sets (each job's held-out examples) at each evaluation; eval.file stays in evals.
+CREATE TABLE IF NOT EXISTS set_evals (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    job_id INTEGER,
+    loss REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step, name)
+);
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -175,6 +187,11 @@ ADDED_COLUMNS = [
     ("controls", "taken_at", "REAL"),
     ("controls", "taken_by", "TEXT"),
     ("controls", "effect", "TEXT"),
+    ("runs", "parent_run", "TEXT"),  # a rollback's run branches from a version of its parent run
+    ("runs", "parent_version", "INTEGER"),
+    ("versions", "gated", "TEXT"),  # why eval.gate held the queue after this version (NULL: it did not)
+    ("jobs", "holdout", "TEXT"),  # the file lines set aside as the job's held-out set (JSON), fixed at its plan
+    ("jobs", "requeued_from", "INTEGER"),  # the job of an earlier run this one trains again after a rollback
 ]
 
 
