@@ -367,6 +367,44 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
     console.print(table if rows else "no versions yet: a version is made when a job ends")
 
 
+@app.command("eval")
+def eval_(
+    matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Versions × evaluation sets (the default view)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Only this run's versions (default: every run's)."),
+):
+    """The forgetting matrix: each version's loss on every held-out set (eval.holdout) and on eval.file."""
+    from .versions import matrix as forgetting
+
+    ws = _ws()
+    known = [r.id for r in runs.all_runs(ws.db)]
+    if run_id is not None and run_id not in known:
+        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
+    data = forgetting(ws.db, run_id)
+    if as_json:
+        return _print_json(data)
+    if not data["rows"]:
+        console.print("no versions yet: a version is made when a job ends")
+        return
+    if not data["sets"]:
+        console.print("no evaluation sets: set eval.holdout (examples held out of each job) or eval.file")
+        return
+    table = Table("version", "step", *[f"{s['name']}\n{s['file']}" for s in data["sets"]],
+                  title="loss per evaluation set (change since the set's first score)")
+    first: dict[str, float] = {}
+    for row in data["rows"]:
+        cells = []
+        for s in data["sets"]:
+            loss = row["loss"][s["name"]]
+            if loss is None:
+                cells.append("-")
+                continue
+            base = first.setdefault(s["name"], loss)
+            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.0%})" if base and loss != base else ""))
+        table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
+    console.print(table)
+
+
 @app.command()
 def pin(version: str = typer.Argument(..., help="A version name, e.g. v3 (see `conveyor versions`).")):
     """Keep a version's checkpoint from retention forever (`conveyor unpin` undoes)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import IGNORE, TokenizedFile
+from .formats import IGNORE
 
 
 @dataclass
@@ -17,22 +17,28 @@ class EvalResult:
     tokens: int  # trainable tokens the loss averages over
 
 
-class Evaluator:
-    """Token-weighted mean loss over the validation set's trainable tokens, as the Trainer computes it."""
+EVAL_FILE = "eval.file"  # the name of the validation file's set; the others are jobs' held-out sets
 
-    def __init__(self, data: TokenizedFile, collator, batch_size: int, prompts: list[str], max_new_tokens: int,
-                 tokenizer):
-        self.data, self.collator, self.batch_size = data, collator, batch_size
+
+class Evaluator:
+    """Token-weighted mean loss over each named set's trainable tokens, as the Trainer computes it."""
+
+    def __init__(self, sets: dict, collator, batch_size: int, prompts: list[str], max_new_tokens: int, tokenizer):
+        self.sets, self.collator, self.batch_size = sets, collator, batch_size
         self.prompts, self.max_new_tokens, self.tokenizer = prompts, max_new_tokens, tokenizer
 
+    def losses(self, trainer, model) -> dict[str, EvalResult]:
+        """Every set's loss, in the order the sets were given."""
+        return {name: self.loss(trainer, model, examples) for name, examples in self.sets.items()}
+
     @torch.no_grad()
-    def loss(self, trainer, model) -> EvalResult:
+    def loss(self, trainer, model, examples) -> EvalResult:
         was_training = model.training
         model.eval()  # no dropout: the same weights give the same number
         total, tokens = 0.0, 0
         try:
-            for start in range(0, len(self.data.examples), self.batch_size):
-                chunk = self.data.examples[start:start + self.batch_size]
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start:start + self.batch_size]
                 batch = self.collator.pad([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
                 n = int((batch["labels"][:, 1:] != IGNORE).sum())
                 batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
@@ -42,7 +48,7 @@ class Evaluator:
                 tokens += n
         finally:
             model.train(was_training)
-        return EvalResult(total / max(tokens, 1), len(self.data.examples), tokens)
+        return EvalResult(total / max(tokens, 1), len(examples), tokens)
 
     @torch.no_grad()
     def samples(self, model) -> list[tuple[str, str]]:

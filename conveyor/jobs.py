@@ -85,6 +85,7 @@ class Job:
     excluded: list[int]
     warnings: list[str]
     error: str | None
+    holdout: list[int] | None = None  # file lines held out (never trained); None: not chosen yet
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -97,6 +98,7 @@ class Job:
             attempts=row["attempts"], deaths=row["deaths"], claim=row["claim"], kept=row["kept"],
             truncated=row["truncated"], excluded=json.loads(row["excluded"] or "[]"),
             warnings=json.loads(row["warnings"]), error=row["error"],
+            holdout=json.loads(row["holdout"]) if row["holdout"] is not None else None,
         )
 
     def to_json(self) -> dict:
@@ -107,7 +109,7 @@ class Job:
             "planned_steps": self.planned_steps, "start_step": self.start_step, "end_step": self.end_step,
             "steps_done": self.steps_done, "position": self.position, "attempts": self.attempts,
             "deaths": self.deaths, "kept": self.kept, "truncated": self.truncated, "excluded_lines": self.excluded,
-            "warnings": self.warnings, "error": self.error,
+            "warnings": self.warnings, "error": self.error, "held_out": self.holdout or [],
         }
 
 
@@ -207,7 +209,7 @@ def update(con: sqlite3.Connection, job_id: int, *, expect: JobState | tuple[Job
 
 
 def _encode(fields: dict) -> dict:
-    for key in ("warnings", "excluded"):
+    for key in ("warnings", "excluded", "holdout"):
         if key in fields and not isinstance(fields[key], str):
             fields[key] = json.dumps(fields[key])
     return fields

@@ -27,7 +27,9 @@ MERGED = ("SUM(n) AS n, MIN(step_min) AS step_min, MAX(step_max) AS step_max, SU
 
 def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int, list[int]]],
                 metrics: list[dict], evals: list[dict] = (), samples: list[dict] = ()) -> None:
-    """Append buffered audit rows (step, job, lines), metric, evaluation and sample rows in one transaction."""
+    """Append buffered audit rows (step, job, lines), metric, evaluation and sample rows in one transaction.
+
+    An evaluation row with a "name" is a held-out set's (set_evals); one without is eval.file's (evals)."""
     if not audit and not metrics and not evals and not samples:
         return
     now = time.time()
@@ -47,7 +49,10 @@ def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
     roll_up(con, run_id, [m["step"] for m in metrics])
     con.executemany("INSERT OR REPLACE INTO evals (run_id, step, job_id, eval_loss, examples, created_at)"
                     " VALUES (:run_id, :step, :job_id, :eval_loss, :examples, :created_at)",
-                    [{"run_id": run_id, "created_at": now, **e} for e in evals])
+                    [{"run_id": run_id, "created_at": now, **e} for e in evals if "name" not in e])
+    con.executemany("INSERT OR REPLACE INTO set_evals (run_id, step, name, job_id, loss, examples, tokens,"
+                    " created_at) VALUES (:run_id, :step, :name, :job_id, :loss, :examples, :tokens, :created_at)",
+                    [{"run_id": run_id, "created_at": now, **e} for e in evals if "name" in e])
     con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at)"
                     " VALUES (:run_id, :step, :prompt, :output, :created_at)",
                     [{"run_id": run_id, "created_at": now, **x} for x in samples])
@@ -56,7 +61,7 @@ def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
 def forget_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
     """Drop audit and metric rows after a checkpoint's step: those steps were lost in a crash and retrain."""
     n = con.execute("DELETE FROM audit WHERE run_id = ? AND step > ?", (run_id, step)).rowcount
-    for table in ("metrics", "evals", "samples"):
+    for table in ("metrics", "evals", "set_evals", "samples"):
         con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", (run_id, step))
     _roll_up_span(con, run_id, step + 1, END)  # drops the buckets after `step`, recounts the one holding it
     return n

@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +54,8 @@ class JobSpec:
     identity: dict
     resume: ck.Checkpoint | None  # None: the run starts from the base model
     open_jobs: list[Position]  # the run's other jobs stopped mid-way: every checkpoint records them
-    eval_data: TokenizedFile | None = None  # the validation set, tokenized like training data
+    # Named evaluation sets (eval.file's, each job's held-out set), tokenized and masked like training data.
+    eval_sets: dict = field(default_factory=dict)
 
     @property
     def job_id(self) -> int:
@@ -264,9 +265,12 @@ class _JobCallback:
             self._flush()
 
     def _evaluate(self, step: int, model) -> None:
-        result = self.evaluator.loss(self.trainer, model)
-        self.evals.append({"step": step, "job_id": self.spec.job_id, "eval_loss": result.loss,
-                           "examples": result.examples})
+        from .evaluation import EVAL_FILE
+
+        for name, result in self.evaluator.losses(self.trainer, model).items():
+            row = {"step": step, "job_id": self.spec.job_id, "examples": result.examples}
+            self.evals.append({**row, "eval_loss": result.loss} if name == EVAL_FILE else
+                              {**row, "name": name, "loss": result.loss, "tokens": result.tokens})
         self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
 
     def _flush(self) -> None:
@@ -342,11 +346,11 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                       callbacks=[_trainer_callback(inner)])
     trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
     inner.trainer = trainer
-    if spec.eval_data is not None:
+    if spec.eval_sets:
         from .evaluation import Evaluator
 
         e = config.eval
-        inner.evaluator = Evaluator(spec.eval_data, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
+        inner.evaluator = Evaluator(spec.eval_sets, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
                                     tokenizer)
     if distributed.is_main():
         memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only

@@ -27,13 +27,49 @@ def all_versions(con: sqlite3.Connection) -> list[dict]:
     """Every version not lost in a rewind, oldest first, with the evaluation losses at its step."""
     rows = con.execute("SELECT v.*, j.file FROM versions v JOIN jobs j ON j.id = v.job_id WHERE v.lost = 0"
                        " ORDER BY v.id").fetchall()
-    out = []
-    for r in rows:
-        evals = con.execute("SELECT eval_loss FROM evals WHERE run_id = ? AND step = ?", (r["run_id"], r["step"]))
-        out.append({"version": name(r["id"]), "run": r["run_id"], "job": r["job_id"], "file": r["file"],
-                    "step": r["step"], "eval": {"eval.file": e["eval_loss"] for e in evals},
-                    "pinned": bool(r["pinned"])})
+    return [{"version": name(r["id"]), "run": r["run_id"], "job": r["job_id"], "file": r["file"],
+             "step": r["step"], "eval": losses_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
+             "gated": r["gated"]} for r in rows]
+
+
+def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, float]:
+    """Every evaluation set's loss at a step: eval.file's, then the held-out sets in the order they began."""
+    from .evaluation import EVAL_FILE
+
+    out = {EVAL_FILE: r["eval_loss"] for r in con.execute("SELECT eval_loss FROM evals WHERE run_id = ? AND step = ?",
+                                                           (run_id, step))}
+    rows = con.execute("SELECT s.name, s.loss FROM set_evals s LEFT JOIN jobs j ON j.id = CAST(substr(s.name, 5)"
+                       " AS INTEGER) WHERE s.run_id = ? AND s.step = ? ORDER BY j.start_step, s.name", (run_id, step))
+    out.update({r["name"]: r["loss"] for r in rows})
     return out
+
+
+def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
+    """Versions × evaluation sets: each version's loss on every set scored at its step (None where a set did not
+    exist yet). The sets are the held-out sets in the order their jobs began, and eval.file's when it was scored.
+    Without a run: the versions of every run, as `conveyor versions` lists them."""
+    from .evaluation import EVAL_FILE
+
+    rows = [v for v in all_versions(con) if run_id is None or v["run"] == run_id]
+    names: list[str] = []
+    for v in rows:
+        names += [n for n in v["eval"] if n not in names]
+    names.sort(key=lambda n: n != EVAL_FILE)  # eval.file first, held-out sets after in their order
+    sets = []
+    for n in names:
+        job = con.execute("SELECT id, file, holdout FROM jobs WHERE id = ?", (int(n[4:]),)).fetchone() \
+            if n.startswith("job ") else None
+        sets.append({"name": n, "job": job["id"] if job else None, "file": job["file"] if job else EVAL_FILE,
+                     "examples": _examples(con, n)})
+    return {"sets": sets, "rows": [{"version": v["version"], "run": v["run"], "job": v["job"], "step": v["step"],
+                                    "loss": {n: v["eval"].get(n) for n in names}, "gated": v["gated"]}
+                                   for v in rows]}
+
+
+def _examples(con: sqlite3.Connection, set_name: str) -> int:
+    table, where = ("evals", "") if set_name == "eval.file" else ("set_evals", " WHERE name = ?")
+    row = con.execute(f"SELECT MAX(examples) FROM {table}{where}", (set_name,) if where else ()).fetchone()
+    return row[0] or 0
 
 
 def find(con: sqlite3.Connection, version: str) -> sqlite3.Row:

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import controls, distributed, jobs, ledger, memory, runs, testhooks
+from . import controls, distributed, holdout, jobs, ledger, memory, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .controls import Context, Effect
@@ -132,7 +132,7 @@ class Worker:
         if resume is not None and resume.step != run.global_step:
             raise Conflict(f"{run.id} is at step {run.global_step} but its newest checkpoint is {resume.path.name}; "
                            "the daemon reconciles before the next claim")
-        data = self.prepare(job)
+        data = self.held_out(job, run, resume, self.prepare(job))
         start = self.position(job, run, resume, data)
         if start.steps_done == 0 and self._duplicate(job, run):
             return Outcome.SKIPPED
@@ -158,6 +158,27 @@ class Worker:
                        f"and are not trained (lines {_lines(data.excluded_lines)}); raise training.max_length "
                        "to keep them")
         return data
+
+    def held_out(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> TokenizedFile:
+        """The job's trained examples: all but its held-out set, chosen at its first plan and kept with the job.
+
+        A job already under way when it has no recorded set keeps training all its examples (moving examples out
+        of a job in progress would change what its positions mean)."""
+        lines = job.holdout
+        if lines is None:
+            under_way = resume is not None and resume.manifest.position_of(job.id) is not None
+            k = 0 if under_way else holdout.count(self.config.eval.holdout, len(data.examples))
+            lines = holdout.choose(self.config.training.seed, job.fingerprint, data, k)
+            jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, holdout=lines)
+            job.holdout = lines
+            if lines:
+                self.say("info", f"job {job.id}: {len(lines)} example(s) held out, never trained, scored at every "
+                         f"evaluation as set \"{holdout.set_name(job.id)}\" (lines {_lines(lines)})", job.id)
+        parts = holdout.split(data, lines)
+        if lines:
+            holdout.save(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path),
+                         parts.held)
+        return parts.trained
 
     def position(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> Position:
         """Where the job continues (law 2): its own position in the newest checkpoint's manifest, whatever ran
@@ -220,7 +241,7 @@ class Worker:
 
         spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
                        start=setup.start, identity=setup.run.identity, resume=setup.resume,
-                       open_jobs=setup.open_jobs, eval_data=self._eval_data())
+                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run))
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -359,7 +380,26 @@ class Worker:
         self.say("error", f"job {self.job_id} failed: {reason}", self.job_id)
         return Outcome.FAILED
 
-    def _eval_data(self) -> TokenizedFile | None:
+    def _eval_sets(self, run: runs.Run) -> dict:
+        """The sets scored at each evaluation: eval.file's (if set), then every held-out set of the run's jobs
+        that have started, in the order they started; each cut to eval.max_examples."""
+        from .evaluation import EVAL_FILE
+
+        limit = self.config.eval.max_examples
+        sets = {}
+        validation = self._eval_file()
+        if validation is not None:
+            sets[EVAL_FILE] = validation.examples[:limit]
+        for job in held_out_jobs(self.db, run.id):
+            held = holdout.load(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path))
+            if held is None:  # kept examples missing: rebuilt from the stored file
+                held = holdout.split(job_data(self.ws, job, self.config, self.model_path), job.holdout).held
+                holdout.save(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path),
+                             held)
+            sets[holdout.set_name(job.id)] = held[:limit]
+        return sets
+
+    def _eval_file(self) -> TokenizedFile | None:
         """The validation set, tokenized and masked exactly like training data; None if not configured."""
         from .chat import load_tokenizer
 
@@ -370,13 +410,18 @@ class Worker:
         path = path if path.is_absolute() else self.ws.root / path
         try:
             tokenizer = load_tokenizer(self.model_path, config.data.chat_template, self.ws.root)
-            data = tokenize_file(parse_file(path, f"eval.file {path.name}"), tokenizer, config.training.max_length,
+            return tokenize_file(parse_file(path, f"eval.file {path.name}"), tokenizer, config.training.max_length,
                                  f"eval.file {path.name}")
         except (DataError, OSError) as e:
             self.say("warning", f"no evaluation loss: {e}")
             return None
-        data.examples = data.examples[: config.eval.max_examples]
-        return data
+
+
+def held_out_jobs(con, run_id: str) -> list[Job]:
+    """Jobs of the run with a held-out set, in the order they started (the current one included)."""
+    rows = con.execute("SELECT * FROM jobs WHERE run_id = ? AND holdout IS NOT NULL AND holdout != '[]'"
+                       " AND state IN ('done', 'interrupted', 'running') ORDER BY start_step, id", (run_id,))
+    return [Job.from_row(r) for r in rows]
 
 
 def _lines(lines: list[int], total: int | None = None) -> str:
@@ -406,7 +451,8 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
         path = Path(order["resume"])
         resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
     model_path = ws.model_path(config.model.name)
-    spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id), data=job_data(ws, job, config, model_path),
+    spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id),
+                   data=holdout.split(job_data(ws, job, config, model_path), job.holdout or []).trained,
                    start=Position.from_json(order["start"]), identity=run.identity, resume=resume,
                    open_jobs=[Position.from_json(p) for p in order["open"]])
     train_segment(config, model_path, spec, None, world_size)
@@ -414,10 +460,18 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
 
 def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
     """The job's stored file, parsed and tokenized, cached by content, tokenizer, chat template and max_length."""
+    from .chat import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)  # data.chat_template applied
+    return tokenize_cached(Path(job.stored), job.file, tokenizer, config.training.max_length,
+                           ws.data / "tokenized", data_key(ws, job, config, model_path, tokenizer))
+
+
+def data_key(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> str:
+    """What the job's tokenized examples depend on: its content, the tokenizer and chat template, max_length."""
     from .chat import load_tokenizer, template_id
     from .runs import tokenizer_hash
 
-    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)  # data.chat_template applied
+    tokenizer = tokenizer or load_tokenizer(model_path, config.data.chat_template, ws.root)
     key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
-    return tokenize_cached(Path(job.stored), job.file, tokenizer, config.training.max_length,
-                           ws.data / "tokenized", f"{key}:{template_id(tokenizer)}")
+    return f"{key}:{template_id(tokenizer)}"
