@@ -119,6 +119,18 @@ def _seal(tmp: Path, manifest: mf.Manifest, hashes: HashCache, final_name: str) 
     _fsync_dir(tmp)
 
 
+def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
+    """Finish a copied checkpoint: its files (bytes unchanged, so their hashes too) flushed, its manifest written."""
+    for path in (p for p in tmp.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    with open(tmp / mf.MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
 def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int,
           job_ends: int) -> Checkpoint:
     """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were."""
@@ -152,7 +164,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     except ValueError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint {final.name} failed verification right after writing: {e}") from e
-    _point_latest(run_dir, final.name)
+    point_latest(run_dir, final.name)
     prune(run_dir, keep, job_ends)
     hashes.save()
     return Checkpoint(final, step, data)
@@ -163,7 +175,7 @@ def _hashed_by(hashes: HashCache, final_name: str):
     return lambda path: (hashes.entries.get(f"{final_name}/{path.name}") or [None, None, fingerprint(path)])[2]
 
 
-def _point_latest(run_dir: Path, name: str) -> None:
+def point_latest(run_dir: Path, name: str) -> None:
     root = checkpoints_dir(run_dir)
     tmp = root / f".{mf.LATEST}.tmp"
     tmp.write_text(name + "\n")

@@ -400,9 +400,24 @@ def eval_(
                 cells.append("-")
                 continue
             base = first.setdefault(s["name"], loss)
-            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.0%})" if base and loss != base else ""))
+            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.1%})" if base and loss != base else ""))
         table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
     console.print(table)
+
+
+@app.command()
+def rollback(
+    version: str = typer.Argument(..., help="The version to go back to, e.g. v1 (see `conveyor versions`)."),
+    requeue: bool = typer.Option(False, "--requeue", help="Queue again the jobs trained after that version."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Start a new run from a version (weights, optimizer, scheduler, RNG, step); the old run is kept as it is."""
+    from .rollback import rollback as branch
+
+    result = branch(_ws(), version, requeue)
+    if as_json:
+        return _print_json(result)
+    console.print(result["message"], markup=False)
 
 
 @app.command()
@@ -440,6 +455,21 @@ def generate(
     if as_json:
         return _print_json(result)
     console.print(result["output"], markup=False)
+
+
+@app.command()
+def chat(
+    version: Optional[str] = typer.Option(None, "--version", help="A version (see `conveyor versions`); default: "
+                                          "the newest checkpoint."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096, help="Per answer."),
+):
+    """Talk with the current model or a version, line by line (loaded once; greedy). A chat-trained run keeps the
+    conversation; /reset starts over, /quit or end of input ends."""
+    from .generate import input_lines, talk
+    from .trainer import quiet_libraries
+
+    quiet_libraries()
+    talk(_ws(), version, max_new_tokens, input_lines())
 
 
 @app.command()

@@ -35,6 +35,7 @@ K_IDENTITY = "identity"
 K_HPARAMS = "hyperparameters"
 K_LIBRARIES = "libraries"
 K_FILES = "files"
+K_BRANCHED = "branched_from"  # a rollback's first checkpoint: {"run", "version", "step"} it was copied from
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Manifest:
     hyperparameters: dict = field(default_factory=dict)
     libraries: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    branched_from: dict | None = None
 
     def position_of(self, job_id: int) -> Position | None:
         """The job's position at this step if it is under way (mid-job here, or stopped mid-way earlier)."""
@@ -63,7 +65,7 @@ class Manifest:
         return {K_VERSION: VERSION, K_RUN: self.run_id, K_STEP: self.global_step, K_JOB: self.job.to_json(),
                 K_JOB_END: self.job_end, K_OPEN_JOBS: [p.to_json() for p in self.open_jobs],
                 K_IDENTITY: self.identity, K_HPARAMS: self.hyperparameters, K_LIBRARIES: self.libraries,
-                K_FILES: self.files}
+                K_FILES: self.files, **({K_BRANCHED: self.branched_from} if self.branched_from else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
@@ -73,7 +75,7 @@ class Manifest:
                        job_end=bool(data[K_JOB_END]), identity=data[K_IDENTITY],
                        open_jobs=[Position.from_json(p) for p in data[K_OPEN_JOBS]],
                        hyperparameters=data.get(K_HPARAMS, {}), libraries=data.get(K_LIBRARIES, {}),
-                       files=data[K_FILES])
+                       files=data[K_FILES], branched_from=data.get(K_BRANCHED))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
 

@@ -92,15 +92,19 @@ class Run:
     active: bool
     created_at: float
     note: str | None
+    parent_run: str | None = None  # a rollback's run: the run and version it branched from
+    parent_version: int | None = None
 
     @classmethod
     def from_row(cls, row) -> "Run":
         return cls(row["id"], json.loads(row["identity"]), row["global_step"], bool(row["active"]),
-                   row["created_at"], row["note"])
+                   row["created_at"], row["note"], row["parent_run"], row["parent_version"])
 
     def to_json(self) -> dict:
+        lineage = {"parent_run": self.parent_run, "parent_version": f"v{self.parent_version}"} \
+            if self.parent_run else {"parent_run": None, "parent_version": None}
         return {"id": self.id, "global_step": self.global_step, "active": self.active,
-                "identity": self.identity, "created_at": self.created_at, "note": self.note}
+                "identity": self.identity, "created_at": self.created_at, "note": self.note, **lineage}
 
 
 def active(con: sqlite3.Connection) -> Run | None:
@@ -112,11 +116,14 @@ def all_runs(con: sqlite3.Connection) -> list[Run]:
     return [Run.from_row(r) for r in con.execute("SELECT * FROM runs ORDER BY created_at, id")]
 
 
+def next_id(con: sqlite3.Connection) -> str:
+    return f"run-{con.execute('SELECT COUNT(*) FROM runs').fetchone()[0] + 1:04d}"
+
+
 def create(con: sqlite3.Connection, ident: dict, note: str | None = None) -> Run:
     """A new active run at step 0; earlier runs stay, inactive and untouched."""
-    n = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] + 1
-    run_id = f"run-{n:04d}"
     with transaction(con):
+        run_id = next_id(con)
         con.execute("UPDATE runs SET active = 0")
         con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note) VALUES (?, ?, ?, 0, 1, ?)",
                     (run_id, time.time(), json.dumps(ident), note))

@@ -171,6 +171,9 @@ def render(data: dict):
         quantized = f", {ident['model.quantization']}" if ident.get("model.quantization") else ""
         parts.append(Text(f"run {run['id']} at global step {run['global_step']}: {ident['model.name']} "
                           f"({ident['model.precision']}{quantized}), {adapter}"))
+        if run.get("parent_run"):
+            parts.append(Text(f"  branched from {run['parent_version']} of {run['parent_run']} by a rollback "
+                              f"({run['note']})"))
     else:
         parts.append(Text("run: none yet"))
     for other in data["runs"]:

@@ -418,10 +418,24 @@ class Worker:
 
 
 def held_out_jobs(con, run_id: str) -> list[Job]:
-    """Jobs of the run with a held-out set, in the order they started (the current one included)."""
-    rows = con.execute("SELECT * FROM jobs WHERE run_id = ? AND holdout IS NOT NULL AND holdout != '[]'"
-                       " AND state IN ('done', 'interrupted', 'running') ORDER BY start_step, id", (run_id,))
-    return [Job.from_row(r) for r in rows]
+    """Jobs with a held-out set in the order they started (the current one included): the run's, and for a
+    rollback's run those its parent had begun by the version it branched from (and so on up the lineage)."""
+    found: list[Job] = []
+    bound = None
+    while run_id:
+        rows = con.execute("SELECT * FROM jobs WHERE run_id = ? AND holdout IS NOT NULL AND holdout != '[]'"
+                           " AND state IN ('done', 'interrupted', 'running') AND (? IS NULL OR start_step <= ?)"
+                           " ORDER BY start_step, id", (run_id, bound, bound))
+        found = [Job.from_row(r) for r in rows] + found
+        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
+                             " WHERE r.id = ?", (run_id,)).fetchone()
+        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    seen, out = set(), []
+    for job in found:  # a job queued again after a rollback holds out the same examples: one set
+        if (job.fingerprint, tuple(job.holdout)) not in seen:
+            seen.add((job.fingerprint, tuple(job.holdout)))
+            out.append(job)
+    return out
 
 
 def _lines(lines: list[int], total: int | None = None) -> str:

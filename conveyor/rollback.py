@@ -1,0 +1,156 @@
+"""Rollback as a branch, never a deletion: `conveyor rollback vN` starts a new run from version N's checkpoint.
+
+The new run's first checkpoint is a copy of the version's (weights, optimizer, scheduler, RNG), at the version's
+global step, its manifest naming the run and version it branched from; its next job starts at that step + 1
+(law 1 within the new run). The parent run stays byte-identical: nothing of it is moved, rewritten or deleted,
+only its open ledger segments get their rows, as when any run is left.
+
+Jobs waiting to train go on in the new run: one stopped mid-way before the version resumes from its position in
+the version's manifest; one begun after the version starts over. Jobs the parent trained after the version are
+listed; `--requeue` queues them again (new jobs, in their order, each remembering the job it repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import replace
+
+from . import checkpoints as ck
+from . import jobs, ledger, runs
+from . import manifest as mf
+from .errors import ConveyorError
+from .jobs import Job, JobState
+from .reconcile import FRESH
+from .store import log_event, transaction
+from .versions import find, name
+from .workspace import Workspace
+
+
+def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
+    """Branch a new active run from `version`; returns what was done (run, step, jobs listed and requeued)."""
+    db = ws.db
+    row = find(db, version)
+    parent = next(r for r in runs.all_runs(db) if r.id == row["run_id"])
+    source = ck.checkpoints_dir(ws.run_dir(parent.id)) / ck.folder_name(row["step"])
+    try:
+        manifest = mf.verify(source)
+    except (ValueError, OSError) as e:
+        raise ConveyorError(f"{version}'s checkpoint {source.name} in {parent.id} cannot be used ({e}); only a "
+                            "version whose checkpoint still exists can be rolled back to (pin versions to keep "
+                            "them: `conveyor pin`)") from None
+    _refuse_while_training(db)
+    later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
+             and (j.end_step or 0) > row["step"]]
+    with transaction(db):
+        run_id = runs.next_id(db)
+        db.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note, parent_run,"
+                   " parent_version) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                   (run_id, time.time(), json.dumps(manifest.identity), row["step"],
+                    f"rolled back to {version} ({parent.id} at step {row['step']})", parent.id, row["id"]))
+    requeued = _requeue(db, later, run_id, manifest) if requeue else {}
+    copy = replace(manifest, run_id=run_id, branched_from={"run": parent.id, "version": version, "step": row["step"]},
+                   open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
+    _copy_checkpoint(source, ws.run_dir(run_id), copy)
+    with transaction(db):
+        _refuse_while_training(db)
+        newest, _ = ck.newest_verified(ws.run_dir(parent.id))
+        for pos in newest.manifest.under_way() if newest else []:
+            ledger.close_overtaken(db, parent.id, pos)  # the parent's open segments get their rows
+        db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
+        placed = _place_waiting(db, copy, parent.id, run_id)
+    text = (f"{run_id} branches from {version} ({parent.id}, step {row['step']}); its next job starts at step "
+            f"{row['step'] + 1}. {parent.id} is kept as it is.")
+    if later:
+        listed = ", ".join(f"job {j.id} ({j.file}, steps {j.start_step}–{j.end_step})" for j in later)
+        text += (f" Trained in {parent.id} after {version}: {listed}; "
+                 + ("queued again as " + ", ".join(f"job {n}" for n in requeued.values()) if requeue
+                    else "`conveyor rollback " + version + " --requeue` would queue them again") + ".")
+    log_event(db, "warning", "rollback", text)
+    placed = [f"job {new} ({j.file}) resumes in {run_id} at its step {manifest.position_of(j.id).steps_done + 1}, "
+              "where it stood at the version" for j in later for old, new in requeued.items()
+              if old == j.id and manifest.position_of(j.id)] + placed
+    for message in placed:
+        log_event(db, "info", "message", message)
+    return {"run": run_id, "parent_run": parent.id, "parent_version": version, "step": row["step"],
+            "after": [{"job": j.id, "file": j.file, "start_step": j.start_step, "end_step": j.end_step}
+                      for j in later],
+            "requeued": [{"job": new, "from": old} for old, new in requeued.items()],
+            "message": " ".join([text, *placed])}
+
+
+def _refuse_while_training(db) -> None:
+    busy = db.execute("SELECT id, file FROM jobs WHERE state = 'running'").fetchone()
+    if busy:
+        raise ConveyorError(f"job {busy['id']} ({busy['file']}) is training; a rollback starts a new run only "
+                            "between jobs. `conveyor stop` (the job keeps its place), roll back, then `conveyor run`")
+
+
+def _requeue(db, later: list[Job], run_id: str, manifest: mf.Manifest) -> dict[int, int]:
+    """New jobs for the parent's jobs after the version, in their order: {old job id: new job id}. One that was
+    stopped mid-way at the version is interrupted at its position there (it resumes in the new run); the others
+    are queued."""
+    out = {}
+    with transaction(db):
+        for j in later:
+            pos = manifest.position_of(j.id)
+            new = jobs.insert(db, file=j.file, source=j.source, stored=j.stored, fingerprint=j.fingerprint,
+                              priority=j.priority, state=JobState.INTERRUPTED if pos else JobState.QUEUED,
+                              format=j.format, examples=j.examples, epochs=j.epochs)
+            # The same held-out set as before (its examples were never trained in the lineage either).
+            jobs.update(db, new.id, requeued_from=j.id, holdout=j.holdout)
+            if pos is not None:
+                jobs.update(db, new.id, run_id=run_id, steps_done=pos.steps_done, position=pos.position,
+                            planned_steps=pos.planned_steps, start_step=pos.start_step, end_step=pos.end_step,
+                            segment_start=pos.segment_start)
+            out[j.id] = new.id
+    return out
+
+
+def _place_waiting(db, manifest: mf.Manifest, parent: str, run_id: str) -> list[str]:
+    """Waiting jobs of the parent stand where the new run's first checkpoint says: stopped mid-way at the
+    version (its manifest has them), or not begun."""
+    said = []
+    for job in jobs.all_jobs(db):
+        if job.state not in (JobState.QUEUED, JobState.INTERRUPTED) or job.run_id != parent:
+            continue
+        pos = manifest.position_of(job.id)
+        if pos is not None:
+            jobs.transition(db, job.id, JobState.INTERRUPTED, expect=job.state, claim=None, run_id=run_id,
+                            steps_done=pos.steps_done, position=pos.position, planned_steps=pos.planned_steps,
+                            start_step=pos.start_step, end_step=pos.end_step, segment_start=pos.segment_start)
+            said.append(f"job {job.id} ({job.file}) resumes in {run_id} at its step {pos.steps_done + 1}, where "
+                        "it stood at the version")
+        elif job.state == JobState.INTERRUPTED:
+            jobs.transition(db, job.id, JobState.QUEUED, expect=job.state, **FRESH)
+            said.append(f"job {job.id} ({job.file}) began after the version in {parent}; it starts from its first "
+                        f"example in {run_id}")
+    return said
+
+
+def _copy_checkpoint(source, run_dir, manifest: mf.Manifest) -> None:
+    """The version's checkpoint copied into the new run (a temporary folder, flushed, verified, renamed)."""
+    root = ck.checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / ck.folder_name(manifest.global_step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(mf.MANIFEST))
+    try:
+        ck.seal_copy(tmp, manifest)
+        mf.verify(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ck.point_latest(run_dir, final.name)
+
+
+def lineage(db, run: runs.Run) -> str | None:
+    """`run-0003 ← v1 of run-0001 (step 2)`, for status; None for a run that is not a rollback's."""
+    if not run.parent_run:
+        return None
+    row = db.execute("SELECT step FROM versions WHERE id = ?", (run.parent_version,)).fetchone()
+    return f"{run.id} ← {name(run.parent_version)} of {run.parent_run}" + (f" (step {row['step']})" if row else "")
