@@ -339,11 +339,14 @@ def history(
         raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
     run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
     if examples:
-        rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"]} for r in ledger.audit_rows(ws.db, run_id)]
+        rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"],
+                 **({"replay": r["replay"]} if "replay" in r else {})} for r in ledger.audit_rows(ws.db, run_id)]
         if as_json:
             return _print_json(rows)
         for r in rows:
-            console.print(f"step {r['step']}: job {r['job']} lines {r['lines']}")
+            replayed = ", ".join(f"{x['job']}:{x['line']}" for x in r.get("replay", []))
+            console.print(f"step {r['step']}: job {r['job']} lines {r['lines']}"
+                          + (f" replayed (job:line) {replayed}" if replayed else ""))
         return
     rows = ledger.rows(ws.db, run_id)
     if as_json:

@@ -25,7 +25,7 @@ MERGED = ("SUM(n) AS n, MIN(step_min) AS step_min, MAX(step_max) AS step_max, SU
           " SUM(tokens) AS tokens, SUM(examples) AS examples, SUM(step_time) AS step_time")
 
 
-def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int, list[int]]],
+def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple],
                 metrics: list[dict], evals: list[dict] = (), samples: list[dict] = ()) -> None:
     """Append buffered audit rows (step, job, lines), metric, evaluation and sample rows in one transaction.
 
@@ -38,8 +38,10 @@ def write_steps(con: sqlite3.Connection, run_id: str, audit: list[tuple[int, int
 
 
 def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
-    con.executemany("INSERT OR REPLACE INTO audit (run_id, step, job_id, lines) VALUES (?, ?, ?, ?)",
-                    [(run_id, step, job, json.dumps(lines)) for step, job, lines in audit])
+    # A row is (step, job, lines) or (step, job, lines, replayed [job, line]s).
+    con.executemany("INSERT OR REPLACE INTO audit (run_id, step, job_id, lines, replay) VALUES (?, ?, ?, ?, ?)",
+                    [(run_id, row[0], row[1], json.dumps(row[2]), json.dumps(row[3]) if len(row) > 3 and row[3]
+                      else None) for row in audit])
     con.executemany(
         "INSERT OR REPLACE INTO metrics (run_id, step, job_id, loss, learning_rate, grad_norm, tokens, examples,"
         " step_time, created_at) VALUES (:run_id, :step, :job_id, :loss, :learning_rate, :grad_norm, :tokens,"
@@ -163,7 +165,8 @@ def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos,
 
 def audit_rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
     query = "SELECT * FROM audit" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step"
-    return [{"run": r["run_id"], "step": r["step"], "job": r["job_id"], "lines": json.loads(r["lines"])}
+    return [{"run": r["run_id"], "step": r["step"], "job": r["job_id"], "lines": json.loads(r["lines"]),
+             **({"replay": [{"job": j, "line": line} for j, line in json.loads(r["replay"])]} if r["replay"] else {})}
             for r in con.execute(query, (run_id,) if run_id else ())]
 
 

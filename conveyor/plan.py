@@ -74,18 +74,32 @@ class Position:
     start_step: int = 0  # global step of the job's first step ever (0: not started)
     segment_start: int = 0  # global step of the current segment's first step
     segment_base: int = 0  # steps_done when the current segment began
+    # Replay (replay.fraction), fixed when the job is first planned: the earlier jobs whose trained examples
+    # are mixed in, and how many replayed examples the job's positions interleave with its own.
+    replay_sources: tuple[int, ...] = ()
+    replay_count: int = 0
 
     @property
-    def total(self) -> int:
+    def own_total(self) -> int:
         return self.examples * self.epochs
 
     @property
+    def total(self) -> int:
+        """Positions of the job: its own examples × epochs, and the replayed ones between them."""
+        return self.own_total + self.replay_count
+
+    @property
+    def own_position(self) -> int:
+        """Own examples trained so far (the position without the replayed ones)."""
+        return self.position - replayed_before(self.position, self.replay_count, self.total)
+
+    @property
     def epoch(self) -> int:
-        return self.position // self.examples
+        return self.own_position // self.examples
 
     @property
     def position_in_epoch(self) -> int:
-        return self.position % self.examples
+        return self.own_position % self.examples
 
     @property
     def finished(self) -> bool:
@@ -123,16 +137,31 @@ class Position:
                 "epochs": self.epochs, "planned_steps": self.planned_steps, "steps_done": self.steps_done,
                 "position": self.position, "epoch": self.epoch, "position_in_epoch": self.position_in_epoch,
                 "start_step": self.start_step, "segment_start": self.segment_start,
-                "segment_base": self.segment_base}
+                "segment_base": self.segment_base,
+                **({"replay": {"sources": list(self.replay_sources), "count": self.replay_count}}
+                   if self.replay_count else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "Position":
         return cls(job_id=data["id"], fingerprint=data["fingerprint"], examples=data["examples"],
                    epochs=data["epochs"], planned_steps=data["planned_steps"], steps_done=data["steps_done"],
                    position=data["position"], start_step=data["start_step"], segment_start=data["segment_start"],
-                   segment_base=data["segment_base"])
+                   segment_base=data["segment_base"], replay_sources=tuple(data.get("replay", {}).get("sources", ())),
+                   replay_count=data.get("replay", {}).get("count", 0))
 
 
-def fresh(job_id: int, fingerprint: str, examples: int, epochs: int) -> Position:
+def fresh(job_id: int, fingerprint: str, examples: int, epochs: int, replay_sources: tuple[int, ...] = (),
+          replay_count: int = 0) -> Position:
     """A job that has not trained a step yet (its plan is fixed by begin_segment)."""
-    return Position(job_id, fingerprint, examples, epochs, planned_steps=0)
+    return Position(job_id, fingerprint, examples, epochs, planned_steps=0, replay_sources=tuple(replay_sources),
+                    replay_count=replay_count)
+
+
+def replayed_before(position: int, replay: int, total: int) -> int:
+    """Replayed positions among the first `position` of a job that interleaves `replay` of `total` evenly: slot k
+    is replayed when floor((k + 1) × replay / total) steps up. O(1), so a resume finds its place at once."""
+    return position * replay // total if total else 0
+
+
+def is_replayed(position: int, replay: int, total: int) -> bool:
+    return replayed_before(position + 1, replay, total) > replayed_before(position, replay, total)

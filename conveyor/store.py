@@ -191,7 +191,8 @@ ADDED_COLUMNS = [
     ("runs", "parent_version", "INTEGER"),
     ("versions", "gated", "TEXT"),  # why eval.gate held the queue after this version (NULL: it did not)
     ("jobs", "holdout", "TEXT"),  # the file lines set aside as the job's held-out set (JSON), fixed at its plan
-    ("jobs", "requeued_from", "INTEGER"),  # the job of an earlier run this one trains again after a rollback
+    ("jobs", "requeued_from", "INTEGER"),
+    ("audit", "replay", "TEXT"),  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
 ]
 
 

@@ -25,6 +25,7 @@ from . import manifest as mf
 from .config import Config
 from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
+from .replay import Layout
 from .precision import DTYPES, build_model  # noqa: F401  (DTYPES: export's)
 from .training_state import restore_optimizer, restore_rng, rng_state, save_checkpoint
 
@@ -56,6 +57,7 @@ class JobSpec:
     open_jobs: list[Position]  # the run's other jobs stopped mid-way: every checkpoint records them
     # Named evaluation sets (eval.file's, each job's held-out set), tokenized and masked like training data.
     eval_sets: dict = field(default_factory=dict)
+    pool: object | None = None  # replay.Pool: earlier jobs' examples this job replays (start.replay_count of them)
 
     @property
     def job_id(self) -> int:
@@ -94,27 +96,28 @@ def load_tokenizer(model_path: str):
 
 
 class PlanDataset(Dataset):
-    """The job's examples in planned order, starting at a position: item i is plan position start + i (O(1)).
+    """The job's examples in planned order (its own and replayed ones, replay.Layout), starting at a position:
+    item i is plan position start + i (O(1)). Each item names its source as (job, file line).
 
     With several processes the last step is padded with fully masked one-token fillers (zero loss, zero
     gradient) up to a multiple of batch × processes, so no rank runs dry and no example is repeated (the
     usual even_batches remedy would train the first examples twice).
     """
 
-    def __init__(self, data: TokenizedFile, order: JobOrder, start: int, pad_to: int = 1, pad_id: int = 0):
-        self.data, self.order, self.start, self.pad_id = data, order, start, pad_id
-        real = len(order) - start
+    def __init__(self, layout, start: int, pad_to: int = 1, pad_id: int = 0):
+        self.layout, self.start, self.pad_id = layout, start, pad_id
+        real = len(layout) - start
         self.length = -(-real // pad_to) * pad_to if real else 0
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        if self.start + i >= len(self.order):
+        if self.start + i >= len(self.layout):
             return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
-        _, index = self.order[self.start + i]
-        ex = self.data.examples[index]
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": ex.line}
+        item = self.layout[self.start + i]
+        ex = item.example
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": (item.job_id, ex.line)}
 
 
 class AuditingCollator:
@@ -127,7 +130,7 @@ class AuditingCollator:
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
         self.flat = packing.flattening_collator() if padding_free else None
         self.hidden, self.varlen = hidden, varlen  # for packing.worth_it (hidden None: always pack)
-        self.fed: deque[int] = deque()  # file lines (0: a filler), in the order they were fed
+        self.fed: deque = deque()  # (job, file line) of each example (0: a filler), in the order they were fed
 
     def __call__(self, features: list[dict]) -> dict:
         self.fed.extend(f["line"] for f in features)
@@ -137,7 +140,7 @@ class AuditingCollator:
             return self.flat(rows)
         return self.pad(rows)
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int) -> list:
         return [self.fed.popleft() for _ in range(n)]
 
 
@@ -164,9 +167,9 @@ def libraries() -> dict:
 class _JobCallback:
     """Hooks into the Trainer's loop: step accounting and audit, metrics, checkpoints, RNG restore, controls."""
 
-    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, order: JobOrder,
+    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, layout,
                  padded_len: int, hooks: Hooks):
-        self.spec, self.config, self.collator, self.order, self.hooks = spec, config, collator, order, hooks
+        self.spec, self.config, self.collator, self.layout, self.hooks = spec, config, collator, layout, hooks
         self.main = distributed.is_main()
         self.padded_len = padded_len  # items in the data set including fillers
         self.consumed = 0
@@ -195,11 +198,11 @@ class _JobCallback:
 
     def on_step_end(self, args, state, control, **kw):
         n = self.pos.next_step_examples(self.eps)
-        lines, tokens = self._planned(n)
-        self._check_fed(lines)
+        fed, lines, replayed, tokens = self._planned(n)
+        self._check_fed(fed)
         self.pos = self.pos.after_step(self.eps)
         step = self.pos.last_step
-        self.audit.append((step, self.spec.job_id, lines))
+        self.audit.append((step, self.spec.job_id, lines, replayed))
         now = time.perf_counter()
         self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
                         "step_time": now - self.t_step}
@@ -221,8 +224,8 @@ class _JobCallback:
             control.should_training_stop = True
         return control
 
-    def _check_fed(self, lines: list[int]) -> None:
-        """What the ranks' data loaders really fed this step must be exactly the planned lines (law 2)."""
+    def _check_fed(self, lines: list[tuple[int, int]]) -> None:
+        """What the ranks' data loaders really fed this step must be exactly the planned (job, line)s (law 2)."""
         per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
         self.consumed += per_rank * self.world_size
         fed = self.collator.take(per_rank)
@@ -232,11 +235,14 @@ class _JobCallback:
             if sorted(got) != sorted(lines) or (self.world_size == 1 and got != lines):
                 raise RuntimeError(f"the Trainer fed lines {got} where conveyor planned {lines}; this is a bug")
 
-    def _planned(self, n: int) -> tuple[list[int], int]:
-        """Lines and tokens of the next n plan positions: what this optimizer step trains on all ranks."""
+    def _planned(self, n: int) -> tuple[list[tuple[int, int]], list[int], list[list[int]], int]:
+        """What this optimizer step trains on all ranks, from the next n plan positions: every (job, line) in
+        order, the job's own lines, the replayed [job, line]s, and the tokens."""
         at = self.pos.position
-        examples = [self.spec.data.examples[self.order[p][1]] for p in range(at, at + n)]
-        return [e.line for e in examples], sum(len(e.input_ids) for e in examples)
+        items = [self.layout[p] for p in range(at, at + n)]
+        return ([(i.job_id, i.example.line) for i in items], [i.example.line for i in items if not i.replayed],
+                [[i.job_id, i.example.line] for i in items if i.replayed],
+                sum(len(i.example.input_ids) for i in items))
 
     def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
         states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
@@ -333,12 +339,13 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     t = config.training
     start = spec.start
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
-    dataset = PlanDataset(spec.data, order, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
+    layout = Layout(start, spec.data, order, spec.pool)
+    dataset = PlanDataset(layout, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
                           pad_id=tokenizer.pad_token_id)
     collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, hooks),
                                 hidden=getattr(model.config, "hidden_size", None),
                                 varlen=config.model.attn_implementation == "flash_attention_2")
-    inner = _JobCallback(spec, config, collator, world_size, order, len(dataset), hooks)
+    inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
     remaining = start.planned_steps - start.steps_done
     trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
                                                            spec.job_id),

@@ -75,6 +75,7 @@ class Setup:
     data: TokenizedFile
     start: Position
     open_jobs: list[Position]
+    pool: object | None = None  # replay.Pool of the earlier jobs' examples this job replays
 
 
 class Worker:
@@ -141,7 +142,7 @@ class Worker:
         for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
             ledger.close_overtaken(self.db, run.id, p)
         job = self.plan(job, run, start, data)
-        return Setup(job, run, resume, data, start, open_jobs)
+        return Setup(job, run, resume, data, start, open_jobs, self.pool(start))
 
     def prepare(self, job: Job) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
@@ -188,7 +189,9 @@ class Worker:
         epochs = job.epochs or t.epochs
         known = resume.manifest.position_of(job.id) if resume else None
         if known is None:
-            start = fresh(job.id, job.fingerprint, len(data.examples), epochs).begin_segment(run.global_step, eps)
+            sources, count = self._replay_plan(job, run, len(data.examples) * epochs)
+            start = fresh(job.id, job.fingerprint, len(data.examples), epochs, sources, count).begin_segment(
+                run.global_step, eps)
         else:
             if known.fingerprint != job.fingerprint or known.examples not in (0, len(data.examples)):
                 raise PlanError(f"job {job.id}: {resume.path.name} places it in data {short(known.fingerprint)} "
@@ -206,6 +209,28 @@ class Worker:
         require_steps(start.planned_steps - start.steps_done, len(data.examples), epochs, job.file)
         return start
 
+    def _replay_plan(self, job: Job, run: runs.Run, own_total: int) -> tuple[tuple[int, ...], int]:
+        """replay.fraction for a job's first plan: the earlier jobs it draws from and how many it replays."""
+        from . import replay
+
+        fraction = self.config.replay.fraction
+        if fraction <= 0:
+            return (), 0
+        sources = replay.sources(self.db, run.id, job.id)
+        pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint)
+        count = replay.count(fraction, own_total, pool.size if pool else 0)
+        if count:
+            self.say("info", f"job {job.id} replays {count} example(s) from job(s) {', '.join(map(str, sources))} "
+                     f"({pool.size} trained examples) between its own {own_total} (replay.fraction = {fraction})",
+                     job.id)
+        else:
+            self.say("info", f"job {job.id}: nothing to replay yet (no earlier job of {run.id} is done)", job.id)
+        return (tuple(sources), count) if count else ((), 0)
+
+    def pool(self, start: Position):
+        return replay_pool(self.ws, self.config, self.model_path, start.replay_sources, start.fingerprint) \
+            if start.replay_count else None
+
     def plan(self, job: Job, run: runs.Run, start: Position, data: TokenizedFile) -> Job:
         """Record the job's step range (law 1) under this worker's claim."""
         jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, run_id=run.id, epochs=start.epochs,
@@ -213,7 +238,9 @@ class Worker:
                     end_step=start.end_step, steps_done=start.steps_done, position=start.position,
                     segment_start=start.segment_start, tokens=data.tokens, truncated=data.truncated,
                     excluded=data.excluded_lines)
-        log_event(self.db, "info", "planned", f"job {job.id}: {start.examples} examples × {start.epochs} epoch(s) = "
+        replayed = f" + {start.replay_count} replayed" if start.replay_count else ""
+        log_event(self.db, "info", "planned", f"job {job.id}: {start.examples} examples × {start.epochs} epoch(s)"
+                  f"{replayed} = "
                   f"{start.planned_steps} steps; steps {start.steps_done + 1}–{start.planned_steps} at global steps "
                   f"{start.last_step + 1}–{start.end_step}", job.id)
         return jobs.get(self.db, job.id)
@@ -241,7 +268,7 @@ class Worker:
 
         spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
                        start=setup.start, identity=setup.run.identity, resume=setup.resume,
-                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run))
+                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool)
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -288,7 +315,9 @@ class Worker:
     def _prune_tokenized(self) -> None:
         """Tokenized data of jobs that will not train again goes (it is derived; the stored JSONL stays)."""
         waiting = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED)
-        needed = {j.fingerprint for j in jobs.all_jobs(self.db) if j.state in waiting}
+        # With replay on, done jobs' examples are drawn again by later jobs: their tokenized data stays.
+        kept = (JobState.DONE,) if self.config.replay.fraction > 0 else ()
+        needed = {j.fingerprint for j in jobs.all_jobs(self.db) if j.state in waiting + kept}
         removed = prune_tokenized(self.ws.data / "tokenized", needed)
         if removed:
             log_event(self.db, "info", "message", f"removed tokenized data of {len(removed)} finished job(s)")
@@ -418,24 +447,31 @@ class Worker:
 
 
 def held_out_jobs(con, run_id: str) -> list[Job]:
-    """Jobs with a held-out set in the order they started (the current one included): the run's, and for a
-    rollback's run those its parent had begun by the version it branched from (and so on up the lineage)."""
-    found: list[Job] = []
-    bound = None
-    while run_id:
-        rows = con.execute("SELECT * FROM jobs WHERE run_id = ? AND holdout IS NOT NULL AND holdout != '[]'"
-                           " AND state IN ('done', 'interrupted', 'running') AND (? IS NULL OR start_step <= ?)"
-                           " ORDER BY start_step, id", (run_id, bound, bound))
-        found = [Job.from_row(r) for r in rows] + found
-        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
-                             " WHERE r.id = ?", (run_id,)).fetchone()
-        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    """Jobs with a held-out set in the order they started (the current one included), up the run's lineage."""
+    found = lineage_jobs(con, run_id, "holdout IS NOT NULL AND holdout != '[]' AND state IN ('done', 'interrupted',"
+                                      " 'running')")
     seen, out = set(), []
     for job in found:  # a job queued again after a rollback holds out the same examples: one set
         if (job.fingerprint, tuple(job.holdout)) not in seen:
             seen.add((job.fingerprint, tuple(job.holdout)))
             out.append(job)
     return out
+
+
+def lineage_jobs(con, run_id: str, where: str, ended: bool = False) -> list[Job]:
+    """Jobs matching `where` of the run, and for a rollback's run those its parent had begun (ended=True: had
+    finished) by the version it branched from (and so on up the lineage), in the order they started."""
+    found: list[Job] = []
+    bound = None
+    column = "end_step" if ended else "start_step"
+    while run_id:
+        rows = con.execute(f"SELECT * FROM jobs WHERE run_id = ? AND {where} AND (? IS NULL OR {column} <= ?)"
+                           " ORDER BY start_step, id", (run_id, bound, bound))
+        found = [Job.from_row(r) for r in rows] + found
+        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
+                             " WHERE r.id = ?", (run_id,)).fetchone()
+        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    return found
 
 
 def _lines(lines: list[int], total: int | None = None) -> str:
@@ -465,11 +501,26 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
         path = Path(order["resume"])
         resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
     model_path = ws.model_path(config.model.name)
+    start = Position.from_json(order["start"])
     spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id),
                    data=holdout.split(job_data(ws, job, config, model_path), job.holdout or []).trained,
-                   start=Position.from_json(order["start"]), identity=run.identity, resume=resume,
-                   open_jobs=[Position.from_json(p) for p in order["open"]])
+                   start=start, identity=run.identity, resume=resume,
+                   open_jobs=[Position.from_json(p) for p in order["open"]],
+                   pool=replay_pool(ws, config, model_path, start.replay_sources, start.fingerprint)
+                   if start.replay_count else None)
     train_segment(config, model_path, spec, None, world_size)
+
+
+def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str):
+    """The trained examples (held-out ones excluded) of the source jobs, as a replay.Pool; None if empty."""
+    from .replay import Pool
+
+    parts = []
+    for job_id in sources:
+        job = jobs.get(ws.db, job_id)
+        parts.append((job.id, holdout.split(job_data(ws, job, config, model_path), job.holdout or []).trained))
+    pool = Pool(parts, config.training.seed, fingerprint)
+    return pool if pool.size else None
 
 
 def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
