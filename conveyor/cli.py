@@ -228,7 +228,17 @@ def pause(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon 
 
 @app.command()
 def resume(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
-    """Continue after `conveyor pause`."""
+    """Continue after `conveyor pause` (or after eval.gate held the queue)."""
+    from . import controls
+    from .status import daemon_pid
+
+    ws = _ws()
+    if daemon_pid(ws) is None:
+        if not controls.paused(ws.db):
+            raise ConveyorError(f"no conveyor daemon is running in {ws.root} and the queue is not paused; "
+                                "start one with `conveyor run`")
+        console.print(controls.release(ws.db, f"cli (pid {os.getpid()})"))
+        return
     _control("resume", None, wait)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -174,6 +177,35 @@ class NotifyConfig(_Section):
     """How long one delivery may take before it counts as failed."""
     retries: int = Field(3, ge=0, le=20)
     """Further tries after a failed delivery (waiting 1, 2, 4, ... s); a failure is logged, never fatal."""
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        if value and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise PydanticCustomError("webhook", "an http:// or https:// URL such as "
+                                      "https://hooks.example.com/conveyor, or \"\" for none")
+        return value
+
+    @field_validator("secret_header")
+    @classmethod
+    def _name_value(cls, value: str) -> str:
+        name, colon, _ = value.partition(":")
+        if value and (not colon or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip())
+                      or "\n" in value or "\r" in value):
+            raise PydanticCustomError("secret_header", "one header as \"Name: value\", e.g. \"Authorization: Bearer "
+                                      "abc\", or \"\" for none")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _splits(cls, value: str) -> str:
+        try:
+            shlex.split(value)
+        except ValueError as e:
+            raise PydanticCustomError("command", "a command line (split like a shell, without running one): "
+                                      "{problem}", {"problem": str(e)})
+        return value
 
 
 class ReportConfig(_Section):

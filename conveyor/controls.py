@@ -151,6 +151,29 @@ def orphaned(con: sqlite3.Connection, note: str) -> int:
 
 def paused(con: sqlite3.Connection) -> bool:
     """Whether the last pause/resume that took effect was a pause (the daemon holds between jobs too)."""
-    row = con.execute("SELECT effect FROM controls WHERE effect IN ('hold', 'go on') ORDER BY acked_at DESC, id DESC"
-                      " LIMIT 1").fetchone()
-    return bool(row) and row["effect"] == Effect.HOLD.value
+    return held_by(con) is not None
+
+
+def held_by(con: sqlite3.Connection) -> str | None:
+    """Who holds the queue (a person's pause or "eval.gate"), or None if it is not paused."""
+    row = con.execute("SELECT effect, who FROM controls WHERE effect IN ('hold', 'go on') ORDER BY acked_at DESC,"
+                      " id DESC LIMIT 1").fetchone()
+    return row["who"] if row and row["effect"] == Effect.HOLD.value else None
+
+
+def hold(con: sqlite3.Connection, who: str, why: str) -> None:
+    """Hold the queue without a person's request (eval.gate): a pause that has taken effect, so every daemon
+    started later is paused too, until `conveyor resume`."""
+    now = time.time()
+    con.execute("INSERT INTO controls (action, who, reason, requested_at, taken_at, taken_by, acked_at, result,"
+                " effect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (Action.PAUSE.value, who, why, now, now, who, now, why, Effect.HOLD.value))
+
+
+def release(con: sqlite3.Connection, who: str) -> str:
+    """`conveyor resume` with no daemon running: the queue's pause is lifted for the next daemon."""
+    now = time.time()
+    con.execute("INSERT INTO controls (action, who, requested_at, taken_at, taken_by, acked_at, result, effect)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (Action.RESUME.value, who, now, now, who, now,
+                                                     "resumed (no daemon was running)", Effect.GO_ON.value))
+    return "the queue is no longer paused; the next `conveyor run` or `conveyor train` trains what is waiting"

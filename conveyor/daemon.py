@@ -23,11 +23,12 @@ from .controls import Context, Effect
 from .errors import ConveyorError
 from .inbox import Inbox, file_finished
 from .jobs import Job, JobState
+from .notify import Notifier, close_wait
 from .reconcile import place
 from .status import LOCK_FILE
 from .store import log_event
-from .worker import Outcome, Reporter, Worker
-from .workspace import Workspace
+from .worker import GATE, Outcome, Reporter, Worker
+from .workspace import DB_FILE, Workspace
 
 
 class Daemon:
@@ -56,7 +57,11 @@ class Daemon:
         self.drain = drain
         self.reload_config()
         self._startup()
-        with self._warm_stop_signals(), self._watching(), contextlib.closing(self):
+        if drain and controls.held_by(self.db) == GATE:  # nobody watches a drain: say why, and end
+            self.say("error", "the queue is paused by eval.gate (see `conveyor versions`); `conveyor resume` "
+                     "accepts the gated version, `conveyor rollback VERSION` undoes it")
+            return False
+        with self._notifying(), self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
                 self.claim_files()
                 self.act_on_controls()
@@ -154,7 +159,7 @@ class Daemon:
         self.say_once("disk", "error", f"waiting: {free / 1e6:.0f} MB free, job {job.id} needs about "
                       f"{need / 1e6:.0f} MB (checkpoints {per / 1e6:.1f} MB each, keep {t.keep_checkpoints} + "
                       f"{t.keep_job_ends} job ends, reserve {self.config.daemon.min_free_mb} MB); "
-                      "free space or lower daemon.min_free_mb; training starts by itself")
+                      "free space or lower daemon.min_free_mb; training starts by itself", job.id, kind="disk")
         return False
 
     # Training one job --------------------------------------------------------------------------
@@ -210,6 +215,8 @@ class Daemon:
         """Act on how the job's training ended; False if the job failed."""
         if outcome in (Outcome.DONE, Outcome.SKIPPED):
             file_finished(self.ws, jobs.get(self.db, job.id))
+            if not self.paused and controls.held_by(self.db) == GATE:  # the job's version is gated (see above)
+                return self._hold("eval.gate holds the queue; `conveyor resume` accepts the version")
             return True
         if outcome == Outcome.FAILED:
             return False
@@ -257,7 +264,7 @@ class Daemon:
             reason = (f"its worker died {attempts} time(s) in a row without a new checkpoint ({now.deaths + 1} "
                       "death(s) in all); see `conveyor logs`")
             jobs.transition(self.db, job.id, JobState.FAILED, expect=now.state, error=reason)
-            self.say("error", f"job {job.id} failed: {reason}", job.id)
+            self.say("error", f"job {job.id} failed: {reason}", job.id, kind="failed")
             return False
         wait = min(d.retry_backoff_seconds * 2 ** max(attempts - 1, 0), d.max_backoff_seconds)
         gained = f"it had reached its step {now.steps_done}" if progressed else "no new checkpoint since its start"
@@ -279,16 +286,34 @@ class Daemon:
         self._close_warm()
 
     # Messages ------------------------------------------------------------------------------------
-    def say(self, level: str, text: str, job_id: int | None = None) -> None:
-        log_event(self.db, level, "message", text, job_id)
+    def say(self, level: str, text: str, job_id: int | None = None, kind: str = "message") -> None:
+        log_event(self.db, level, kind, text, job_id)
         self.reporter.message(level, text)
 
-    def say_once(self, key: str, level: str, text: str) -> None:
+    def say_once(self, key: str, level: str, text: str, job_id: int | None = None, kind: str = "message") -> None:
         if key not in self._said:
             self._said.add(key)
-            self.say(level, text)
+            self.say(level, text, job_id, kind)
 
-    # Signals and the inbox watcher ---------------------------------------------------------------
+    # Notifications, signals and the inbox watcher -----------------------------------------------
+    @contextlib.contextmanager
+    def _notifying(self):
+        """notify.webhook / notify.command hear of events while the loop runs (settings read at its start); the
+        loop's end is the event `stopped`, delivered within a bounded wait (barely any after a second signal)."""
+        n = self.config.notify
+        notifier = Notifier(self.ws.root / DB_FILE, n, str(self.ws.root)).start() if n.webhook or n.command else None
+        crash = None
+        try:
+            yield
+        except Exception as e:
+            crash = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            why = self.stop_reason or crash or "drained: nothing left to train"
+            log_event(self.db, "error" if crash else "info", "stopped", f"daemon stopped ({why})")
+            if notifier is not None:
+                notifier.close(min(close_wait(n), 1.0) if self._signals > 1 else close_wait(n))
+
     @contextlib.contextmanager
     def _watching(self):
         if not self.watch:

@@ -1,5 +1,5 @@
 """The live web dashboard: a JSON API over the workspace database and one self-contained page (loss curves,
-queue, current job with ETA, ledger, controls), updated through server-sent events.
+queue, current job with ETA, ledger, controls, a box to ask the model), updated through server-sent events.
 
 Run it with `conveyor dashboard [--host 127.0.0.1] [--port 8750] [--token T]`, or from Python with
 `conveyor.dashboard.serve(workspace_folder)`; then open http://127.0.0.1:8750/ (add `?token=T` when a token is set).
@@ -7,10 +7,15 @@ Run it with `conveyor dashboard [--host 127.0.0.1] [--port 8750] [--token T]`, o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +27,10 @@ from urllib.parse import urlsplit
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import controls, jobs, ledger, runs
+from . import controls, jobs, ledger, runs, versions
 from .errors import ConveyorError
 from .status import daemon_pid, job_counts, queue_head, status_data
 from .workspace import Workspace
@@ -49,8 +54,22 @@ PAGE_HEADERS = {
 }
 
 
+# Asking the model: a separate `conveyor generate` process per question, one at a time, at a lower CPU priority than
+# training, killed after ASK_TIMEOUT seconds. The model never loads into the dashboard's (or the daemon's) process.
+ASK_TIMEOUT = 120.0
+ASK_NICENESS = 10
+ASK_BUSY = ("another question is being answered; ask again when its answer is shown (one question at a time, so "
+            "that answering never crowds out training)")
+
+
 class ControlBody(BaseModel):
     reason: Optional[str] = None
+
+
+class AskBody(BaseModel):
+    prompt: str = Field(min_length=1, max_length=8000)  # it travels as one command-line argument
+    version: Optional[str] = None  # default: the newest checkpoint
+    max_new_tokens: int = Field(64, ge=1, le=512)
 
 
 def page_html() -> str:
@@ -146,8 +165,46 @@ def _wait(con, request_id: int, timeout: float) -> tuple[str | None, bool]:
         time.sleep(0.05)
 
 
+async def ask_in_process(root: Path, body: AskBody, timeout: float) -> JSONResponse:
+    """`conveyor generate --json` in a child process (guarded to die with this one): its answer and pid, 409 with
+    its message when it cannot answer, 504 when it takes longer than `timeout` seconds (it is killed)."""
+    argv = [sys.executable, "-m", "conveyor.process", str(os.getpid()), "--",
+            sys.executable, "-m", "conveyor", "-w", str(root), "generate", "--json",
+            "--max-new-tokens", str(body.max_new_tokens), *(["--version", body.version] if body.version else []),
+            "--", body.prompt]
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream, into: bytearray) -> None:
+        async for chunk in stream:
+            into += chunk
+
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL, start_new_session=True) as child:
+        with contextlib.suppress(AttributeError, OSError):  # not POSIX, or not allowed: the same priority
+            os.setpriority(os.PRIO_PROCESS, child.pid, ASK_NICENESS)
+        with anyio.move_on_after(timeout) as waited:
+            async with anyio.create_task_group() as group:
+                group.start_soon(drain, child.stdout, out)
+                group.start_soon(drain, child.stderr, err)
+            await child.wait()
+        if waited.cancelled_caught:
+            child.kill()
+            return JSONResponse({"detail": f"no answer within {timeout:g} s, so it was stopped: on this machine the "
+                                           "model answers too slowly; ask for fewer new tokens"}, 504)
+    if child.returncode == 0:
+        with contextlib.suppress(ValueError):
+            return JSONResponse({**json.loads(out), "pid": child.pid})
+    text = err.decode(errors="replace")
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("error: ")), None)
+    if child.returncode == 1 and start is not None:  # a ConveyorError: it says what is wrong and what to do
+        return JSONResponse({"detail": "\n".join(lines[start:])[len("error: "):]}, 409)
+    return JSONResponse({"detail": f"the answering process gave no answer (exit code {child.returncode}): "
+                                   + "\n".join(lines[-5:])}, 500)
+
+
 def create_app(ws_root: Path, token: str | None = None, control_timeout: float = 10.0,
-               stream_interval: float = 1.0, heartbeat_seconds: float = 15.0) -> FastAPI:
+               stream_interval: float = 1.0, heartbeat_seconds: float = 15.0,
+               ask_timeout: float = ASK_TIMEOUT) -> FastAPI:
     """The dashboard app for one workspace. With a token, every /api/* request must carry
     `Authorization: Bearer <token>` (the event stream may pass `?token=` instead: EventSource cannot set headers).
     Without one, only requests addressed to a loopback host name are answered (no DNS rebinding)."""
@@ -171,6 +228,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
             raise HTTPException(401, "wrong token: use the one the dashboard was started with (--token)")
 
     api = Depends(authorize)
+    asking = threading.Lock()  # not an asyncio lock: the test client runs each request on its own event loop
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -266,6 +324,40 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
                                  "expired": expired}, 202)
         return JSONResponse({"request_id": request_id, "result": result, "message": result, "expired": False})
 
+    @app.get("/api/versions", dependencies=[api])
+    def versions_() -> list[dict]:
+        """Every version (v1, v2, ...), oldest first, as `conveyor versions --json` lists them."""
+        with open_workspace(root) as ws:
+            return versions.all_versions(ws.db)
+
+    @app.get("/api/matrix", dependencies=[api])
+    def matrix(run: Optional[str] = None) -> dict:
+        """Versions × evaluation sets, as `conveyor eval --matrix --json` shows them (without `run`: every run's)."""
+        with open_workspace(root) as ws:
+            return versions.matrix(ws.db, resolve_run(ws.db, run) if run else None)
+
+    @app.get("/api/set_evals", dependencies=[api])
+    def set_evals(run: Optional[str] = None) -> dict:
+        """The run's held-out sets' losses at every evaluation, by step (a few sets a step, evaluations are sparse)."""
+        with open_workspace(root) as ws:
+            run_id = resolve_run(ws.db, run)
+            rows = _rows(ws.db, "SELECT step, name, job_id, loss, examples, tokens, created_at FROM set_evals"
+                                " WHERE run_id = ? ORDER BY step, name", run_id) if run_id else []
+        return {"run": run_id, "rows": rows}
+
+    @app.post("/api/ask", dependencies=[api])
+    async def ask(body: AskBody) -> JSONResponse:
+        """Answer a prompt with the newest checkpoint or a version, as `conveyor generate --json` does, in a separate
+        process: a running job only shares the CPU. One question at a time (429 while one is being answered)."""
+        if body.version is not None:
+            await run_in_threadpool(check_version, root, body.version)
+        if not asking.acquire(blocking=False):
+            raise HTTPException(429, ASK_BUSY)
+        try:
+            return await ask_in_process(root, body, ask_timeout)
+        finally:
+            asking.release()
+
     @app.get("/api/stream", dependencies=[api])
     async def stream(request: Request) -> StreamingResponse:
         """Server-sent events: `update` with a snapshot whenever it changes, a comment heartbeat otherwise."""
@@ -291,6 +383,15 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def check_version(root: Path, version: str) -> None:
+    """404 naming the versions there are, before a process is started for a version that does not exist."""
+    with open_workspace(root) as ws:
+        try:
+            versions.find(ws.db, version)
+        except ConveyorError as e:
+            raise HTTPException(404, str(e)) from None
 
 
 def check_bind(host: str, token: str | None) -> None:

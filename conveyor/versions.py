@@ -106,3 +106,35 @@ def _write_pins(con: sqlite3.Connection, runs_dir: Path, run_id: str) -> None:
     tmp = root / f".{ck.PINS}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(steps), encoding="utf-8")
     os.replace(tmp, root / ck.PINS)
+
+
+def rises(con: sqlite3.Connection, version_id: int, exclude: str | None = None) -> list[dict]:
+    """How each held-out set scored at both this version and the version before it (in its run's lineage)
+    changed: [{"set", "file", "before", "after", "change", "before_version"}], largest relative rise first."""
+    from .evaluation import EVAL_FILE
+
+    row = con.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
+    previous = _previous(con, row)
+    if previous is None:
+        return []
+    after, before = losses_at(con, row["run_id"], row["step"]), losses_at(con, previous["run_id"], previous["step"])
+    out = []
+    for set_name, loss in after.items():
+        if set_name in (EVAL_FILE, exclude) or before.get(set_name) is None or not before[set_name]:
+            continue
+        job = con.execute("SELECT file FROM jobs WHERE id = ?", (int(set_name[4:]),)).fetchone()
+        out.append({"set": set_name, "file": job["file"] if job else "?", "before": before[set_name], "after": loss,
+                    "change": (loss - before[set_name]) / before[set_name], "before_version": previous["id"]})
+    return sorted(out, key=lambda r: -r["change"])
+
+
+def _previous(con: sqlite3.Connection, row: sqlite3.Row) -> sqlite3.Row | None:
+    """The version before `row` in its run, or, for a rollback's first job, the version the run branched from."""
+    found = con.execute("SELECT * FROM versions WHERE run_id = ? AND step < ? AND lost = 0 ORDER BY step DESC"
+                        " LIMIT 1", (row["run_id"], row["step"])).fetchone()
+    if found is not None:
+        return found
+    parent = con.execute("SELECT parent_version FROM runs WHERE id = ?", (row["run_id"],)).fetchone()
+    if parent and parent["parent_version"]:
+        return con.execute("SELECT * FROM versions WHERE id = ?", (parent["parent_version"],)).fetchone()
+    return None

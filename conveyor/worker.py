@@ -24,8 +24,11 @@ from .tokenized import prune as prune_tokenized
 from .tokenized import tokenize_cached, tokens_of
 from .jobs import Conflict, Job, JobState
 from .plan import Position, examples_per_step, fresh, require_steps
-from .store import log_event
+from .store import log_event, transaction
 from .workspace import Workspace
+
+
+GATE = "eval.gate"  # who holds the queue after a regression (the daemon reads it)
 
 
 class Outcome(str, Enum):
@@ -308,9 +311,38 @@ class Worker:
             ledger.close_segment(self.db, run.id, job.id, state, pos, expect=JobState.RUNNING, owner=self.claim,
                                  tokens=tokens, **extra)
         self._announce(jobs.get(self.db, job.id), pos, trained, extra.get("error"))
+        if state == JobState.DONE:
+            self._gate(job, run, pos.last_step)
         if state in (JobState.DONE, JobState.SKIPPED):
             self._prune_tokenized()
         return outcome
+
+    def _gate(self, job: Job, run: runs.Run, step: int) -> None:
+        """eval.gate: if the job raised an earlier held-out set's loss by more than the gate against the version
+        before it, the version is marked gated and the queue held (nothing is deleted)."""
+        from . import versions
+
+        gate = self.config.eval.gate
+        version = self.db.execute("SELECT id FROM versions WHERE run_id = ? AND step = ? AND lost = 0",
+                                  (run.id, step)).fetchone()
+        if gate <= 0 or version is None:
+            return
+        rises = versions.rises(self.db, version["id"], exclude=holdout.set_name(job.id))
+        over = [r for r in rises if r["change"] > gate]
+        if not over:
+            return
+        name, before = versions.name(version["id"]), versions.name(over[0]["before_version"])
+        sets = "; ".join(f"{r['set']} ({r['file']}) {r['before']:.4f} → {r['after']:.4f} ({r['change']:+.1%})"
+                         for r in over)
+        text = (f"eval.gate: {name} (job {job.id}, {job.file}) raised the held-out loss of {sets}, more than "
+                f"eval.gate = {gate:.0%} against {before}. The queue is paused and {name} marked gated; nothing is "
+                f"deleted. `conveyor resume` accepts {name} and goes on; `conveyor rollback {before}` undoes job "
+                f"{job.id} (add --requeue to train it again later)")
+        with transaction(self.db):
+            self.db.execute("UPDATE versions SET gated = ? WHERE id = ?", (text, version["id"]))
+            controls.hold(self.db, GATE, text)
+        log_event(self.db, "warning", "gate", text, job.id)
+        self.reporter.message("warning", text)
 
     def _prune_tokenized(self) -> None:
         """Tokenized data of jobs that will not train again goes (it is derived; the stored JSONL stays)."""
@@ -395,8 +427,8 @@ class Worker:
         return self.stop_reason
 
     # messages ------------------------------------------------------------------------------------
-    def say(self, level: str, text: str, job_id: int | None = None) -> None:
-        log_event(self.db, level, "message", text, job_id)
+    def say(self, level: str, text: str, job_id: int | None = None, kind: str = "message") -> None:
+        log_event(self.db, level, kind, text, job_id)
         self.reporter.message(level, text)
 
     def _warn(self, job: Job, text: str) -> None:
@@ -406,7 +438,7 @@ class Worker:
     def _fail(self, reason: str) -> Outcome:
         jobs.transition(self.db, self.job_id, JobState.FAILED, expect=JobState.RUNNING, owner=self.claim,
                         error=reason, claim=None)
-        self.say("error", f"job {self.job_id} failed: {reason}", self.job_id)
+        self.say("error", f"job {self.job_id} failed: {reason}", self.job_id, kind="failed")
         return Outcome.FAILED
 
     def _eval_sets(self, run: runs.Run) -> dict:

@@ -1,0 +1,286 @@
+"""Notifications: while the daemon works, a `Notifier` thread tails the events table and hands the events a person
+waits for to `notify.webhook` (a JSON POST) and/or `notify.command` (the JSON on its standard input).
+
+Events sent (the events table's `kind`): done, failed, rejected, gate (eval.gate held the queue), disk (paused: not
+enough free disk), stopped (the daemon's work loop ended). One event, as JSON (null where it does not apply):
+
+    {"id": 17, "kind": "done", "job": 1, "file": "a.jsonl", "steps": 2, "planned_steps": 2,
+     "start_step": 1, "end_step": 2, "losses": {"first": 5.61, "last": 5.48, "mean": 5.55},
+     "message": "job 1: steps 1–2", "ts": 1767225600.123, "workspace": "/srv/ws", "eval": {"eval.file": 5.4}}
+
+`id` is the event's row id (increasing: a receiver can drop a repeat), `steps` the steps the job has trained,
+`losses` cover its ledger rows not lost to a rewind, `eval` (present only when evaluations exist at `end_step`)
+maps each evaluation set to its loss there. Events go out one at a time, in the order they were logged.
+
+Delivery never blocks training: it runs on its own thread with its own database connection (an sqlite
+connection cannot cross threads). Each try has a timeout; a failed try is retried after 1, 2, 4, ... s; an HTTP
+4xx other than 408/429 is the settings' mistake and is not retried. A delivery that fails for good, and whatever
+is still queued when `close` runs out of time, is logged as a `notify` warning event, never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .config import NotifyConfig
+from .store import connect, log_event
+
+KINDS = ("done", "failed", "rejected", "gate", "disk", "stopped")
+POLL_SECONDS = 0.2  # how often the events table is read for new rows
+MAX_CLOSE_SECONDS = 10.0  # the longest a stopping daemon waits for its last events to go out
+
+
+class Undeliverable(Exception):
+    """A delivery that retrying cannot help (the endpoint refused it: a wrong URL or secret)."""
+
+
+def close_wait(settings: NotifyConfig) -> float:
+    """How long a stopping daemon waits for queued events: one event's every try and wait, at most 10 s."""
+    waits = sum(2.0 ** i for i in range(settings.retries))
+    return min(settings.timeout_seconds * (settings.retries + 1) + waits, MAX_CLOSE_SECONDS)
+
+
+class Notifier:
+    """One background thread delivering, in order, the events logged after it was made."""
+
+    def __init__(self, db_path: Path, settings: NotifyConfig, workspace: str, backoff_seconds: float = 1.0,
+                 poll_seconds: float = POLL_SECONDS):
+        self.db_path = db_path
+        self.settings = settings
+        self.workspace = workspace
+        self.backoff = backoff_seconds  # the first wait between tries; doubles with each further try
+        self.poll = poll_seconds
+        self._pending: collections.deque[dict] = collections.deque()
+        self._closing = threading.Event()
+        self._deadline = float("inf")  # monotonic time by which close gives up; set before _closing
+        self._close_wait = 0.0
+        self._lock = threading.Lock()  # guards _current, _pending and _given_up between the thread and close()
+        self._current: dict | None = None  # the event being delivered
+        self._given_up = False
+        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+        con = connect(db_path)  # the tail starts after what is logged now
+        try:
+            self._cursor = con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        finally:
+            con.close()
+
+    def start(self) -> "Notifier":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is logged by now within `timeout` seconds, then give up (logging what was not sent)."""
+        self._close_wait = timeout
+        self._deadline = time.monotonic() + timeout
+        self._closing.set()
+        self._thread.join(timeout + 0.5)
+        if self._thread.is_alive():  # a try begun before close() still waits for its answer: leave it
+            self._give_up(None)
+
+    # The thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        con = connect(self.db_path)
+        try:
+            while True:
+                closing = self._closing.is_set()  # read before the tail, so rows logged before close() are seen
+                new = self._new_events(con)
+                with self._lock:
+                    self._pending.extend(new)
+                while self._pending and self._time_left() > 0:
+                    with self._lock:
+                        self._current = self._pending.popleft()
+                    self._deliver(con, self._current)
+                    self._current = None
+                if closing or self._time_left() <= 0:
+                    break
+                self._closing.wait(self.poll)
+            self._give_up(con)
+        except Exception as e:  # a notification problem must never surface in training
+            _log_quietly(con, f"notify: stopped delivering events ({type(e).__name__}: {e})")
+        finally:
+            con.close()
+
+    def _give_up(self, con: sqlite3.Connection | None) -> None:
+        """Log, once, the events not delivered when close() stopped waiting (from whichever thread gets here first:
+        the notifier's, or close()'s when a try is still in flight, with its own connection)."""
+        own = con is None
+        con = connect(self.db_path) if own else con
+        try:
+            with self._lock:
+                if self._given_up:
+                    return
+                self._given_up = True
+                self._pending.extend(self._new_events(con))  # logged meanwhile; a busy thread has not read them
+                left = ([self._current] if self._current else []) + list(self._pending)
+            if left:
+                log_event(con, "warning", "notify", f"notify: {len(left)} event(s) not delivered within the "
+                          f"{self._close_wait:.1f} s the daemon waits for them when it stops: "
+                          + ", ".join(_name(e) for e in left))
+        finally:
+            if own:
+                con.close()
+
+    def _new_events(self, con: sqlite3.Connection) -> list[dict]:
+        rows = con.execute(f"SELECT * FROM events WHERE id > ? AND kind IN ({', '.join('?' * len(KINDS))})"
+                           " ORDER BY id", (self._cursor, *KINDS)).fetchall()
+        if rows:
+            self._cursor = rows[-1]["id"]
+        return [event(con, r, self.workspace) for r in rows]
+
+    def _deliver(self, con: sqlite3.Connection, ev: dict) -> None:
+        body = json.dumps(ev).encode()
+        s = self.settings
+        for channel, target, send in (("webhook", s.webhook, self._post), ("command", s.command, self._run_command)):
+            if target:
+                problem = self._with_retries(send, body)
+                if problem and not self._given_up:  # else close() has reported it already
+                    where = urllib.parse.urlsplit(target).netloc if channel == "webhook" else ""  # no secrets
+                    log_event(con, "warning", "notify", f"notify: the {_name(ev)} event was not delivered to "
+                              f"notify.{channel}" + (f" ({where})" if where else "") + f": {problem}", ev["job"])
+
+    def _with_retries(self, send, body: bytes) -> str | None:
+        """None once `send` succeeds; else what went wrong on the last try, and how many tries were made."""
+        tries = 0
+        while True:
+            timeout = min(self.settings.timeout_seconds, self._time_left())
+            if timeout <= 0:
+                return f"the daemon stopped waiting after {tries} tr{'y' if tries == 1 else 'ies'}"
+            tries += 1
+            try:
+                send(body, timeout)
+                return None
+            except Undeliverable as e:
+                return f"{e} (not retried: fix the setting)"
+            except Exception as e:  # the network, the endpoint, the command: all retried, none fatal
+                problem = _describe(e)
+            if tries > self.settings.retries or not self._pause(self.backoff * 2 ** (tries - 1)):
+                return f"{problem} (after {tries} tr{'y' if tries == 1 else 'ies'})"
+
+    def _post(self, body: bytes, timeout: float) -> None:
+        # conveyor.toml's validation should have caught these; urllib would also open file:// and ftp:// URLs.
+        if urllib.parse.urlsplit(self.settings.webhook).scheme not in ("http", "https"):
+            raise Undeliverable("notify.webhook is not an http:// or https:// URL")
+        headers = {"Content-Type": "application/json", "User-Agent": "conveyor"}
+        if self.settings.secret_header:
+            name, colon, value = self.settings.secret_header.partition(":")
+            if not colon or not name.strip():
+                raise Undeliverable('notify.secret_header is not of the form "Name: value"')
+            headers[name.strip()] = value.strip()
+        request = urllib.request.Request(self.settings.webhook, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read(1 << 16)
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                raise Undeliverable(f"HTTP {e.code} {e.reason}") from e
+            raise
+
+    def _run_command(self, body: bytes, timeout: float) -> None:
+        # Its own session, so that on a timeout the whole group goes (a child holding the pipes would block us).
+        try:
+            p = subprocess.Popen(shlex.split(self.settings.command), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, start_new_session=True)
+        except (ValueError, OSError) as e:  # unbalanced quotes, no such program, not executable
+            raise Undeliverable(f"cannot run it ({e})") from e
+        with p:
+            try:
+                _, err = p.communicate(body, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+                raise
+        if p.returncode != 0:
+            tail = err.decode(errors="replace").strip()[-300:]
+            raise RuntimeError(f"exit code {p.returncode}" + (f": {tail}" if tail else ""))
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait between tries; False if the wait would end past the close deadline."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self._closing.is_set():
+                if end > self._deadline:
+                    return False
+                time.sleep(left)
+            else:
+                self._closing.wait(left)  # wakes at close() to check the deadline
+        return True
+
+    def _time_left(self) -> float:
+        return self._deadline - time.monotonic()
+
+
+def event(con: sqlite3.Connection, row: sqlite3.Row, workspace: str) -> dict:
+    """The JSON-ready event of one events-table row, with its job's file, steps, losses and evaluations."""
+    ev = {"id": row["id"], "kind": row["kind"], "job": row["job_id"], "file": None, "steps": None,
+          "planned_steps": None, "start_step": None, "end_step": None, "losses": None, "message": row["message"],
+          "ts": row["ts"], "workspace": workspace}
+    job = con.execute("SELECT * FROM jobs WHERE id = ?", (row["job_id"],)).fetchone() \
+        if row["job_id"] is not None else None
+    if job is None:
+        return ev
+    ev.update(file=job["file"], steps=job["steps_done"], planned_steps=job["planned_steps"],
+              start_step=job["start_step"], end_step=job["end_step"], losses=_losses(con, job))
+    evals = _evals(con, job["run_id"], job["end_step"]) if job["run_id"] and job["end_step"] else {}
+    if evals:
+        ev["eval"] = evals
+    return ev
+
+
+def _losses(con: sqlite3.Connection, job: sqlite3.Row) -> dict | None:
+    """First, last and mean (weighted by steps) loss over the job's segments not lost to a rewind."""
+    rows = con.execute("SELECT * FROM ledger WHERE run_id = ? AND job_id = ? AND outcome != 'lost' ORDER BY id",
+                       (job["run_id"], job["id"])).fetchall()
+    firsts = [r["first_loss"] for r in rows if r["first_loss"] is not None]
+    lasts = [r["last_loss"] for r in rows if r["last_loss"] is not None]
+    means = [(r["mean_loss"], r["end_step"] - r["start_step"] + 1) for r in rows if r["mean_loss"] is not None]
+    if not means:
+        return None
+    return {"first": firsts[0], "last": lasts[-1], "mean": sum(m * n for m, n in means) / sum(n for _, n in means)}
+
+
+def _evals(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, float]:
+    out = {"eval.file": r["eval_loss"] for r in con.execute(
+        "SELECT eval_loss FROM evals WHERE run_id = ? AND step = ?", (run_id, step))}
+    out.update({r["name"]: r["loss"] for r in con.execute(
+        "SELECT name, loss FROM set_evals WHERE run_id = ? AND step = ? ORDER BY name", (run_id, step))})
+    return out
+
+
+def _name(ev: dict) -> str:
+    return f"'{ev['kind']}'" + (f" (job {ev['job']})" if ev["job"] is not None else "")
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"no answer within {e.timeout:.1f} s (notify.timeout_seconds)"
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        reason = e.reason
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            return "no answer within notify.timeout_seconds"
+        return f"cannot reach it ({reason})"
+    if isinstance(e, TimeoutError):
+        return "no answer within notify.timeout_seconds"
+    return f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+
+
+def _log_quietly(con: sqlite3.Connection, text: str) -> None:
+    try:
+        log_event(con, "warning", "notify", text)
+    except sqlite3.Error:
+        pass

@@ -1,0 +1,323 @@
+"""Trying the model: `conveyor chat` loads it once and answers line after line (a chat-trained run sees every earlier
+turn), and the dashboard's ask box answers as `conveyor generate` does, in a separate process, one question at a
+time; the dashboard's forgetting matrix and held-out curves; and (slow) both in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from conftest import make_workspace, run_cli, text_file
+from conveyor import cli, dashboard
+from conveyor import generate as gen
+from conveyor.dashboard import ASK_BUSY, create_app
+from conveyor.evaluation import prompt_ids
+from conveyor.workspace import Workspace
+
+LOCAL = "http://127.0.0.1:8750"
+TOKEN = "s3cret-token"
+SETTINGS = {"training": {"batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3, "save_every": 2, "max_length": 64}}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_dir) -> Path:
+    """Two text files of 16 examples, 2 of each held out: v1 at step 2, v2 at step 4; held-out sets scored at both."""
+    root = tmp_path_factory.mktemp("plain")
+    ws = make_workspace(root / "ws", tiny_dir, eval={"holdout": 2}, **SETTINGS)
+    r = run_cli(ws, "train", text_file(root / "a.jsonl", 16, "a"), text_file(root / "b.jsonl", 16, "b"), "-q")
+    assert r.code == 0, r.out + r.err
+    return ws
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory, tiny_dir) -> Path:
+    """One `messages` file of 8 conversations: v1 at step 1."""
+    root = tmp_path_factory.mktemp("chats")
+    ws = make_workspace(root / "ws", tiny_dir, **SETTINGS)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(8)))
+    r = run_cli(ws, "train", data, "-q")
+    assert r.code == 0, r.out + r.err
+    return ws
+
+
+def _generate(ws: Path, prompt: str, *options: str) -> dict:
+    r = run_cli(ws, "generate", prompt, "--json", *options)
+    assert r.code == 0, r.out + r.err
+    return json.loads(r.out)
+
+
+def _chat(ws: Path, text: str, *options: str):
+    """`conveyor chat` in this process, `text` piped to its stdin."""
+    return CliRunner().invoke(cli.app, ["-w", str(ws), "chat", *options], input=text, catch_exceptions=False)
+
+
+# ---- conveyor chat
+
+def test_chat_answers_piped_lines_as_generate_does(plain):
+    """A real pipe (stdin not a terminal): the same line, asked again after /reset, gets the same answer as
+    `conveyor generate`; empty lines are skipped and nothing after /quit is read."""
+    expected = _generate(plain, "hello", "--max-new-tokens", "8")
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(plain), "chat", "--max-new-tokens", "8"],
+                       input="hello\n\n   \n/reset\nhello\n/quit\nnever asked\n", capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    header = ("v2 answers: run run-0001, step 4; plain text, each line is answered alone. /quit or end of input "
+              "ends.")
+    assert p.stdout == f"{header}\n{expected['output']}\n{expected['output']}\n"
+    assert "(nothing to clear: each line is answered alone)" in p.stderr
+
+
+def test_chat_with_a_version_loads_once_and_says_what_it_cannot_do(plain, monkeypatch):
+    loads = []
+    real = gen.load
+    monkeypatch.setattr(gen, "load", lambda ws, version: loads.append(version) or real(ws, version))
+    expected = _generate(plain, "the quick", "--version", "v1", "--max-new-tokens", "5")
+    loads.clear()
+    r = _chat(plain, "the quick\n/rset\nthe quick\n", "--version", "v1", "--max-new-tokens", "5")  # EOF ends it
+    assert r.exit_code == 0, r.stderr
+    assert loads == ["v1"]
+    assert r.stdout.splitlines()[0].startswith("v1 answers: run run-0001, step 2;")
+    assert r.stdout.endswith(f"\n{expected['output']}\n{expected['output']}\n")
+    assert "unknown command /rset: /reset starts over, /quit ends" in r.stderr
+
+
+def test_chat_refuses_an_unknown_version_as_generate_does(plain, workspace):
+    said = run_cli(plain, "generate", "hi", "--version", "v9")
+    r = run_cli(plain, "chat", "--version", "v9")
+    assert r.code == 1 and said.code == 1
+    assert "no version 'v9'; versions: v1, v2" in r.err and r.err == said.err
+    r = run_cli(workspace(), "chat")
+    assert r.code == 1 and "nothing trained yet" in r.err
+
+
+def test_a_chat_trained_run_sees_every_earlier_turn(chats):
+    loaded = gen.load(Workspace.open(chats), None)
+    asked, complete = [], loaded.complete
+    loaded.complete = lambda ids, n: asked.append(ids) or complete(ids, n)
+    conversation = gen.Conversation(loaded, max_new_tokens=6)
+    assert conversation.keeps_history
+    a1, _ = conversation.ask("q1")
+    a2, _ = conversation.ask("q2")
+    conversation.reset()
+    again, _ = conversation.ask("q1")
+    tokenizer = loaded.tokenizer
+    assert asked[0] == prompt_ids(tokenizer, "q1", True) == asked[2] and again == a1  # as generate asks it
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": a1},
+               {"role": "user", "content": "q2"}]
+    assert asked[1] == tokenizer.apply_chat_template(history, tokenize=True, add_generation_prompt=True,
+                                                     return_dict=False)
+    assert asked[1][:len(asked[0])] == asked[0]
+    assert tokenizer.decode(asked[1]) == f"<|user|>q1<|end|><|assistant|>{a1}<|end|><|user|>q2<|end|><|assistant|>"
+    assert gen.conversation_ids(tokenizer, history[:2], "q2", True) == asked[1]
+
+    # the command gives the same answers: one model, the whole conversation, /reset starts over
+    r = _chat(chats, "q1\nq2\n/reset\nq1\n/quit\n", "--max-new-tokens", "6")
+    assert r.exit_code == 0, r.stderr
+    header = "v1 answers: run run-0001, step 1; chat template, the conversation is kept (/reset starts over)."
+    assert r.stdout == f"{header} /quit or end of input ends.\n{a1}\n{a2}\n{a1}\n"
+    assert "(conversation cleared)" in r.stderr
+    assert _generate(chats, "q1", "--max-new-tokens", "6")["output"] == a1
+
+
+def test_the_oldest_exchanges_make_room_in_a_full_context(chats):
+    loaded = gen.load(Workspace.open(chats), None)
+    conversation = gen.Conversation(loaded, max_new_tokens=4)
+    first, _ = conversation.ask("q1")
+    alone = gen.conversation_ids(loaded.tokenizer, [], "q2", True)
+    loaded.context = len(gen.conversation_ids(loaded.tokenizer, conversation.turns, "q2", True)) + 4 - 1
+    answer, dropped = conversation.ask("q2")
+    assert dropped == 1 and len(alone) + 4 <= loaded.context
+    assert conversation.turns == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": answer}]
+    assert answer == gen.Conversation(loaded, max_new_tokens=4).ask("q2")[0]  # asked alone, as if new
+
+
+def test_a_plain_text_run_answers_each_line_alone(plain):
+    loaded = gen.load(Workspace.open(plain), None)
+    conversation = gen.Conversation(loaded, max_new_tokens=3)
+    conversation.ask("one")
+    assert not conversation.keeps_history and conversation.turns == []
+    assert gen.conversation_ids(loaded.tokenizer, [{"role": "user", "content": "one"}], "two", False) == \
+        prompt_ids(loaded.tokenizer, "two", False)
+
+
+# ---- the dashboard's ask box
+
+@pytest.fixture
+def client(plain) -> TestClient:
+    return TestClient(create_app(plain), base_url=LOCAL)
+
+
+def test_ask_answers_as_generate_does_in_another_process(client, plain, monkeypatch):
+    expected = _generate(plain, "hello", "--version", "v1", "--max-new-tokens", "8")
+
+    def in_this_process(*args):
+        raise AssertionError("the model was loaded in the dashboard's process")
+
+    monkeypatch.setattr(gen, "load", in_this_process)
+    monkeypatch.setattr(gen, "generate", in_this_process)
+    r = client.post("/api/ask", json={"prompt": "hello", "version": "v1", "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    pid = body.pop("pid")
+    assert body == expected and (body["version"], body["step"]) == ("v1", 2)
+    assert pid != os.getpid() and not psutil.pid_exists(pid)  # it answered, exited and was reaped
+
+
+def test_ask_errors_say_what_is_wrong(client, plain, workspace):
+    r = client.post("/api/ask", json={"prompt": "hi", "version": "v9"})
+    assert r.status_code == 404
+    assert r.json()["detail"] == "no version 'v9'; versions: v1, v2. See `conveyor versions`"  # as the CLI says
+    assert r.json()["detail"] in run_cli(plain, "generate", "hi", "--version", "v9").err
+    for body in ({}, {"prompt": ""}, {"prompt": "hi", "max_new_tokens": 0}, {"prompt": "hi", "max_new_tokens": 513},
+                 {"prompt": "x" * 8001}):
+        assert client.post("/api/ask", json=body).status_code == 422, body
+    empty = TestClient(create_app(workspace()), base_url=LOCAL)
+    r = empty.post("/api/ask", json={"prompt": "hi"})  # the process answers that it cannot
+    assert r.status_code == 409 and r.json()["detail"].startswith("nothing trained yet: there is no checkpoint")
+
+
+def test_an_ask_that_takes_too_long_is_stopped(plain):
+    client = TestClient(create_app(plain, ask_timeout=0.001), base_url=LOCAL)  # no Python starts that fast
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    r = client.post("/api/ask", json={"prompt": "hello"})
+    assert r.status_code == 504 and "no answer within 0.001 s, so it was stopped" in r.json()["detail"]
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # killed and reaped
+
+
+def test_one_question_at_a_time(client, monkeypatch):
+    started, release, answers = threading.Event(), threading.Event(), []
+
+    async def held(root, body, timeout):
+        started.set()
+        await anyio.to_thread.run_sync(release.wait)
+        return JSONResponse({"output": f"answer to {body.prompt}"})
+
+    monkeypatch.setattr(dashboard, "ask_in_process", held)
+    first = threading.Thread(target=lambda: answers.append(client.post("/api/ask", json={"prompt": "first"})))
+    first.start()
+    try:
+        assert started.wait(30)
+        r = client.post("/api/ask", json={"prompt": "second"})
+        assert r.status_code == 429 and r.json()["detail"] == ASK_BUSY
+    finally:
+        release.set()
+        first.join(30)
+    assert answers[0].status_code == 200 and answers[0].json() == {"output": "answer to first"}
+    assert client.post("/api/ask", json={"prompt": "third"}).json() == {"output": "answer to third"}  # free again
+
+
+def test_versions_route_and_the_token(client, plain):
+    assert client.get("/api/versions").json() == json.loads(run_cli(plain, "versions", "--json").out)
+    guarded = TestClient(create_app(plain, token=TOKEN), base_url="http://box.lan:8750")
+    assert guarded.get("/api/versions").status_code == 401
+    assert guarded.post("/api/ask", json={"prompt": "hi", "version": "v9"}).status_code == 401
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    assert [v["version"] for v in guarded.get("/api/versions", headers=good).json()] == ["v1", "v2"]
+    assert guarded.post("/api/ask", json={"prompt": "hi", "version": "v9"}, headers=good).status_code == 404
+    r = client.post("/api/ask", json={"prompt": "hi"}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+
+
+def test_forgetting_matrix_and_held_out_series(client, plain):
+    matrix = client.get("/api/matrix").json()
+    assert matrix == json.loads(run_cli(plain, "eval", "--json").out) == client.get("/api/matrix?run=run-0001").json()
+    assert [(s["name"], s["file"], s["examples"]) for s in matrix["sets"]] == [("job 1", "a.jsonl", 2),
+                                                                                ("job 2", "b.jsonl", 2)]
+    assert [(r["version"], r["step"], r["loss"]["job 2"] is None) for r in matrix["rows"]] == [("v1", 2, True),
+                                                                                              ("v2", 4, False)]
+    body = client.get("/api/set_evals").json()
+    assert body["run"] == "run-0001"
+    assert [(r["step"], r["name"], r["job_id"], r["examples"]) for r in body["rows"]] == [
+        (2, "job 1", 1, 2), (4, "job 1", 2, 2), (4, "job 2", 2, 2)]  # job_id: the job training at that step
+    by_version = {r["step"]: r["loss"] for r in matrix["rows"]}
+    assert all(r["loss"] == by_version[r["step"]][r["name"]] for r in body["rows"])
+    assert client.get("/api/set_evals?run=run-0001").json() == body
+    for path in ("/api/set_evals?run=nope", "/api/matrix?run=nope"):
+        r = client.get(path)
+        assert r.status_code == 404 and "known runs: run-0001" in r.json()["detail"]
+    guarded = TestClient(create_app(plain, token=TOKEN), base_url="http://box.lan:8750")
+    assert guarded.get("/api/matrix").status_code == 401 and guarded.get("/api/set_evals").status_code == 401
+
+
+def test_page_has_the_ask_box_and_the_forgetting_cards(client):
+    text = client.get("/").text
+    for element in ('id="ask-prompt"', 'id="ask-version"', 'id="ask-tokens"', 'id="btn-ask"', 'id="ask-status"',
+                    'id="ask-answer"', 'id="matrix"', 'id="sets-chart"'):
+        assert element in text
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.slow
+def test_ask_box_and_forgetting_in_chromium(plain):
+    """The page with a token: the forgetting matrix and held-out curves drawn; the version list filled from the API,
+    v1 asked from the box, its answer shown with who answered; nothing fetched from anywhere else."""
+    from test_dashboard import _free_port
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    expected = _generate(plain, "the quick", "--version", "v1", "--max-new-tokens", "6")
+    port = _free_port()
+    server = dashboard.build_server(plain, port=port, token=TOKEN)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    problems, foreign = [], []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            refused = "the server responded with a status of 422"  # Chromium logs the refused ask asked for
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" and refused not in m.text
+                    else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+            page.goto(f"{base}/?token={TOKEN}")
+            sync_api.expect(page.locator("#ask-version option")).to_have_count(3, timeout=20_000)
+            sync_api.expect(page.locator("#matrix tr.matrix-row")).to_have_count(2, timeout=20_000)
+            cells = [[c.text_content() for c in row.locator("td.cell").all()]
+                     for row in page.locator("#matrix tr.matrix-row").all()]
+            assert [len(c) for c in cells] == [2, 2] and cells[0][1] == "" and all(cells[1])
+            assert page.locator("#matrix td.cell").first.get_attribute("title").endswith("(+0.0% since its first score)")
+            assert page.locator("#sets-chart").get_attribute("data-points") == "3"
+            page.fill("#ask-prompt", "the quick")
+            page.select_option("#ask-version", "v1")
+            page.fill("#ask-tokens", "6")
+            page.click("#btn-ask")
+            sync_api.expect(page.locator("#ask-status")).to_contain_text("answered in", timeout=120_000)
+            assert page.locator("#ask-answer div").text_content() == "v1 answered (run run-0001, step 2):"
+            assert page.locator("#ask-answer pre").nth(1).text_content() == "→ " + expected["output"]
+            page.fill("#ask-tokens", "0")
+            page.click("#btn-ask")
+            sync_api.expect(page.locator("#ask-status")).to_contain_text("max_new_tokens: Input should be greater")
+            artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.locator("#btn-ask").scroll_into_view_if_needed()
+            page.screenshot(path=str(artifacts / "dashboard-ask.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert problems == [] and foreign == []
