@@ -336,6 +336,12 @@ def status(
             live.update(render(status_data(ws)))
 
 
+def _check_run(ws: Workspace, run_id: str | None) -> None:
+    known = [r.id for r in runs.all_runs(ws.db)]
+    if run_id is not None and run_id not in known:
+        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
+
+
 @app.command()
 def history(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -344,9 +350,7 @@ def history(
 ):
     """The ledger: which job trained which global steps, on how many examples and tokens, with its loss."""
     ws = _ws()
-    known = [r.id for r in runs.all_runs(ws.db)]
-    if run_id is not None and run_id not in known:
-        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
+    _check_run(ws, run_id)
     run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
     if examples:
         rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"],
@@ -382,7 +386,7 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 
 @app.command("eval")
 def eval_(
-    matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Versions × evaluation sets (the default view)."),
+    matrix: bool = typer.Option(True, "--matrix", help="Versions × evaluation sets (the one view there is)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Only this run's versions (default: every run's)."),
 ):
@@ -390,9 +394,7 @@ def eval_(
     from .versions import matrix as forgetting
 
     ws = _ws()
-    known = [r.id for r in runs.all_runs(ws.db)]
-    if run_id is not None and run_id not in known:
-        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
+    _check_run(ws, run_id)
     data = forgetting(ws.db, run_id)
     if as_json:
         return _print_json(data)

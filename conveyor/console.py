@@ -68,6 +68,8 @@ def print_ledger(rows: list[dict]) -> None:
     for r in rows:
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"
         table.add_row(r["run"], str(r["job"]), r["file"], short(r["fingerprint"]),
-                      f"{r['start_step']}–{r['end_step']}", str(r["examples"]), str(r["epochs"]), str(r["tokens"]),
+                      f"{r['start_step']}–{r['end_step']}",
+                      str(r["examples"]) + (f" + {r['replayed']} replayed" if r.get("replayed") else ""),
+                      str(r["epochs"]), str(r["tokens"]),
                       fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"])
     console.print(table)

@@ -134,6 +134,13 @@ def segment_counts(con: sqlite3.Connection, run_id: str, job_id: int, first: int
     return len(rows), [line for r in rows for line in json.loads(r["lines"])]
 
 
+def segment_replayed(con: sqlite3.Connection, run_id: str, job_id: int, first: int, last: int) -> int:
+    """Replayed examples the job's steps in [first, last] trained (replay.fraction), from the audit."""
+    rows = con.execute("SELECT replay FROM audit WHERE run_id = ? AND job_id = ? AND step BETWEEN ? AND ?"
+                       " AND replay IS NOT NULL", (run_id, job_id, first, last)).fetchall()
+    return sum(len(json.loads(r["replay"])) for r in rows)
+
+
 def segment_tokens(con: sqlite3.Connection, run_id: str, job_id: int, first: int, last: int) -> int:
     row = con.execute("SELECT COALESCE(SUM(tokens), 0) FROM metrics WHERE run_id = ? AND job_id = ? AND step"
                       " BETWEEN ? AND ?", (run_id, job_id, first, last)).fetchone()
@@ -178,12 +185,14 @@ def losses(con: sqlite3.Connection, run_id: str, job_id: int, first: int = 0, la
 
 def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int, end_step: int,
            examples: int, epochs: int, tokens: int, outcome: str) -> None:
-    """Append the ledger row of a job that has finished training (or stopped training, by outcome)."""
+    """Append the ledger row of a job that has finished training (or stopped training, by outcome). `examples`
+    counts the job's own; the replayed ones of those steps are counted from the audit."""
     job_losses = losses(con, run_id, job_id, start_step, end_step)
     con.execute(
-        "INSERT INTO ledger (run_id, job_id, start_step, end_step, examples, epochs, tokens, first_loss, last_loss,"
-        " mean_loss, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (run_id, job_id, start_step, end_step, examples, epochs, tokens,
+        "INSERT INTO ledger (run_id, job_id, start_step, end_step, examples, replayed, epochs, tokens, first_loss,"
+        " last_loss, mean_loss, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, job_id, start_step, end_step, examples,
+         segment_replayed(con, run_id, job_id, start_step, end_step), epochs, tokens,
          job_losses[0] if job_losses else None, job_losses[-1] if job_losses else None,
          sum(job_losses) / len(job_losses) if job_losses else None, outcome, time.time()),
     )
@@ -195,7 +204,7 @@ _LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON 
 def _ledger_row(r: sqlite3.Row) -> dict:
     return {"run": r["run_id"], "job": r["job_id"], "file": r["file"], "fingerprint": r["fingerprint"],
             "start_step": r["start_step"], "end_step": r["end_step"], "steps": r["end_step"] - r["start_step"] + 1,
-            "examples": r["examples"], "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"],
+            "examples": r["examples"], "replayed": r["replayed"], "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"],
             "last_loss": r["last_loss"], "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
 
 

@@ -175,6 +175,8 @@ CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run_id, id);
 
 # PRAGMA user_version from which metrics_rollup is kept on every write of metric rows.
 ROLLUP_VERSION = 1
+# PRAGMA user_version from which every job end has a version (the jobs a database finished before got theirs).
+VERSIONS_VERSION = 2
 
 
 # Columns added after the first release: (table, column, declaration). A database made by an older conveyor
@@ -192,7 +194,8 @@ ADDED_COLUMNS = [
     ("versions", "gated", "TEXT"),  # why eval.gate held the queue after this version (NULL: it did not)
     ("jobs", "holdout", "TEXT"),  # the file lines set aside as the job's held-out set (JSON), fixed at its plan
     ("jobs", "requeued_from", "INTEGER"),
-    ("audit", "replay", "TEXT"),  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
+    ("audit", "replay", "TEXT"),
+    ("ledger", "replayed", "INTEGER NOT NULL DEFAULT 0"),  # replayed examples the segment trained  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
 ]
 
 
@@ -221,9 +224,11 @@ def _add_missing_columns(con: sqlite3.Connection) -> None:
 
 
 def _build_rollups_once(con: sqlite3.Connection) -> None:
-    """Give a database from before the rollups its rollups, once, at connect (not lazily on read): from then on
-    every write keeps them, and no reader ever sees a run half rolled up. Afterwards this costs one PRAGMA."""
-    if con.execute("PRAGMA user_version").fetchone()[0] >= ROLLUP_VERSION:
+    """Bring a database from an older conveyor up to date, once, at connect (not lazily on read), each step in
+    one transaction: rollups of its metric rows (from then on every write keeps them, and no reader ever sees a
+    run half rolled up), then versions for the jobs it finished before versions existed. Afterwards this costs
+    one PRAGMA."""
+    if con.execute("PRAGMA user_version").fetchone()[0] >= VERSIONS_VERSION:
         return
     from .ledger import rebuild_rollups  # ledger needs this module's transaction(): import here, not at the top
 
@@ -231,6 +236,12 @@ def _build_rollups_once(con: sqlite3.Connection) -> None:
         if con.execute("PRAGMA user_version").fetchone()[0] < ROLLUP_VERSION:  # not done by another process meanwhile
             rebuild_rollups(con)
             con.execute(f"PRAGMA user_version = {ROLLUP_VERSION}")
+    with transaction(con):
+        if con.execute("PRAGMA user_version").fetchone()[0] < VERSIONS_VERSION:
+            if con.execute("SELECT 1 FROM versions LIMIT 1").fetchone() is None:  # each job end, in ledger order
+                con.execute("INSERT INTO versions (run_id, job_id, step, created_at) SELECT run_id, job_id, end_step,"
+                            " created_at FROM ledger WHERE outcome = 'done' ORDER BY id")
+            con.execute(f"PRAGMA user_version = {VERSIONS_VERSION}")
 
 
 @contextlib.contextmanager

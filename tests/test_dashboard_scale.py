@@ -260,7 +260,7 @@ def test_old_database_gets_its_rollups_at_connect(tmp_path):
     con = store.connect(path)
     try:
         assert _rollup(con) == expected
-        assert con.execute("PRAGMA user_version").fetchone()[0] == store.ROLLUP_VERSION
+        assert con.execute("PRAGMA user_version").fetchone()[0] == store.VERSIONS_VERSION
     finally:
         con.close()
 

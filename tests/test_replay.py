@@ -31,8 +31,8 @@ def _check_laws(ws: Path) -> list[dict]:
     jobs = {j["id"]: j for j in status(ws)["jobs"]}
     rows = audit(ws)
     # Law 1: 12 own + 0 replayed = 3 steps; 12 + 4 = 4 steps; 24 + 8 = 8 steps; contiguous.
-    assert [(r["job"], r["start_step"], r["end_step"]) for r in ledger(ws) if r["outcome"] == "done"] == \
-        [(1, 1, 3), (2, 4, 7), (3, 8, 15)]
+    assert [(r["job"], r["start_step"], r["end_step"], r["examples"], r["replayed"]) for r in ledger(ws)
+            if r["outcome"] == "done"] == [(1, 1, 3, 12, 0), (2, 4, 7, 12, 4), (3, 8, 15, 24, 8)]
     assert [r["step"] for r in rows] == list(range(1, 16))
     for job_id, job in jobs.items():
         own = Counter(x for r in rows if r["job"] == job_id for x in r["lines"])

@@ -81,3 +81,18 @@ def test_generate_uses_the_chat_template_for_a_chat_trained_run(workspace, tmp_p
     assert run_cli(ws, "train", chats, "-q").code == 0
     result = json.loads(run_cli(ws, "generate", "q1", "--max-new-tokens", "4", "--json").out)
     assert result["chat"] is True and result["version"] == "v1"
+
+
+def test_a_database_from_before_versions_gets_one_per_finished_job(workspace, tmp_path):
+    import sqlite3
+
+    ws = workspace()
+    files = [text_file(tmp_path / "a.jsonl", 16, "a"), text_file(tmp_path / "b.jsonl", 24, "b")]  # 2 + 3 steps
+    assert run_cli(ws, "train", *files, "-q").code == 0
+    con = sqlite3.connect(ws / "conveyor.db")
+    con.execute("DELETE FROM versions")
+    con.execute("DELETE FROM sqlite_sequence WHERE name = 'versions'")  # a table that never had a row
+    con.execute("PRAGMA user_version = 1")  # as a database written before versions existed
+    con.commit()
+    con.close()
+    assert [(v["version"], v["job"], v["step"]) for v in _versions(ws)] == [("v1", 1, 2), ("v2", 2, 5)]
