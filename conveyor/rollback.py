@@ -23,7 +23,7 @@ from . import jobs, ledger, runs
 from . import manifest as mf
 from .errors import ConveyorError
 from .jobs import Job, JobState
-from .reconcile import FRESH
+from .reconcile import FRESH, rewind
 from .store import log_event, transaction
 from .versions import find, name
 from .workspace import Workspace
@@ -41,7 +41,7 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
         raise ConveyorError(f"{version}'s checkpoint {source.name} in {parent.id} cannot be used ({e}); only a "
                             "version whose checkpoint still exists can be rolled back to (pin versions to keep "
                             "them: `conveyor pin`)") from None
-    _refuse_while_training(db)
+    _refuse_while_training(ws)
     later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
              and (j.end_step or 0) > row["step"]]
     with transaction(db):
@@ -55,12 +55,16 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
                    open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
     _copy_checkpoint(source, ws.run_dir(run_id), copy)
     with transaction(db):
-        _refuse_while_training(db)
-        newest, _ = ck.newest_verified(ws.run_dir(parent.id))
-        for pos in newest.manifest.under_way() if newest else []:
-            ledger.close_overtaken(db, parent.id, pos)  # the parent's open segments get their rows
+        _refuse_while_training(ws)
+        placed = []
+        left = runs.active(db)  # the parent, or a later run
+        if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
+            newest = _newest_verified(ws.run_dir(left.id))
+            rewind(ws, left, newest, lambda level, text: placed.append(text))
+            for pos in newest.manifest.under_way() if newest else []:
+                ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
         db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
-        placed = _place_waiting(db, copy, parent.id, run_id)
+        placed += _place_waiting(db, copy, left.id if left else parent.id, run_id)
     text = (f"{run_id} branches from {version} ({parent.id}, step {row['step']}); its next job starts at step "
             f"{row['step'] + 1}. {parent.id} is kept as it is.")
     if later:
@@ -81,9 +85,13 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
             "message": " ".join([text, *placed])}
 
 
-def _refuse_while_training(db) -> None:
-    busy = db.execute("SELECT id, file FROM jobs WHERE state = 'running'").fetchone()
-    if busy:
+def _refuse_while_training(ws: Workspace) -> None:
+    """A job trains only under a running daemon; without one, a `running` job is a crash's leftover (placed
+    like the other waiting jobs)."""
+    from .status import daemon_pid
+
+    busy = ws.db.execute("SELECT id, file FROM jobs WHERE state = 'running'").fetchone()
+    if busy and daemon_pid(ws) is not None:
         raise ConveyorError(f"job {busy['id']} ({busy['file']}) is training; a rollback starts a new run only "
                             "between jobs. `conveyor stop` (the job keeps its place), roll back, then `conveyor run`")
 
@@ -109,12 +117,12 @@ def _requeue(db, later: list[Job], run_id: str, manifest: mf.Manifest) -> dict[i
     return out
 
 
-def _place_waiting(db, manifest: mf.Manifest, parent: str, run_id: str) -> list[str]:
-    """Waiting jobs of the parent stand where the new run's first checkpoint says: stopped mid-way at the
+def _place_waiting(db, manifest: mf.Manifest, left: str, run_id: str) -> list[str]:
+    """Waiting jobs of the run left stand where the new run's first checkpoint says: stopped mid-way at the
     version (its manifest has them), or not begun."""
     said = []
     for job in jobs.all_jobs(db):
-        if job.state not in (JobState.QUEUED, JobState.INTERRUPTED) or job.run_id != parent:
+        if job.state not in (JobState.QUEUED, JobState.INTERRUPTED) or job.run_id != left:
             continue
         pos = manifest.position_of(job.id)
         if pos is not None:
@@ -125,9 +133,22 @@ def _place_waiting(db, manifest: mf.Manifest, parent: str, run_id: str) -> list[
                         "it stood at the version")
         elif job.state == JobState.INTERRUPTED:
             jobs.transition(db, job.id, JobState.QUEUED, expect=job.state, **FRESH)
-            said.append(f"job {job.id} ({job.file}) began after the version in {parent}; it starts from its first "
-                        f"example in {run_id}")
+            said.append(f"job {job.id} ({job.file}) had begun in {left} but not by the version; it starts from "
+                        f"its first example in {run_id}")
     return said
+
+
+def _newest_verified(run_dir) -> ck.Checkpoint | None:
+    """The parent's newest verified checkpoint, found without writing anything there (no hash cache update: the
+    parent stays byte-identical)."""
+    for path in reversed(ck.numbered(run_dir)):
+        try:
+            manifest = mf.verify(path)
+        except (ValueError, OSError):
+            continue
+        if manifest.global_step == ck.step_of(path):
+            return ck.Checkpoint(path, manifest.global_step, manifest)
+    return None
 
 
 def _copy_checkpoint(source, run_dir, manifest: mf.Manifest) -> None:

@@ -1,7 +1,9 @@
 """A model-based test of the queue: random sequences of what people and machines do to conveyor (add files of
 any size, format, priority and epochs; stop, skip, pause/resume at a step; remove a waiting job; SIGKILL at a
-failpoint; restart; change settings between jobs; change the LoRA rank, which starts a new run), with the laws
-checked after every step against a plain model of the queue.
+failpoint; restart; change settings between jobs; hold examples out and replay earlier jobs; roll back to a
+version, with or without --requeue; change the LoRA rank, which starts a new run), with the laws checked after
+every step against a plain model of the queue. A rollback's run is checked along its lineage: the parent's
+steps up to the version, then its own.
 
 Each `run --drain` is a real `conveyor` process forked from a forkserver that has the training stack imported
 (so a restart costs a fork, not 6 s of imports) and that never ran torch itself (forking after torch's thread
@@ -181,6 +183,26 @@ class QueueMachine(RuleBasedStateMachine):
         self._edit(lambda c: (setattr(c.training, "learning_rate", lr), setattr(c.training, "save_every", save_every),
                               setattr(c.training, "epochs", epochs), setattr(c.training, "batch_size", batch)))
 
+    @rule(holdout=st.sampled_from([0, 1, 2]), replay=st.sampled_from([0.0, 0.25, 0.5]))
+    def change_forgetting(self, holdout, replay):
+        """Held-out examples and replay for the jobs planned from now on (a job under way keeps its own)."""
+        self._edit(lambda c: (setattr(c.eval, "holdout", holdout), setattr(c.replay, "fraction", replay)))
+
+    @precondition(lambda self: self._versions_kept())
+    @rule(data=st.data(), requeue=st.booleans())
+    def rollback(self, data, requeue):
+        """A new run from a kept version; every run's folder stays as it was (the one left, and the others)."""
+        version = data.draw(st.sampled_from(self._versions_kept()))
+        before = {p.name: _tree_hashes(p) for p in (self.ws / "runs").iterdir() if p.is_dir()}
+        r = run_cli(self.ws, "rollback", version, *(["--requeue"] if requeue else []), "--json")
+        assert r.code == 0, r.out + r.err
+        got = json.loads(r.out)
+        for x in got["requeued"]:
+            self.files[x["job"]] = self.files[x["from"]]
+        for run_id, hashes in before.items():
+            self.closed_runs.setdefault(run_id, hashes)
+        STATS.update({"rollbacks": 1, "requeued": len(got["requeued"])})
+
     @rule()
     def change_lora_rank(self):
         """A new identity: the next start that trains makes a new run (see run_drain)."""
@@ -202,14 +224,18 @@ class QueueMachine(RuleBasedStateMachine):
         runs = {r["id"]: dict(r) for r in con.execute("SELECT * FROM runs")}
         seed = load_config(self.ws / "conveyor.toml").training.seed
         for run_id in runs:
-            audit = [(r["step"], r["job_id"], json.loads(r["lines"])) for r in
-                     con.execute("SELECT * FROM audit WHERE run_id = ? ORDER BY step", (run_id,))]
-            # Law 1: global steps are contiguous and increasing from 1.
-            assert [s for s, _, _ in audit] == list(range(1, len(audit) + 1)), (run_id, [s for s, _, _ in audit])
-            for job_id in {j for _, j, _ in audit}:
-                self._check_job(jobs[job_id], [x for _, j, lines in audit if j == job_id for x in lines], seed,
-                                run_id, [s for s, j, _ in audit if j == job_id])
-            self._check_ledger(con, run_id, audit, jobs)
+            audit = self._lineage_audit(con, run_id, runs)
+            # Law 1: global steps are contiguous and increasing from 1 (along a rollback's lineage).
+            assert [s for s, _, _, _ in audit] == list(range(1, len(audit) + 1)), (run_id, [a[0] for a in audit])
+            origin = lambda j: origin(jobs[j]["requeued_from"]) if jobs[j]["requeued_from"] else j  # noqa: E731
+            for first in {origin(j) for _, j, _, _ in audit}:
+                mine = [a for a in audit if origin(a[1]) == first]
+                here = [j for j in jobs.values() if origin(j["id"]) == first and j["run_id"] == run_id]
+                self._check_job(here[-1] if here else jobs[mine[-1][1]], [x for a in mine for x in a[2]], seed,
+                                run_id, [a[0] for a in mine])
+                self._check_replay(jobs, [x for a in mine for x in a[3]], first)
+            own = [(s, j, lines) for s, j, lines, _ in audit if s > self._branch_step(con, runs[run_id])]
+            self._check_ledger(con, run_id, own, jobs)
         for run_id, hashes in self.closed_runs.items():
             assert _tree_hashes(self.ws / "runs" / run_id) == hashes, f"{run_id} changed after a new run began"
         for job_id, f in self.files.items():  # law 6: the person's file is untouched and a verified copy is kept
@@ -218,15 +244,49 @@ class QueueMachine(RuleBasedStateMachine):
         assert not [j for j in jobs.values() if j["state"] == "failed"], "a job failed"
 
     def _check_job(self, job, lines, seed, run_id, steps):
-        """Law 2: a job's lines, in the order trained, are exactly the start of its planned order (no line
-        skipped, repeated or reordered, whatever stopped it), and all of it once it is done."""
+        """Law 2: a job's own lines, in the order trained, are exactly the start of its planned order over its
+        trained (not held-out) examples: no line skipped, repeated or reordered, whatever stopped it; all of
+        them once it is done. Held-out lines are never trained."""
         f = self.files[job["id"]]
-        order = JobOrder(seed, job["fingerprint"], f["lines"], f["epochs"])
-        planned = [order[p][1] + 1 for p in range(len(order))]
+        held = set(json.loads(job["holdout"] or "[]"))
+        trained = [line for line in range(1, f["lines"] + 1) if line not in held]
+        order = JobOrder(seed, job["fingerprint"], len(trained), f["epochs"])
+        planned = [trained[order[p][1]] for p in range(len(order))]
         assert lines == planned[:len(lines)], (job["id"], run_id, lines, planned)
         if job["state"] == "done" and job["run_id"] == run_id:
-            assert Counter(lines) == Counter({line: f["epochs"] for line in range(1, f["lines"] + 1)})
+            assert Counter(lines) == Counter({line: f["epochs"] for line in trained})
             assert len(steps) == job["planned_steps"], (job["id"], len(steps), job["planned_steps"])
+
+    def _check_replay(self, jobs, replayed, job_id):
+        """Replayed examples come from other jobs' trained examples, never held-out ones, and none repeats
+        while the pool (at least the examples of the jobs seen drawn from) is not used up."""
+        pool = 0
+        for src in {s for s, _ in replayed}:
+            assert src != job_id, (job_id, replayed)
+            held = set(json.loads(jobs[src]["holdout"] or "[]"))
+            assert not [line for s, line in replayed if s == src and (line in held or
+                                                                     line > self.files[src]["lines"])]
+            pool += self.files[src]["lines"] - len(held)
+        if len(replayed) <= pool:
+            assert len({tuple(x) for x in replayed}) == len(replayed), (job_id, replayed)
+        STATS["replayed"] += len(replayed)
+
+    def _lineage_audit(self, con, run_id: str, runs: dict) -> list[tuple]:
+        """(step, job, own lines, replayed [job, line]s) of the run, after its parent's up to the version it
+        branched from (a rollback's run), and so on up."""
+        rows = [(r["step"], r["job_id"], json.loads(r["lines"]), json.loads(r["replay"] or "[]"))
+                for r in con.execute("SELECT * FROM audit WHERE run_id = ? ORDER BY step", (run_id,))]
+        run = runs[run_id]
+        if not run["parent_run"]:
+            return rows
+        bound = self._branch_step(con, run)
+        return [a for a in self._lineage_audit(con, run["parent_run"], runs) if a[0] <= bound] + rows
+
+    @staticmethod
+    def _branch_step(con, run: dict) -> int:
+        if not run["parent_version"]:
+            return 0
+        return con.execute("SELECT step FROM versions WHERE id = ?", (run["parent_version"],)).fetchone()[0]
 
     def _check_ledger(self, con, run_id, audit, jobs):
         """Ledger rows (not lost) cover trained steps without overlap, each within one job's steps; every step
@@ -283,6 +343,16 @@ class QueueMachine(RuleBasedStateMachine):
         if where == "step":
             return 1 + (k - 1) % max(sum(left), 1)
         return max(left[0], 1) if left else k
+
+    def _versions_kept(self) -> list[str]:
+        """Versions whose checkpoint still exists (retention keeps the newest job ends)."""
+        con = sqlite3.connect(self.ws / "conveyor.db")
+        try:
+            rows = con.execute("SELECT id, run_id, step FROM versions WHERE lost = 0 ORDER BY id").fetchall()
+        finally:
+            con.close()
+        return [f"v{i}" for i, run_id, step in rows
+                if (self.ws / "runs" / run_id / "checkpoints" / f"step-{step:06d}").is_dir()]
 
     def _active_run(self) -> str | None:
         con = sqlite3.connect(self.ws / "conveyor.db")

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
+from conveyor.daemon import Lock
 from conveyor.workspace import Workspace
 
 
@@ -112,6 +113,14 @@ def test_rollback_refuses_what_it_cannot_do_and_says_why(workspace, tmp_path):
     assert run_cli(ws, "add", text_file(tmp_path / "c.jsonl", 16, "c")).code == 0
     con = Workspace(ws).db
     con.execute("UPDATE jobs SET state = 'running', claim = 'x' WHERE id = 3")  # as while a worker trains it
-    r = run_cli(ws, "rollback", "v2")
+    with Lock(Workspace(ws)):  # a daemon holds the workspace
+        r = run_cli(ws, "rollback", "v2")
     assert r.code != 0 and "job 3 (c.jsonl) is training" in r.err and "conveyor stop" in r.err
     assert status(ws)["run"]["id"] == "run-0001" and len(status(ws)["runs"]) == 1
+    # Without a daemon, a `running` job is what a crash left: the rollback places it like any waiting job.
+    r = run_cli(ws, "rollback", "v2", "--json")
+    assert r.code == 0, r.out + r.err
+    assert [(j["id"], j["state"], j["run_id"]) for j in status(ws)["jobs"] if j["id"] == 3] == [(3, "queued", None)]
+    assert run_cli(ws, "run", "--drain", "-q").code == 0
+    assert [(x["run"], x["job"], x["start_step"]) for x in ledger(ws) if x["run"] == "run-0002"] == \
+        [("run-0002", 3, 5)]
