@@ -215,15 +215,18 @@ def foreign(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and step_of(p) is None and not p.name.startswith(".tmp-"))
 
 
-def newest_verified(run_dir: Path) -> tuple[Checkpoint | None, list[Problem]]:
-    """The newest checkpoint whose manifest and hashes check out, and the problems of every newer one."""
+def newest_verified(run_dir: Path, save: bool = True) -> tuple[Checkpoint | None, list[Problem]]:
+    """The newest checkpoint whose manifest and hashes check out, and the problems of every newer one.
+
+    save=False writes nothing (not even the hash cache): for a run that may be left as it is."""
     problems: list[Problem] = [Problem(p, "not a conveyor checkpoint folder (no step-N name); never resumed")
                                for p in foreign(run_dir)]
     hashes = HashCache(checkpoints_dir(run_dir))
     try:
         return _newest(run_dir, hashes, problems), problems
     finally:
-        hashes.save()
+        if save:
+            hashes.save()
 
 
 def _newest(run_dir: Path, hashes: HashCache, problems: list[Problem]) -> Checkpoint | None:

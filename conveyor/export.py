@@ -63,7 +63,7 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None) -> tuple[s
     out = Path(out)
     if out.exists():
         raise ConveyorError(f"{out} already exists; pick a new folder (export never overwrites)")
-    found, problems = ck.newest_verified(ws.run_dir(run.id))
+    found, problems = ck.newest_verified(ws.run_dir(run.id), save=False)
     warnings = [f"skipped {p.path.name}: {p.reason}" for p in problems]
     if found is None:
         seen = "; ".join(warnings) or "it has none"

@@ -178,7 +178,7 @@ def _checkpoint(ws: Workspace, version: str | None) -> tuple[runs.Run, ck.Checkp
             raise ConveyorError(f"{version}'s checkpoint {path.name} cannot be used ({e}); pin versions you want "
                                 "to keep (`conveyor pin`)") from None
     run = runs.active(ws.db)
-    found = ck.newest_verified(ws.run_dir(run.id))[0] if run else None
+    found = ck.newest_verified(ws.run_dir(run.id), save=False)[0] if run else None
     if found is None:
         raise ConveyorError("nothing trained yet: there is no checkpoint to answer with; train a file first "
                             "(`conveyor train FILE`)")

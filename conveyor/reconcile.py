@@ -34,7 +34,8 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
     """The run to train in and its checkpoint; jobs trained past that checkpoint go back to the queue."""
     ident = runs.identity(config, model_path)
     run = runs.active(ws.db)
-    resume, problems = ck.newest_verified(ws.run_dir(run.id)) if run else (None, [])  # read-only
+    # Read-only (the hash cache too): a run left for a new identity stays byte-identical.
+    resume, problems = ck.newest_verified(ws.run_dir(run.id), save=False) if run else (None, [])
     if run is not None:
         recorded = resume.manifest.identity if resume else run.identity
         if recorded != ident:

@@ -59,7 +59,7 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
         placed = []
         left = runs.active(db)  # the parent, or a later run
         if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
-            newest = _newest_verified(ws.run_dir(left.id))
+            newest, _ = ck.newest_verified(ws.run_dir(left.id), save=False)  # writes nothing there
             rewind(ws, left, newest, lambda level, text: placed.append(text))
             for pos in newest.manifest.under_way() if newest else []:
                 ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
@@ -136,19 +136,6 @@ def _place_waiting(db, manifest: mf.Manifest, left: str, run_id: str) -> list[st
             said.append(f"job {job.id} ({job.file}) had begun in {left} but not by the version; it starts from "
                         f"its first example in {run_id}")
     return said
-
-
-def _newest_verified(run_dir) -> ck.Checkpoint | None:
-    """The parent's newest verified checkpoint, found without writing anything there (no hash cache update: the
-    parent stays byte-identical)."""
-    for path in reversed(ck.numbered(run_dir)):
-        try:
-            manifest = mf.verify(path)
-        except (ValueError, OSError):
-            continue
-        if manifest.global_step == ck.step_of(path):
-            return ck.Checkpoint(path, manifest.global_step, manifest)
-    return None
 
 
 def _copy_checkpoint(source, run_dir, manifest: mf.Manifest) -> None:
