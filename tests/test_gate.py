@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import ledger, run_cli, status, text_file
+from service import running
 
 
 # A full fine-tune at a high rate, 6 epochs: job b's endings overwrite job a's (a's held-out loss rises ~45%).
@@ -56,3 +59,21 @@ def test_the_gate_is_off_by_default_and_resume_without_a_pause_says_so(workspace
     assert r.code == 0 and not any(v["gated"] for v in json.loads(run_cli(ws, "versions", "--json").out))
     r = run_cli(ws, "resume")
     assert r.code != 0 and "not paused" in r.err
+
+
+@pytest.mark.slow
+def test_the_gate_pauses_a_running_daemon_and_resume_continues(workspace, tmp_path):
+    """The service: a gated version pauses the daemon between jobs (it stays up); `conveyor resume` goes on."""
+    ws = workspace(eval={"holdout": 3, "gate": 0.1}, **FORGETFUL)
+    for name, ending in (("a.jsonl", "red green blue"), ("b.jsonl", "one two three")):
+        assert run_cli(ws, "add", _keyed(tmp_path / name, 19, ending)).code == 0
+    assert run_cli(ws, "add", text_file(tmp_path / "c.jsonl", 11, "c")).code == 0
+    with running(ws) as svc:
+        svc.wait(lambda: any(r["gated"] for r in svc.query("SELECT gated FROM versions")), 300, "the gate")
+        svc.wait(lambda: "paused: eval.gate holds the queue" in svc.messages(), 60, "the daemon to pause")
+        assert [j["state"] for j in svc.jobs().values()] == ["done", "done", "queued"]
+        assert svc.proc.poll() is None  # paused, not stopped
+        r = run_cli(ws, "resume", subprocess_=True)
+        assert r.code == 0 and "resumed" in r.out, r.out + r.err
+        svc.wait(lambda: svc.jobs()["c.jsonl"]["state"] == "done", 300, "job 3 to train after resume")
+    assert [(x["job"], x["start_step"], x["end_step"]) for x in ledger(ws)] == [(1, 1, 12), (2, 13, 24), (3, 25, 30)]
