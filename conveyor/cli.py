@@ -388,7 +388,8 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 def eval_(
     matrix: bool = typer.Option(True, "--matrix", help="Versions × evaluation sets (the one view there is)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    run_id: Optional[str] = typer.Option(None, "--run", help="Only this run's versions (default: every run's)."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="This run's versions, after those of the versions it "
+                                         "branched from (default: the active run)."),
 ):
     """The forgetting matrix: each version's loss on every held-out set (eval.holdout) and on eval.file."""
     from .versions import matrix as forgetting

@@ -332,7 +332,8 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
 
     @app.get("/api/matrix", dependencies=[api])
     def matrix(run: Optional[str] = None) -> dict:
-        """Versions × evaluation sets, as `conveyor eval --matrix --json` shows them (without `run`: every run's)."""
+        """Versions × evaluation sets, as `conveyor eval --matrix --json` shows them (without `run`: the active
+        run's lineage)."""
         with open_workspace(root) as ws:
             return versions.matrix(ws.db, resolve_run(ws.db, run) if run else None)
 

@@ -44,13 +44,34 @@ def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, floa
     return out
 
 
+def lineage(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
+    """The versions that led to a run (default: the active one): for a rollback's run, its parent's up to the
+    version it branched from (and so on up), then its own; oldest first."""
+    if run_id is None:
+        active = con.execute("SELECT id FROM runs WHERE active = 1").fetchone()
+        if active is None:
+            return []
+        run_id = active["id"]
+    by_run: dict[str, list[dict]] = {}
+    for v in all_versions(con):
+        by_run.setdefault(v["run"], []).append(v)
+    out: list[dict] = []
+    bound = None
+    while run_id:
+        out = [v for v in by_run.get(run_id, []) if bound is None or v["step"] <= bound] + out
+        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
+                             " WHERE r.id = ?", (run_id,)).fetchone()
+        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    return out
+
+
 def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     """Versions × evaluation sets: each version's loss on every set scored at its step (None where a set did not
     exist yet). The sets are the held-out sets in the order their jobs began, and eval.file's when it was scored.
-    Without a run: the versions of every run, as `conveyor versions` lists them."""
+    The versions are those of a run's lineage (default: the active run's; see `lineage`)."""
     from .evaluation import EVAL_FILE
 
-    rows = [v for v in all_versions(con) if run_id is None or v["run"] == run_id]
+    rows = lineage(con, run_id)
     names: list[str] = []
     for v in rows:
         names += [n for n in v["eval"] if n not in names]

@@ -192,7 +192,15 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(data=st.data(), requeue=st.booleans())
     def rollback(self, data, requeue):
         """A new run from a kept version; every run's folder stays as it was (the one left, and the others)."""
-        version = data.draw(st.sampled_from(self._versions_kept()))
+        self._rollback(data.draw(st.sampled_from(self._versions_kept())), requeue)
+
+    @precondition(lambda self: self._versions_kept(later_jobs=True))
+    @rule(data=st.data())
+    def rollback_requeue(self, data):
+        """Back to a version that later jobs followed, queueing them again."""
+        self._rollback(data.draw(st.sampled_from(self._versions_kept(later_jobs=True))), True)
+
+    def _rollback(self, version: str, requeue: bool) -> None:
         before = {p.name: _tree_hashes(p) for p in (self.ws / "runs").iterdir() if p.is_dir()}
         r = run_cli(self.ws, "rollback", version, *(["--requeue"] if requeue else []), "--json")
         assert r.code == 0, r.out + r.err
@@ -344,15 +352,18 @@ class QueueMachine(RuleBasedStateMachine):
             return 1 + (k - 1) % max(sum(left), 1)
         return max(left[0], 1) if left else k
 
-    def _versions_kept(self) -> list[str]:
-        """Versions whose checkpoint still exists (retention keeps the newest job ends)."""
+    def _versions_kept(self, later_jobs: bool = False) -> list[str]:
+        """Versions whose checkpoint still exists (retention keeps the newest job ends); with later_jobs, only
+        those after which their run finished another job."""
         con = sqlite3.connect(self.ws / "conveyor.db")
         try:
-            rows = con.execute("SELECT id, run_id, step FROM versions WHERE lost = 0 ORDER BY id").fetchall()
+            rows = con.execute("SELECT id, run_id, step, (SELECT COUNT(*) FROM jobs j WHERE j.run_id = v.run_id"
+                               " AND j.state = 'done' AND j.end_step > v.step) FROM versions v WHERE lost = 0"
+                               " ORDER BY id").fetchall()
         finally:
             con.close()
-        return [f"v{i}" for i, run_id, step in rows
-                if (self.ws / "runs" / run_id / "checkpoints" / f"step-{step:06d}").is_dir()]
+        return [f"v{i}" for i, run_id, step, later in rows if (not later_jobs or later)
+                and (self.ws / "runs" / run_id / "checkpoints" / f"step-{step:06d}").is_dir()]
 
     def _active_run(self) -> str | None:
         con = sqlite3.connect(self.ws / "conveyor.db")

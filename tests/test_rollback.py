@@ -59,6 +59,8 @@ def test_rollback_to_v1_after_v3_branches_a_new_run_and_requeue_retrains_v2_and_
     assert [(v["version"], v["run"], v["step"]) for v in versions] == [
         ("v1", "run-0001", 2), ("v2", "run-0001", 4), ("v3", "run-0001", 6), ("v4", "run-0002", 4),
         ("v5", "run-0002", 6)]
+    lineage = lambda *run: [r["version"] for r in json.loads(run_cli(ws, "eval", "--json", *run).out)["rows"]]  # noqa
+    assert lineage() == ["v1", "v4", "v5"] and lineage("--run", "run-0001") == ["v1", "v2", "v3"]
 
 
 def test_rollback_without_requeue_lists_the_later_jobs_and_new_files_train_from_the_version(workspace, tmp_path):
