@@ -41,7 +41,7 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
         raise ConveyorError(f"{version}'s checkpoint {source.name} in {parent.id} cannot be used ({e}); only a "
                             "version whose checkpoint still exists can be rolled back to (pin versions to keep "
                             "them: `conveyor pin`)") from None
-    _refuse_while_training(ws)
+    _refuse_while_busy(ws)
     later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
              and (j.end_step or 0) > row["step"]]
     with transaction(db):
@@ -50,21 +50,20 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
                    " parent_version) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
                    (run_id, time.time(), json.dumps(manifest.identity), row["step"],
                     f"rolled back to {version} ({parent.id} at step {row['step']})", parent.id, row["id"]))
-    requeued = _requeue(db, later, run_id, manifest) if requeue else {}
-    copy = replace(manifest, run_id=run_id, branched_from={"run": parent.id, "version": version, "step": row["step"]},
-                   open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
-    _copy_checkpoint(source, ws.run_dir(run_id), copy)
-    with transaction(db):
-        _refuse_while_training(ws)
-        placed = []
-        left = runs.active(db)  # the parent, or a later run
-        if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
-            newest, _ = ck.newest_verified(ws.run_dir(left.id), save=False)  # writes nothing there
-            rewind(ws, left, newest, lambda level, text: placed.append(text))
-            for pos in newest.manifest.under_way() if newest else []:
-                ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
-        db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
-        placed += _place_waiting(db, copy, left.id if left else parent.id, run_id)
+    requeued: dict[int, int] = {}
+    try:
+        requeued = _requeue(db, later, run_id, manifest) if requeue else {}
+        copy = replace(manifest, run_id=run_id, branched_from={"run": parent.id, "version": version,
+                                                                "step": row["step"]},
+                       open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
+        _copy_checkpoint(source, ws.run_dir(run_id), copy)
+        placed = _activate(ws, run_id, parent, copy)
+    except BaseException:  # nothing half made stays: the new run, its folder and its requeued jobs go
+        with transaction(db):
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(n,) for n in requeued.values()])
+            db.execute("DELETE FROM runs WHERE id = ? AND active = 0", (run_id,))
+        shutil.rmtree(ws.run_dir(run_id), ignore_errors=True)
+        raise
     text = (f"{run_id} branches from {version} ({parent.id}, step {row['step']}); its next job starts at step "
             f"{row['step'] + 1}. {parent.id} is kept as it is.")
     if later:
@@ -85,15 +84,39 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
             "message": " ".join([text, *placed])}
 
 
-def _refuse_while_training(ws: Workspace) -> None:
-    """A job trains only under a running daemon; without one, a `running` job is a crash's leftover (placed
-    like the other waiting jobs)."""
+def _activate(ws: Workspace, run_id: str, parent: runs.Run, copy: mf.Manifest) -> list[str]:
+    """In one transaction: the run left agrees with its newest checkpoint, the new run becomes the active one,
+    and waiting jobs stand where its first checkpoint says. Returns what was said."""
+    db = ws.db
+    with transaction(db):
+        _refuse_while_busy(ws)
+        placed: list[str] = []
+        left = runs.active(db)  # the parent, or a later run
+        if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
+            newest, _ = ck.newest_verified(ws.run_dir(left.id), save=False)  # writes nothing there
+            rewind(ws, left, newest, lambda level, text: placed.append(text))
+            for pos in newest.manifest.under_way() if newest else []:
+                ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
+        db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
+        return placed + _place_waiting(db, copy, left.id if left else parent.id, run_id)
+
+
+def _refuse_while_busy(ws: Workspace) -> None:
+    """A rollback changes the active run only while no daemon could start a job meanwhile: none runs, or its
+    queue is paused between jobs. Without a daemon, a `running` job is a crash's leftover (placed like the other
+    waiting jobs)."""
+    from . import controls
     from .status import daemon_pid
 
+    if daemon_pid(ws) is None:
+        return
     busy = ws.db.execute("SELECT id, file FROM jobs WHERE state = 'running'").fetchone()
-    if busy and daemon_pid(ws) is not None:
+    if busy:
         raise ConveyorError(f"job {busy['id']} ({busy['file']}) is training; a rollback starts a new run only "
                             "between jobs. `conveyor stop` (the job keeps its place), roll back, then `conveyor run`")
+    if not controls.paused(ws.db):
+        raise ConveyorError("the daemon may start the next job at any moment; `conveyor pause` first, roll back, "
+                            "then `conveyor resume`")
 
 
 def _requeue(db, later: list[Job], run_id: str, manifest: mf.Manifest) -> dict[int, int]:

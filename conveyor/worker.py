@@ -451,12 +451,18 @@ class Worker:
         validation = self._eval_file()
         if validation is not None:
             sets[EVAL_FILE] = validation.examples[:limit]
-        for job in held_out_jobs(self.db, run.id):
-            held = holdout.load(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path))
+        held_out = held_out_jobs(self.db, run.id)
+        if not held_out:
+            return sets
+        from .chat import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_path, self.config.data.chat_template, self.ws.root)  # loaded once
+        for job in held_out:
+            key = data_key(self.ws, job, self.config, self.model_path, tokenizer)
+            held = holdout.load(self.ws.data / "holdout", job.id, key)
             if held is None:  # kept examples missing: rebuilt from the stored file
                 held = holdout.split(job_data(self.ws, job, self.config, self.model_path), job.holdout).held
-                holdout.save(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path),
-                             held)
+                holdout.save(self.ws.data / "holdout", job.id, key, held)
             sets[holdout.set_name(job.id)] = held[:limit]
         return sets
 

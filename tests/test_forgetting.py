@@ -95,3 +95,18 @@ def test_a_bad_holdout_setting_is_named(workspace, tmp_path):
     set_setting(ws, "eval", "holdout", "2.5")
     r = run_cli(ws, "run", "--drain")
     assert r.code != 0 and "eval.holdout" in r.err and "whole number" in r.err
+
+
+def test_held_out_examples_lost_from_data_are_rebuilt_from_the_stored_file(workspace, tmp_path):
+    files = [text_file(tmp_path / f"{t}.jsonl", 11, t) for t in "abc"]
+    kept, rebuilt = workspace("kept", eval={"holdout": 3}), workspace("rebuilt", eval={"holdout": 3})
+    for ws in (kept, rebuilt):
+        assert run_cli(ws, "train", *files[:2], "-q").code == 0
+    removed = list((rebuilt / "data" / "holdout").glob("job-*.json"))
+    assert len(removed) == 2
+    for path in removed:
+        path.unlink()
+    for ws in (kept, rebuilt):
+        assert run_cli(ws, "train", files[2], "-q").code == 0
+    assert _matrix(rebuilt)["rows"][-1]["loss"] == _matrix(kept)["rows"][-1]["loss"]
+    assert len(list((rebuilt / "data" / "holdout").glob("job-*.json"))) == 3

@@ -9,6 +9,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
 from conveyor.daemon import Lock
 from conveyor.workspace import Workspace
@@ -117,7 +119,11 @@ def test_rollback_refuses_what_it_cannot_do_and_says_why(workspace, tmp_path):
     con.execute("UPDATE jobs SET state = 'running', claim = 'x' WHERE id = 3")  # as while a worker trains it
     with Lock(Workspace(ws)):  # a daemon holds the workspace
         r = run_cli(ws, "rollback", "v2")
-    assert r.code != 0 and "job 3 (c.jsonl) is training" in r.err and "conveyor stop" in r.err
+        assert r.code != 0 and "job 3 (c.jsonl) is training" in r.err and "conveyor stop" in r.err
+        con.execute("UPDATE jobs SET state = 'queued', claim = NULL WHERE id = 3")  # idle, the queue not paused
+        r = run_cli(ws, "rollback", "v2")
+        assert r.code != 0 and "`conveyor pause` first" in r.err
+        con.execute("UPDATE jobs SET state = 'running', claim = 'x' WHERE id = 3")
     assert status(ws)["run"]["id"] == "run-0001" and len(status(ws)["runs"]) == 1
     # Without a daemon, a `running` job is what a crash left: the rollback places it like any waiting job.
     r = run_cli(ws, "rollback", "v2", "--json")
@@ -126,3 +132,22 @@ def test_rollback_refuses_what_it_cannot_do_and_says_why(workspace, tmp_path):
     assert run_cli(ws, "run", "--drain", "-q").code == 0
     assert [(x["run"], x["job"], x["start_step"]) for x in ledger(ws) if x["run"] == "run-0002"] == \
         [("run-0002", 3, 5)]
+
+
+def test_a_rollback_that_cannot_copy_leaves_nothing_half_made(workspace, tmp_path, monkeypatch):
+    from conveyor import rollback
+
+    ws = workspace()
+    for tag in "ab":
+        assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rollback, "_copy_checkpoint", disk_full)
+    with pytest.raises(OSError):
+        run_cli(ws, "rollback", "v1", "--requeue")
+    s = status(ws)
+    assert [r["id"] for r in s["runs"]] == ["run-0001"] and s["run"]["id"] == "run-0001"
+    assert [j["id"] for j in s["jobs"]] == [1, 2]  # the requeued job is gone with the run
+    assert not (ws / "runs" / "run-0002").exists()
