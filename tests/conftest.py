@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,18 @@ def workspace(tmp_path, tiny_dir):
         return make_workspace(tmp_path / name, tiny_dir, **defaults)
 
     return make
+
+
+def drain_with_requests(ws: Path, requests: str) -> Result:
+    """`conveyor run --drain` with control requests arriving at given global steps (e.g. "stop@3")."""
+    old = os.environ.get("CONVEYOR_TEST_REQUESTS")
+    os.environ["CONVEYOR_TEST_REQUESTS"] = requests
+    try:
+        return run_cli(ws, "run", "--drain", "-q")
+    finally:
+        os.environ.pop("CONVEYOR_TEST_REQUESTS")
+        if old is not None:
+            os.environ["CONVEYOR_TEST_REQUESTS"] = old
 
 
 def text_file(path: Path, n: int, tag: str = "ex") -> Path:

@@ -3,6 +3,8 @@ nothing of the workspace served as files; and (slow) the page rendered in a real
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -272,6 +274,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(ws: Path, **options):
+    """The dashboard served by uvicorn on a free local port, in a thread: yields its base URL; stopped after
+    (the test fails if an open event stream kept it running)."""
+    port = _free_port()
+    server = build_server(ws, port=port, **options)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "the server did not stop: an open event stream held it"
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -285,41 +306,28 @@ def test_page_renders_in_chromium(trained):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
     expect = sync_api.expect
-    port = _free_port()
-    server = build_server(trained, port=port, token=TOKEN, control_timeout=0.5)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
     problems, foreign = [], []
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
-            page.goto(f"{base}/?token={TOKEN}")
-            # locator assertions, not wait_for_function: that evaluates strings, which the page's CSP forbids
-            expect(page.locator("#loss-chart")).to_have_attribute("data-points", "5", timeout=20_000)
-            assert page.locator("#ledger tbody tr.ledger-row").count() == 2
-            assert page.locator("#queue tr.job-row").count() == 0
-            assert page.locator("#failures tbody tr.failure-row").count() == 1
-            assert page.locator("#runs tbody tr.run-row").count() == 1
-            assert page.locator("#daemon-state").inner_text() == "not running"
-            assert page.locator("#lr-chart").get_attribute("data-points") == "5"
-            page.click("#btn-pause")
-            expect(page.locator("#control-result")).to_contain_text("not yet acknowledged", timeout=10_000)
-            artifacts = REPO / "test-artifacts"
-            artifacts.mkdir(exist_ok=True)
-            page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive(), "the server did not stop: an open event stream held it"
+    with serving(trained, token=TOKEN, control_timeout=0.5) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+        page.goto(f"{base}/?token={TOKEN}")
+        # locator assertions, not wait_for_function: that evaluates strings, which the page's CSP forbids
+        expect(page.locator("#loss-chart")).to_have_attribute("data-points", "5", timeout=20_000)
+        assert page.locator("#ledger tbody tr.ledger-row").count() == 2
+        assert page.locator("#queue tr.job-row").count() == 0
+        assert page.locator("#failures tbody tr.failure-row").count() == 1
+        assert page.locator("#runs tbody tr.run-row").count() == 1
+        assert page.locator("#daemon-state").inner_text() == "not running"
+        assert page.locator("#lr-chart").get_attribute("data-points") == "5"
+        page.click("#btn-pause")
+        expect(page.locator("#control-result")).to_contain_text("not yet acknowledged", timeout=10_000)
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
+        browser.close()
     png = (REPO / "test-artifacts" / "dashboard.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert problems == [] and foreign == []

@@ -4,10 +4,9 @@ scored at every evaluation; `conveyor eval --matrix` shows versions × sets."""
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
-from conftest import audit, ledger, run_cli, set_setting, status, text_file
+from conftest import drain_with_requests, audit, ledger, run_cli, set_setting, status, text_file
 from conveyor import holdout
 from conveyor.formats import Tokenized, TokenizedFile
 
@@ -66,11 +65,7 @@ def test_the_held_out_choice_is_fixed_by_seed_and_fingerprint_and_a_fraction_rou
 def test_a_job_under_way_keeps_its_held_out_set_when_the_setting_changes(workspace, tmp_path):
     ws = workspace(eval={"holdout": 4}, training={"batch_size": 2, "grad_accum": 1, "save_every": 1})
     assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 14, "a")).code == 0
-    os.environ["CONVEYOR_TEST_REQUESTS"] = "stop@2"
-    try:
-        assert run_cli(ws, "run", "--drain", "-q").code == 0
-    finally:
-        os.environ.pop("CONVEYOR_TEST_REQUESTS")
+    assert drain_with_requests(ws, "stop@2").code == 0
     before = _held(ws, 1)
     set_setting(ws, "eval", "holdout", "2")
     assert run_cli(ws, "run", "--drain", "-q").code == 0

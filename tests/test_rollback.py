@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
+from conftest import drain_with_requests, adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
 from conveyor.daemon import Lock
 from conveyor.workspace import Workspace
 
@@ -83,11 +82,7 @@ def test_a_job_stopped_mid_way_at_the_version_resumes_from_its_position_in_the_b
     had not trained by v1, at steps 6–10, with the same weights as the parent."""
     ws = workspace(training={"batch_size": 2, "grad_accum": 1, "save_every": 1})
     assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 16, "a")).code == 0
-    os.environ["CONVEYOR_TEST_REQUESTS"] = "stop@3"
-    try:
-        assert run_cli(ws, "run", "--drain", "-q").code == 0
-    finally:
-        os.environ.pop("CONVEYOR_TEST_REQUESTS")
+    assert drain_with_requests(ws, "stop@3").code == 0
     assert run_cli(ws, "add", text_file(tmp_path / "b.jsonl", 4, "b"), "--priority", "high").code == 0
     assert run_cli(ws, "run", "--drain", "-q").code == 0
     assert [(v["version"], v["job"], v["step"]) for v in json.loads(run_cli(ws, "versions", "--json").out)] == \

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import anyio
@@ -270,54 +269,42 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 def test_ask_box_and_forgetting_in_chromium(plain):
     """The page with a token: the forgetting matrix and held-out curves drawn; the version list filled from the API,
     v1 asked from the box, its answer shown with who answered; nothing fetched from anywhere else."""
-    from test_dashboard import _free_port
+    from test_dashboard import serving
 
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
     expected = _generate(plain, "the quick", "--version", "v1", "--max-new-tokens", "6")
-    port = _free_port()
-    server = dashboard.build_server(plain, port=port, token=TOKEN)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
     problems, foreign = [], []
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            refused = "the server responded with a status of 422"  # Chromium logs the refused ask asked for
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" and refused not in m.text
-                    else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
-            page.goto(f"{base}/?token={TOKEN}")
-            sync_api.expect(page.locator("#ask-version option")).to_have_count(3, timeout=20_000)
-            sync_api.expect(page.locator("#matrix tr.matrix-row")).to_have_count(2, timeout=20_000)
-            cells = [[c.text_content() for c in row.locator("td.cell").all()]
-                     for row in page.locator("#matrix tr.matrix-row").all()]
-            assert [len(c) for c in cells] == [2, 2] and cells[0][1] == "" and all(cells[1])
-            assert page.locator("#matrix td.cell").first.get_attribute("title").endswith("(+0.0% since its first score)")
-            assert page.locator("#sets-chart").get_attribute("data-points") == "3"
-            page.fill("#ask-prompt", "the quick")
-            page.select_option("#ask-version", "v1")
-            page.fill("#ask-tokens", "6")
-            page.click("#btn-ask")
-            sync_api.expect(page.locator("#ask-status")).to_contain_text("answered in", timeout=120_000)
-            assert page.locator("#ask-answer div").text_content() == "v1 answered (run run-0001, step 2):"
-            assert page.locator("#ask-answer pre").nth(1).text_content() == "→ " + expected["output"]
-            page.fill("#ask-tokens", "0")
-            page.click("#btn-ask")
-            sync_api.expect(page.locator("#ask-status")).to_contain_text("max_new_tokens: Input should be greater")
-            artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
-            artifacts.mkdir(exist_ok=True)
-            page.locator("#btn-ask").scroll_into_view_if_needed()
-            page.screenshot(path=str(artifacts / "dashboard-ask.png"), full_page=True)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(plain, token=TOKEN) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        refused = "the server responded with a status of 422"  # Chromium logs the refused ask asked for
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" and refused not in m.text
+                else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+        page.goto(f"{base}/?token={TOKEN}")
+        sync_api.expect(page.locator("#ask-version option")).to_have_count(3, timeout=20_000)
+        sync_api.expect(page.locator("#matrix tr.matrix-row")).to_have_count(2, timeout=20_000)
+        cells = [[c.text_content() for c in row.locator("td.cell").all()]
+                 for row in page.locator("#matrix tr.matrix-row").all()]
+        assert [len(c) for c in cells] == [2, 2] and cells[0][1] == "" and all(cells[1])
+        assert page.locator("#matrix td.cell").first.get_attribute("title").endswith("(+0.0% since its first score)")
+        assert page.locator("#sets-chart").get_attribute("data-points") == "3"
+        page.fill("#ask-prompt", "the quick")
+        page.select_option("#ask-version", "v1")
+        page.fill("#ask-tokens", "6")
+        page.click("#btn-ask")
+        sync_api.expect(page.locator("#ask-status")).to_contain_text("answered in", timeout=120_000)
+        assert page.locator("#ask-answer div").text_content() == "v1 answered (run run-0001, step 2):"
+        assert page.locator("#ask-answer pre").nth(1).text_content() == "→ " + expected["output"]
+        page.fill("#ask-tokens", "0")
+        page.click("#btn-ask")
+        sync_api.expect(page.locator("#ask-status")).to_contain_text("max_new_tokens: Input should be greater")
+        artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.locator("#btn-ask").scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / "dashboard-ask.png"), full_page=True)
+        browser.close()
     assert problems == [] and foreign == []
