@@ -12,6 +12,10 @@ enough free disk), stopped (the daemon's work loop ended). One event, as JSON (n
 `losses` cover its ledger rows not lost to a rewind, `eval` (present only when evaluations exist at `end_step`)
 maps each evaluation set to its loss there. Events go out one at a time, in the order they were logged.
 
+Nothing is lost between daemons: the last event handled (sent, or failed after its tries) is kept per target
+(webhook and command) in the database, and the next daemon starts after it, so events logged while none ran
+(a file rejected by `conveyor add`) or not yet sent when one stopped go out then, in order (at most the last 200).
+
 Delivery never blocks training: it runs on its own thread with its own database connection (an sqlite
 connection cannot cross threads). Each try has a timeout; a failed try is retried after 1, 2, 4, ... s; an HTTP
 4xx other than 408/429 is the settings' mistake and is not retried. A delivery that fails for good, and whatever
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -41,6 +46,7 @@ from .store import connect, log_event
 KINDS = ("done", "failed", "rejected", "gate", "disk", "stopped")
 POLL_SECONDS = 0.2  # how often the events table is read for new rows
 MAX_CLOSE_SECONDS = 10.0  # the longest a stopping daemon waits for its last events to go out
+BACKLOG = 200  # events logged while no daemon ran (or left undelivered) that the next one still sends
 
 
 class Undeliverable(Exception):
@@ -71,9 +77,20 @@ class Notifier:
         self._current: dict | None = None  # the event being delivered
         self._given_up = False
         self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        con = connect(db_path)  # the tail starts after what is logged now
+        # The tail starts where the last daemon with these targets left it (events logged while none ran, or not
+        # delivered before one stopped, go out now: at most the last BACKLOG); the first time, after what is logged.
+        self._target = hashlib.sha256(f"{settings.webhook}\0{settings.command}".encode()).hexdigest()[:16]
+        con = connect(db_path)
         try:
-            self._cursor = con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            row = con.execute("SELECT last_id FROM notify_cursor WHERE target = ?", (self._target,)).fetchone()
+            if row is None:
+                self._cursor = con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+                con.execute("INSERT OR IGNORE INTO notify_cursor (target, last_id) VALUES (?, ?)",
+                            (self._target, self._cursor))
+            else:
+                oldest = con.execute(f"SELECT id FROM events WHERE id > ? AND kind IN ({', '.join('?' * len(KINDS))})"
+                                     " ORDER BY id DESC LIMIT 1 OFFSET ?", (row["last_id"], *KINDS, BACKLOG)).fetchone()
+                self._cursor = oldest["id"] if oldest else row["last_id"]
         finally:
             con.close()
 
@@ -103,6 +120,9 @@ class Notifier:
                     with self._lock:
                         self._current = self._pending.popleft()
                     self._deliver(con, self._current)
+                    # Handled (sent, or failed after its tries): the next daemon starts after it.
+                    con.execute("UPDATE notify_cursor SET last_id = ? WHERE target = ?", (self._current["id"],
+                                                                                         self._target))
                     self._current = None
                 if closing or self._time_left() <= 0:
                     break
@@ -127,7 +147,7 @@ class Notifier:
                 left = ([self._current] if self._current else []) + list(self._pending)
             if left:
                 log_event(con, "warning", "notify", f"notify: {len(left)} event(s) not delivered within the "
-                          f"{self._close_wait:.1f} s the daemon waits for them when it stops: "
+                          f"{self._close_wait:.1f} s the daemon waits for them when it stops (the next daemon sends them): "
                           + ", ".join(_name(e) for e in left))
         finally:
             if own:

@@ -116,6 +116,11 @@ CREATE TABLE IF NOT EXISTS set_evals (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step, name)
 );
+-- Per notification target (a hash of notify.webhook and notify.command): the last event id handled.
+CREATE TABLE IF NOT EXISTS notify_cursor (
+    target TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,

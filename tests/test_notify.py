@@ -267,3 +267,20 @@ def test_close_gives_up_within_its_bound_and_says_what_was_not_delivered(db, end
     assert time.monotonic() - start < 3.0  # the bound and its 0.5 s slack, not the 4 s try in flight
     warning = con.execute("SELECT message FROM events WHERE kind = 'notify'").fetchone()["message"]
     assert "2 event(s) not delivered within the 0.5 s" in warning and "'done' (job 1), 'stopped'" in warning
+
+
+def test_events_logged_while_no_daemon_ran_go_out_with_the_next_one_in_order(workspace, tmp_path, endpoint):
+    hook = endpoint()
+    ws = workspace(**SMALL, notify={"webhook": hook.url})
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0  # the first daemon
+    until(lambda: len(hook.got) >= 2, 10, "the first daemon's events")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    assert run_cli(ws, "add", bad).code != 0  # rejected with no daemon running: nobody sends it now
+    assert [e["kind"] for e in hook.events()] == ["done", "stopped"]
+    assert run_cli(ws, "train", text_file(tmp_path / "b.jsonl", 16, "b"), "-q").code == 0
+    got = until(lambda: len(hook.got) >= 5 and hook.events(), 10, "the second daemon's events")
+    assert [(e["kind"], e["file"]) for e in got] == [("done", "a.jsonl"), ("stopped", None), ("rejected", "bad.jsonl"),
+                                                     ("done", "b.jsonl"), ("stopped", None)]
+    assert "line 2" in got[2]["message"]
+    assert len({e["id"] for e in got}) == 5  # each event once
