@@ -71,6 +71,7 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
         text += (f" Trained in {parent.id} after {version}: {listed}; "
                  + ("queued again as " + ", ".join(f"job {n}" for n in requeued.values()) if requeue
                     else "`conveyor rollback " + version + " --requeue` would queue them again") + ".")
+    text += _identity_note(ws, manifest, version)
     log_event(db, "warning", "rollback", text)
     placed = [f"job {new} ({j.file}) resumes in {run_id} at its step {manifest.position_of(j.id).steps_done + 1}, "
               "where it stood at the version" for j in later for old, new in requeued.items()
@@ -99,6 +100,19 @@ def _activate(ws: Workspace, run_id: str, parent: runs.Run, copy: mf.Manifest) -
                 ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
         db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
         return placed + _place_waiting(db, copy, left.id if left else parent.id, run_id)
+
+
+def _identity_note(ws: Workspace, manifest: mf.Manifest, version: str) -> str:
+    """Law 5 still decides on the next start: if conveyor.toml no longer matches the version's identity, say so."""
+    try:
+        config = ws.config()
+    except ConveyorError:
+        return ""
+    changes = runs.differences(manifest.identity, runs.identity(config, ws.model_path(config.model.name)))
+    if not changes:
+        return ""
+    return (f" Note: conveyor.toml does not match {version}'s identity ({'; '.join(changes)}): the next start would "
+            f"leave this run for a new one from the base model; set those keys back to train on from {version}.")
 
 
 def _refuse_while_busy(ws: Workspace) -> None:

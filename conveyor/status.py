@@ -202,7 +202,9 @@ def render(data: dict):
         if j["state"] in ("queued", "running", "interrupted"):
             continue
         span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
-        done.add_row(str(j["id"]), j["file"], j["state"], span, (j["error"] or "; ".join(j["warnings"]))[:100])
+        held = [f"{len(j['held_out'])} held out"] if j.get("held_out") else []
+        done.add_row(str(j["id"]), j["file"], j["state"], span,
+                     (j["error"] or "; ".join(held + j["warnings"]))[:100])
     if done.row_count:
         parts.append(done)
     parts.append(Text(f"free disk: {data['free_disk_bytes'] / 1e9:.1f} GB"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import drain_with_requests, adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
+from conftest import drain_with_requests, set_setting, adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
 from conveyor.daemon import Lock
 from conveyor.workspace import Workspace
 
@@ -146,3 +146,11 @@ def test_a_rollback_that_cannot_copy_leaves_nothing_half_made(workspace, tmp_pat
     assert [r["id"] for r in s["runs"]] == ["run-0001"] and s["run"]["id"] == "run-0001"
     assert [j["id"] for j in s["jobs"]] == [1, 2]  # the requeued job is gone with the run
     assert not (ws / "runs" / "run-0002").exists()
+
+
+def test_a_rollback_says_when_the_settings_no_longer_match_the_version(workspace, tmp_path):
+    ws = workspace()
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0
+    set_setting(ws, "adapter", "r", "4")
+    r = run_cli(ws, "rollback", "v1")
+    assert r.code == 0 and "does not match v1's identity (adapter.r: 8 → 4)" in r.out, r.out + r.err
