@@ -493,11 +493,14 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write (must not exist yet)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA adapter into the base weights (a plain model)."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
+    version: Optional[str] = typer.Option(None, "--version", help="Export this version (see `conveyor versions`) "
+                                          "instead of the newest checkpoint."),
 ):
-    """Export the newest verified checkpoint of a run, as that run was trained (not as conveyor.toml says now)."""
+    """Export the newest verified checkpoint of a run (or a version), as it was trained (not as conveyor.toml says
+    now)."""
     from .export import export as export_run
 
-    message, warnings = export_run(_ws(), out, merge, run_id)
+    message, warnings = export_run(_ws(), out, merge, run_id, version)
     for text in warnings:
         err.print(f"warning: {text}", style="yellow", markup=False)
     console.print(message, markup=False)

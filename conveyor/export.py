@@ -52,18 +52,26 @@ def _load(make, where):
         raise ConveyorError(f"cannot load the model from {where}: {e}") from e
 
 
-def export(ws: Workspace, out: Path, merge: bool, run_id: str | None) -> tuple[str, list[str]]:
-    """Write the newest verified checkpoint of a run (default: the active one) to `out`.
+def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
+           version: str | None = None) -> tuple[str, list[str]]:
+    """Write a version's checkpoint, or the newest verified checkpoint of a run (default: the active one), to `out`.
 
     Returns the message to show and the warnings (skipped checkpoints, --merge on a full run, a changed base).
     """
     from .trainer import load_tokenizer
+    from .versions import checkpoint
 
-    run = _find_run(ws, run_id)
+    if version is not None and run_id is not None:
+        raise ConveyorError("--version and --run both choose what to export; give one of them")
     out = Path(out)
     if out.exists():
         raise ConveyorError(f"{out} already exists; pick a new folder (export never overwrites)")
-    found, problems = ck.newest_verified(ws.run_dir(run.id), save=False)
+    if version is not None:
+        run, found, _ = checkpoint(ws.db, ws.runs, version)
+        problems = []
+    else:
+        run = _find_run(ws, run_id)
+        found, problems = ck.newest_verified(ws.run_dir(run.id), save=False)
     warnings = [f"skipped {p.path.name}: {p.reason}" for p in problems]
     if found is None:
         seen = "; ".join(warnings) or "it has none"
@@ -81,8 +89,11 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None) -> tuple[s
         model = model.merge_and_unload()
     _write(out, model, load_tokenizer(model_path), {
         "run": run.id, "global_step": found.step, "checkpoint": found.path.name, "merged": merged,
-        "identity": identity})
+        "identity": identity, **({"version": version} if version else {})})
     kind = "merged model" if merged else "adapter" if lora else "model"
+    if version:
+        return (f"exported the {kind} of {version} ({run.id}, global step {found.step}, {found.path.name}) to {out}",
+                warnings)
     return f"exported the {kind} of {run.id} at global step {found.step} ({found.path.name}) to {out}", warnings
 
 

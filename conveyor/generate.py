@@ -165,18 +165,10 @@ def _say(text: str) -> None:
 
 def _checkpoint(ws: Workspace, version: str | None) -> tuple[runs.Run, ck.Checkpoint, str | None]:
     """The checkpoint to answer with: the version's, or the active run's newest verified one."""
-    from . import manifest as mf
-    from .versions import find, name
+    from .versions import checkpoint, name
 
     if version is not None:
-        row = find(ws.db, version)
-        run = next(r for r in runs.all_runs(ws.db) if r.id == row["run_id"])
-        path = ck.checkpoints_dir(ws.run_dir(run.id)) / ck.folder_name(row["step"])
-        try:
-            return run, ck.Checkpoint(path, row["step"], mf.verify(path)), name(row["id"])
-        except ValueError as e:
-            raise ConveyorError(f"{version}'s checkpoint {path.name} cannot be used ({e}); pin versions you want "
-                                "to keep (`conveyor pin`)") from None
+        return checkpoint(ws.db, ws.runs, version)
     run = runs.active(ws.db)
     found = ck.newest_verified(ws.run_dir(run.id), save=False)[0] if run else None
     if found is None:

@@ -25,7 +25,7 @@ from .errors import ConveyorError
 from .jobs import Job, JobState
 from .reconcile import FRESH, rewind
 from .store import log_event, transaction
-from .versions import find, name
+from .versions import checkpoint, find, name
 from .workspace import Workspace
 
 
@@ -33,14 +33,8 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
     """Branch a new active run from `version`; returns what was done (run, step, jobs listed and requeued)."""
     db = ws.db
     row = find(db, version)
-    parent = next(r for r in runs.all_runs(db) if r.id == row["run_id"])
-    source = ck.checkpoints_dir(ws.run_dir(parent.id)) / ck.folder_name(row["step"])
-    try:
-        manifest = mf.verify(source)
-    except (ValueError, OSError) as e:
-        raise ConveyorError(f"{version}'s checkpoint {source.name} in {parent.id} cannot be used ({e}); only a "
-                            "version whose checkpoint still exists can be rolled back to (pin versions to keep "
-                            "them: `conveyor pin`)") from None
+    parent, found, _ = checkpoint(db, ws.runs, version)
+    source, manifest = found.path, found.manifest
     _refuse_while_busy(ws)
     later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
              and (j.end_step or 0) > row["step"]]

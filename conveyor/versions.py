@@ -104,6 +104,21 @@ def find(con: sqlite3.Connection, version: str) -> sqlite3.Row:
     return row
 
 
+def checkpoint(con: sqlite3.Connection, runs_dir: Path, version: str):
+    """(run, verified checkpoint, name) of a version; ConveyorError says why it cannot be used."""
+    from . import manifest as mf
+    from . import runs
+
+    row = find(con, version)
+    run = next(r for r in runs.all_runs(con) if r.id == row["run_id"])
+    path = ck.checkpoints_dir(runs_dir / run.id) / ck.folder_name(row["step"])
+    try:
+        return run, ck.Checkpoint(path, row["step"], mf.verify(path)), name(row["id"])
+    except (ValueError, OSError) as e:
+        raise ConveyorError(f"{version}'s checkpoint {path.name} in {run.id} cannot be used ({e}); only a version "
+                            "whose checkpoint still exists can be (pin versions to keep them: `conveyor pin`)") from None
+
+
 def set_pinned(con: sqlite3.Connection, runs_dir: Path, version: str, pinned: bool) -> str:
     """Pin or unpin a version; returns what was done, in words."""
     row = find(con, version)

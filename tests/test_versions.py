@@ -96,3 +96,20 @@ def test_a_database_from_before_versions_gets_one_per_finished_job(workspace, tm
     con.commit()
     con.close()
     assert [(v["version"], v["job"], v["step"]) for v in _versions(ws)] == [("v1", 1, 2), ("v2", 2, 5)]
+
+
+def test_export_a_version_gives_that_versions_weights(workspace, tmp_path):
+    ws = workspace()
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), text_file(tmp_path / "b.jsonl", 16, "b"),
+                   "-q").code == 0
+    r = run_cli(ws, "export", tmp_path / "v1-out", "--version", "v1")
+    assert r.code == 0 and "exported the adapter of v1 (run-0001, global step 2, step-000002)" in r.out, r.out + r.err
+    from conftest import adapter_weights, max_abs_diff
+
+    assert max_abs_diff(adapter_weights(tmp_path / "v1-out"),
+                        adapter_weights(ws / "runs/run-0001/checkpoints/step-000002")) == 0
+    assert json.loads((tmp_path / "v1-out" / "conveyor-export.json").read_text())["version"] == "v1"
+    r = run_cli(ws, "export", tmp_path / "x", "--version", "v1", "--run", "run-0001")
+    assert r.code != 0 and "give one of them" in r.err
+    r = run_cli(ws, "export", tmp_path / "y", "--version", "v7")
+    assert r.code != 0 and "no version 'v7'" in r.err
