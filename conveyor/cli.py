@@ -376,11 +376,14 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
     rows = all_versions(_ws().db)
     if as_json:
         return _print_json(rows)
-    table = Table("version", "run", "job", "file", "step", "eval loss", "pinned")
+    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated")
     for v in rows:
         loss = v["eval"].get("eval.file")
+        held = [x for k, x in v["eval"].items() if k != "eval.file"]
         table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
-                      f"{loss:.4f}" if loss is not None else "-", "yes" if v["pinned"] else "")
+                      f"{loss:.4f}" if loss is not None else "-",
+                      f"{len(held)}, mean {sum(held) / len(held):.4f}" if held else "-",
+                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "")
     console.print(table if rows else "no versions yet: a version is made when a job ends")
 
 

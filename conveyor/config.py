@@ -259,6 +259,10 @@ class Config(_Section):
                                       "4-bit base, but adapter.method is \"{m}\"; set adapter.method = \"lora\" or "
                                       "model.quantization = \"none\"", {"q": self.model.quantization,
                                                                           "m": self.adapter.method})
+        if self.eval.gate > 0 and not self.eval.holdout:
+            raise PydanticCustomError("conflict", "eval.gate = {g} compares each job's held-out loss before and after "
+                                      "later jobs, but eval.holdout = 0 holds none out; set eval.holdout (e.g. 0.05 "
+                                      "or 20) or eval.gate = 0", {"g": self.eval.gate})
         if self.training.mixed_precision == "fp16" and self.adapter.method == "full" \
                 and self.model.precision == "float16":
             raise PydanticCustomError("conflict", "training.mixed_precision = \"fp16\" needs float32 master weights, "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ledger, run_cli, status, text_file
+from conftest import ledger, run_cli, set_setting, status, text_file
 from service import running
 
 
@@ -77,3 +77,10 @@ def test_the_gate_pauses_a_running_daemon_and_resume_continues(workspace, tmp_pa
         assert r.code == 0 and "resumed" in r.out, r.out + r.err
         svc.wait(lambda: svc.jobs()["c.jsonl"]["state"] == "done", 300, "job 3 to train after resume")
     assert [(x["job"], x["start_step"], x["end_step"]) for x in ledger(ws)] == [(1, 1, 12), (2, 13, 24), (3, 25, 30)]
+
+
+def test_a_gate_without_held_out_sets_is_a_settings_error(workspace, tmp_path):
+    ws = workspace()
+    set_setting(ws, "eval", "gate", "0.1")
+    r = run_cli(ws, "run", "--drain")
+    assert r.code != 0 and "eval.gate = 0.1" in r.err and "eval.holdout = 0 holds none out" in r.err
