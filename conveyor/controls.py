@@ -164,16 +164,18 @@ def held_by(con: sqlite3.Connection) -> str | None:
 def hold(con: sqlite3.Connection, who: str, why: str) -> None:
     """Hold the queue without a person's request (eval.gate): a pause that has taken effect, so every daemon
     started later is paused too, until `conveyor resume`."""
-    now = time.time()
-    con.execute("INSERT INTO controls (action, who, reason, requested_at, taken_at, taken_by, acked_at, result,"
-                " effect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (Action.PAUSE.value, who, why, now, now, who, now, why, Effect.HOLD.value))
+    _acted(con, Action.PAUSE, who, why, why, Effect.HOLD)
 
 
 def release(con: sqlite3.Connection, who: str) -> str:
     """`conveyor resume` with no daemon running: the queue's pause is lifted for the next daemon."""
-    now = time.time()
-    con.execute("INSERT INTO controls (action, who, requested_at, taken_at, taken_by, acked_at, result, effect)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (Action.RESUME.value, who, now, now, who, now,
-                                                     "resumed (no daemon was running)", Effect.GO_ON.value))
+    _acted(con, Action.RESUME, who, None, "resumed (no daemon was running)", Effect.GO_ON)
     return "the queue is no longer paused; the next `conveyor run` or `conveyor train` trains what is waiting"
+
+
+def _acted(con: sqlite3.Connection, action: Action, who: str, reason: str | None, result: str, effect: Effect) -> None:
+    """A request asked, taken and answered at once by `who`: its effect holds from now on (see paused)."""
+    now = time.time()
+    con.execute("INSERT INTO controls (action, who, reason, requested_at, taken_at, taken_by, acked_at, result,"
+                " effect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (action.value, who, reason, now, now, who, now, result, effect.value))

@@ -121,3 +121,9 @@ def load(folder: Path, job_id: int, key: str) -> list[Tokenized] | None:
 def set_name(job_id: int) -> str:
     """The name of a job's held-out set in evaluations, the matrix and the dashboard."""
     return f"job {job_id}"
+
+
+def job_of(name: str) -> int | None:
+    """The job whose held-out set `name` is (set_name's inverse); None for another set (eval.file)."""
+    prefix, _, number = name.partition(" ")
+    return int(number) if prefix == "job" and number.isdigit() else None

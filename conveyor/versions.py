@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoints as ck
 from .errors import ConveyorError
+from .holdout import job_of
 
 NAME = re.compile(r"v(\d+)")
 
@@ -38,9 +39,12 @@ def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, floa
 
     out = {EVAL_FILE: r["eval_loss"] for r in con.execute("SELECT eval_loss FROM evals WHERE run_id = ? AND step = ?",
                                                            (run_id, step))}
-    rows = con.execute("SELECT s.name, s.loss FROM set_evals s LEFT JOIN jobs j ON j.id = CAST(substr(s.name, 5)"
-                       " AS INTEGER) WHERE s.run_id = ? AND s.step = ? ORDER BY j.start_step, s.name", (run_id, step))
-    out.update({r["name"]: r["loss"] for r in rows})
+    rows = con.execute("SELECT name, loss FROM set_evals WHERE run_id = ? AND step = ?", (run_id, step)).fetchall()
+    start = {r["id"]: r["start_step"] for r in con.execute(
+        f"SELECT id, start_step FROM jobs WHERE id IN ({', '.join('?' * len(rows))})",
+        [job_of(r["name"]) for r in rows])}
+    out.update({r["name"]: r["loss"] for r in sorted(rows, key=lambda r: (start.get(job_of(r["name"])) or 0,
+                                                                           r["name"]))})
     return out
 
 
@@ -78,8 +82,7 @@ def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     names.sort(key=lambda n: n != EVAL_FILE)  # eval.file first, held-out sets after in their order
     sets = []
     for n in names:
-        job = con.execute("SELECT id, file, holdout FROM jobs WHERE id = ?", (int(n[4:]),)).fetchone() \
-            if n.startswith("job ") else None
+        job = con.execute("SELECT id, file FROM jobs WHERE id = ?", (job_of(n),)).fetchone()
         sets.append({"name": n, "job": job["id"] if job else None, "file": job["file"] if job else EVAL_FILE,
                      "examples": _examples(con, n)})
     return {"sets": sets, "rows": [{"version": v["version"], "run": v["run"], "job": v["job"], "step": v["step"],
@@ -158,7 +161,7 @@ def rises(con: sqlite3.Connection, version_id: int, exclude: str | None = None) 
     for set_name, loss in after.items():
         if set_name in (EVAL_FILE, exclude) or before.get(set_name) is None or not before[set_name]:
             continue
-        job = con.execute("SELECT file FROM jobs WHERE id = ?", (int(set_name[4:]),)).fetchone()
+        job = con.execute("SELECT file FROM jobs WHERE id = ?", (job_of(set_name),)).fetchone()
         out.append({"set": set_name, "file": job["file"] if job else "?", "before": before[set_name], "after": loss,
                     "change": (loss - before[set_name]) / before[set_name], "before_version": previous["id"]})
     return sorted(out, key=lambda r: -r["change"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 
 from . import checkpoints as ck
@@ -92,6 +93,15 @@ class Worker:
         self.stop_reason: str | None = None
         self.request: controls.Request | None = None  # the stop or skip being acted on
         self.model_path = ws.model_path(config.model.name)
+        self._planned_pool: tuple[tuple[int, ...], object] | None = None  # (sources, pool) _replay_plan built
+
+    @cached_property
+    def tokenizer(self):
+        """The model's tokenizer with data.chat_template applied: loaded once for the job's data, its held-out
+        sets, the earlier jobs it replays and eval.file."""
+        from .chat import load_tokenizer
+
+        return load_tokenizer(self.model_path, self.config.data.chat_template, self.ws.root)
 
     def run(self) -> Outcome:
         """Train the job to its planned end or a requested stop, record what happened; never raises for the job."""
@@ -150,7 +160,7 @@ class Worker:
     def prepare(self, job: Job) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
         config = self.config
-        data = job_data(self.ws, job, config, self.model_path)
+        data = job_data(self.ws, job, config, self.model_path, self.tokenizer)
         if data.truncated:
             text = (f"{data.truncated} example(s) longer than training.max_length="
                     f"{config.training.max_length} tokens (lines {_lines(data.truncated_lines, data.truncated)})")
@@ -180,8 +190,8 @@ class Worker:
                          f"evaluation as set \"{holdout.set_name(job.id)}\" (lines {_lines(lines)})", job.id)
         parts = holdout.split(data, lines)
         if lines:
-            holdout.save(self.ws.data / "holdout", job.id, data_key(self.ws, job, self.config, self.model_path),
-                         parts.held)
+            holdout.save(self.ws.data / "holdout", job.id,
+                         data_key(self.ws, job, self.config, self.model_path, self.tokenizer), parts.held)
         return parts.trained
 
     def position(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> Position:
@@ -219,8 +229,9 @@ class Worker:
         fraction = self.config.replay.fraction
         if fraction <= 0:
             return (), 0
-        sources = replay.sources(self.db, run.id, job.id)
-        pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint)
+        sources = tuple(replay.sources(self.db, run.id, job.id))
+        pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint, self.tokenizer)
+        self._planned_pool = (sources, pool)
         count = replay.count(fraction, own_total, pool.size if pool else 0)
         if count:
             self.say("info", f"job {job.id} replays {count} example(s) from job(s) {', '.join(map(str, sources))} "
@@ -228,11 +239,16 @@ class Worker:
                      job.id)
         else:
             self.say("info", f"job {job.id}: nothing to replay yet (no earlier job of {run.id} is done)", job.id)
-        return (tuple(sources), count) if count else ((), 0)
+        return (sources, count) if count else ((), 0)
 
     def pool(self, start: Position):
-        return replay_pool(self.ws, self.config, self.model_path, start.replay_sources, start.fingerprint) \
-            if start.replay_count else None
+        """The pool the job replays from: the one its first plan just built, or rebuilt from its position's sources."""
+        if not start.replay_count:
+            return None
+        if self._planned_pool and self._planned_pool[0] == start.replay_sources:
+            return self._planned_pool[1]
+        return replay_pool(self.ws, self.config, self.model_path, start.replay_sources, start.fingerprint,
+                           self.tokenizer)
 
     def plan(self, job: Job, run: runs.Run, start: Position, data: TokenizedFile) -> Job:
         """Record the job's step range (law 1) under this worker's claim."""
@@ -451,33 +467,25 @@ class Worker:
         validation = self._eval_file()
         if validation is not None:
             sets[EVAL_FILE] = validation.examples[:limit]
-        held_out = held_out_jobs(self.db, run.id)
-        if not held_out:
-            return sets
-        from .chat import load_tokenizer
-
-        tokenizer = load_tokenizer(self.model_path, self.config.data.chat_template, self.ws.root)  # loaded once
-        for job in held_out:
-            key = data_key(self.ws, job, self.config, self.model_path, tokenizer)
+        for job in held_out_jobs(self.db, run.id):
+            key = data_key(self.ws, job, self.config, self.model_path, self.tokenizer)
             held = holdout.load(self.ws.data / "holdout", job.id, key)
             if held is None:  # kept examples missing: rebuilt from the stored file
-                held = holdout.split(job_data(self.ws, job, self.config, self.model_path), job.holdout).held
+                held = holdout.split(job_data(self.ws, job, self.config, self.model_path, self.tokenizer),
+                                     job.holdout).held
                 holdout.save(self.ws.data / "holdout", job.id, key, held)
             sets[holdout.set_name(job.id)] = held[:limit]
         return sets
 
     def _eval_file(self) -> TokenizedFile | None:
         """The validation set, tokenized and masked exactly like training data; None if not configured."""
-        from .chat import load_tokenizer
-
         config = self.config
         if not config.eval.file:
             return None
         path = Path(config.eval.file)
         path = path if path.is_absolute() else self.ws.root / path
         try:
-            tokenizer = load_tokenizer(self.model_path, config.data.chat_template, self.ws.root)
-            return tokenize_file(parse_file(path, f"eval.file {path.name}"), tokenizer, config.training.max_length,
+            return tokenize_file(parse_file(path, f"eval.file {path.name}"), self.tokenizer, config.training.max_length,
                                  f"eval.file {path.name}")
         except (DataError, OSError) as e:
             self.say("warning", f"no evaluation loss: {e}")
@@ -541,7 +549,7 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
     model_path = ws.model_path(config.model.name)
     start = Position.from_json(order["start"])
     spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id),
-                   data=holdout.split(job_data(ws, job, config, model_path), job.holdout or []).trained,
+                   data=trained_data(ws, job, config, model_path),
                    start=start, identity=run.identity, resume=resume,
                    open_jobs=[Position.from_json(p) for p in order["open"]],
                    pool=replay_pool(ws, config, model_path, start.replay_sources, start.fingerprint)
@@ -549,32 +557,39 @@ def follow(ws: Workspace, config: Config, world_size: int) -> None:
     train_segment(config, model_path, spec, None, world_size)
 
 
-def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str):
+def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str, tokenizer=None):
     """The trained examples (held-out ones excluded) of the source jobs, as a replay.Pool; None if empty."""
     from .replay import Pool
 
-    parts = []
-    for job_id in sources:
-        job = jobs.get(ws.db, job_id)
-        parts.append((job.id, holdout.split(job_data(ws, job, config, model_path), job.holdout or []).trained))
+    tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
+    parts = [(job_id, trained_data(ws, jobs.get(ws.db, job_id), config, model_path, tokenizer)) for job_id in sources]
     pool = Pool(parts, config.training.seed, fingerprint)
     return pool if pool.size else None
 
 
-def job_data(ws: Workspace, job: Job, config: Config, model_path: str) -> TokenizedFile:
-    """The job's stored file, parsed and tokenized, cached by content, tokenizer, chat template and max_length."""
-    from .chat import load_tokenizer
+def trained_data(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> TokenizedFile:
+    """The job's examples without its held-out ones: what it trains (and what later jobs may replay)."""
+    return holdout.split(job_data(ws, job, config, model_path, tokenizer), job.holdout or []).trained
 
-    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)  # data.chat_template applied
+
+def job_data(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> TokenizedFile:
+    """The job's stored file, parsed and tokenized, cached by content, tokenizer, chat template and max_length."""
+    tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
     return tokenize_cached(Path(job.stored), job.file, tokenizer, config.training.max_length,
                            ws.data / "tokenized", data_key(ws, job, config, model_path, tokenizer))
 
 
 def data_key(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> str:
     """What the job's tokenized examples depend on: its content, the tokenizer and chat template, max_length."""
-    from .chat import load_tokenizer, template_id
+    from .chat import template_id
     from .runs import tokenizer_hash
 
-    tokenizer = tokenizer or load_tokenizer(model_path, config.data.chat_template, ws.root)
+    tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
     key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
     return f"{key}:{template_id(tokenizer)}"
+
+
+def _load_tokenizer(ws: Workspace, config: Config, model_path: str):
+    from .chat import load_tokenizer
+
+    return load_tokenizer(model_path, config.data.chat_template, ws.root)  # data.chat_template applied
