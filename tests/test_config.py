@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from conftest import run_cli
+from conftest import run_cli, set_setting
 from conveyor.config import Config
 
 
@@ -70,3 +70,17 @@ def test_bad_command_arguments(workspace, tmp_path):
     assert r.code == 1 and "no conveyor daemon is running" in r.out + r.err
     r = run_cli(ws, "export", tmp_path / "out")
     assert r.code == 1 and "nothing trained yet" in r.out + r.err
+
+
+def test_bad_replay_and_notify_settings_are_named_with_what_to_do(workspace):
+    ws = workspace()
+    for section, key, value in (("replay", "fraction", "0.7"), ("notify", "webhook", '"ftp://example.com/hook"'),
+                                ("notify", "secret_header", '"no colon here"'), ("notify", "command", '"notify \\"x"')):
+        set_setting(ws, section, key, value)
+    r = run_cli(ws, "run", "--drain")
+    message = r.out + r.err
+    assert r.code == 1 and "4 problem(s)" in message
+    assert "replay.fraction: Input should be less than or equal to 0.5 (found 0.7)" in message
+    assert "notify.webhook: an http:// or https:// URL" in message and "'ftp://example.com/hook'" in message
+    assert 'notify.secret_header: one header as "Name: value"' in message
+    assert "notify.command: a command line (split like a shell, without running one): No closing quotation" in message
