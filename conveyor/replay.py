@@ -82,6 +82,6 @@ class Layout:
 
 def sources(con, run_id: str, job_id: int) -> list[int]:
     """The jobs a new job may replay: those done in its run, and in the run's lineage before it branched."""
-    from .worker import lineage_jobs
+    from .jobdata import lineage_jobs
 
     return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True) if j.id != job_id]

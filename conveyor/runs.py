@@ -132,3 +132,16 @@ def create(con: sqlite3.Connection, ident: dict, note: str | None = None) -> Run
 
 def set_step(con: sqlite3.Connection, run_id: str, step: int) -> None:
     con.execute("UPDATE runs SET global_step = ? WHERE id = ?", (step, run_id))
+
+
+def ancestry(con: sqlite3.Connection, run_id: str | None) -> list[tuple[str, int | None]]:
+    """A run and the runs it branched from, newest first: (run id, the last step of it in the lineage: None for
+    the run itself, else the step of the version its child branched from)."""
+    out: list[tuple[str, int | None]] = []
+    bound = None
+    while run_id and all(run_id != seen for seen, _ in out):  # a cycle (a damaged database) ends the walk
+        out.append((run_id, bound))
+        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
+                             " WHERE r.id = ?", (run_id,)).fetchone()
+        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    return out

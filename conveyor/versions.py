@@ -16,6 +16,7 @@ from pathlib import Path
 from . import checkpoints as ck
 from .errors import ConveyorError
 from .holdout import job_of
+from .runs import ancestry
 
 NAME = re.compile(r"v(\d+)")
 
@@ -60,12 +61,8 @@ def lineage(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
     for v in all_versions(con):
         by_run.setdefault(v["run"], []).append(v)
     out: list[dict] = []
-    bound = None
-    while run_id:
-        out = [v for v in by_run.get(run_id, []) if bound is None or v["step"] <= bound] + out
-        parent = con.execute("SELECT r.parent_run, v.step FROM runs r LEFT JOIN versions v ON v.id = r.parent_version"
-                             " WHERE r.id = ?", (run_id,)).fetchone()
-        run_id, bound = (parent["parent_run"], parent["step"]) if parent else (None, None)
+    for run, bound in ancestry(con, run_id):
+        out = [v for v in by_run.get(run, []) if bound is None or v["step"] <= bound] + out
     return out
 
 

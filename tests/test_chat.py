@@ -186,7 +186,7 @@ def test_data_chat_template_from_a_file_is_used_for_training_and_preview(workspa
 def test_the_tokenization_cache_follows_the_chat_template(workspace, tmp_path):
     from conveyor import jobs
     from conveyor.workspace import Workspace
-    from conveyor.worker import job_data
+    from conveyor.jobdata import job_data
 
     ws = Workspace.open(workspace())
     path = write_chats(tmp_path / "chat.jsonl", CONVERSATIONS[1:])

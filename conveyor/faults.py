@@ -1,0 +1,93 @@
+"""Faults of the machine, not of a job: a full disk and a damaged state database. One place recognises them (from
+an OSError, an SQLite error, wherever the write happened) and says what they mean and what to do, for the daemon,
+the worker and the CLI alike. Neither is ever a traceback: a full disk pauses the queue, a damaged database stops
+the command with the file named and the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+
+from .errors import ConveyorError
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_FULL_SQLITE = {sqlite3.SQLITE_FULL}
+_DAMAGED_SQLITE = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, getattr(sqlite3, "SQLITE_CORRUPT_INDEX", -1),
+                   getattr(sqlite3, "SQLITE_CORRUPT_SEQUENCE", -1), getattr(sqlite3, "SQLITE_CORRUPT_VTAB", -1)}
+
+
+class DiskFull(ConveyorError):
+    """A write failed for lack of space (a checkpoint, tokenized data, the database, the log)."""
+
+
+class DatabaseDamaged(ConveyorError):
+    """conveyor.db is unreadable, cut short or does not match the runs on disk."""
+
+
+def _causes(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a write that failed for lack of space."""
+    for x in _causes(e):
+        if isinstance(x, DiskFull):
+            return True
+        if isinstance(x, OSError) and x.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(x, sqlite3.Error) and (getattr(x, "sqlite_errorcode", None) in _FULL_SQLITE
+                                             or "database or disk is full" in str(x)):
+            return True
+    return False
+
+
+def is_damaged_database(e: BaseException) -> bool:
+    """Whether `e` says the database file itself is damaged (not a lock or a full disk)."""
+    for x in _causes(e):
+        if isinstance(x, DatabaseDamaged):
+            return True
+        if isinstance(x, sqlite3.DatabaseError) and not isinstance(x, sqlite3.OperationalError) \
+                and not is_disk_full(x):
+            return True  # DatabaseError proper: "file is not a database", "database disk image is malformed"
+        if isinstance(x, sqlite3.Error) and getattr(x, "sqlite_errorcode", None) in _DAMAGED_SQLITE:
+            return True
+    return False
+
+
+def free_mb(folder: Path) -> float:
+    try:
+        return shutil.disk_usage(folder).free / 1e6
+    except OSError:
+        return 0.0
+
+
+def disk_full_message(root: Path, what: str = "a write", need_bytes: int | None = None) -> str:
+    need = f"; about {need_bytes / 1e6:.0f} MB more are needed" if need_bytes else ""
+    return (f"disk full: {what} in {root} failed ({free_mb(root):.1f} MB free{need}). Nothing trained is lost: "
+            "the newest checkpoint is intact and the job keeps its place. Free some space; a running daemon "
+            "resumes by itself once there is room (or `conveyor resume`)")
+
+
+def database_message(path: Path, e: BaseException | None = None) -> str:
+    found = f" ({e})" if e is not None else ""
+    return (f"the state database {path} is damaged{found}. Nothing under runs/ or data/ was touched. "
+            f"`conveyor doctor --repair` moves it aside and rebuilds the runs and versions from the checkpoint "
+            "manifests (saying what it could not rebuild)")
+
+
+def explain(e: BaseException, root: Path) -> ConveyorError | None:
+    """The machine fault behind `e`, as a message a person can act on; None if `e` is not one."""
+    if isinstance(e, (DiskFull, DatabaseDamaged)):
+        return e
+    if is_disk_full(e):
+        return DiskFull(disk_full_message(root))
+    if is_damaged_database(e):
+        return DatabaseDamaged(database_message(root / "conveyor.db", e))
+    return None
