@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import runs
+from . import pending, runs, testhooks
 from .errors import ConveyorError
 from .workspace import Workspace
 
@@ -64,6 +64,7 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
     if version is not None and run_id is not None:
         raise ConveyorError("--version and --run both choose what to export; give one of them")
     out = Path(out)
+    pending.recover(ws)
     if out.exists():
         raise ConveyorError(f"{out} already exists; pick a new folder (export never overwrites)")
     if version is not None:
@@ -87,7 +88,7 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
     model = load_trained(identity, model_path, found.path)
     if merged:
         model = model.merge_and_unload()
-    _write(out, model, load_tokenizer(model_path), {
+    _write(ws, out, model, load_tokenizer(model_path), {
         "run": run.id, "global_step": found.step, "checkpoint": found.path.name, "merged": merged,
         "identity": identity, **({"version": version} if version else {})})
     kind = "merged model" if merged else "adapter" if lora else "model"
@@ -138,16 +139,28 @@ def _base_changes(identity: dict, model_path: str, lora: bool) -> list[str]:
             "the export uses it as it is now"] if changed else []
 
 
-def _write(out: Path, model, tokenizer, record: dict) -> None:
-    """Write into a temporary sibling folder and rename it into place: a failed export leaves no half OUT."""
+EXPORT = "export"  # the pending intent's kind
+
+
+def _write(ws: Workspace, out: Path, model, tokenizer, record: dict) -> None:
+    """Write into a temporary sibling folder and rename it into place: a failed export leaves no half OUT, and one
+    cut off (SIGKILL, power loss) leaves its temporary folder only until the next conveyor command (pending)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with pending.intent(ws, EXPORT, tmp=str(tmp.resolve()), out=str(out.resolve())):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        testhooks.failpoint("export-written", record["global_step"])
         os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _undo(ws: Workspace, data: dict) -> str | None:
+    if not pending.remove_tree(data["tmp"]):
+        return None
+    return f"removed {data['tmp']}, left by an export to {data['out']} that was cut off; export again"
+
+
+# The rename is the commit: after it, nothing is left to do; before it, the temporary folder goes.
+pending.kind(EXPORT, lambda ws, data: False, _undo, _undo)

@@ -116,7 +116,9 @@ def rebuild_rollups(con: sqlite3.Connection, run_id: str | None = None) -> None:
 def supersede_after(con: sqlite3.Connection, run_id: str, step: int) -> int:
     """Mark ledger rows (and versions) that reach past `step` as lost; their jobs train those steps again and
     append anew (a version's name is never reused: the retrained job end is a new version)."""
-    con.execute("UPDATE versions SET lost = 1 WHERE run_id = ? AND step > ?", (run_id, step))
+    from . import versions
+
+    versions.lose_after(con, run_id, step)
     return con.execute("UPDATE ledger SET outcome = 'lost' WHERE run_id = ? AND end_step > ? AND outcome != 'lost'",
                        (run_id, step)).rowcount
 
@@ -152,7 +154,7 @@ def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos,
     """End a job's segment in one transaction: its ledger row, the run's global step and the job's new state.
 
     `pos` is the job's position after the segment's last step; a segment of no steps writes no ledger row."""
-    from . import jobs, runs
+    from . import jobs, runs, versions
 
     outcome = {"done": "done", "interrupted": "interrupted", "skipped": "skipped"}[state.value]
     with transaction(con):
@@ -162,8 +164,7 @@ def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos,
                    examples=len(lines), epochs=pos.epochs, tokens=tokens, outcome=outcome)
             runs.set_step(con, run_id, pos.last_step)
             if outcome == "done":  # the job's end is a version (v1, v2, ...: never reused)
-                con.execute("INSERT INTO versions (run_id, job_id, step, created_at) VALUES (?, ?, ?, ?)",
-                            (run_id, job_id, pos.last_step, time.time()))
+                versions.add(con, run_id, job_id, pos.last_step)
         jobs.transition(con, job_id, state, expect=expect, owner=owner, reopen=True, claim=None,
                         steps_done=pos.steps_done, position=pos.position, planned_steps=pos.planned_steps,
                         start_step=pos.start_step or None, end_step=pos.last_step if state.value != "interrupted"

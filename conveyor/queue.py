@@ -3,11 +3,13 @@ the same moment is never both trained and removed."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
-from . import jobs
+from . import jobs, pending, testhooks
 from .errors import ConveyorError
-from .kept import kept_path
+from .kept import REASON, kept_path
 from .jobs import Conflict, JobState
 from .workspace import Workspace
 
@@ -28,20 +30,50 @@ def remove(ws: Workspace, job_id: int, reason: str) -> str:
     """Take a waiting job out of the queue (skipped, with the reason); its file is kept in removed/.
 
     An interrupted job keeps the steps it trained in the ledger; its remaining examples are never trained."""
+    pending.recover(ws)
     found = jobs.get(ws.db, job_id)
     if found.state not in jobs.WAITING:
         raise ConveyorError(f"job {job_id} is {found.state.value}; only queued or interrupted jobs can be removed"
                             + (" (use `conveyor skip` for the running one)" if found.state == JobState.RUNNING
                                else ""))
     folder = ws.root / "removed"
-    folder.mkdir(exist_ok=True)
     kept = kept_path(folder, job_id, found.file)
-    shutil.copyfile(found.stored, kept)
-    (folder / f"{kept.name}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+    paths = {"tmp": str(folder / f".tmp-{kept.name}-{os.getpid()}"), "kept": str(kept),
+             "tmp_reason": str(folder / f".tmp-{kept.name}{REASON}-{os.getpid()}"), "reason": str(kept) + REASON}
     trained = f" after {found.steps_done} of {found.planned_steps} steps" if found.steps_done else ""
-    try:
-        jobs.transition(ws.db, job_id, JobState.SKIPPED, expect=found.state,
-                        error=f"removed from the queue{trained}: {reason}")
-    except Conflict:
-        raise ConveyorError(f"job {job_id} started training just now; use `conveyor skip` to stop it") from None
+    with pending.intent(ws, REMOVE, job=job_id, **paths):
+        shutil.copyfile(found.stored, paths["tmp"])
+        Path(paths["tmp_reason"]).write_text(reason + "\n", encoding="utf-8")
+        testhooks.failpoint("remove-copied", job_id)
+        try:
+            jobs.transition(ws.db, job_id, JobState.SKIPPED, expect=found.state,
+                            error=f"{REMOVED}{trained}: {reason}")
+        except Conflict:
+            raise ConveyorError(f"job {job_id} started training just now; use `conveyor skip` to stop it") from None
+        testhooks.failpoint("remove-committed", job_id)
+        _finish(ws, paths)
     return f"removed job {job_id}{trained}; its file is kept at {kept}"
+
+
+REMOVE = "queue remove"  # the pending intent's kind
+REMOVED = "removed from the queue"
+
+
+def _committed(ws: Workspace, data: dict) -> bool:
+    row = ws.db.execute("SELECT state, error FROM jobs WHERE id = ?", (data["job"],)).fetchone()
+    return row is not None and row["state"] == JobState.SKIPPED.value and (row["error"] or "").startswith(REMOVED)
+
+
+def _finish(ws: Workspace, data: dict) -> str:
+    pending.move_into_place(data["tmp"], data["kept"])
+    pending.move_into_place(data["tmp_reason"], data["reason"])
+    return f"job {data['job']} was removed from the queue by a command cut off; its file is kept at {data['kept']}"
+
+
+def _undo(ws: Workspace, data: dict) -> str:
+    pending.remove_tree(data["tmp"])
+    pending.remove_tree(data["tmp_reason"])
+    return f"`conveyor queue remove {data['job']}` was cut off before it took effect; the job is still waiting"
+
+
+pending.kind(REMOVE, _committed, _finish, _undo)

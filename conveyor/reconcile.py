@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import checkpoints as ck
-from . import jobs, ledger, runs
+from . import jobs, ledger, pending, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .jobs import Job, JobState
+from .store import transaction
 from .workspace import Workspace
 
 Say = Callable[[str, str], None]
@@ -33,6 +34,7 @@ class Placement:
 def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: int = 1) -> Placement:
     """The run to train in and its checkpoint; jobs trained past that checkpoint go back to the queue."""
     ident = runs.identity(config, model_path)
+    pending.recover(ws)  # a rollback (or another multi-step command) cut off: finished or undone first
     run = runs.active(ws.db)
     # Read-only (the hash cache too): a run left for a new identity stays byte-identical.
     resume, problems = ck.newest_verified(ws.run_dir(run.id), save=False) if run else (None, [])
@@ -40,11 +42,13 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
         recorded = resume.manifest.identity if resume else run.identity
         if recorded != ident:
             # The old run's folder stays byte-identical (leftovers included); its rows are left as its
-            # checkpoints say, every segment closed.
-            rewind(ws, run, resume, say)
-            for pos in resume.manifest.under_way() if resume else []:
-                ledger.close_overtaken(ws.db, run.id, pos)  # every open segment gets its row
-            return Placement(new_run(ws, run, recorded, ident, say), None)
+            # checkpoints say, every segment closed. One transaction: a cut leaves the old run active, as before.
+            with transaction(ws.db):
+                rewind(ws, run, resume, say)
+                for pos in resume.manifest.under_way() if resume else []:
+                    ledger.close_overtaken(ws.db, run.id, pos)  # every open segment gets its row
+                testhooks.failpoint("new-run", run.global_step)
+                return Placement(new_run(ws, run, recorded, ident, say), None)
         tidy(ws, run, resume, problems, say)
     if run is None:
         run = runs.create(ws.db, ident)

@@ -12,14 +12,13 @@ listed; `--requeue` queues them again (new jobs, in their order, each rememberin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from dataclasses import replace
+from pathlib import Path
 
 from . import checkpoints as ck
-from . import jobs, ledger, runs
+from . import jobs, ledger, pending, runs, testhooks
 from . import manifest as mf
 from .errors import ConveyorError
 from .jobs import Job, JobState
@@ -29,37 +28,50 @@ from .versions import checkpoint, find, name
 from .workspace import Workspace
 
 
+ROLLBACK = "rollback"  # the pending intent's kind
+
+
 def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
-    """Branch a new active run from `version`; returns what was done (run, step, jobs listed and requeued)."""
+    """Branch a new active run from `version`; returns what was done (run, step, jobs listed and requeued).
+
+    Crash-atomic: the version's checkpoint is copied into a temporary run folder; one transaction records the
+    new run, its requeued jobs and the activation (and seals the copy's manifest, which names those jobs); only
+    then does the folder get its run's name. A cut before the commit leaves nothing (the next command removes the
+    copy), a cut after it is finished by the next command (pending.recover)."""
     db = ws.db
+    pending.recover(ws)
     row = find(db, version)
     parent, found, _ = checkpoint(db, ws.runs, version)
     source, manifest = found.path, found.manifest
     _refuse_while_busy(ws)
-    later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
-             and (j.end_step or 0) > row["step"]]
-    with transaction(db):
-        run_id = runs.next_id(db)
-        db.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note, parent_run,"
-                   " parent_version) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-                   (run_id, time.time(), json.dumps(manifest.identity), row["step"],
-                    f"rolled back to {version} ({parent.id} at step {row['step']})", parent.id, row["id"]))
-    requeued: dict[int, int] = {}
-    try:
-        requeued = _requeue(db, later, run_id, manifest) if requeue else {}
-        copy = replace(manifest, run_id=run_id, branched_from={"run": parent.id, "version": version,
-                                                                "step": row["step"]},
-                       open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
-        _copy_checkpoint(source, ws.run_dir(run_id), copy)
-        placed = _activate(ws, run_id, parent, copy)
-    except BaseException:  # nothing half made stays: the new run, its folder and its requeued jobs go
+    run_id = runs.next_id(db)
+    final, tmp = ws.run_dir(run_id), ws.runs / f".tmp-{run_id}-{os.getpid()}"
+    if final.exists():
+        raise ConveyorError(f"{final} already exists but {ws.root / 'conveyor.db'} knows no {run_id}; "
+                            "`conveyor doctor` says what it holds")
+    step = row["step"]
+    with pending.intent(ws, ROLLBACK, run=run_id, parent=parent.id, version_id=row["id"], tmp=str(tmp),
+                        final=str(final)):
+        testhooks.failpoint("rollback-begun", step)
+        _copy_checkpoint(source, tmp, step)
+        testhooks.failpoint("rollback-copied", step)
         with transaction(db):
-            db.executemany("DELETE FROM jobs WHERE id = ?", [(n,) for n in requeued.values()])
-            db.execute("DELETE FROM runs WHERE id = ? AND active = 0", (run_id,))
-        shutil.rmtree(ws.run_dir(run_id), ignore_errors=True)
-        raise
-    text = (f"{run_id} branches from {version} ({parent.id}, step {row['step']}); its next job starts at step "
-            f"{row['step'] + 1}. {parent.id} is kept as it is.")
+            _refuse_while_busy(ws)
+            later = [j for j in jobs.all_jobs(db) if j.run_id == parent.id and j.state == JobState.DONE
+                     and (j.end_step or 0) > step]
+            requeued = _requeue(db, later, run_id, manifest) if requeue else {}
+            copy = replace(manifest, run_id=run_id, branched_from={"run": parent.id, "version": version, "step": step},
+                           open_jobs=[replace(p, job_id=requeued.get(p.job_id, p.job_id)) for p in manifest.open_jobs])
+            _seal(tmp, copy)
+            placed = _activate(ws, parent, copy, runs.Run(run_id, manifest.identity, step, True, 0.0,
+                                                          f"rolled back to {version} ({parent.id} at step {step})",
+                                                          parent.id, row["id"]))
+            testhooks.failpoint("rollback-sealed", step)
+        testhooks.failpoint("rollback-committed", step)
+        pending.move_into_place(tmp, final)
+        testhooks.failpoint("rollback-renamed", step)
+    text = (f"{run_id} branches from {version} ({parent.id}, step {step}); its next job starts at step "
+            f"{step + 1}. {parent.id} is kept as it is.")
     if later:
         listed = ", ".join(f"job {j.id} ({j.file}, steps {j.start_step}–{j.end_step})" for j in later)
         text += (f" Trained in {parent.id} after {version}: {listed}; "
@@ -72,28 +84,47 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
               if old == j.id and manifest.position_of(j.id)] + placed
     for message in placed:
         log_event(db, "info", "message", message)
-    return {"run": run_id, "parent_run": parent.id, "parent_version": version, "step": row["step"],
+    return {"run": run_id, "parent_run": parent.id, "parent_version": version, "step": step,
             "after": [{"job": j.id, "file": j.file, "start_step": j.start_step, "end_step": j.end_step}
                       for j in later],
             "requeued": [{"job": new, "from": old} for old, new in requeued.items()],
             "message": " ".join([text, *placed])}
 
 
-def _activate(ws: Workspace, run_id: str, parent: runs.Run, copy: mf.Manifest) -> list[str]:
-    """In one transaction: the run left agrees with its newest checkpoint, the new run becomes the active one,
-    and waiting jobs stand where its first checkpoint says. Returns what was said."""
+def _committed(ws: Workspace, data: dict) -> bool:
+    """Whether an interrupted rollback's transaction went through: its run is recorded, branching as it said."""
+    row = ws.db.execute("SELECT parent_run, parent_version FROM runs WHERE id = ?", (data["run"],)).fetchone()
+    return row is not None and (row["parent_run"], row["parent_version"]) == (data["parent"], data["version_id"])
+
+
+def _finish(ws: Workspace, data: dict) -> str:
+    pending.move_into_place(data["tmp"], data["final"])
+    return f"a rollback cut off after it was recorded is finished: {data['run']}'s first checkpoint is in place"
+
+
+def _undo(ws: Workspace, data: dict) -> str:
+    pending.remove_tree(data["tmp"])
+    return (f"a rollback cut off before it was recorded left nothing behind (its copy for {data['run']} was "
+            "removed); run it again")
+
+
+pending.kind(ROLLBACK, _committed, _finish, _undo)
+
+
+def _activate(ws: Workspace, parent: runs.Run, copy: mf.Manifest, new: runs.Run) -> list[str]:
+    """Inside the rollback's transaction: the run left agrees with its newest checkpoint, the new run becomes the
+    active one, and waiting jobs stand where its first checkpoint says. Returns what was said."""
     db = ws.db
-    with transaction(db):
-        _refuse_while_busy(ws)
-        placed: list[str] = []
-        left = runs.active(db)  # the parent, or a later run
-        if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
-            newest, _ = ck.newest_verified(ws.run_dir(left.id), save=False)  # writes nothing there
-            rewind(ws, left, newest, lambda level, text: placed.append(text))
-            for pos in newest.manifest.under_way() if newest else []:
-                ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
-        db.execute("UPDATE runs SET active = (id = ?)", (run_id,))
-        return placed + _place_waiting(db, copy, left.id if left else parent.id, run_id)
+    placed: list[str] = []
+    left = runs.active(db)  # the parent, or a later run
+    if left is not None:  # its rows agree with its newest checkpoint, as a start would make them
+        newest, _ = ck.newest_verified(ws.run_dir(left.id), save=False)  # writes nothing there
+        rewind(ws, left, newest, lambda level, text: placed.append(text))
+        for pos in newest.manifest.under_way() if newest else []:
+            ledger.close_overtaken(db, left.id, pos)  # its open segments get their rows
+    runs.create(db, new.identity, new.note, run_id=new.id, step=new.global_step, parent_run=new.parent_run,
+                parent_version=new.parent_version)
+    return placed + _place_waiting(db, copy, left.id if left else parent.id, new.id)
 
 
 def _identity_note(ws: Workspace, manifest: mf.Manifest, version: str) -> str:
@@ -169,22 +200,18 @@ def _place_waiting(db, manifest: mf.Manifest, left: str, run_id: str) -> list[st
     return said
 
 
-def _copy_checkpoint(source, run_dir, manifest: mf.Manifest) -> None:
-    """The version's checkpoint copied into the new run (a temporary folder, flushed, verified, renamed)."""
-    root = ck.checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / ck.folder_name(manifest.global_step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(mf.MANIFEST))
-    try:
-        ck.seal_copy(tmp, manifest)
-        mf.verify(tmp)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    ck.point_latest(run_dir, final.name)
+def _copy_checkpoint(source: Path, run_dir: Path, step: int) -> None:
+    """The version's checkpoint files copied into a (temporary) run folder, without its manifest (`_seal`)."""
+    shutil.copytree(source, ck.checkpoints_dir(run_dir) / ck.folder_name(step),
+                    ignore=shutil.ignore_patterns(mf.MANIFEST))
+
+
+def _seal(run_dir: Path, manifest: mf.Manifest) -> None:
+    """The copy's manifest written and flushed, the copy verified, LATEST pointing at it."""
+    folder = ck.checkpoints_dir(run_dir) / ck.folder_name(manifest.global_step)
+    ck.seal_copy(folder, manifest)
+    mf.verify(folder)
+    ck.point_latest(run_dir, folder.name)
 
 
 def lineage(db, run: runs.Run) -> str | None:

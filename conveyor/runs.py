@@ -120,14 +120,17 @@ def next_id(con: sqlite3.Connection) -> str:
     return f"run-{con.execute('SELECT COUNT(*) FROM runs').fetchone()[0] + 1:04d}"
 
 
-def create(con: sqlite3.Connection, ident: dict, note: str | None = None) -> Run:
-    """A new active run at step 0; earlier runs stay, inactive and untouched."""
+def create(con: sqlite3.Connection, ident: dict, note: str | None = None, *, run_id: str | None = None,
+           step: int = 0, parent_run: str | None = None, parent_version: int | None = None) -> Run:
+    """A new active run, at step 0 (or, a rollback's, at its version's step and naming it); earlier runs stay,
+    inactive and untouched. The one writer of run rows besides set_step."""
     with transaction(con):
-        run_id = next_id(con)
+        run_id = run_id or next_id(con)
         con.execute("UPDATE runs SET active = 0")
-        con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note) VALUES (?, ?, ?, 0, 1, ?)",
-                    (run_id, time.time(), json.dumps(ident), note))
-    return active(con)
+        con.execute("INSERT INTO runs (id, created_at, identity, global_step, active, note, parent_run, parent_version)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?)",
+                    (run_id, time.time(), json.dumps(ident), step, note, parent_run, parent_version))
+        return active(con)
 
 
 def set_step(con: sqlite3.Connection, run_id: str, step: int) -> None:

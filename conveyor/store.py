@@ -243,9 +243,9 @@ def _build_rollups_once(con: sqlite3.Connection) -> None:
             con.execute(f"PRAGMA user_version = {ROLLUP_VERSION}")
     with transaction(con):
         if con.execute("PRAGMA user_version").fetchone()[0] < VERSIONS_VERSION:
-            if con.execute("SELECT 1 FROM versions LIMIT 1").fetchone() is None:  # each job end, in ledger order
-                con.execute("INSERT INTO versions (run_id, job_id, step, created_at) SELECT run_id, job_id, end_step,"
-                            " created_at FROM ledger WHERE outcome = 'done' ORDER BY id")
+            from .versions import backfill
+
+            backfill(con)
             con.execute(f"PRAGMA user_version = {VERSIONS_VERSION}")
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 from . import checkpoints as ck
@@ -174,3 +175,26 @@ def _previous(con: sqlite3.Connection, row: sqlite3.Row) -> sqlite3.Row | None:
     if parent and parent["parent_version"]:
         return con.execute("SELECT * FROM versions WHERE id = ?", (parent["parent_version"],)).fetchone()
     return None
+
+
+# Writers: the versions table is written here only. ---------------------------------------------------------------
+def add(con: sqlite3.Connection, run_id: str, job_id: int, step: int) -> None:
+    """A job ended at `step`: its checkpoint there is a new version (v1, v2, ...: never reused)."""
+    con.execute("INSERT INTO versions (run_id, job_id, step, created_at) VALUES (?, ?, ?, ?)",
+                (run_id, job_id, step, time.time()))
+
+
+def lose_after(con: sqlite3.Connection, run_id: str, step: int) -> None:
+    """Versions past `step` are lost with a rewind (their jobs train those steps again; a new version follows)."""
+    con.execute("UPDATE versions SET lost = 1 WHERE run_id = ? AND step > ?", (run_id, step))
+
+
+def set_gated(con: sqlite3.Connection, version_id: int, why: str) -> None:
+    con.execute("UPDATE versions SET gated = ? WHERE id = ?", (why, version_id))
+
+
+def backfill(con: sqlite3.Connection) -> None:
+    """A database from before versions: one version per job end its ledger recorded, in ledger order."""
+    if con.execute("SELECT 1 FROM versions LIMIT 1").fetchone() is None:
+        con.execute("INSERT INTO versions (run_id, job_id, step, created_at) SELECT run_id, job_id, end_step,"
+                    " created_at FROM ledger WHERE outcome = 'done' ORDER BY id")

@@ -356,7 +356,7 @@ class Worker:
                 f"deleted. `conveyor resume` accepts {name} and goes on; `conveyor rollback {before}` undoes job "
                 f"{job.id} (add --requeue to train it again later)")
         with transaction(self.db):
-            self.db.execute("UPDATE versions SET gated = ? WHERE id = ?", (text, version["id"]))
+            versions.set_gated(self.db, version["id"], text)
             controls.hold(self.db, GATE, text)
         log_event(self.db, "warning", "gate", text, job.id)
         self.reporter.message("warning", text)
