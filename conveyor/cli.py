@@ -1,34 +1,88 @@
-"""The `conveyor` command. Package errors print as plain messages (exit 1); `--debug` shows the traceback."""
+"""The `conveyor` command. Package errors and machine faults print as one `error:` line (exit 1), usage errors as
+one message with the `--help` hint (exit 2); `--debug` shows the traceback of the former."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import jobs, ledger, runs
 from .config import Config
 from .console import ConsoleReporter, console, err, print_ledger
 from .errors import ConveyorError
+from .faults import explain
 from .fingerprint import short
 from .workspace import Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous fine-tuning of causal LMs.")
 _state = {"workspace": Path("."), "debug": False}
+_SHARED = ("workspace", "debug")  # the global options every subcommand takes too
+
+
+def _set_shared(ctx, param, value):
+    if value:  # given after the subcommand (a Path is always true); absent, the value before it stands
+        _state[param.name] = value
+
+
+class _Conveyor(TyperGroup):
+    """The root command. Every subcommand (and each of `queue`'s) also takes -w/--workspace and --debug, so they work
+    before or after its name. They are copies of the root's options that set `_state` rather than pass a value, so no
+    command function declares them. Click parses them along with each command's own options, so another option's
+    value that reads `-w` stays that option's and `train -- -w` names a file, which moving `-w X` to the front of
+    argv by hand could not promise. Given on both sides, the one after the subcommand wins.
+    """
+
+    def __init__(self, **attrs):
+        super().__init__(**attrs)
+        shared = [copy.copy(p) for p in self.params if p.name in _SHARED]
+        for option in shared:
+            option.default, option.expose_value, option.callback = None, False, _set_shared
+        _share(self.commands.values(), shared)
+
+
+def _share(commands, options) -> None:
+    for command in commands:
+        command.params.extend(options)
+        if isinstance(command, TyperGroup):
+            _share(command.commands.values(), options)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("conveyor")
+    except metadata.PackageNotFoundError:  # a source tree run without `pip install`
+        from . import __version__
+
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"conveyor {_version()}", markup=False, highlight=False)
+        raise typer.Exit(0)
+
+
+app = typer.Typer(cls=_Conveyor, add_completion=False, no_args_is_help=True,
+                  help="Continuous fine-tuning of causal LMs.")
 
 
 @app.callback()
 def _global(
     workspace: Path = typer.Option(Path("."), "--workspace", "-w", help="Workspace folder (default: current)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, expose_value=False,
+                                 help="Print conveyor's version and exit."),
 ):
     _state["workspace"], _state["debug"] = workspace, debug
 
@@ -370,21 +424,30 @@ def history(
 
 @app.command()
 def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not."""
+    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not,
+    and whether retention kept its weights and optimizer state."""
     from .versions import all_versions
 
-    rows = all_versions(_ws().db)
+    ws = _ws()
+    rows = all_versions(ws.db, ws.runs)
     if as_json:
         return _print_json(rows)
-    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated")
+    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated",
+                  "weights", "optimizer")
     for v in rows:
         loss = v["eval"].get("eval.file")
         held = [x for k, x in v["eval"].items() if k != "eval.file"]
         table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
                       f"{loss:.4f}" if loss is not None else "-",
                       f"{len(held)}, mean {sum(held) / len(held):.4f}" if held else "-",
-                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "")
+                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "", v["weights"], v["optimizer"])
     console.print(table if rows else "no versions yet: a version is made when a job ends")
+    if any(v["weights"] == "kept" and v["optimizer"] == "pruned" for v in rows):
+        console.print("optimizer pruned: retention (training.keep_job_ends) kept the weights only; a rollback to "
+                      "such a version starts the optimizer moments from zero")
+    if any(v["weights"] == "pruned" for v in rows):
+        console.print("weights pruned: by retention (training.prune_version_weights); such a version can no longer "
+                      "be exported, tried or rolled back to")
 
 
 @app.command("eval")
@@ -578,24 +641,30 @@ def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to ma
 
 
 def main() -> None:
+    """The console script. Usage errors: the usage line, the `--help` hint and one message, exit 2, never a traceback.
+    Package errors and machine faults (a full disk, a damaged database): one `error:` line, exit 1, the traceback
+    with --debug. Ctrl-C: 130. standalone_mode=False hands all of them to us instead of typer's own handler; typer
+    (0.28 on) raises its bundled copy of click's exceptions, whose public base is typer.TyperException, not click's.
+    """
     try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised in a command
-        sys.exit(code if isinstance(code, int) else 0)
-    except ConveyorError as e:
-        if _state["debug"]:
-            raise
-        err.print(f"error: {e}", style="red", markup=False)
-        sys.exit(1)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.ClickException):
+        code = app(standalone_mode=False)  # a typer.Exit raised in a command (Ctrl-C too: 130) comes back as its code
+    except typer.TyperException as e:  # UsageError (exit 2) and the rest of typer's click exceptions
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        else:
+            err.print(f"Error: {e.format_message()}", markup=False, highlight=False)
+        if e.exit_code == 2 and getattr(e, "ctx", None) is None:  # `-w` without a value: no command to name
+            err.print("Try 'conveyor --help' for help.", markup=False, highlight=False)
+        code = e.exit_code
+    except typer.Exit as e:
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted", style="red")
+        code = 130
+    except Exception as e:
+        fault = e if isinstance(e, ConveyorError) else explain(e, Path(_state["workspace"]).resolve())
+        if fault is None or _state["debug"]:
+            raise
+        err.print(f"error: {fault}", style="red", markup=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
