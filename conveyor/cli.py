@@ -88,7 +88,12 @@ def _global(
 
 
 def _ws() -> Workspace:
-    return Workspace.open(_state["workspace"])
+    """The workspace, with any multi-step command that was cut off (SIGKILL, power loss) finished or undone."""
+    from .pending import recover
+
+    ws = Workspace.open(_state["workspace"])
+    recover(ws)
+    return ws
 
 
 def _print_json(data) -> None:

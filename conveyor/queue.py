@@ -51,7 +51,7 @@ def remove(ws: Workspace, job_id: int, reason: str) -> str:
         except Conflict:
             raise ConveyorError(f"job {job_id} started training just now; use `conveyor skip` to stop it") from None
         testhooks.failpoint("remove-committed", job_id)
-        _finish(ws, paths)
+        _finish(ws, {**paths, "job": job_id})
     return f"removed job {job_id}{trained}; its file is kept at {kept}"
 
 

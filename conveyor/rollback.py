@@ -44,6 +44,9 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
     parent, found, _ = checkpoint(db, ws.runs, version)
     source, manifest = found.path, found.manifest
     _refuse_while_busy(ws)
+    done = _already(ws, row, requeue)
+    if done is not None:
+        return done
     run_id = runs.next_id(db)
     final, tmp = ws.run_dir(run_id), ws.runs / f".tmp-{run_id}-{os.getpid()}"
     if final.exists():
@@ -89,6 +92,29 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
                       for j in later],
             "requeued": [{"job": new, "from": old} for old, new in requeued.items()],
             "message": " ".join([text, *placed])}
+
+
+def _already(ws: Workspace, row, requeue: bool) -> dict | None:
+    """A retry of a rollback that went through (perhaps cut off at its very end, and finished since): the active
+    run already branches from this version and has trained nothing since, with the later jobs requeued if asked.
+    Said, and nothing done twice."""
+    db, active = ws.db, runs.active(ws.db)
+    if active is None or active.parent_version != row["id"] or active.global_step != row["step"]:
+        return None
+    later = [j for j in jobs.all_jobs(db) if j.run_id == active.parent_run and j.state == JobState.DONE
+             and (j.end_step or 0) > row["step"]]
+    copies = {r["requeued_from"]: r["id"] for r in db.execute(
+        "SELECT id, requeued_from FROM jobs WHERE requeued_from IS NOT NULL AND state IN ('queued', 'interrupted')")}
+    if requeue and any(j.id not in copies for j in later):
+        return None
+    requeued = [{"job": copies[j.id], "from": j.id} for j in later if j.id in copies]
+    text = (f"{active.id} already branches from {name(row['id'])} ({active.parent_run}, step {row['step']}) and has "
+            "trained nothing since; nothing to do" + (f" (jobs {', '.join(str(r['job']) for r in requeued)} are "
+                                                      "queued again)" if requeued else ""))
+    return {"run": active.id, "parent_run": active.parent_run, "parent_version": name(row["id"]),
+            "step": row["step"], "after": [{"job": j.id, "file": j.file, "start_step": j.start_step,
+                                            "end_step": j.end_step} for j in later],
+            "requeued": requeued, "message": text}
 
 
 def _committed(ws: Workspace, data: dict) -> bool:
