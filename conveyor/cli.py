@@ -167,7 +167,12 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Enqueue the files in order and train everything queued in this process, then exit (non-zero if any failed)."""
+    from .controls import pause_text
+
     ws = _ws()
+    paused = pause_text(ws.db)
+    if paused:  # refused before anything is queued: the files would wait behind the pause
+        raise ConveyorError(f"{paused}. Nothing was queued")
     ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs)
     ok = _drain(ws, quiet) and ok
     raise typer.Exit(0 if ok else 1)

@@ -179,3 +179,16 @@ def _acted(con: sqlite3.Connection, action: Action, who: str, reason: str | None
     con.execute("INSERT INTO controls (action, who, reason, requested_at, taken_at, taken_by, acked_at, result,"
                 " effect) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (action.value, who, reason, now, now, who, now, result, effect.value))
+
+
+def pause_text(con: sqlite3.Connection) -> str | None:
+    """Who paused the queue, when and why, with how to go on; None if it is not paused. The one message every
+    command that would wait on a paused queue prints."""
+    row = con.execute("SELECT effect, who, reason, acked_at FROM controls WHERE effect IN ('hold', 'go on')"
+                      " ORDER BY acked_at DESC, id DESC LIMIT 1").fetchone()
+    if row is None or row["effect"] != Effect.HOLD.value:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["acked_at"]))
+    why = f": {row['reason']}" if row["reason"] else ""
+    return (f"the queue is paused (by {row['who']} at {when}{why}); no job starts until `conveyor resume`, which "
+            "works with or without a daemon running")

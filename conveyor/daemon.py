@@ -41,7 +41,6 @@ class Daemon:
         self.stop_reason: str | None = None
         self.drain = False
         self.config: Config | None = None  # the last valid settings
-        self.paused = controls.paused(self.db)
         self.worker: Worker | None = None  # the job training in this process
         self.process: process.WorkerProcess | None = None  # the job training in a worker process
         self._warm: process.WorkerProcess | None = None
@@ -57,9 +56,11 @@ class Daemon:
         self.drain = drain
         self.reload_config()
         self._startup()
-        if drain and controls.held_by(self.db) == GATE:  # nobody watches a drain: say why, and end
-            self.say("error", "the queue is paused by eval.gate (see `conveyor versions`); `conveyor resume` "
-                     "accepts the gated version, `conveyor rollback VERSION` undoes it")
+        if drain and self.paused:  # nobody may be watching a drain: say why, and end (a pause outlives a stop)
+            self.say("error", "nothing trained: " + (
+                "the queue is paused by eval.gate (see `conveyor versions`); `conveyor resume` accepts the gated "
+                "version, `conveyor rollback VERSION` undoes it" if controls.held_by(self.db) == GATE
+                else controls.pause_text(self.db)))
             return False
         with self._notifying(), self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
@@ -69,15 +70,19 @@ class Daemon:
                 if not waiting:
                     if drain and not self.paused:
                         break
+                    if self.paused:  # said once per pause, wherever it was taken (here, in a job, by the gate)
+                        self.say_once("paused", "warning", controls.pause_text(self.db) or "paused")
                     self.idle()
                     continue
+                self._said.discard("paused")
                 if not self.reload_config() or not self.enough_disk(waiting[0]):
                     self.idle(seconds=5.0)
                     continue
                 self.reconcile()
                 job = jobs.claim_next(self.db, claim=uuid.uuid4().hex)
                 if job is not None:
-                    ok = self.settle(job, self.train(job)) and ok
+                    held_before = controls.held_by(self.db)
+                    ok = self.settle(job, self.train(job), held_before) and ok
         return ok
 
     def _startup(self) -> None:
@@ -107,10 +112,8 @@ class Daemon:
             where = Context.PAUSED_BETWEEN_JOBS if self.paused else Context.BETWEEN_JOBS
             effect = req.effect(where)
             if effect == Effect.HOLD:
-                self.paused = True
                 controls.answer(self.db, req.id, "paused between jobs; no job starts until `conveyor resume`", effect)
             elif effect == Effect.GO_ON:
-                self.paused = False
                 controls.answer(self.db, req.id, "resumed", effect)
             elif effect == Effect.STOP:
                 self.stop_reason = f"stop requested by {req.who}"
@@ -211,12 +214,12 @@ class Daemon:
         return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? AND step > ? LIMIT 1",
                                     (job.id, (job.segment_start or 1) - 1)).fetchone())
 
-    def settle(self, job: Job, outcome: Outcome | None) -> bool:
+    def settle(self, job: Job, outcome: Outcome | None, held_before: str | None = None) -> bool:
         """Act on how the job's training ended; False if the job failed."""
         if outcome in (Outcome.DONE, Outcome.SKIPPED):
             file_finished(self.ws, jobs.get(self.db, job.id))
-            if not self.paused and controls.held_by(self.db) == GATE:  # the job's version is gated (see above)
-                return self._hold("eval.gate holds the queue; `conveyor resume` accepts the version")
+            if held_before != GATE and controls.held_by(self.db) == GATE:  # this job's version is gated
+                return self._hold("eval.gate holds the queue; `conveyor resume` accepts the version", record=False)
             return True
         if outcome == Outcome.FAILED:
             return False
@@ -235,14 +238,22 @@ class Daemon:
             return True
         return self._died(job)
 
-    def _hold(self, why: str) -> bool:
+    @property
+    def paused(self) -> bool:
+        """The queue's pause is the database's (controls.paused): one truth for the daemon, its workers, `status`,
+        `resume` and the next daemon, whoever took it (a person between jobs or in a job, the gate, this daemon)."""
+        return controls.paused(self.db)
+
+    def _hold(self, why: str, record: bool = True) -> bool:
         """A problem a retry would repeat: stop (drain) or pause until `conveyor resume`; the job keeps its place."""
         if self.drain:
             self.stop_reason = why
             self.say("error", f"stopped: {why}; run again to resume")
-        else:
-            self.paused = True
-            self.say("error", f"paused: {why}; `conveyor resume` retries")
+            return False
+        if record:  # a pause like a person's: kept in the database, shown by status, lifted by `conveyor resume`
+            controls.hold(self.db, f"daemon (pid {os.getpid()})", why)
+        self._said.add("paused")  # said here, with the reason
+        self.say("error", f"paused: {why}; `conveyor resume` retries")
         return False
 
     def _died(self, job: Job) -> bool:
