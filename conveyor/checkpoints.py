@@ -18,7 +18,7 @@ from typing import Callable
 from . import manifest as mf
 from .errors import CheckpointError
 from .fingerprint import fingerprint
-from .testhooks import failpoint
+from .testhooks import failpoint, fill_disk
 
 CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
@@ -142,6 +142,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     hashes = HashCache(root)
     try:
         tmp.mkdir()
+        fill_disk("checkpoint", step)
         save(tmp)
         failpoint("checkpoint-write", step)
         _seal(tmp, content, hashes, final.name)
@@ -158,7 +159,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
             raise CheckpointError(
                 f"disk full while writing checkpoint {final.name}: it needs about {need / 1e6:.1f} MB, "
                 f"{shutil.disk_usage(root).free / 1e6:.1f} MB are free; the previous checkpoint is intact. "
-                "Free some space and start conveyor again"
+                "Free some space: a running daemon goes on by itself once there is room"
             ) from e
         raise
     except ValueError as e:

@@ -178,6 +178,19 @@ class NotifyConfig(_Section):
     retries: int = Field(3, ge=0, le=20)
     """Further tries after a failed delivery (waiting 1, 2, 4, ... s); a failure is logged, never fatal."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_credentials(cls, data):
+        # An error quotes the value it refuses ("found ..."): credentials in the webhook's URL are blanked first.
+        if isinstance(data, dict) and isinstance(data.get("webhook"), str):
+            try:
+                parts = urllib.parse.urlsplit(data["webhook"])
+            except ValueError:  # not a URL at all: _http_url says so
+                return data
+            if "@" in parts.netloc:
+                data = {**data, "webhook": parts._replace(netloc="…@" + parts.netloc.rpartition("@")[2]).geturl()}
+        return data
+
     @field_validator("webhook")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -185,6 +198,10 @@ class NotifyConfig(_Section):
         if value and (parts.scheme not in ("http", "https") or not parts.netloc):
             raise PydanticCustomError("webhook", "an http:// or https:// URL such as "
                                       "https://hooks.example.com/conveyor, or \"\" for none")
+        if "@" in parts.netloc:  # they would be logged with every failed delivery, and urllib does not send them
+            raise PydanticCustomError("webhook", "credentials in the URL (user:password@) are refused; they are not "
+                                      "shown or stored: remove them and send them with notify.secret_header instead, "
+                                      "e.g. \"Authorization: Basic <base64 of user:password>\"")
         return value
 
     @field_validator("secret_header")

@@ -1,5 +1,5 @@
-"""Notifications: while the daemon works, a `Notifier` thread tails the events table and hands the events a person
-waits for to `notify.webhook` (a JSON POST) and/or `notify.command` (the JSON on its standard input).
+"""Notifications: while the daemon works, `Notifier` tails the events table and hands the events a person waits for
+to `notify.webhook` (a JSON POST) and/or `notify.command` (the JSON on its standard input).
 
 Events sent (the events table's `kind`): done, failed, rejected, gate (eval.gate held the queue), disk (paused: not
 enough free disk), stopped (the daemon's work loop ended). One event, as JSON (null where it does not apply):
@@ -10,16 +10,19 @@ enough free disk), stopped (the daemon's work loop ended). One event, as JSON (n
 
 `id` is the event's row id (increasing: a receiver can drop a repeat), `steps` the steps the job has trained,
 `losses` cover its ledger rows not lost to a rewind, `eval` (present only when evaluations exist at `end_step`)
-maps each evaluation set to its loss there. Events go out one at a time, in the order they were logged.
+maps each evaluation set to its loss there. Each target gets the events one at a time, in the order they were logged.
 
-Nothing is lost between daemons: the last event handled (sent, or failed after its tries) is kept per target
-(webhook and command) in the database, and the next daemon starts after it, so events logged while none ran
+The webhook and the command are independent targets, each with its own thread, so a slow or failing one never
+delays the other. Nothing is lost between daemons: the last event a target handled (sent, or failed after its
+tries) is kept in the database per target, and the next daemon starts after it, so events logged while none ran
 (a file rejected by `conveyor add`) or not yet sent when one stopped go out then, in order (at most the last 200).
 
-Delivery never blocks training: it runs on its own thread with its own database connection (an sqlite
-connection cannot cross threads). Each try has a timeout; a failed try is retried after 1, 2, 4, ... s; an HTTP
-4xx other than 408/429 is the settings' mistake and is not retried. A delivery that fails for good, and whatever
-is still queued when `close` runs out of time, is logged as a `notify` warning event, never raised.
+Delivery never blocks training: it runs on its own threads with their own database connections (an sqlite
+connection cannot cross threads). Each try has one deadline over all of it (for the webhook: connect, send, the
+answer's headers and body); a failed try is retried after 1, 2, 4, ... s; an HTTP 4xx other than 408/429 is the
+settings' mistake and is not retried. A delivery that fails for good, and whatever is still queued when `close`
+runs out of time, is logged as a `notify` warning event, never raised. The webhook URL's query and credentials are
+never logged (conveyor.toml refuses credentials in it): only its host and port.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shlex
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -60,15 +65,45 @@ def close_wait(settings: NotifyConfig) -> float:
 
 
 class Notifier:
-    """One background thread delivering, in order, the events logged after it was made."""
+    """Delivers the events logged after it was made: one `Target` thread each for notify.webhook and notify.command."""
 
     def __init__(self, db_path: Path, settings: NotifyConfig, workspace: str, backoff_seconds: float = 1.0,
                  poll_seconds: float = POLL_SECONDS):
+        self.targets = [Target(channel, db_path, settings, workspace, backoff_seconds, poll_seconds)
+                        for channel in ("webhook", "command") if getattr(settings, channel)]
+
+    def start(self) -> Notifier:
+        for target in self.targets:
+            target.start()
+        return self
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is logged by now within `timeout` seconds, then give up (logging what was not sent)."""
+        deadline = time.monotonic() + timeout
+        for target in self.targets:  # all at once: each target has the whole wait
+            target.stop_by(deadline, timeout)
+        for target in self.targets:
+            target.join(max(0.0, deadline - time.monotonic()) + 0.5)
+
+
+def cursor_key(webhook: str, command: str) -> str:
+    """A target's row in notify_cursor. One row used to serve both targets (the key of both settings): a target
+    without a row of its own starts from that one, so that nothing is lost or repeated across the upgrade."""
+    return hashlib.sha256(f"{webhook}\0{command}".encode()).hexdigest()[:16]
+
+
+class Target:
+    """One thread delivering, in order, the events logged after it was made to notify.webhook or notify.command."""
+
+    def __init__(self, channel: str, db_path: Path, settings: NotifyConfig, workspace: str, backoff_seconds: float,
+                 poll_seconds: float):
+        self.channel = channel  # "webhook" or "command"
         self.db_path = db_path
         self.settings = settings
         self.workspace = workspace
         self.backoff = backoff_seconds  # the first wait between tries; doubles with each further try
         self.poll = poll_seconds
+        self._send = _post if channel == "webhook" else _run_command
         self._pending: collections.deque[dict] = collections.deque()
         self._closing = threading.Event()
         self._deadline = float("inf")  # monotonic time by which close gives up; set before _closing
@@ -76,38 +111,41 @@ class Notifier:
         self._lock = threading.Lock()  # guards _current, _pending and _given_up between the thread and close()
         self._current: dict | None = None  # the event being delivered
         self._given_up = False
-        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        # The tail starts where the last daemon with these targets left it (events logged while none ran, or not
-        # delivered before one stopped, go out now: at most the last BACKLOG); the first time, after what is logged.
-        self._target = hashlib.sha256(f"{settings.webhook}\0{settings.command}".encode()).hexdigest()[:16]
-        con = connect(db_path)
+        self._thread = threading.Thread(target=self._run, name=f"notify-{channel}", daemon=True)
+        self._key = cursor_key(settings.webhook, "") if channel == "webhook" else cursor_key("", settings.command)
+        self._cursor = self._start_cursor(cursor_key(settings.webhook, settings.command))
+
+    def _start_cursor(self, shared_key: str) -> int:
+        """Where the last daemon with this target left it (events logged while none ran, or not delivered before one
+        stopped, go out now: at most the last BACKLOG); the first time, after what is logged."""
+        con = connect(self.db_path)
         try:
-            row = con.execute("SELECT last_id FROM notify_cursor WHERE target = ?", (self._target,)).fetchone()
-            if row is None:
-                self._cursor = con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-                con.execute("INSERT OR IGNORE INTO notify_cursor (target, last_id) VALUES (?, ?)",
-                            (self._target, self._cursor))
-            else:
-                oldest = con.execute(f"SELECT id FROM events WHERE id > ? AND kind IN ({', '.join('?' * len(KINDS))})"
-                                     " ORDER BY id DESC LIMIT 1 OFFSET ?", (row["last_id"], *KINDS, BACKLOG)).fetchone()
-                self._cursor = oldest["id"] if oldest else row["last_id"]
+            row = None
+            for key in (self._key, shared_key):
+                if row is None:
+                    row = con.execute("SELECT last_id FROM notify_cursor WHERE target = ?", (key,)).fetchone()
+            last = row["last_id"] if row else con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            con.execute("INSERT OR IGNORE INTO notify_cursor (target, last_id) VALUES (?, ?)", (self._key, last))
+            oldest = con.execute(f"SELECT id FROM events WHERE id > ? AND kind IN ({', '.join('?' * len(KINDS))})"
+                                 " ORDER BY id DESC LIMIT 1 OFFSET ?", (last, *KINDS, BACKLOG)).fetchone()
+            return oldest["id"] if oldest else last
         finally:
             con.close()
 
-    def start(self) -> "Notifier":
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def close(self, timeout: float) -> None:
-        """Deliver what is logged by now within `timeout` seconds, then give up (logging what was not sent)."""
+    def stop_by(self, deadline: float, timeout: float) -> None:
+        """Deliver what is logged by now until the monotonic `deadline` (`timeout` seconds from now), then stop."""
         self._close_wait = timeout
-        self._deadline = time.monotonic() + timeout
+        self._deadline = deadline
         self._closing.set()
-        self._thread.join(timeout + 0.5)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
         if self._thread.is_alive():  # a try begun before close() still waits for its answer: leave it
             self._give_up(None)
 
-    # The thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         con = connect(self.db_path)
         try:
@@ -122,20 +160,21 @@ class Notifier:
                     self._deliver(con, self._current)
                     # Handled (sent, or failed after its tries): the next daemon starts after it.
                     con.execute("UPDATE notify_cursor SET last_id = ? WHERE target = ?", (self._current["id"],
-                                                                                         self._target))
+                                                                                         self._key))
                     self._current = None
                 if closing or self._time_left() <= 0:
                     break
                 self._closing.wait(self.poll)
             self._give_up(con)
         except Exception as e:  # a notification problem must never surface in training
-            _log_quietly(con, f"notify: stopped delivering events ({type(e).__name__}: {e})")
+            _log_quietly(con, f"notify: stopped delivering events to notify.{self.channel} ({type(e).__name__}: "
+                              f"{_scrub(str(e), self.settings.webhook)})")
         finally:
             con.close()
 
     def _give_up(self, con: sqlite3.Connection | None) -> None:
         """Log, once, the events not delivered when close() stopped waiting (from whichever thread gets here first:
-        the notifier's, or close()'s when a try is still in flight, with its own connection)."""
+        the target's, or close()'s when a try is still in flight, with its own connection)."""
         own = con is None
         con = connect(self.db_path) if own else con
         try:
@@ -146,9 +185,9 @@ class Notifier:
                 self._pending.extend(self._new_events(con))  # logged meanwhile; a busy thread has not read them
                 left = ([self._current] if self._current else []) + list(self._pending)
             if left:
-                log_event(con, "warning", "notify", f"notify: {len(left)} event(s) not delivered within the "
-                          f"{self._close_wait:.1f} s the daemon waits for them when it stops (the next daemon sends them): "
-                          + ", ".join(_name(e) for e in left))
+                log_event(con, "warning", "notify", f"notify: {len(left)} event(s) not delivered to "
+                          f"notify.{self.channel} within the {self._close_wait:.1f} s the daemon waits for them when "
+                          "it stops (the next daemon sends them): " + ", ".join(_name(e) for e in left))
         finally:
             if own:
                 con.close()
@@ -161,18 +200,14 @@ class Notifier:
         return [event(con, r, self.workspace) for r in rows]
 
     def _deliver(self, con: sqlite3.Connection, ev: dict) -> None:
-        body = json.dumps(ev).encode()
-        s = self.settings
-        for channel, target, send in (("webhook", s.webhook, self._post), ("command", s.command, self._run_command)):
-            if target:
-                problem = self._with_retries(send, body)
-                if problem and not self._given_up:  # else close() has reported it already
-                    where = urllib.parse.urlsplit(target).netloc if channel == "webhook" else ""  # no secrets
-                    log_event(con, "warning", "notify", f"notify: the {_name(ev)} event was not delivered to "
-                              f"notify.{channel}" + (f" ({where})" if where else "") + f": {problem}", ev["job"])
+        problem = self._with_retries(json.dumps(ev).encode())
+        if problem and not self._given_up:  # else close() has reported it already
+            where = f" ({_where(self.settings.webhook)})" if self.channel == "webhook" else ""
+            log_event(con, "warning", "notify", f"notify: the {_name(ev)} event was not delivered to "
+                      f"notify.{self.channel}{where}: {_scrub(problem, self.settings.webhook)}", ev["job"])
 
-    def _with_retries(self, send, body: bytes) -> str | None:
-        """None once `send` succeeds; else what went wrong on the last try, and how many tries were made."""
+    def _with_retries(self, body: bytes) -> str | None:
+        """None once a try succeeds; else what went wrong on the last try, and how many tries were made."""
         tries = 0
         while True:
             timeout = min(self.settings.timeout_seconds, self._time_left())
@@ -180,52 +215,14 @@ class Notifier:
                 return f"the daemon stopped waiting after {tries} tr{'y' if tries == 1 else 'ies'}"
             tries += 1
             try:
-                send(body, timeout)
+                self._send(self.settings, body, timeout)
                 return None
             except Undeliverable as e:
                 return f"{e} (not retried: fix the setting)"
             except Exception as e:  # the network, the endpoint, the command: all retried, none fatal
-                problem = _describe(e)
+                problem = _describe(e, timeout)
             if tries > self.settings.retries or not self._pause(self.backoff * 2 ** (tries - 1)):
                 return f"{problem} (after {tries} tr{'y' if tries == 1 else 'ies'})"
-
-    def _post(self, body: bytes, timeout: float) -> None:
-        # conveyor.toml's validation should have caught these; urllib would also open file:// and ftp:// URLs.
-        if urllib.parse.urlsplit(self.settings.webhook).scheme not in ("http", "https"):
-            raise Undeliverable("notify.webhook is not an http:// or https:// URL")
-        headers = {"Content-Type": "application/json", "User-Agent": "conveyor"}
-        if self.settings.secret_header:
-            name, colon, value = self.settings.secret_header.partition(":")
-            if not colon or not name.strip():
-                raise Undeliverable('notify.secret_header is not of the form "Name: value"')
-            headers[name.strip()] = value.strip()
-        request = urllib.request.Request(self.settings.webhook, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                response.read(1 << 16)
-        except urllib.error.HTTPError as e:
-            if 400 <= e.code < 500 and e.code not in (408, 429):
-                raise Undeliverable(f"HTTP {e.code} {e.reason}") from e
-            raise
-
-    def _run_command(self, body: bytes, timeout: float) -> None:
-        # Its own session, so that on a timeout the whole group goes (a child holding the pipes would block us).
-        try:
-            p = subprocess.Popen(shlex.split(self.settings.command), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, start_new_session=True)
-        except (ValueError, OSError) as e:  # unbalanced quotes, no such program, not executable
-            raise Undeliverable(f"cannot run it ({e})") from e
-        with p:
-            try:
-                _, err = p.communicate(body, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
-                raise
-        if p.returncode != 0:
-            tail = err.decode(errors="replace").strip()[-300:]
-            raise RuntimeError(f"exit code {p.returncode}" + (f": {tail}" if tail else ""))
 
     def _pause(self, seconds: float) -> bool:
         """Wait between tries; False if the wait would end past the close deadline."""
@@ -243,6 +240,120 @@ class Notifier:
         return self._deadline - time.monotonic()
 
 
+# The two ways out ------------------------------------------------------------------------------------------------
+def _post(settings: NotifyConfig, body: bytes, timeout: float) -> None:
+    """POST the event to notify.webhook; the whole request (connect, send, headers and body) within `timeout` s."""
+    parts = urllib.parse.urlsplit(settings.webhook)
+    # conveyor.toml's validation should have caught these; urllib would also open file:// and ftp:// URLs.
+    if parts.scheme not in ("http", "https"):
+        raise Undeliverable("notify.webhook is not an http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise Undeliverable("notify.webhook holds credentials (user:password@); send them with notify.secret_header")
+    headers = {"Content-Type": "application/json", "User-Agent": "conveyor"}
+    if settings.secret_header:
+        name, colon, value = settings.secret_header.partition(":")
+        if not colon or not name.strip():
+            raise Undeliverable('notify.secret_header is not of the form "Name: value"')
+        headers[name.strip()] = value.strip()
+    try:
+        _Try(urllib.request.Request(settings.webhook, data=body, headers=headers, method="POST"), timeout).run()
+    except urllib.error.HTTPError as e:
+        e.close()
+        if 400 <= e.code < 500 and e.code not in (408, 429):
+            raise Undeliverable(f"HTTP {e.code} {e.reason}") from None
+        raise
+
+
+class _Try:
+    """One POST on a thread of its own, abandoned when its time is up. urllib's timeout bounds each socket read, not
+    the request: an endpoint sending a byte a second would hold a try (and every later event) as long as it liked.
+    The abandoned thread (a daemon thread: it never holds up exit) is woken by shutting its socket down."""
+
+    def __init__(self, request: urllib.request.Request, timeout: float):
+        self.request = request
+        self.timeout = timeout
+        self._lock = threading.Lock()  # guards _sockets and _abandoned between the two threads
+        self._sockets: list[socket.socket] = []
+        self._abandoned = False
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        thread = threading.Thread(target=self._request, name="notify-post", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            with self._lock:
+                self._abandoned = True
+                for sock in self._sockets:
+                    with contextlib.suppress(OSError):  # the plain socket's shutdown: an SSL one's is not thread-safe
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            raise TimeoutError("out of time")
+        if self._error is not None:
+            raise self._error
+
+    def _request(self) -> None:
+        try:
+            with urllib.request.build_opener(_KeepSockets(self._keep)).open(self.request, timeout=self.timeout) as r:
+                r.read(1 << 16)
+        except Exception as e:  # handed to run(); nobody reads it once the try was abandoned
+            self._error = e
+
+    def _keep(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._abandoned:  # connected just after the deadline: do not send
+                raise TimeoutError("out of time")
+            self._sockets.append(sock)
+
+
+class _KeepSockets(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's own http:// and https:// handling (proxies, TLS), handing each connected socket to `keep`."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+
+    def http_open(self, req):
+        return self.do_open(self._connection(http.client.HTTPConnection), req)
+
+    def https_open(self, req):
+        return self.do_open(self._connection(http.client.HTTPSConnection), req, context=self._context)
+
+    def _connection(self, cls):
+        def make(*args, **kwargs):
+            conn = cls(*args, **kwargs)
+            connect = conn.connect
+
+            def connect_and_keep():
+                connect()
+                self.keep(conn.sock)
+
+            conn.connect = connect_and_keep
+            return conn
+
+        return make
+
+
+def _run_command(settings: NotifyConfig, body: bytes, timeout: float) -> None:
+    # Its own session, so that on a timeout the whole group goes (a child holding the pipes would block us).
+    try:
+        p = subprocess.Popen(shlex.split(settings.command), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    except (ValueError, OSError) as e:  # unbalanced quotes, no such program, not executable
+        raise Undeliverable(f"cannot run it ({e})") from e
+    with p:
+        try:
+            _, err = p.communicate(body, timeout=timeout)  # one deadline for writing, reading and the exit
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    if p.returncode != 0:
+        tail = err.decode(errors="replace").strip()[-300:]
+        raise RuntimeError(f"exit code {p.returncode}" + (f": {tail}" if tail else ""))
+
+
+# Events ----------------------------------------------------------------------------------------------------------
 def event(con: sqlite3.Connection, row: sqlite3.Row, workspace: str) -> dict:
     """The JSON-ready event of one events-table row, with its job's file, steps, losses and evaluations."""
     ev = {"id": row["id"], "kind": row["kind"], "job": row["job_id"], "file": None, "steps": None,
@@ -284,19 +395,35 @@ def _name(ev: dict) -> str:
     return f"'{ev['kind']}'" + (f" (job {ev['job']})" if ev["job"] is not None else "")
 
 
-def _describe(e: Exception) -> str:
+def _describe(e: Exception, timeout: float) -> str:
     if isinstance(e, subprocess.TimeoutExpired):
-        return f"no answer within {e.timeout:.1f} s (notify.timeout_seconds)"
+        return f"did not finish within {timeout:.1f} s (notify.timeout_seconds)"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
+    reason = getattr(e, "reason", None)  # a URLError's
+    if isinstance(e, TimeoutError) or isinstance(reason, TimeoutError) or "timed out" in str(reason or ""):
+        return f"no complete answer within {timeout:.1f} s (notify.timeout_seconds)"
     if isinstance(e, urllib.error.URLError):
-        reason = e.reason
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            return "no answer within notify.timeout_seconds"
         return f"cannot reach it ({reason})"
-    if isinstance(e, TimeoutError):
-        return "no answer within notify.timeout_seconds"
     return f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+
+
+def _where(url: str) -> str:
+    """The webhook's host and port: its path and query may carry a token (Slack's and Discord's paths do)."""
+    return urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` without the webhook URL's secrets: the URL itself becomes its host and port; its path, query, fragment
+    and credentials (which conveyor.toml refuses) become '…' wherever an error message quotes them."""
+    if not url:
+        return text
+    parts = urllib.parse.urlsplit(url)
+    text = text.replace(url, _where(url))
+    for secret in (parts.netloc.rpartition("@")[0], parts.password, parts.query, parts.fragment, parts.path):
+        if secret and len(secret) > 1:
+            text = text.replace(secret, "…")
+    return text
 
 
 def _log_quietly(con: sqlite3.Connection, text: str) -> None:

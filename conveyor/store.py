@@ -280,13 +280,21 @@ def log_event(con: sqlite3.Connection, level: str, kind: str, message: str, job_
         {"ts": round(now, 3), "pid": os.getpid(), "level": level, "kind": kind, "job": job_id, "message": message}))
 
 
+class _LogFile(RotatingFileHandler):
+    """The workspace log. A line it cannot write (a full disk) is dropped without a word: the same message is in
+    the events table or on the terminal, and logging's own report would be a traceback on stderr."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.dropped = getattr(self, "dropped", 0) + 1
+
+
 def attach_log_file(folder: Path) -> None:
     """Structured log (one JSON object a line) in logs/conveyor.log, rotated at 5 MB, 5 files kept."""
     folder.mkdir(exist_ok=True)
     path = str(folder / "conveyor.log")
     if any(getattr(h, "baseFilename", None) == path for h in logger.handlers):
         return
-    handler = RotatingFileHandler(path, maxBytes=5 * 2**20, backupCount=5, encoding="utf-8")
+    handler = _LogFile(path, maxBytes=5 * 2**20, backupCount=5, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

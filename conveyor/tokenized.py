@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import DataError
+from .testhooks import fill_disk
 from .formats import (IGNORE, Example, TokenizedFile, Tokenized, describe_template_problems, stream_examples,
                       tokenize_example, trainable_positions)
 from .chat import ChatError
@@ -85,6 +86,7 @@ def tokenize_cached(path: Path, name: str, tokenizer, max_length: int, cache_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        fill_disk("tokenized", 0)
         meta = _write(tmp, stream_examples(path, name), tokenizer, max_length, name)
         meta["key"], meta["max_length"] = key, max_length
         (tmp / META).write_text(json.dumps(meta), encoding="utf-8")

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ledger, run_cli, set_setting, text_file
 from conveyor.config import NotifyConfig
-from conveyor.notify import Notifier, close_wait
+from conveyor.notify import Notifier, close_wait, cursor_key
 from conveyor.store import connect, log_event
 from service import Service
 
@@ -32,6 +32,7 @@ class Endpoint:
     def __init__(self, answers: list[int] | None = None, delay: float = 0.0):
         self.got: list[dict] = []
         self.answers = list(answers or [])
+        self.delay = delay
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +40,7 @@ class Endpoint:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 endpoint.got.append({"at": time.time(), "path": self.path, "headers": dict(self.headers),
                                      "event": json.loads(body)})
-                time.sleep(delay)
+                time.sleep(endpoint.delay)
                 code = endpoint.answers.pop(0) if endpoint.answers else 200
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
@@ -72,6 +73,64 @@ def endpoint():
     yield make
     for e in made:
         e.close()
+
+
+class Drip:
+    """A webhook that answers 200 at once, promising 1000 bytes, then sends one byte every 0.5 s (120 bytes: 60 s):
+    `sending` while it drips; `cut_off` once the client hung up on it mid-body."""
+
+    def __init__(self, interval: float = 0.5, size: int = 120):
+        self.sending, self.cut_off, self.stop = threading.Event(), threading.Event(), threading.Event()
+        self.sent = 0
+        drip = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                drip.sending.set()
+                try:
+                    while drip.sent < size and not drip.stop.wait(interval):
+                        self.wfile.write(b"x")
+                        drip.sent += 1
+                except OSError:  # the client shut its socket down
+                    drip.cut_off.set()
+                finally:
+                    drip.sending.clear()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def drip():
+    d = Drip()
+    yield d
+    d.close()
+
+
+def recorder(tmp_path: Path) -> tuple[str, Path]:
+    """A notify.command appending each event it gets to a file, and that file."""
+    out = tmp_path / "events.jsonl"
+    script = tmp_path / "on_event.py"
+    script.write_text("import sys\nwith open(sys.argv[1], 'a') as f:\n    f.write(sys.stdin.read().strip() + '\\n')\n")
+    return " ".join(shlex.quote(str(a)) for a in (sys.executable, script, out)), out
+
+
+def recorded(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
 def dead_url() -> str:
@@ -153,13 +212,10 @@ def test_a_dead_endpoint_neither_slows_training_nor_fails_jobs_and_is_logged(wor
 
 
 def test_command_gets_each_event_as_json_on_stdin(workspace, tmp_path):
-    out = tmp_path / "events.jsonl"
-    script = tmp_path / "on_event.py"
-    script.write_text("import sys\nwith open(sys.argv[1], 'a') as f:\n    f.write(sys.stdin.read().strip() + '\\n')\n")
-    command = " ".join(shlex.quote(str(a)) for a in (sys.executable, script, out))
+    command, out = recorder(tmp_path)
     ws = workspace(**SMALL, notify={"command": command})
     assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0
-    got = [json.loads(line) for line in out.read_text().splitlines()]
+    got = recorded(out)
     assert [(e["kind"], e["job"], e["file"], e["start_step"], e["end_step"]) for e in got] == [
         ("done", 1, "a.jsonl", 1, 2), ("stopped", None, None, None, None)]
 
@@ -236,7 +292,7 @@ def test_a_slow_endpoint_times_out_each_try_and_the_failure_is_logged_not_raised
     start = time.monotonic()
     warning = until(lambda: con.execute("SELECT * FROM events WHERE kind = 'notify'").fetchone(), 5, "the warning")
     assert time.monotonic() - start < 2.5  # 2 tries of 0.2 s and a 0.1 s wait, not the endpoint's 3 s each
-    assert "'failed' (job 3)" in warning["message"] and "no answer within" in warning["message"] \
+    assert "'failed' (job 3)" in warning["message"] and "no complete answer within 0.2 s" in warning["message"] \
         and "(after 2 tries)" in warning["message"], warning["message"]
     until(lambda: len(hook.got) >= 2, 5, "both tries to arrive")
     assert len(hook.got) == 2
@@ -251,8 +307,10 @@ def test_a_refusal_is_not_retried_and_a_command_failure_is_logged(db, endpoint, 
     log_event(con, "error", "gate", "the gate held the queue", 2)
     n.close(5.0)
     warnings = [r["message"] for r in con.execute("SELECT message FROM events WHERE kind = 'notify' ORDER BY id")]
-    assert len(hook.got) == 1 and "HTTP 401" in warnings[0] and "not retried" in warnings[0], warnings
-    assert "notify.command" in warnings[1] and "exit code 3" in warnings[1] and "(after 3 tries)" in warnings[1]
+    hook_warning, command_warning = sorted(warnings, key=lambda w: "notify.command" in w)  # independent targets
+    assert len(hook.got) == 1 and "HTTP 401" in hook_warning and "not retried" in hook_warning, warnings
+    assert "notify.command" in command_warning and "exit code 3" in command_warning \
+        and "(after 3 tries)" in command_warning
 
 
 def test_close_gives_up_within_its_bound_and_says_what_was_not_delivered(db, endpoint):
@@ -266,7 +324,8 @@ def test_close_gives_up_within_its_bound_and_says_what_was_not_delivered(db, end
     n.close(0.5)
     assert time.monotonic() - start < 3.0  # the bound and its 0.5 s slack, not the 4 s try in flight
     warning = con.execute("SELECT message FROM events WHERE kind = 'notify'").fetchone()["message"]
-    assert "2 event(s) not delivered within the 0.5 s" in warning and "'done' (job 1), 'stopped'" in warning
+    assert "2 event(s) not delivered to notify.webhook within the 0.5 s" in warning \
+        and "'done' (job 1), 'stopped'" in warning
 
 
 def test_events_logged_while_no_daemon_ran_go_out_with_the_next_one_in_order(workspace, tmp_path, endpoint):
@@ -284,3 +343,91 @@ def test_events_logged_while_no_daemon_ran_go_out_with_the_next_one_in_order(wor
                                                      ("done", "b.jsonl"), ("stopped", None)]
     assert "line 2" in got[2]["message"]
     assert len({e["id"] for e in got}) == 5  # each event once
+
+
+# One deadline per try; independent targets; no secrets ---------------------------------------------------------
+def test_a_body_sent_a_byte_a_second_is_given_up_at_the_try_deadline(db, drip, tmp_path):
+    """urllib's timeout bounds each socket read: a byte every 0.5 s (each read well within 1 s) used to hold the try
+    for the whole 60 s the body takes."""
+    path, con = db
+    n = _notifier(path, webhook=drip.url, timeout_seconds=1.0, retries=0)
+    log_event(con, "info", "done", "job 1: steps 1–2", 1)
+    until(drip.sending.is_set, 10, "the answer's headers")
+    warning = until(lambda: con.execute("SELECT * FROM events WHERE kind = 'notify'").fetchone(), 20,
+                    "the try to be given up (the body would take 60 s)")
+    assert "'done' (job 1)" in warning["message"] and "no complete answer within 1.0 s (notify.timeout_seconds)" \
+        in warning["message"] and "(after 1 try)" in warning["message"], warning["message"]
+    until(drip.cut_off.is_set, 20, "the abandoned try to hang up (its thread does not linger)")
+    assert drip.sent < 120
+    n.close(1.0)
+
+
+def test_a_stuck_webhook_never_delays_the_command(db, drip, tmp_path):
+    path, con = db
+    command, out = recorder(tmp_path)
+    n = _notifier(path, webhook=drip.url, command=command, timeout_seconds=30.0, retries=0)
+    log_event(con, "info", "done", "job 1: steps 1–2", 1)
+    log_event(con, "info", "stopped", "daemon stopped (drained: nothing left to train)")
+    until(lambda: len(recorded(out)) >= 2, 20, "the command to get both events")
+    assert drip.sending.is_set() and drip.sent < 120  # the webhook's first try is still reading its answer
+    assert [e["kind"] for e in recorded(out)] == ["done", "stopped"]
+    n.close(0.2)
+    warnings = [r["message"] for r in con.execute("SELECT message FROM events WHERE kind = 'notify'")]
+    assert len(warnings) == 1 and "2 event(s) not delivered to notify.webhook" in warnings[0], warnings
+
+
+def test_each_target_starts_after_the_last_event_it_handled(db, endpoint, tmp_path):
+    """The command got both events; the webhook was still on the first when the daemon stopped: the next daemon
+    sends the webhook both, the command neither."""
+    path, con = db
+    hook = endpoint(delay=3.0)
+    command, out = recorder(tmp_path)
+    settings = {"webhook": hook.url, "command": command, "timeout_seconds": 2.0, "retries": 0}
+    first = _notifier(path, **settings)
+    log_event(con, "info", "done", "job 1: steps 1–2", 1)
+    log_event(con, "info", "stopped", "daemon stopped (SIGTERM)")
+    until(lambda: len(recorded(out)) >= 2 and hook.got, 20, "the command's two events and the webhook's first try")
+    first.close(0.2)
+    hook.delay = 0.0
+    _notifier(path, **settings).close(5.0)
+    assert [e["kind"] for e in hook.events()] == ["done", "done", "stopped"]  # the first try, then both again
+    assert [e["kind"] for e in recorded(out)] == ["done", "stopped"]  # each once
+
+
+def test_a_cursor_shared_by_both_targets_is_where_each_starts(db, endpoint, tmp_path):
+    """Before each target had its own, one cursor row (keyed by both settings) served both."""
+    path, con = db
+    hook = endpoint()
+    command, out = recorder(tmp_path)
+    log_event(con, "info", "done", "job 1: sent by the last daemon", 1)
+    con.execute("INSERT INTO notify_cursor (target, last_id) VALUES (?, (SELECT MAX(id) FROM events))",
+                (cursor_key(hook.url, command),))
+    log_event(con, "info", "rejected", "logged while no daemon ran", 2)
+    _notifier(path, webhook=hook.url, command=command).close(5.0)
+    assert [e["message"] for e in hook.events()] == ["logged while no daemon ran"]
+    assert [e["message"] for e in recorded(out)] == ["logged while no daemon ran"]
+
+
+@pytest.mark.parametrize("userinfo", ["bob:hunter2@", "bob@", ":hunter2@"])
+def test_credentials_in_the_webhook_url_are_refused_at_load_and_never_shown(workspace, userinfo):
+    ws = workspace()
+    set_setting(ws, "notify", "webhook", f'"https://{userinfo}hooks.example.com/conveyor"')
+    r = run_cli(ws, "run", "--drain")
+    message = r.out + r.err
+    assert r.code == 1 and "notify.webhook: credentials in the URL (user:password@) are refused" in message
+    assert "not shown or stored" in message and "notify.secret_header" in message
+    assert "hunter2" not in message and "bob" not in message
+    assert "'https://…@hooks.example.com/conveyor'" in message
+    assert not (ws / "conveyor.db").exists() or not [e for e in events(ws) if "hunter2" in e["message"]]
+
+
+def test_a_failing_webhook_logs_neither_its_query_nor_its_path(db):
+    """The query (and for Slack or Discord, the path) of a webhook URL is its secret: only host and port show."""
+    path, con = db
+    url = dead_url().replace("/hook", "/services/T0/B0/pathsecret?token=abc")
+    n = _notifier(path, webhook=url, timeout_seconds=1.0, retries=0)
+    log_event(con, "info", "done", "job 1: steps 1–2", 1)
+    n.close(5.0)
+    (warning,) = [r["message"] for r in con.execute("SELECT message FROM events WHERE kind = 'notify'")]
+    assert "cannot reach it" in warning and url.split("/")[2] in warning, warning
+    assert "abc" not in warning and "token" not in warning and "pathsecret" not in warning
