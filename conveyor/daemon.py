@@ -17,7 +17,7 @@ import traceback
 import uuid
 
 from . import checkpoints as ck
-from . import controls, jobs, process, runs
+from . import controls, faults, jobs, process, runs
 from .config import Config
 from .controls import Context, Effect
 from .errors import ConveyorError
@@ -48,6 +48,7 @@ class Daemon:
         self._exit = "an exception"  # how the last worker ended, for messages
         self._inbox: Inbox | None = None
         self._said: set[str] = set()
+        self._room = 0  # after a write failed for lack of space: the free bytes to wait for before training again
 
     # The work loop -----------------------------------------------------------------------------
     def work(self, drain: bool = False) -> bool:
@@ -64,26 +65,41 @@ class Daemon:
             return False
         with self._notifying(), self._warm_stop_signals(), self._watching(), contextlib.closing(self):
             while self.stop_reason is None:
-                self.claim_files()
-                self.act_on_controls()
-                waiting = not self.paused and jobs.waiting(self.db)
-                if not waiting:
-                    if drain and not self.paused:
-                        break
-                    if self.paused:  # said once per pause, wherever it was taken (here, in a job, by the gate)
-                        self.say_once("paused", "warning", controls.pause_text(self.db) or "paused")
-                    self.idle()
+                try:
+                    turned = self.turn()
+                except Exception as e:  # a full disk is a state, wherever the write was: wait for room
+                    if not faults.is_disk_full(e):
+                        raise
+                    self.wait_for_room(f"disk full: a write failed ({e})")
                     continue
-                self._said.discard("paused")
-                if not self.reload_config() or not self.enough_disk(waiting[0]):
-                    self.idle(seconds=5.0)
-                    continue
-                self.reconcile()
-                job = jobs.claim_next(self.db, claim=uuid.uuid4().hex)
-                if job is not None:
-                    held_before = controls.held_by(self.db)
-                    ok = self.settle(job, self.train(job), held_before) and ok
+                if turned is None:
+                    break
+                ok = turned and ok
         return ok
+
+    def turn(self) -> bool | None:
+        """One round: claim inbox files, act on controls, then train the next job if one may start. False if it
+        failed; None once a drain has nothing left to train."""
+        self.claim_files()
+        self.act_on_controls()
+        waiting = not self.paused and jobs.waiting(self.db)
+        if not waiting:
+            if self.drain and not self.paused:
+                return None
+            if self.paused:  # said once per pause, wherever it was taken (here, in a job, by the gate)
+                self.say_once("paused", "warning", controls.pause_text(self.db) or "paused")
+            self.idle()
+            return True
+        self._said.discard("paused")
+        if not self.reload_config() or not self.enough_disk(waiting[0]):
+            self.idle(seconds=5.0)
+            return True
+        self.reconcile()
+        job = jobs.claim_next(self.db, claim=uuid.uuid4().hex)
+        if job is None:
+            return True
+        held_before = controls.held_by(self.db)
+        return self.settle(job, self.train(job), held_before)
 
     def _startup(self) -> None:
         """Requests taken by a process that died are answered; a job left running by one is placed again."""
@@ -115,6 +131,10 @@ class Daemon:
                 controls.answer(self.db, req.id, "paused between jobs; no job starts until `conveyor resume`", effect)
             elif effect == Effect.GO_ON:
                 controls.answer(self.db, req.id, "resumed", effect)
+            elif req.action == controls.Action.RESUME and self._room:  # waiting for disk space: try again now
+                self._room = 0
+                self._said.discard("disk")
+                controls.answer(self.db, req.id, "trying again now (the daemon was waiting for disk space)", effect)
             elif effect == Effect.STOP:
                 self.stop_reason = f"stop requested by {req.who}"
                 controls.answer(self.db, req.id, "daemon stopped between jobs; waiting jobs start on the next run",
@@ -156,7 +176,11 @@ class Daemon:
         t = self.config.training
         need = ck.space_needed(run_dir, t.keep_checkpoints, t.keep_job_ends, self.config.daemon.min_free_mb * 10**6)
         free = self.ws.free_bytes()
+        need = max(need, self._room)
         if free >= need:
+            if self._room:
+                self.say("info", f"disk: {free / 1e6:.0f} MB free again; training goes on", kind="disk")
+            self._room = 0
             self._said.discard("disk")
             return True
         self.say_once("disk", "error", f"waiting: {free / 1e6:.0f} MB free, job {job.id} needs about "
@@ -226,6 +250,10 @@ class Daemon:
         if outcome == Outcome.STOPPED:
             self.stop_reason = self.stop_reason or "stop requested"
             return True
+        if outcome == Outcome.DISK_FULL:  # the worker said so; the job goes back to its newest checkpoint
+            self.wait_for_room(None)
+            self.reconcile()
+            return True
         if outcome == Outcome.CHECKPOINT_ERROR:  # the disk, not the job: the job keeps its place
             return self._hold("a checkpoint could not be written (see above)")
         if outcome == Outcome.OUT_OF_MEMORY:  # the settings, not the job: the same step would fail again
@@ -255,6 +283,28 @@ class Daemon:
         self._said.add("paused")  # said here, with the reason
         self.say("error", f"paused: {why}; `conveyor resume` retries")
         return False
+
+    def wait_for_room(self, text: str | None) -> None:
+        """A write failed for lack of space (in this process or the worker): no job starts until the disk has
+        more room than when it failed (enough_disk says how much and resumes by itself), or `conveyor resume`.
+        Said where it can be: the database itself may be what is full."""
+        t = self.config.training if self.config else None
+        run = runs.active(self.db)
+        per = ck.estimate_size(self.ws.run_dir(run.id)) if run else 1 << 20
+        reserve = (self.config.daemon.min_free_mb if self.config else 0) * 10**6
+        free = self.ws.free_bytes()
+        self._room = free + 2 * per + max(reserve, 16 * 10**6)
+        if "disk" not in self._said:
+            said = (f"{text}. " if text else "") + (
+                f"No job starts until {self._room / 1e6:.0f} MB are free in {self.ws.root} (now {free / 1e6:.1f} MB: "
+                f"{(self._room - free) / 1e6:.0f} MB more); then training goes on by itself (`conveyor resume` "
+                "tries at once)")
+            with contextlib.suppress(Exception):  # stdout may be a file on the full disk
+                self.reporter.message("error", said)
+            with contextlib.suppress(Exception):
+                log_event(self.db, "error", "disk", said)
+        self._said.add("disk")
+        self.idle(seconds=5.0 if t else 1.0)
 
     def _died(self, job: Job) -> bool:
         """A worker died. The checkpoints say where its job stands; a death counts against daemon.max_attempts
@@ -321,7 +371,8 @@ class Daemon:
             raise
         finally:
             why = self.stop_reason or crash or "drained: nothing left to train"
-            log_event(self.db, "error" if crash else "info", "stopped", f"daemon stopped ({why})")
+            with contextlib.suppress(Exception):  # a full disk must not turn a stop into a crash
+                log_event(self.db, "error" if crash else "info", "stopped", f"daemon stopped ({why})")
             if notifier is not None:
                 notifier.close(min(close_wait(n), 1.0) if self._signals > 1 else close_wait(n))
 

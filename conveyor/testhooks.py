@@ -61,3 +61,38 @@ def requests_due(step: int) -> list[str]:
         if at.isdigit() and int(at) == step:
             due.append(action)
     return due
+
+
+def fill_disk(name: str, step: int, db: Path | None = None) -> None:
+    """CONVEYOR_TEST_FILL="<name>:<step>:<filler file>" fills the file system of the filler file to its last byte
+    at that point (once: `<filler file>.fired` marks it), so that the next real write there fails with
+    ENOSPC, as on a full disk. Names: checkpoint (before a checkpoint's files are written), tokenized (before a
+    job's tokenized arrays are written), db (before the worker records a step; the WAL is truncated first so that
+    the database must grow)."""
+    spec = os.environ.get("CONVEYOR_TEST_FILL", "")
+    parts = spec.split(":", 2)
+    marker = Path(parts[2] + ".fired") if len(parts) == 3 else None
+    if marker is None or parts[:2] != [name, str(step)] or marker.exists():
+        return
+    marker.write_text("fired\n")
+    if db is not None:
+        _truncate_wal(db)
+    block = b"\0" * (1 << 20)
+    with open(parts[2], "wb", buffering=0) as f:
+        while block:
+            try:
+                f.write(block)
+            except OSError:
+                block = block[: len(block) // 2]  # down to the last byte the file system has
+    os.sync()
+
+
+def _truncate_wal(db: Path) -> None:
+    import sqlite3
+
+    if db.is_file():
+        con = sqlite3.connect(db, timeout=30)
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()

@@ -7,6 +7,7 @@ How it ended is one Outcome, which is also the process's exit code.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -14,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import controls, distributed, holdout, jobs, ledger, memory, runs, testhooks
+from . import controls, distributed, faults, holdout, jobs, ledger, memory, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .controls import Context, Effect
@@ -40,6 +41,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # the job cannot be trained (bad data, 0 steps); it is marked failed with the reason
     CHECKPOINT_ERROR = "checkpoint error"  # the disk, not the job: the daemon pauses
     OUT_OF_MEMORY = "out of memory"  # the settings, not the job: it stays at its last checkpoint, the daemon pauses
+    DISK_FULL = "disk full"  # the machine, not the job: it stays at its last checkpoint, the daemon waits for room
     NOT_MINE = "not mine"  # the job was no longer under this worker's claim; nothing was trained
 
     @property
@@ -53,7 +55,7 @@ class Outcome(str, Enum):
 
 
 EXIT_CODES = {Outcome.DONE: 0, Outcome.FAILED: 3, Outcome.CHECKPOINT_ERROR: 4, Outcome.STOPPED: 5,
-              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8}
+              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8, Outcome.DISK_FULL: 9}
 
 
 class Reporter:
@@ -118,12 +120,16 @@ class Worker:
         except (DataError, PlanError) as e:
             return self._fail(str(e))
         except CheckpointError as e:
+            if faults.is_disk_full(e):
+                return self._disk_full(e)
             self.say("error", f"job {self.job_id} stopped: {e}", self.job_id)
             return Outcome.CHECKPOINT_ERROR
         except Conflict as e:
             self.say("warning", f"worker for job {self.job_id}: {e}", self.job_id)
             return Outcome.NOT_MINE
         except Exception as e:
+            if faults.is_disk_full(e):  # a tokenized array, the database, the log: wherever the write was
+                return self._disk_full(e)
             if not memory.is_oom(e):
                 raise
             text = memory.oom_message(self.config, self.job_id, e)
@@ -136,6 +142,16 @@ class Worker:
         memory.release()
         self.say("error", text, self.job_id)
         return Outcome.OUT_OF_MEMORY
+
+    def _disk_full(self, e: BaseException) -> Outcome:
+        """The disk filled up: the job stays as the database has it (running, under this claim) and the daemon
+        puts it back at its newest checkpoint once there is room. Said where it can be (the database may be full)."""
+        text = f"job {self.job_id} stopped: " + (str(e) if isinstance(e, CheckpointError) else
+                                                  faults.disk_full_message(self.ws.root, f"a write ({e})"))
+        self.reporter.message("error", text)
+        with contextlib.suppress(Exception):
+            log_event(self.db, "error", "disk", text, self.job_id)
+        return Outcome.DISK_FULL
 
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> Setup | Outcome:
@@ -302,6 +318,7 @@ class Worker:
         return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
 
     def _flush(self, setup: Setup, audit, metrics, evals, samples, pos: Position) -> None:
+        testhooks.fill_disk("db", pos.last_step, self.ws.root / "conveyor.db")
         ledger.write_steps(self.db, setup.run.id, audit, metrics, evals, samples)
         jobs.update(self.db, setup.job.id, expect=JobState.RUNNING, owner=self.claim, steps_done=pos.steps_done,
                     position=pos.position)
