@@ -96,7 +96,8 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
     return {
         "workspace": str(ws.root),
         "time": time.time(),
-        "daemon": {"pid": pid, "running": pid is not None, "paused": controls.paused(ws.db)},
+        "daemon": {"pid": pid, "running": pid is not None, "paused": controls.paused(ws.db),
+                   "pause": controls.pause_text(ws.db), "disk": _waiting_for_disk(ws.db) if pid else None},
         "run": active.to_json() if active else None,
         "runs": [r.to_json() for r in runs.all_runs(ws.db)],
         "schedule": schedule_text(config) if config else None,
@@ -111,6 +112,12 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
         "jobs": _newest_jobs(ws.db, max_jobs),
         "job_counts": job_counts(ws.db),
     }
+
+
+def _waiting_for_disk(con) -> str | None:
+    """What a running daemon last said about disk space, while it waits for room (None once it went on)."""
+    row = con.execute("SELECT level, message FROM events WHERE kind = 'disk' ORDER BY id DESC LIMIT 1").fetchone()
+    return row["message"] if row and row["level"] == "error" else None
 
 
 ACTIVE_STATES = "('running', 'queued', 'interrupted')"
@@ -163,6 +170,10 @@ def render(data: dict):
     daemon = data["daemon"]
     state = "paused" if daemon["paused"] else "training" if data["current"] else "idle"
     parts.append(Text(f"daemon: pid {daemon['pid']}, {state}" if daemon["running"] else "daemon: not running"))
+    if daemon.get("pause"):
+        parts.append(Text(f"  {daemon['pause']}", "yellow"))
+    if daemon.get("disk"):
+        parts.append(Text(f"  waiting for disk space: {daemon['disk']}", "red"))
     run = data["run"]
     if run:
         ident = run["identity"]
