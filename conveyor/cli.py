@@ -118,7 +118,9 @@ def _priority(value: str) -> int:
     return jobs.PRIORITIES[value]
 
 
-def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | None = None) -> bool:
+def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | None = None,
+                 ids: list[int] | None = None) -> bool:
+    """Enqueue each file, saying what became of it; False if any was rejected. `ids` collects the jobs to train."""
     from .inbox import enqueue
 
     epochs = epochs or ws.config().training.epochs
@@ -127,6 +129,8 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
         result = enqueue(ws, file, priority, epochs)
         for text in result.messages:
             err.print(text, style="yellow" if result.job.state != jobs.JobState.REJECTED else "red", markup=False)
+        if ids is not None and result.job.id not in ids:
+            ids.append(result.job.id)
         if result.job.state == jobs.JobState.REJECTED:
             ok = False
             err.print(f"job {result.job.id}: kept in {ws.rejected} with the reason", style="red")
@@ -150,12 +154,20 @@ def add(
 
 
 def _drain(ws: Workspace, quiet: bool = False) -> bool:
+    return _drain_code(ws, quiet) == 0
+
+
+def _drain_code(ws: Workspace, quiet: bool = False) -> int:
+    """Train everything waiting in this process; the exit code (follow.py: 0, 1, 130 for Ctrl-C, 143)."""
     from .daemon import Daemon, Lock
+    from .follow import drain_code
 
     reporter = ConsoleReporter(quiet)
     try:
         with Lock(ws):
-            return Daemon(ws, reporter).work(drain=True)
+            daemon = Daemon(ws, reporter)
+            ok = daemon.work(drain=True)
+            return drain_code(ws, ok, daemon.stop_reason)
     finally:
         reporter.close()
 
@@ -166,16 +178,31 @@ def train(
     epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Enqueue the files in order and train everything queued in this process, then exit (non-zero if any failed)."""
+    """Enqueue the files in order and train everything queued in this process, then exit: 0 when all trained, 1 if
+    any failed or was rejected, 130 on Ctrl-C. With a daemon running, it trains them and this command follows."""
     from .controls import pause_text
+    from .follow import follow
+    from .status import daemon_pid
 
     ws = _ws()
     paused = pause_text(ws.db)
     if paused:  # refused before anything is queued: the files would wait behind the pause
         raise ConveyorError(f"{paused}. Nothing was queued")
-    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs)
-    ok = _drain(ws, quiet) and ok
-    raise typer.Exit(0 if ok else 1)
+    ids: list[int] = []
+    pid = daemon_pid(ws)
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs, ids)
+    if pid is not None:  # handed to the daemon, followed to their end (never queued, then refused)
+        raise typer.Exit(max(follow(ws, ids, pid, lambda: _drain_beside(ws, quiet)), 0 if ok else 1))
+    code = _drain_code(ws, quiet)
+    raise typer.Exit(code or (0 if ok else 1))
+
+
+def _drain_beside(ws: Workspace, quiet: bool) -> int | None:
+    """The daemon a `train` followed has stopped: drain here, or None if another daemon holds the workspace."""
+    try:
+        return _drain_code(ws, quiet)
+    except ConveyorError:
+        return None
 
 
 @app.command()
@@ -191,7 +218,7 @@ def run(
     ws = _ws()
     ws.config()  # refuse to start on invalid settings, naming every problem
     if drain:
-        raise typer.Exit(0 if _drain(ws, quiet) else 1)
+        raise typer.Exit(_drain_code(ws, quiet))
     from .daemon import Daemon, Lock
 
     with Lock(ws), _dashboard_thread(ws, dashboard, host, port, token):
