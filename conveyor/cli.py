@@ -411,20 +411,33 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every 2 seconds until Ctrl-C."),
 ):
-    """One screen: active run and identity, global step, current job and ETA, losses, queue, failures, disk."""
+    """One screen: active run and identity, global step, current job and ETA, losses, queue, failures, disk. With
+    --watch: the screen redrawn every 2 seconds on a terminal; in a pipe, one line a frame."""
+    from rich.console import Console
     from rich.live import Live
 
-    from .status import render, status_data
+    from .status import one_line, render, status_data
 
     ws = _ws()
     if as_json:
         return _print_json(status_data(ws))
     if not watch:
         return console.print(render(status_data(ws)))
-    with Live(render(status_data(ws)), console=console, refresh_per_second=1) as live:
-        while True:
-            time.sleep(2)
-            live.update(render(status_data(ws)))
+    try:
+        if not console.is_terminal:  # a pipe or a file: a frame a line, flushed, until Ctrl-C or a closed pipe
+            while True:
+                sys.stdout.write(one_line(status_data(ws)) + "\n")
+                sys.stdout.flush()
+                time.sleep(2)
+        screen = Console(highlight=False)  # wraps long lines at the terminal's width instead of cutting them
+        with Live(render(status_data(ws)), console=screen, refresh_per_second=1) as live:
+            while True:
+                time.sleep(2)
+                live.update(render(status_data(ws)))
+    except KeyboardInterrupt:
+        return
+    except BrokenPipeError:  # `status --watch | head`
+        sys.stderr.close()
 
 
 def _check_run(ws: Workspace, run_id: str | None) -> None:

@@ -162,7 +162,6 @@ def _duration(seconds: float | None) -> str:
 def render(data: dict):
     """The status as rich renderables (one screen)."""
     from rich.console import Group
-    from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
@@ -202,7 +201,7 @@ def render(data: dict):
         loss = f"{cur['loss']:.4f}" if cur["loss"] is not None else "-"
         parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "
                           f"(global {cur['start_step']}–{cur['end_step']}), loss {loss}, ETA {_duration(cur['eta_seconds'])}"))
-        parts.append(ProgressBar(total=cur["planned_steps"] or 1, completed=cur["steps_done"], width=60))
+        parts.append(Text(bar(cur["steps_done"], cur["planned_steps"] or 1)))  # text: a pipe keeps it, and its line
     queue = Table("job", "file", "priority", "state", "examples", "steps", title="queue", title_justify="left")
     for j in data["queue"]:
         queue.add_row(str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
@@ -220,3 +219,26 @@ def render(data: dict):
         parts.append(done)
     parts.append(Text(f"free disk: {data['free_disk_bytes'] / 1e9:.1f} GB"))
     return Group(*parts)
+
+
+def bar(done: int, total: int, width: int = 40) -> str:
+    """A progress bar as plain text (`[██████░░░░]  12/40  30%`), the same on a terminal and in a pipe."""
+    filled = round(width * min(done / total, 1.0)) if total else 0
+    return f"[{'█' * filled}{'░' * (width - filled)}] {done}/{total} {done / total:.0%}" if total else ""
+
+
+def one_line(data: dict) -> str:
+    """The status in one line (what `status --watch` prints a frame at a time when not on a terminal)."""
+    d, run, cur = data["daemon"], data["run"], data["current"]
+    parts = [time.strftime("%H:%M:%S", time.localtime(data["time"])),
+             (f"daemon {d['pid']}" + (" paused" if d["paused"] else "")) if d["running"] else "no daemon"]
+    if run:
+        parts.append(f"{run['id']} step {run['global_step']}")
+    if cur:
+        loss = f" loss {cur['loss']:.4f}" if cur["loss"] is not None else ""
+        eta = f" ETA {_duration(cur['eta_seconds'])}" if cur["eta_seconds"] is not None else ""
+        parts.append(f"job {cur['id']} {cur['file']} {cur['steps_done']}/{cur['planned_steps']}{loss}{eta}")
+    parts.append(f"waiting {data['queue_total'] - (1 if cur else 0)}")
+    if d.get("disk"):
+        parts.append("waiting for disk space")
+    return " | ".join(parts)

@@ -1,0 +1,36 @@
+"""`conveyor status`: one screen on a terminal, one line a frame in a pipe, the progress bar as text on its own
+line (a pipe keeps it, and it never glues onto the next table)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import run_cli, text_file
+from conveyor.status import bar, one_line
+
+
+def test_watch_in_a_pipe_prints_one_line_a_frame(workspace, tmp_path):
+    ws = workspace()
+    assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 8, "a")).code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "status", "--watch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        frames = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        proc.kill()
+        proc.wait()
+    for frame in frames:
+        assert frame.endswith("\n") and frame.count("\n") == 1
+        assert "| no daemon | waiting 1" in frame, frames
+
+
+def test_the_progress_bar_is_text_on_its_own_line():
+    assert bar(12, 40, width=10) == "[███░░░░░░░] 12/40 30%"
+    assert bar(0, 0) == ""
+    data = {"time": 0.0, "daemon": {"running": True, "pid": 7, "paused": True, "disk": None},
+            "run": {"id": "run-0002", "global_step": 30}, "queue_total": 3,
+            "current": {"id": 5, "file": "a.jsonl", "steps_done": 4, "planned_steps": 8, "loss": 1.5,
+                        "eta_seconds": 61}}
+    assert one_line(data).split(" | ")[1:] == ["daemon 7 paused", "run-0002 step 30",
+                                                "job 5 a.jsonl 4/8 loss 1.5000 ETA 1m01s", "waiting 2"]
