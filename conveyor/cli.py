@@ -285,7 +285,10 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
 def _wait_for_job() -> dict | None:
     """A warm worker: import the training stack now, then read the job the daemon hands over (None: EOF)."""
     import gc
+    import logging
 
+    # bitsandbytes (imported by peft) warns at import that an optional hub-downloaded CPU kernel is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import peft  # noqa: F401  (the slow imports happen here, before the job arrives)
     import transformers.trainer  # noqa: F401
 
