@@ -49,6 +49,28 @@ class _Conveyor(TyperGroup):
         for option in shared:
             option.default, option.expose_value, option.callback = None, False, _set_shared
         _share(self.commands.values(), shared)
+        _bare_flags([self])
+
+
+def _bare_flags(commands) -> None:
+    """A flag takes no value: its help shows none (typer 0.29 would show `<bool>` beside every flag)."""
+    for command in commands:
+        for param in command.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        command.get_help_option = _bare_help(command.get_help_option)  # --help is made when help is asked for
+        if isinstance(command, TyperGroup):
+            _bare_flags(command.commands.values())
+
+
+def _bare_help(make):
+    def help_option(ctx):
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return help_option
 
 
 def _share(commands, options) -> None:
@@ -103,7 +125,8 @@ def _print_json(data) -> None:
 @app.command()
 def init(
     folder: Path = typer.Argument(Path("."), help="Folder to make a workspace (created if missing)."),
-    model: str = typer.Option("tiny", "--model", "-m", help='"tiny", a local model folder or a hub id.'),
+    model: str = typer.Option("tiny", "--model", "-m", help='A built-in model ("tiny", "small": random weights, '
+                              'for trying conveyor offline), a local model folder or a hub id.'),
 ):
     """Create a workspace: conveyor.toml (every setting, commented) and inbox/."""
     config = Config()
@@ -496,7 +519,8 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 
 @app.command("eval")
 def eval_(
-    matrix: bool = typer.Option(True, "--matrix", help="Versions × evaluation sets (the one view there is)."),
+    matrix: bool = typer.Option(False, "--matrix", show_default=False,
+                                help="Versions × evaluation sets (the one view there is; accepted for scripts)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     run_id: Optional[str] = typer.Option(None, "--run", help="This run's versions, after those of the versions it "
                                          "branched from (default: the active run)."),
@@ -515,7 +539,13 @@ def eval_(
     if not data["sets"]:
         console.print("no evaluation sets: set eval.holdout (examples held out of each job) or eval.file")
         return
-    table = Table("version", "step", *[f"{s['name']}\n{s['file']}" for s in data["sets"]],
+    try:
+        named = Path(ws.config().eval.file or "eval.file").name  # eval.file's set is named by the file it reads
+    except ConveyorError:
+        named = "eval.file"
+    table = Table("version", "step", *[f"{s['name']}\n{s['file'] if s['job'] is not None else named}"
+                                       for s in data["sets"]],
+                  
                   title="loss per evaluation set (change since the set's first score)")
     first: dict[str, float] = {}
     for row in data["rows"]:

@@ -34,3 +34,13 @@ def test_the_progress_bar_is_text_on_its_own_line():
                         "eta_seconds": 61}}
     assert one_line(data).split(" | ")[1:] == ["daemon 7 paused", "run-0002 step 30",
                                                 "job 5 a.jsonl 4/8 loss 1.5000 ETA 1m01s", "waiting 2"]
+
+
+def test_help_shows_no_value_for_flags():
+    from conftest import run_cli as cli
+
+    for command in ("status", "eval", "history", "train"):
+        r = cli(None, command, "--help")
+        assert r.code == 0 and "<bool>" not in r.out and "--json" in r.out or command == "train", r.out
+    assert "[default: True]" not in cli(None, "eval", "--help").out
+    assert '"small"' in cli(None, "init", "--help").out
