@@ -694,7 +694,7 @@ def preview(
     shown = preview_file(_ws(), file, lines)
     if as_json:
         return _print_json([s.to_json() for s in shown.examples])
-    for text in describe(shown):
+    for text in describe(shown, plain=not console.is_terminal or console.no_color):
         console.print(text)
 
 

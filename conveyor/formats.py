@@ -2,7 +2,8 @@
 
 Formats, detected per file: `text`; `messages` (chat, loss on every assistant reply and its end-of-turn
 marker; how a conversation is rendered and masked is chat.py's job); `prompt` + `completion` (loss on the
-completion only).
+completion only). ShareGPT files (`conversations` of `from`/`value`) are read as `messages`, Alpaca files
+(`instruction`, `input`, `output`) as `prompt` + `completion`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _format_of(record: dict) -> str:
     if keys == {"prompt", "completion"}:
         return PROMPT
     raise ValueError(
-        f"keys {sorted(keys)} match no format; use {{\"text\"}}, {{\"messages\"}} or {{\"prompt\", \"completion\"}}"
+        f"keys {sorted(keys)} match no format; use {{\"text\"}}, {{\"messages\"}} or {{\"prompt\", \"completion\"}} "
+        "(or ShareGPT {\"conversations\"}, Alpaca {\"instruction\", \"input\", \"output\"})"
     )
 
 
@@ -212,14 +214,62 @@ def _parse_line(number: int, raw: bytes | None, limit: int) -> tuple[dict, str] 
         raise ValueError(f"invalid UTF-8 at byte {e.start + bom}; save the file as UTF-8") from None
     if not text.strip():
         return None
+    text = text.rstrip("\r\n")  # the line's end is not part of the JSON: a fault at the end is at its last column
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         # removesuffix: some of json's messages end in " at" already ("Invalid control character at").
-        raise ValueError(f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from None
+        end = " (the end of the line: is something missing?)" if e.pos >= len(text) else ""
+        raise ValueError(f"invalid JSON: {e.msg.removesuffix(' at')} at column {e.pos + 1}{end}") from None
     except RecursionError:  # the json module recurses once per level: a hostile line must not end the daemon
         raise ValueError("nested deeper than the JSON parser allows; an example is one flat JSON object") from None
+    record = _canonical(record)
     return record, _check_record(record)
+
+
+# ShareGPT speakers and the chat roles they are; Alpaca's prompt is the instruction, then the input if any.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bard": "assistant"}
+ALPACA_SEPARATOR = "\n\n"
+
+
+def _canonical(record):
+    """ShareGPT (`conversations` of `from`/`value`, an optional `system`) as `messages`, and Alpaca
+    (`instruction`, optional `input`, `output`) as `prompt`/`completion`; any other record as it is."""
+    if not isinstance(record, dict):
+        return record
+    keys = set(record)
+    if "conversations" in keys and keys <= {"conversations", "system"}:
+        return {"messages": _sharegpt_messages(record)}
+    if {"instruction", "output"} <= keys and keys <= {"instruction", "input", "output"}:
+        for key in keys:
+            if not isinstance(record[key], str):
+                raise ValueError(f'"{key}" must be a string, found {type(record[key]).__name__}')
+        extra = record.get("input", "")
+        prompt = record["instruction"] + (ALPACA_SEPARATOR + extra if extra.strip() else "") + ALPACA_SEPARATOR
+        return {"prompt": prompt if record["instruction"].strip() else record["instruction"],
+                "completion": record["output"]}
+    return record
+
+
+def _sharegpt_messages(record: dict) -> list[dict]:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError('"conversations" must be a non-empty list')
+    messages = []
+    if record.get("system"):
+        if not isinstance(record["system"], str):
+            raise ValueError(f'"system" must be a string, found {type(record["system"]).__name__}')
+        messages.append({"role": "system", "content": record["system"]})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
+            raise ValueError(f'conversations[{i}] must be an object with exactly "from" and "value"')
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(f'conversations[{i}].from {turn["from"]!r} is unknown; use one of '
+                             f'{", ".join(SHAREGPT_ROLES)}')
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 def what_it_is(head: bytes) -> str | None:

@@ -105,13 +105,17 @@ def _show(tokenizer, example: Tokenized) -> Shown:
                  example.truncated)
 
 
-def describe(preview: Preview) -> list[Text]:
-    """The human view: a header, then per example its counts and its text with the trainable spans marked."""
+OPEN, CLOSE = "⟦", "⟧"  # around trained text where colour is lost (a pipe, a file)
+
+
+def describe(preview: Preview, plain: bool = False) -> list[Text]:
+    """The human view: a header, then per example its counts and its text with the trainable spans marked: in
+    colour on a terminal, between ⟦ and ⟧ when `plain` (a pipe or a file keeps no colour)."""
     head = f"model {preview.model} · training.max_length {preview.max_length}"
     if preview.masking:
         head += f" · replies found by {preview.masking}"
-    out = [Text(head + " · ", style="dim") + Text("trained", style="bold black on green")
-           + Text(" / context", style="dim")]
+    legend = Text(f"{OPEN}trained{CLOSE}") if plain else Text("trained", style="bold black on green")
+    out = [Text(head + " · ", style="dim") + legend + Text(" / context", style="dim")]
     for shown in preview.examples:
         notes = [f"truncated at {preview.max_length} tokens"] if shown.truncated else []
         if not shown.trainable_tokens:
@@ -120,6 +124,9 @@ def describe(preview: Preview) -> list[Text]:
                         + "".join(f"; {note}" for note in notes), style="bold"))
         body = Text()
         for text, trainable in shown.pieces:
-            body.append(text, style="bold black on green" if trainable else "")
+            if plain:
+                body.append(f"{OPEN}{text}{CLOSE}" if trainable else text)
+            else:
+                body.append(text, style="bold black on green" if trainable else "")
         out.append(body)
     return out

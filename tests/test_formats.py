@@ -239,3 +239,51 @@ def test_a_job_that_would_train_0_steps_is_an_error(workspace, tmp_path):
     assert r.code == 1
     job = status(ws)["jobs"][0]
     assert job["state"] == "failed" and "would train 0 steps" in job["error"]
+
+
+def test_sharegpt_and_alpaca_files_train_as_chat_and_prompt_completion(workspace, tmp_path):
+    import json as _json
+
+    from conftest import ledger, run_cli
+
+    ws = workspace()
+    share = tmp_path / "share.jsonl"
+    share.write_text("".join(_json.dumps({"system": "Be brief.", "conversations": [
+        {"from": "human", "value": f"Name {i}?"}, {"from": "gpt", "value": f"It is {i}."}]}) + "\n"
+        for i in range(8)))
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text("".join(_json.dumps({"instruction": "Double it.", "input": str(i), "output": str(2 * i)})
+                              + "\n" for i in range(8)))
+    r = run_cli(ws, "preview", alpaca, "--lines", "3", "--json")
+    assert r.code == 0, r.out + r.err
+    shown = _json.loads(r.out)[0]
+    assert "Double it.\n\n2\n\n" in shown["text"] and shown["trainable"] == ["4<|eos|>"]
+    r = run_cli(ws, "preview", share, "--lines", "1", "--json")
+    trained = _json.loads(r.out)[0]["trainable"]
+    assert len(trained) == 1 and trained[0].startswith("It is 0.") and "Name 0?" not in trained[0]
+    r = run_cli(ws, "train", share, alpaca, "-q")
+    assert r.code == 0, r.out + r.err
+    assert [(x["job"], x["start_step"], x["end_step"]) for x in ledger(ws)] == [(1, 1, 1), (2, 2, 2)]
+    formats = [j["format"] for j in _json.loads(run_cli(ws, "status", "--json").out)["jobs"]]
+    assert formats == ["messages", "prompt_completion"]
+
+
+def test_a_bad_sharegpt_speaker_and_json_cut_at_the_end_are_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"conversations": [{"from": "bot", "value": "hi"}]}\n{"text": "abc"\n')
+    assert _problems(path) == [
+        "line 1: conversations[0].from 'bot' is unknown; use one of system, human, user, gpt, assistant, model, "
+        "chatgpt, bard",
+        "line 2: invalid JSON: Expecting ',' delimiter at column 15 (the end of the line: is something missing?)"]
+
+
+def test_preview_in_a_pipe_marks_the_trained_text(workspace, tmp_path):
+    import subprocess
+    import sys
+
+    ws = workspace()
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "Q: hi\\n", "completion": "A: yo"}\n')
+    out = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "preview", str(data)],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "⟦trained⟧ / context" in out and "Q: hi\n⟦A: yo<|eos|>⟧" in out, out
