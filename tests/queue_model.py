@@ -50,6 +50,25 @@ def _drain_child(ws: str, env: dict) -> None:
     cli.main()
 
 
+def _cli_child(ws: str, args: list, env: dict) -> None:
+    os.environ.update(env)
+    from conveyor import cli
+
+    sys.argv = ["conveyor", "-w", ws, *args]
+    cli.main()
+
+
+def killed(ws: Path, failpoint: str, *args: str, timeout: float = 300) -> int:
+    """A `conveyor` command in a fresh process, SIGKILLed at a failpoint; its exit code (-9 when it fired)."""
+    p = _forkserver().Process(target=_cli_child, args=(str(ws), list(args), {"CONVEYOR_FAILPOINT": failpoint}))
+    p.start()
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+    return p.exitcode
+
+
 def drain(ws: Path, env: dict | None = None, timeout: float = 300) -> int:
     """`conveyor run --drain` in a fresh process; its exit code (-9 when a failpoint killed it)."""
     p = _forkserver().Process(target=_drain_child, args=(str(ws), env or {}))
@@ -165,15 +184,25 @@ class QueueMachine(RuleBasedStateMachine):
         if before and self._active_run() != before:  # this start left the old run: it must never change again
             self.closed_runs[before] = snapshot
         STATS.update({"drains": 1, "killed": code == -9, "requests": bool(request)})
-        assert code in (0, -9), f"run --drain exited {code}"
+        # 1: a stop ended the drain with jobs waiting (it says so; `train && export` must not go on)
+        stopped = code == 1 and request is not None and request[0] == "stop" and self._waiting()
+        assert code in (0, -9) or stopped, f"run --drain exited {code}"
         if code == 0 and not request:
             assert not [j for j in self._jobs() if j["state"] in ("queued", "interrupted", "running")], self._jobs()
 
     @precondition(lambda self: any(j["state"] in ("queued", "interrupted") for j in self._jobs()))
-    @rule(data=st.data())
-    def remove(self, data):
+    @rule(data=st.data(), cut=st.sampled_from([None, None, "remove-copied", "remove-committed"]))
+    def remove(self, data, cut):
+        """Remove a waiting job, perhaps SIGKILLed mid-way first (then the next command finishes or undoes it)."""
         waiting = [j for j in self._jobs() if j["state"] in ("queued", "interrupted")]
         job = data.draw(st.sampled_from(waiting))
+        if cut:
+            assert killed(self.ws, f"{cut}:{job['id']}", "queue", "remove", str(job["id"])) == -9
+            STATS.update({"cut commands": 1})
+            if cut == "remove-committed":  # it went through: the next command only puts its kept copy in place
+                assert run_cli(self.ws, "status", "--json").code == 0
+                assert not list((self.ws / "removed").glob(".tmp-*"))
+                return
         r = run_cli(self.ws, "queue", "remove", str(job["id"]), "--reason", "model test")
         assert r.code == 0, r.out + r.err
 
@@ -188,27 +217,39 @@ class QueueMachine(RuleBasedStateMachine):
         """Held-out examples and replay for the jobs planned from now on (a job under way keeps its own)."""
         self._edit(lambda c: (setattr(c.eval, "holdout", holdout), setattr(c.replay, "fraction", replay)))
 
+    CUTS = st.sampled_from([None, None, "rollback-begun", "rollback-copied", "rollback-sealed",
+                            "rollback-committed", "rollback-renamed"])
+
     @precondition(lambda self: self._versions_kept())
-    @rule(data=st.data(), requeue=st.booleans())
-    def rollback(self, data, requeue):
+    @rule(data=st.data(), requeue=st.booleans(), cut=CUTS)
+    def rollback(self, data, requeue, cut):
         """A new run from a kept version; every run's folder stays as it was (the one left, and the others)."""
-        self._rollback(data.draw(st.sampled_from(self._versions_kept())), requeue)
+        self._rollback(data.draw(st.sampled_from(self._versions_kept())), requeue, cut)
 
     @precondition(lambda self: self._versions_kept(later_jobs=True))
-    @rule(data=st.data())
-    def rollback_requeue(self, data):
+    @rule(data=st.data(), cut=CUTS)
+    def rollback_requeue(self, data, cut):
         """Back to a version that later jobs followed, queueing them again."""
-        self._rollback(data.draw(st.sampled_from(self._versions_kept(later_jobs=True))), True)
+        self._rollback(data.draw(st.sampled_from(self._versions_kept(later_jobs=True))), True, cut)
 
-    def _rollback(self, version: str, requeue: bool) -> None:
+    def _rollback(self, version: str, requeue: bool, cut: str | None = None) -> None:
+        """A rollback, perhaps SIGKILLed at one of its steps first and then retried (law 2: a retry after a cut
+        never queues a file twice)."""
         before = {p.name: _tree_hashes(p) for p in (self.ws / "runs").iterdir() if p.is_dir()}
+        if cut:
+            step = next(v["step"] for v in json.loads(run_cli(self.ws, "versions", "--json").out)
+                        if v["version"] == version)
+            # 0: the rollback had nothing to do (the active run already branches there) and never reached the cut
+            assert killed(self.ws, f"{cut}:{step}", "rollback", version, *(["--requeue"] if requeue else [])) in (0, -9)
+            STATS.update({"cut commands": 1})
         r = run_cli(self.ws, "rollback", version, *(["--requeue"] if requeue else []), "--json")
         assert r.code == 0, r.out + r.err
         got = json.loads(r.out)
         for x in got["requeued"]:
             self.files[x["job"]] = self.files[x["from"]]
-        for run_id, hashes in before.items():
-            self.closed_runs.setdefault(run_id, hashes)
+        for run_id, hashes in before.items():  # every run but the one training goes on in (a retried rollback
+            if run_id != got["run"]:            # that had gone through keeps the run it made)
+                self.closed_runs.setdefault(run_id, hashes)
         STATS.update({"rollbacks": 1, "requeued": len(got["requeued"])})
 
     @rule()
