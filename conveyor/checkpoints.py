@@ -1,7 +1,9 @@
 """Checkpoints on disk: numbered `step-000123/` folders, written atomically, verified, found and pruned.
 
 A checkpoint is written into a temporary folder, flushed, verified against its manifest and renamed
-into place; only then does the run's LATEST pointer move and old checkpoints get pruned (law 6).
+into place; only then does the run's LATEST pointer move and old checkpoints get pruned (law 6). Retention never
+deletes a version's weights unless training.prune_version_weights says so: an older job end loses its optimizer
+state only, and its manifest records what was pruned and by which setting.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
 
 
 def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int,
-          job_ends: int) -> Checkpoint:
-    """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were."""
+          job_ends: int, prune_weights: bool = False) -> Checkpoint:
+    """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were. Then retention
+    (`prune`) runs with keep, job_ends and prune_weights (training.prune_version_weights)."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
@@ -166,7 +169,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"checkpoint {final.name} failed verification right after writing: {e}") from e
     point_latest(run_dir, final.name)
-    prune(run_dir, keep, job_ends)
+    prune(run_dir, keep, job_ends, prune_weights)
     hashes.save()
     return Checkpoint(final, step, data)
 
@@ -191,12 +194,37 @@ def estimate_size(run_dir: Path) -> int:
     return sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file())
 
 
-def space_needed(run_dir: Path | None, keep: int, job_ends: int, reserve_bytes: int) -> int:
-    """Free bytes a job needs: retention holds at most `keep` + `job_ends` checkpoints, plus the one being
-    written; what the run holds already is on disk. Plus a reserve."""
+def estimate_version_size(run_dir: Path | None, prune_weights: bool = False) -> int:
+    """Bytes a version keeps for good once retention prunes it: the newest checkpoint without its optimizer
+    state (a LoRA adapter is small; a full fine-tune's weights are not), or its manifest alone when
+    prune_weights and the run is a full fine-tune."""
+    found = numbered(run_dir) if run_dir else []
+    if not found:
+        return 1 << 20
+    try:
+        data = mf.read(found[-1])
+    except ValueError:
+        return estimate_size(run_dir)
+    kept = [n for n in data.files if n not in _pruned_files(data, prune_weights)[0]] + [mf.MANIFEST]
+    return sum((found[-1] / n).stat().st_size for n in kept if (found[-1] / n).is_file())
+
+
+def space_needed(run_dir: Path | None, keep: int, job_ends: int, reserve_bytes: int,
+                 prune_weights: bool = False) -> int:
+    """Free bytes a job needs: retention holds at most `keep` + `job_ends` whole checkpoints, plus the one being
+    written; what the run holds already is on disk. The job's end is one more version, whose weights are kept
+    for good (estimate_version_size; prune_weights=False counts a full fine-tune's weights, the safe side).
+    Plus a reserve."""
     per = estimate_size(run_dir) if run_dir else 1 << 20
-    held = len(numbered(run_dir)) if run_dir else 0
-    return per * max(1, keep + job_ends + 1 - held) + reserve_bytes
+    held = sum(1 for p in numbered(run_dir) if not _was_pruned(p)) if run_dir else 0
+    return per * max(1, keep + job_ends + 1 - held) + estimate_version_size(run_dir, prune_weights) + reserve_bytes
+
+
+def _was_pruned(path: Path) -> bool:
+    try:
+        return bool(mf.read(path).pruned)
+    except ValueError:
+        return False
 
 
 def numbered(run_dir: Path) -> list[Path]:
@@ -237,6 +265,8 @@ def _newest(run_dir: Path, hashes: HashCache, problems: list[Problem]) -> Checkp
         except ValueError as e:
             problems.append(Problem(path, str(e)))
             continue
+        if data.weights_pruned:  # a version retention left its manifest only: no checkpoint, and not unusable
+            continue
         if data.global_step != step_of(path):
             problems.append(Problem(path, f"folder says step {step_of(path)}, manifest says {data.global_step}"))
             continue
@@ -276,21 +306,78 @@ def _pinned(run_dir: Path) -> set[int]:
         return {s for p in numbered(run_dir) if (s := step_of(p)) is not None}
 
 
-def prune(run_dir: Path, keep: int, job_ends: int) -> list[Path]:
-    """Delete checkpoints beyond the last `keep`, except the ends of the last `job_ends` finished jobs (at least
-    the newest: the latest version), pinned versions and any unreadable one. So a run holds at most
-    keep + job_ends checkpoints plus its pins (space_needed counts on that)."""
+def prune(run_dir: Path, keep: int, job_ends: int, prune_weights: bool = False) -> list[Path]:
+    """Retention: delete checkpoints beyond the last `keep` that are no version (job end); returns them.
+
+    Kept whole: the last `keep`, the ends of the last `job_ends` finished jobs (at least the newest: the latest
+    version), pinned versions and any unreadable one. Every older job end is a version and keeps its weights
+    (law 6); `trim` prunes its optimizer state, and with prune_weights a full fine-tune's weights too. So a run
+    holds at most keep + job_ends whole checkpoints plus its pins, and one trimmed version per older job end
+    (space_needed counts on that)."""
     found = numbered(run_dir)
-    protected = set(found[-keep:]) | {p for p in found if step_of(p) in _pinned(run_dir)}
-    ends: list[Path] = []
+    whole = set(found[-keep:]) | {p for p in found if step_of(p) in _pinned(run_dir)}
+    ends: list[tuple[Path, mf.Manifest]] = []
     for path in found:
         try:
-            if mf.read(path).job_end:
-                ends.append(path)
-        except (ValueError, KeyError, TypeError):
-            protected.add(path)  # never delete what we cannot read: a person may want to look at it
-    protected |= set(ends[-max(job_ends, 1):])
-    removed = [p for p in found if p not in protected]
+            data = mf.read(path)
+        except (ValueError, OSError):
+            whole.add(path)  # never delete what we cannot read: a person may want to look at it
+            continue
+        if data.job_end:
+            ends.append((path, data))
+    whole |= {p for p, _ in ends[-max(job_ends, 1):]}
+    versions = {p for p, _ in ends}
+    removed = [p for p in found if p not in whole and p not in versions]
     for path in removed:
         shutil.rmtree(path)
+    for path, data in ends:
+        if path not in whole:
+            trim(path, data, prune_weights)
     return removed
+
+
+OPTIMIZER_STATE = (mf.OPTIMIZER,)  # what a trimmed version loses; scheduler and RNG states are a few KB: kept
+
+
+def _pruned_files(data: mf.Manifest, prune_weights: bool) -> tuple[list[str], str]:
+    """The files of a job end that retention prunes, and the setting that says so: every file of a full
+    fine-tune with prune_weights (only the manifest stays), else the optimizer state (a LoRA adapter is always
+    kept)."""
+    if prune_weights and data.identity.get("adapter.method") == "full":
+        return sorted(data.files), mf.BY_VERSION_WEIGHTS
+    return [n for n in OPTIMIZER_STATE if n in data.files], mf.BY_JOB_ENDS
+
+
+def trim(path: Path, data: mf.Manifest, prune_weights: bool = False) -> list[str]:
+    """Prune an older version's files (see _pruned_files) and keep the rest verifiable; returns what went.
+
+    Crash-safe: the manifest is first rewritten without the files and with a record of them (what, by which
+    setting, when), then they are deleted. A cut-off trim leaves only files its manifest no longer lists, which
+    verify ignores and the next trim of that folder deletes."""
+    drop, by = _pruned_files(data, prune_weights)
+    if drop:
+        data.pruned.append({mf.K_PRUNED_FILES: drop, mf.K_PRUNED_BY: by, mf.K_PRUNED_AT: round(time.time(), 3)})
+        data.files = {n: h for n, h in data.files.items() if n not in drop}
+        _rewrite_manifest(path, data)
+        failpoint("checkpoint-pruned", data.global_step)
+    leftovers = [path / n for r in data.pruned for n in r[mf.K_PRUNED_FILES] if (path / n).is_file()]
+    leftovers += list(path.glob(f".{mf.MANIFEST}.*.tmp"))  # a rewrite cut off before its rename
+    for file in leftovers:
+        file.unlink()
+    for folder in sorted({f.parent for f in leftovers if f.parent != path}, key=lambda p: -len(p.parts)):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if leftovers:
+        _fsync_dir(path)
+    return drop
+
+
+def _rewrite_manifest(folder: Path, data: mf.Manifest) -> None:
+    """Replace a checkpoint's manifest atomically (a temporary file in the folder, flushed, renamed)."""
+    tmp = folder / f".{mf.MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data.to_json(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / mf.MANIFEST)
+    _fsync_dir(folder)

@@ -500,21 +500,30 @@ def history(
 
 @app.command()
 def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not."""
+    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not,
+    and whether retention kept its weights and optimizer state."""
     from .versions import all_versions
 
-    rows = all_versions(_ws().db)
+    ws = _ws()
+    rows = all_versions(ws.db, ws.runs)
     if as_json:
         return _print_json(rows)
-    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated")
+    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated",
+                  "weights", "optimizer")
     for v in rows:
         loss = v["eval"].get("eval.file")
         held = [x for k, x in v["eval"].items() if k != "eval.file"]
         table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
                       f"{loss:.4f}" if loss is not None else "-",
                       f"{len(held)}, mean {sum(held) / len(held):.4f}" if held else "-",
-                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "")
+                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "", v["weights"], v["optimizer"])
     console.print(table if rows else "no versions yet: a version is made when a job ends")
+    if any(v["weights"] == "kept" and v["optimizer"] == "pruned" for v in rows):
+        console.print("optimizer pruned: retention (training.keep_job_ends) kept the weights only; a rollback to "
+                      "such a version starts the optimizer moments from zero")
+    if any(v["weights"] == "pruned" for v in rows):
+        console.print("weights pruned: by retention (training.prune_version_weights); such a version can no longer "
+                      "be exported, tried or rolled back to")
 
 
 @app.command("eval")

@@ -88,7 +88,9 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     """The newest checkpoints kept per run (older ones are deleted once a newer one verifies)."""
     keep_job_ends: int = Field(3, ge=0)
-    """Also kept: the end-of-job checkpoints of the last N jobs (the newest always: the latest version) and pinned ones."""
+    """Also kept whole: the end-of-job checkpoints of the last N jobs (the newest always) and pinned ones; older versions keep their weights, their optimizer state is pruned."""
+    prune_version_weights: bool = False
+    """Full fine-tunes only: retention also deletes the weights of versions beyond keep_job_ends (they can no longer be exported, tried or rolled back to); LoRA adapters are always kept."""
     seed: int = Field(42, ge=0)
     """Run seed: fixes adapter initialisation and each epoch's data order."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

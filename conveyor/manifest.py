@@ -36,6 +36,16 @@ K_HPARAMS = "hyperparameters"
 K_LIBRARIES = "libraries"
 K_FILES = "files"
 K_BRANCHED = "branched_from"  # a rollback's first checkpoint: {"run", "version", "step"} it was copied from
+# Files retention deleted from a version (checkpoints.prune): [{"files": [...], "by": <setting>, "at": <unix time>}].
+# The manifest is rewritten without them first, then they are deleted: a crash between leaves unlisted files only.
+K_PRUNED = "pruned"
+K_PRUNED_FILES = "files"
+K_PRUNED_BY = "by"
+K_PRUNED_AT = "at"
+
+# The settings that let retention prune a version (recorded as K_PRUNED_BY, named in every message about it).
+BY_JOB_ENDS = "training.keep_job_ends"  # the optimizer state of job ends beyond the last N
+BY_VERSION_WEIGHTS = "training.prune_version_weights"  # a full fine-tune's weights too (only the manifest stays)
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Manifest:
     libraries: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     branched_from: dict | None = None
+    pruned: list[dict] = field(default_factory=list)
 
     def position_of(self, job_id: int) -> Position | None:
         """The job's position at this step if it is under way (mid-job here, or stopped mid-way earlier)."""
@@ -61,11 +72,26 @@ class Manifest:
         """Every job of the run that has trained some but not all of its steps, as of this step."""
         return ([] if self.job_end else [self.job]) + list(self.open_jobs)
 
+    def pruned_by(self, name: str) -> str | None:
+        """The setting under which retention deleted file `name` of this checkpoint (None: not pruned)."""
+        return next((r[K_PRUNED_BY] for r in self.pruned if name in r[K_PRUNED_FILES]), None)
+
+    @property
+    def weights_pruned(self) -> str | None:
+        """The setting under which retention deleted this version's weights (None: they are kept)."""
+        return next((r[K_PRUNED_BY] for r in self.pruned if r[K_PRUNED_BY] == BY_VERSION_WEIGHTS), None)
+
+    @property
+    def optimizer_pruned(self) -> str | None:
+        """The setting under which retention deleted the optimizer state (None: kept; a resume carries it on)."""
+        return self.pruned_by(OPTIMIZER)
+
     def to_json(self) -> dict:
         return {K_VERSION: VERSION, K_RUN: self.run_id, K_STEP: self.global_step, K_JOB: self.job.to_json(),
                 K_JOB_END: self.job_end, K_OPEN_JOBS: [p.to_json() for p in self.open_jobs],
                 K_IDENTITY: self.identity, K_HPARAMS: self.hyperparameters, K_LIBRARIES: self.libraries,
-                K_FILES: self.files, **({K_BRANCHED: self.branched_from} if self.branched_from else {})}
+                K_FILES: self.files, **({K_BRANCHED: self.branched_from} if self.branched_from else {}),
+                **({K_PRUNED: self.pruned} if self.pruned else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
@@ -75,9 +101,17 @@ class Manifest:
                        job_end=bool(data[K_JOB_END]), identity=data[K_IDENTITY],
                        open_jobs=[Position.from_json(p) for p in data[K_OPEN_JOBS]],
                        hyperparameters=data.get(K_HPARAMS, {}), libraries=data.get(K_LIBRARIES, {}),
-                       files=data[K_FILES], branched_from=data.get(K_BRANCHED))
+                       files=data[K_FILES], branched_from=data.get(K_BRANCHED),
+                       pruned=[_pruned_record(r) for r in data.get(K_PRUNED, [])])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def _pruned_record(record: dict) -> dict:
+    if not isinstance(record, dict) or not isinstance(record[K_PRUNED_FILES], list) \
+            or not isinstance(record[K_PRUNED_BY], str):
+        raise TypeError(f"{K_PRUNED} holds {record!r}, not {{{K_PRUNED_FILES!r}: [...], {K_PRUNED_BY!r}: setting}}")
+    return record
 
 
 def upgrade(data: dict) -> dict:

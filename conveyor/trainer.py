@@ -27,7 +27,7 @@ from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
 from .replay import Layout
 from .precision import DTYPES, build_model  # noqa: F401  (DTYPES: export's)
-from .training_state import restore_optimizer, restore_rng, rng_state, save_checkpoint
+from .training_state import pruned_moments, restore_optimizer, restore_rng, rng_state, save_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -388,9 +388,15 @@ def _padding_free(config: Config, model, hooks: Hooks) -> bool:
 
 
 def _same_optimizer(config: Config, spec: JobSpec, hooks: Hooks) -> bool:
-    """Whether the checkpoint's optimizer state fits training.optimizer; a change restarts the moments, said."""
+    """Whether the checkpoint's optimizer state is there and fits training.optimizer; if not, the moments restart,
+    said: retention pruned it (a rollback to an older version), or training.optimizer changed."""
     if spec.resume is None:
         return True
+    pruned = pruned_moments(spec.resume)
+    if pruned is not None:
+        if hooks.say and distributed.is_main():
+            hooks.say("warning", pruned)
+        return False
     before = spec.resume.manifest.hyperparameters.get("optimizer", "adamw_torch")  # older manifests: the default
     if before == config.training.optimizer:
         return True

@@ -56,7 +56,7 @@ def apply_learning_rate(scheduler, lr: float) -> None:
 def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
                     retention) -> Path:
     """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest;
-    `retention` is training's settings (keep_checkpoints, keep_job_ends)."""
+    `retention` is training's settings (keep_checkpoints, keep_job_ends, prune_version_weights)."""
     def save(folder: Path) -> None:
         model.save_pretrained(folder)
         torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
@@ -65,7 +65,7 @@ def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, sche
             torch.save(state, folder / rng_file(r))
 
     return ck.write(run_dir, manifest.global_step, save, manifest, retention.keep_checkpoints,
-                    retention.keep_job_ends).path
+                    retention.keep_job_ends, retention.prune_version_weights).path
 
 
 def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:
@@ -82,6 +82,21 @@ def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:
     from transformers.trainer_utils import set_seed
 
     set_seed(1_000_003 * rank + int(folder.name.split("-")[1]))
+
+
+def pruned_moments(checkpoint: ck.Checkpoint) -> str | None:
+    """Why a checkpoint has no optimizer state to resume (retention pruned it from an older version, which a
+    rollback may branch from), in words; None when it has one."""
+    by = checkpoint.manifest.optimizer_pruned
+    if by is None and mf.OPTIMIZER in checkpoint.manifest.files:
+        return None
+    origin = checkpoint.manifest.branched_from
+    what = f"{checkpoint.path.name} of {checkpoint.manifest.run_id}" + (
+        f" (a copy of {origin['version']} of {origin['run']})" if origin else "")
+    why = f"optimizer state pruned by retention ({by})" if by else f"it lists no {mf.OPTIMIZER}"
+    return (f"{what} has no optimizer state: {why}. The optimizer moments start from zero at step "
+            f"{checkpoint.step + 1}; weights, position and learning-rate schedule carry on (so this is not "
+            "bit-exact with a run that kept its moments)")
 
 
 def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position, moments: bool = True):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import checkpoints as ck
+from . import manifest as mf
 from .errors import ConveyorError
 from .holdout import job_of
 from .runs import ancestry
@@ -26,13 +27,52 @@ def name(version_id: int) -> str:
     return f"v{version_id}"
 
 
-def all_versions(con: sqlite3.Connection) -> list[dict]:
-    """Every version not lost in a rewind, oldest first, with the evaluation losses at its step."""
+def all_versions(con: sqlite3.Connection, runs_dir: Path | None = None) -> list[dict]:
+    """Every version not lost in a rewind, oldest first, with the evaluation losses at its step; given the runs
+    folder, also what retention left of it (`kept_state`: "weights" and "optimizer")."""
     rows = con.execute("SELECT v.*, j.file FROM versions v JOIN jobs j ON j.id = v.job_id WHERE v.lost = 0"
                        " ORDER BY v.id").fetchall()
     return [{"version": name(r["id"]), "run": r["run_id"], "job": r["job_id"], "file": r["file"],
              "step": r["step"], "eval": losses_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
-             "gated": r["gated"]} for r in rows]
+             "gated": r["gated"], **(kept_state(runs_dir, r["run_id"], r["step"]) if runs_dir else {})}
+            for r in rows]
+
+
+def kept_state(runs_dir: Path, run_id: str, step: int) -> dict[str, str]:
+    """What of a version's checkpoint is on disk, as its manifest says (read, not hashed): "weights" and
+    "optimizer" each "kept" or "pruned" (by retention), or both "missing" / "unreadable"."""
+    folder = ck.checkpoints_dir(runs_dir / run_id) / ck.folder_name(step)
+    if not folder.is_dir():
+        return {"weights": "missing", "optimizer": "missing"}
+    try:
+        data = mf.read(folder)
+    except (ValueError, OSError):
+        return {"weights": "unreadable", "optimizer": "unreadable"}
+    return {"weights": "pruned" if data.weights_pruned else "kept",
+            "optimizer": "pruned" if data.optimizer_pruned or data.weights_pruned else "kept"}
+
+
+def _kept(runs_dir: Path, row: sqlite3.Row, version: str) -> tuple[Path, mf.Manifest]:
+    """A version's checkpoint folder and manifest (not yet hashed), if its weights are there; else ConveyorError
+    says plainly what happened to them."""
+    where = f"{runs_dir.name}/{row['run_id']}/{ck.CHECKPOINTS}"
+    folder = ck.checkpoints_dir(runs_dir / row["run_id"]) / ck.folder_name(row["step"])
+    if not folder.is_dir():
+        raise ConveyorError(f"{version}'s checkpoint {folder.name} is missing from {where} (deleted outside "
+                            "conveyor?); it cannot be used. `conveyor versions` shows which versions have weights")
+    try:
+        data = mf.read(folder)
+    except (ValueError, OSError) as e:
+        raise ConveyorError(f"{version}'s checkpoint {folder.name} in {where} cannot be used ({e}); "
+                            "`conveyor doctor` checks every checkpoint") from None
+    if data.weights_pruned:
+        at = next(r.get(mf.K_PRUNED_AT) for r in data.pruned if r[mf.K_PRUNED_BY] == data.weights_pruned)
+        when = time.strftime(" on %Y-%m-%d at %H:%M", time.localtime(at)) if isinstance(at, (int, float)) else ""
+        raise ConveyorError(f"{version}'s weights were pruned by retention ({data.weights_pruned}){when}: "
+                            f"{where}/{folder.name} keeps only its manifest, so it cannot be exported, tried or "
+                            "rolled back to. Pin the versions you may come back to (`conveyor pin`), or set "
+                            f"{mf.BY_VERSION_WEIGHTS} = false to keep the weights of later ones")
+    return folder, data
 
 
 def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, float]:
@@ -107,32 +147,34 @@ def find(con: sqlite3.Connection, version: str) -> sqlite3.Row:
 
 def checkpoint(con: sqlite3.Connection, runs_dir: Path, version: str):
     """(run, verified checkpoint, name) of a version; ConveyorError says why it cannot be used."""
-    from . import manifest as mf
     from . import runs
 
     row = find(con, version)
     run = next(r for r in runs.all_runs(con) if r.id == row["run_id"])
-    path = ck.checkpoints_dir(runs_dir / run.id) / ck.folder_name(row["step"])
+    path, _ = _kept(runs_dir, row, version)
     try:
         return run, ck.Checkpoint(path, row["step"], mf.verify(path)), name(row["id"])
     except (ValueError, OSError) as e:
-        raise ConveyorError(f"{version}'s checkpoint {path.name} in {run.id} cannot be used ({e}); only a version "
-                            "whose checkpoint still exists can be (pin versions to keep them: `conveyor pin`)") from None
+        raise ConveyorError(f"{version}'s checkpoint {path.name} in {runs_dir.name}/{run.id}/{ck.CHECKPOINTS} "
+                            f"cannot be used ({e}); `conveyor doctor` checks every checkpoint") from None
 
 
 def set_pinned(con: sqlite3.Connection, runs_dir: Path, version: str, pinned: bool) -> str:
     """Pin or unpin a version; returns what was done, in words."""
     row = find(con, version)
     folder = ck.checkpoints_dir(runs_dir / row["run_id"]) / ck.folder_name(row["step"])
-    if pinned and not folder.is_dir():
-        raise ConveyorError(f"{version}'s checkpoint {folder.name} was already removed by retention; only versions "
-                            "whose checkpoint still exists can be pinned (raise training.keep_job_ends to keep more)")
+    data = _kept(runs_dir, row, version)[1] if pinned else None
     con.execute("UPDATE versions SET pinned = ? WHERE id = ?", (int(pinned), row["id"]))
     con.commit()
     _write_pins(con, runs_dir, row["run_id"])
     if pinned:
-        return f"pinned {version}: {folder} is kept whatever retention says (`conveyor unpin {version}` undoes)"
-    return f"unpinned {version}: retention may remove {folder.name} once it is no longer among the kept ones"
+        text = f"pinned {version}: {folder} is kept whole whatever retention says (`conveyor unpin {version}` undoes)"
+        if data.optimizer_pruned:
+            text += (f"; its optimizer state was already pruned by retention ({data.optimizer_pruned}), so a "
+                     "rollback to it starts the optimizer moments from zero")
+        return text
+    return (f"unpinned {version}: once it is no longer among the kept ones, retention may prune its optimizer state "
+            f"(its weights are kept unless {mf.BY_VERSION_WEIGHTS} is set for a full fine-tune)")
 
 
 def _write_pins(con: sqlite3.Connection, runs_dir: Path, run_id: str) -> None:

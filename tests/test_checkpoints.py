@@ -182,10 +182,12 @@ def test_retention_is_bounded_by_keep_plus_job_ends(workspace, tmp_path):
     files = [text_file(tmp_path / f"{tag}.jsonl", 16, tag) for tag in "abc"]  # 2 steps each: ends at 2, 4, 6
     assert run_cli(ws, "train", *files, "-q").code == 0
     run_id = status(ws)["run"]["id"]
-    assert checkpoint_steps(ws, run_id) == [5, 6]  # the last two; 6 is also the newest job end
+    assert checkpoint_steps(ws, run_id) == [2, 4, 5, 6]  # the last two (6 is also the newest job end), and v1, v2
+    assert [(ws / f"runs/{run_id}/checkpoints/step-{s:06d}/optimizer.pt").exists() for s in (2, 4, 5, 6)] == [
+        False, False, True, True]  # older versions keep their weights, not their optimizer state
     ws2 = workspace("ws2", training={"save_every": 1, "keep_checkpoints": 1, "keep_job_ends": 2})
     assert run_cli(ws2, "train", *files, "-q").code == 0
-    assert checkpoint_steps(ws2, status(ws2)["run"]["id"]) == [4, 6]  # ends of the last two jobs (6 is newest too)
+    assert checkpoint_steps(ws2, status(ws2)["run"]["id"]) == [2, 4, 6]  # every version; 4 and 6 kept whole
 
 
 def test_each_checkpoint_file_is_hashed_once_when_written_and_not_again_at_the_next_start(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -107,8 +108,9 @@ def test_rollback_refuses_what_it_cannot_do_and_says_why(workspace, tmp_path):
     assert r.code != 0 and "no version 'v1'" in r.err
     for tag in "ab":
         assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
-    r = run_cli(ws, "rollback", "v1")  # its checkpoint went to retention
-    assert r.code != 0 and "cannot be used" in r.err and "conveyor pin" in r.err
+    shutil.rmtree(ws / "runs/run-0001/checkpoints/step-000002")  # v1's checkpoint, deleted by hand
+    r = run_cli(ws, "rollback", "v1")
+    assert r.code != 0 and "v1's checkpoint step-000002 is missing from runs/run-0001/checkpoints" in r.err
     assert run_cli(ws, "add", text_file(tmp_path / "c.jsonl", 16, "c")).code == 0
     con = Workspace(ws).db
     con.execute("UPDATE jobs SET state = 'running', claim = 'x' WHERE id = 3")  # as while a worker trains it

@@ -36,12 +36,15 @@ def test_a_pinned_version_survives_retention_and_the_latest_is_always_kept(works
     assert r.code == 0 and "pinned v1" in r.out, r.out + r.err
     for tag in "bcde":  # v2..v5 at steps 4, 6, 8, 10
         assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
-    assert checkpoint_steps(ws, run_id) == [2, 10]  # pinned v1, and the newest (the latest version, v5)
+    assert checkpoint_steps(ws, run_id) == [2, 4, 6, 8, 10]  # every version keeps its weights (law 6)
     mf.verify(ws / "runs" / run_id / "checkpoints" / "step-000002")
-    assert [v["pinned"] for v in _versions(ws)] == [True, False, False, False, False]
+    # Whole: pinned v1 and the newest (the latest version, v5); the others lost their optimizer state only.
+    assert [(v["pinned"], v["optimizer"]) for v in _versions(ws)] == [
+        (True, "kept"), (False, "pruned"), (False, "pruned"), (False, "pruned"), (False, "kept")]
     assert run_cli(ws, "unpin", "v1").code == 0
     assert run_cli(ws, "train", text_file(tmp_path / "f.jsonl", 16, "f"), "-q").code == 0
-    assert checkpoint_steps(ws, run_id) == [12]
+    assert checkpoint_steps(ws, run_id) == [2, 4, 6, 8, 10, 12]
+    assert [v["optimizer"] for v in _versions(ws)] == ["pruned"] * 5 + ["kept"]
 
 
 def test_pinning_what_does_not_exist_says_what_does(workspace, tmp_path):
@@ -52,8 +55,8 @@ def test_pinning_what_does_not_exist_says_what_does(workspace, tmp_path):
         assert run_cli(ws, "train", text_file(tmp_path / f"{tag}.jsonl", 16, tag), "-q").code == 0
     r = run_cli(ws, "pin", "seven")
     assert r.code != 0 and "versions: v1, v2" in r.err
-    r = run_cli(ws, "pin", "v1")  # its checkpoint went when v2 was written (keep 1, no job ends)
-    assert r.code != 0 and "already removed by retention" in r.err and "keep_job_ends" in r.err
+    r = run_cli(ws, "pin", "v1")  # its optimizer state went when v2 was written (keep 1, no job ends); not its weights
+    assert r.code == 0 and "optimizer state was already pruned by retention (training.keep_job_ends)" in r.out
 
 
 def test_generate_answers_with_the_newest_checkpoint_or_a_version_the_same_way_each_time(workspace, tmp_path):
