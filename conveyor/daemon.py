@@ -287,24 +287,28 @@ class Daemon:
     def wait_for_room(self, text: str | None) -> None:
         """A write failed for lack of space (in this process or the worker): no job starts until the disk has
         more room than when it failed (enough_disk says how much and resumes by itself), or `conveyor resume`.
-        Said where it can be: the database itself may be what is full."""
-        t = self.config.training if self.config else None
+        A drain (`conveyor train`, `run --drain`) ends instead, exit 1, so a script is never left hanging; the job
+        keeps its place. Said where it can be: the database itself may be what is full."""
         run = runs.active(self.db)
         per = ck.estimate_size(self.ws.run_dir(run.id)) if run else 1 << 20
         reserve = (self.config.daemon.min_free_mb if self.config else 0) * 10**6
         free = self.ws.free_bytes()
         self._room = free + 2 * per + max(reserve, 16 * 10**6)
+        then = ("free that much and run again: the job resumes from its newest checkpoint" if self.drain else
+                "then training goes on by itself (`conveyor resume` tries at once)")
         if "disk" not in self._said:
             said = (f"{text}. " if text else "") + (
                 f"No job starts until {self._room / 1e6:.0f} MB are free in {self.ws.root} (now {free / 1e6:.1f} MB: "
-                f"{(self._room - free) / 1e6:.0f} MB more); then training goes on by itself (`conveyor resume` "
-                "tries at once)")
+                f"{(self._room - free) / 1e6:.0f} MB more); {then}")
             with contextlib.suppress(Exception):  # stdout may be a file on the full disk
                 self.reporter.message("error", said)
             with contextlib.suppress(Exception):
                 log_event(self.db, "error", "disk", said)
         self._said.add("disk")
-        self.idle(seconds=5.0 if t else 1.0)
+        if self.drain:
+            self.stop_reason = "disk full"
+            return
+        self.idle(seconds=5.0)
 
     def _died(self, job: Job) -> bool:
         """A worker died. The checkpoints say where its job stands; a death counts against daemon.max_attempts
