@@ -234,8 +234,18 @@ class ReportConfig(_Section):
 
 
 class DistributedConfig(_Section):
+    hosts: list[str] = Field(default_factory=list)
+    """Hosts a job runs on, one torchrun agent each (the first is this machine, node rank 0); empty: this machine."""
     nproc_per_node: int = Field(1, ge=1, le=64)
-    """Processes per job; above 1 each worker is launched through torchrun (data parallel)."""
+    """Processes per host; above 1 (or with hosts) each worker is launched through torchrun (data parallel)."""
+    launcher: Literal["local", "ssh", "slurm"] = "local"
+    """How an agent starts on a host: local (this machine), ssh (`ssh HOST torchrun ...`), slurm (`srun -w HOST`)."""
+    rdzv_port: int = Field(29400, ge=1024, le=65535)
+    """Port of the c10d rendezvous on the first host."""
+    timeout_seconds: float = Field(300.0, gt=0, le=86400)
+    """How long a collective may hang (a lost host) before the attempt is ended and relaunched."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model; fsdp: FSDP2 shards a full fine-tune's weights and optimizer state."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto picks nccl with CUDA, gloo on CPU."""
 
