@@ -35,7 +35,7 @@ def check(ws: Workspace, deep: bool = False) -> list[Finding]:
         findings.append(Finding("error", str(e), "fix the keys named above"))
         config = None
     findings += _database(ws)
-    findings += _stored_data(ws)
+    findings += _stored_data(ws, deep)
     for run in runs.all_runs(ws.db):
         findings += _run(ws, run, deep)
     findings += _disk(ws, config)
@@ -50,20 +50,48 @@ def _database(ws: Workspace) -> list[Finding]:
     return [Finding("ok", "database integrity check passed")]
 
 
-def _stored_data(ws: Workspace) -> list[Finding]:
-    findings = []
+def _stored_data(ws: Workspace, deep: bool = False) -> list[Finding]:
+    """Stored copies against their jobs' fingerprints (those still to train: errors; done ones, which replay,
+    held-out sets and rollbacks read again: warnings) and tokenized arrays against their hashes. Hashes taken
+    before are trusted when size and mtime match; `deep` hashes every file again. Nothing is recorded."""
+    import shlex
+
+    from .fingerprint import FileHashes
+    from .jobdata import copy_problem
+    from .tokenized import problem
+
+    hashes = FileHashes(ws.data)  # read-only: never saved
+    sha256 = fingerprint if deep else hashes.sha256
+    waiting = (jobs.JobState.QUEUED, jobs.JobState.RUNNING, jobs.JobState.INTERRUPTED)
+    findings, found = [], {}
     for job in jobs.all_jobs(ws.db):
-        if job.state not in (jobs.JobState.QUEUED, jobs.JobState.RUNNING, jobs.JobState.INTERRUPTED):
+        if job.state not in waiting + (jobs.JobState.DONE,):
             continue
         path = Path(job.stored)
-        if not path.exists():
-            findings.append(Finding("error", f"job {job.id}: its stored copy {path.name} is missing",
-                                    f"add {job.file} again, or remove the job"))
-        elif fingerprint(path) != job.fingerprint:
-            findings.append(Finding("error", f"job {job.id}: its stored copy {path.name} no longer matches "
-                                    "its fingerprint", f"add {job.file} again"))
+        if path not in found:
+            found[path] = copy_problem(path, job.fingerprint, sha256)
+        if found[path] is None:
+            continue
+        add = f"add the original again: `conveyor add {shlex.quote(job.source)}` restores the copy"
+        if job.state in waiting:
+            fix = (f"{add} before job {job.id} starts (it keeps its place), or "
+                   + ("`conveyor skip`" if job.state == jobs.JobState.RUNNING else f"`conveyor queue remove {job.id}`")
+                   + "; otherwise it stops when it starts, and nothing is trained from it")
+        else:
+            fix = f"{add}; a later job that replays job {job.id} or scores its held-out set stops until then"
+        findings.append(Finding("error" if job.state in waiting else "warning",
+                                f"job {job.id} ({job.file}, {job.state.value}): its stored copy data/{path.name} "
+                                f"{found[path]}", fix))
+    tokenized = ws.data / "tokenized"
+    for folder in sorted(tokenized.iterdir()) if tokenized.is_dir() else []:
+        wrong = None if folder.name.startswith(".") else problem(folder, None if deep else hashes)
+        if wrong:
+            findings.append(Finding("error", f"data/tokenized/{folder.name}/{wrong}",
+                                    f"delete data/tokenized/{folder.name}: it is derived data, rebuilt from the "
+                                    "verified stored copy when a job next needs it"))
     if not findings:
-        findings.append(Finding("ok", "stored copies of queued and running jobs match their fingerprints"))
+        findings.append(Finding("ok", f"stored copies match their jobs' fingerprints and tokenized arrays their "
+                                f"hashes ({'all hashed again' if deep else 'unchanged since hashed, or hashed'})"))
     return findings
 
 

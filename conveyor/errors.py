@@ -23,3 +23,13 @@ class PlanError(ConveyorError):
 
 class CheckpointError(ConveyorError):
     """A checkpoint cannot be written, read or verified."""
+
+
+class StoredDataError(DataError):
+    """A job's stored copy (data/<sha256>.jsonl) is missing or no longer holds the bytes the job was added with;
+    the job does not train until the original is added again."""
+
+    @staticmethod
+    def names(fingerprint: str) -> str:
+        """How the message names the copy: a failed job whose reason holds this stopped for that copy."""
+        return f"the stored copy data/{fingerprint}.jsonl"

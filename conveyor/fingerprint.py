@@ -1,12 +1,15 @@
-"""Content identity of a dataset file: a streaming sha256 of its bytes (law 4)."""
+"""Content identity of a dataset file: a streaming sha256 of its bytes (law 4), and the record of files hashed
+before, so that checking a file that did not change costs a stat."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 CHUNK = 1 << 20
+HASHES = ".hashes.json"  # in a folder: "relative/path" -> [size, mtime_ns, sha256] of files hashed before
 
 
 def fingerprint(path: Path) -> str:
@@ -35,3 +38,64 @@ def copy_hashing(source: Path, target: Path, exclusive: bool = False) -> str:
 def short(fp: str) -> str:
     """The first 12 hex digits, enough for people to tell datasets apart."""
     return fp[:12]
+
+
+class FileHashes:
+    """sha256 of the files under a folder, each hashed once: a file whose size and mtime are those recorded when it
+    was hashed (at its write, or at an earlier check) is trusted, a stat; any other is hashed again. A file changed
+    in place with its size and mtime kept is only found by hashing everything (`conveyor doctor --deep`).
+
+    Kept in <root>/.hashes.json; several processes may use one (the daemon stores files, a worker checks them):
+    save() merges, and a lost write only costs a re-hash. The same idea as checkpoints.HashCache, for any folder."""
+
+    def __init__(self, root: Path, name: str | None = HASHES):
+        self.root, self.path = root, root / name if name else None  # None: kept in memory only
+        self.entries = self._read()
+        self.changed: dict[str, list] = {}
+
+    def _read(self) -> dict:
+        if self.path is None:
+            return {}
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: every file is hashed again
+        return entries if isinstance(entries, dict) else {}
+
+    def key(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256; FileNotFoundError (an OSError) if it is gone."""
+        st = path.stat()  # before hashing: a change while it is read gives another mtime, so no false trust
+        entry = self.entries.get(self.key(path))
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            return entry[2]
+        digest = fingerprint(path)
+        self.record(path, digest, st)
+        return digest
+
+    def record(self, path: Path, digest: str, st: os.stat_result | None = None) -> None:
+        """Remember a hash taken of the file as it is now (e.g. while writing it)."""
+        st = st or path.stat()
+        key = self.key(path)
+        self.entries[key] = self.changed[key] = [st.st_size, st.st_mtime_ns, digest]
+
+    def save(self) -> None:
+        """Write what was hashed here over what is recorded now (another process may have saved meanwhile),
+        without the files that are gone; atomically (a temporary file, then a rename). A write that fails (a full
+        disk) is dropped: it is a cache, the next check hashes again."""
+        if not self.changed or self.path is None or not self.root.is_dir():
+            return
+        entries = {**self._read(), **self.changed}
+        entries = {k: v for k, v in entries.items() if (self.root / k).exists()}
+        tmp = self.root / f".{self.path.name}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        self.changed = {}

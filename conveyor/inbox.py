@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import jobs
-from .errors import DataError
-from .fingerprint import copy_hashing, fingerprint, short
+from .errors import DataError, StoredDataError
+from .fingerprint import FileHashes, copy_hashing, fingerprint, short
 from .formats import scan_file
 from .kept import REASON, _move_new, kept_path, printable
 from .jobs import Job, JobState
@@ -33,13 +33,20 @@ class Enqueued:
     new: bool = True  # False: the file is the same dataset as `job`, which existed already
 
 
-def store(ws: Workspace, source: Path) -> tuple[str, Path]:
-    """Fingerprint the file and keep its bytes in data/<sha256>.jsonl (once per content), verified."""
+def store(ws: Workspace, source: Path) -> tuple[str, Path, str | None]:
+    """Fingerprint the file and keep its bytes in data/<sha256>.jsonl (once per content), verified. The third
+    value says what was wrong with a copy that jobs had and that this one restores (None: there was none)."""
     ws.data.mkdir(exist_ok=True)
     fp = fingerprint(source)
     target = ws.data / f"{fp}.jsonl"
-    if target.exists() and fingerprint(target) == fp:
-        return fp, target
+    if target.exists():
+        found = fingerprint(target)
+        if found == fp:
+            return fp, target, None
+        restores = f"held {target.stat().st_size} bytes with sha256 {short(found)}… instead of {short(fp)}…"
+    else:
+        known = ws.db.execute("SELECT 1 FROM jobs WHERE fingerprint = ? AND state != 'rejected'", (fp,)).fetchone()
+        restores = "was missing" if known else None
     tmp = ws.data / f".{fp}.{os.getpid()}.tmp"
     try:
         if copy_hashing(source, tmp) != fp:  # the bytes copied are not the bytes fingerprinted
@@ -49,7 +56,10 @@ def store(ws: Workspace, source: Path) -> tuple[str, Path]:
     finally:
         if tmp.exists():  # a failed copy (changed, disk full) leaves nothing behind
             tmp.unlink()
-    return fp, target
+    hashes = FileHashes(ws.data)  # hashed as copied: the check when its job starts is a stat
+    hashes.record(target, fp)
+    hashes.save()
+    return fp, target, restores
 
 
 def reject(ws: Workspace, source: Path, fp: str, stored: Path, reason: str, priority: int) -> Enqueued:
@@ -88,13 +98,16 @@ def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal
         raise DataError(f"{source}: no such file; check the path")
     if not source.is_file():
         raise DataError(f"{source} is not a regular file (a pipe, socket or device); copy the data into a .jsonl file")
-    fp, stored = store(ws, source)
-    return enqueue_stored(ws, source, fp, stored, priority, epochs, join_queued)
+    fp, stored, restores = store(ws, source)
+    return enqueue_stored(ws, source, fp, stored, priority, epochs, join_queued, restores)
 
 
 def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority: int, epochs: int,
-                   join_queued: bool = False) -> Enqueued:
-    """enqueue() once the bytes are in data/: validate, recognise the same dataset, insert the job."""
+                   join_queued: bool = False, restores: str | None = None) -> Enqueued:
+    """enqueue() once the bytes are in data/: validate, recognise the same dataset, insert the job.
+
+    restores: what was wrong with the stored copy these bytes replaced. Jobs that stopped for it go back in the
+    queue, and a queued job of these bytes is this file (it would have stopped for it): no second job."""
     name = printable(source.name)
     try:
         fmt, examples = scan_file(stored, name)  # streamed: the daemon never holds a file's records
@@ -102,10 +115,20 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
         return reject(ws, source, fp, stored, str(e), priority)
     except Exception as e:  # MemoryError, or a case no check foresaw: this file is rejected, nothing else stops
         return reject(ws, source, fp, stored, unexpected(name, e), priority)
+    restored = [f"data/{fp}.jsonl {restores}; {name} restores it"] if restores else []
+    for text in restored:
+        log_event(ws.db, "warning", "restored", text)
+    # Failed because the copy of these bytes was missing or altered (their own, or one they replay or evaluate).
+    stopped = [j for j in jobs.all_jobs(ws.db) if j.state == JobState.FAILED
+               and StoredDataError.names(fp) in (j.error or "")]
+    if stopped:
+        return _back_in_queue(ws, name, fp, stopped, restored)
     same = [j for j in jobs.all_jobs(ws.db) if j.fingerprint == fp]
-    joined = [j for j in same if j.state in CARRIES_ON or (join_queued and j.state == JobState.QUEUED)]
+    joined = [j for j in same if j.state in CARRIES_ON or ((join_queued or restores) and j.state == JobState.QUEUED)]
     if joined:
-        return _same_dataset(ws, name, joined[0])
+        found = _same_dataset(ws, name, joined[0])
+        found.messages[:0] = restored
+        return found
     messages = [f"{name} has the same bytes ({short(fp)}) as job {j.id} ({j.file}, trained at steps "
                 f"{j.start_step}–{j.end_step}); see data.skip_duplicates" for j in same if j.state == JobState.DONE]
     job = jobs.insert(ws.db, file=name, source=printable(str(source.resolve())), stored=str(stored),
@@ -113,6 +136,27 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
                       examples=examples, epochs=epochs)
     log_event(ws.db, "info", "queued", f"job {job.id}: {name} ({examples} examples, {fmt}, {short(fp)})", job.id)
     return Enqueued(job, messages)
+
+
+def _back_in_queue(ws: Workspace, name: str, fp: str, stopped: list[Job], messages: list[str]) -> Enqueued:
+    """Jobs that failed because data/<fp>.jsonl was missing or altered wait again, now that it holds these bytes:
+    one stopped mid-way in the active run as interrupted (it resumes from its own position, which every checkpoint
+    since kept: law 2), any other as queued."""
+    from .reconcile import FRESH
+    from .runs import active
+
+    run = active(ws.db)
+    for job in stopped:
+        if job.steps_done and run is not None and job.run_id == run.id:
+            jobs.transition(ws.db, job.id, JobState.INTERRUPTED, expect=JobState.FAILED, error=None, attempts=0)
+            where = f"interrupted: it resumes at its step {job.steps_done + 1} of {job.planned_steps}"
+        else:
+            jobs.transition(ws.db, job.id, JobState.QUEUED, expect=JobState.FAILED, error=None, attempts=0, **FRESH)
+            where = "queued"
+        messages.append(f"job {job.id} ({job.file}), which had stopped for data/{short(fp)}….jsonl, is back in the "
+                        f"queue, {where}")
+        log_event(ws.db, "info", "restored", messages[-1], job.id)
+    return Enqueued(jobs.get(ws.db, stopped[0].id), messages, new=False)
 
 
 def _same_dataset(ws: Workspace, name: str, job: Job) -> Enqueued:
@@ -314,12 +358,12 @@ class Inbox:
     def _enqueue(self, path: Path, priority: int, signature: tuple) -> Enqueued | None:
         epochs = self._epochs_now()
         try:
-            fp, stored = store(self.ws, path)
+            fp, stored, restores = store(self.ws, path)
         except (OSError, DataError) as e:  # vanished, unreadable, or still changing: it stays where it is
             self._failed_once(path, signature, f"cannot be read ({e})", retry=RETRY_SECONDS)
             return None
         try:
-            return enqueue_stored(self.ws, path, fp, stored, priority, epochs, join_queued=True)
+            return enqueue_stored(self.ws, path, fp, stored, priority, epochs, join_queued=True, restores=restores)
         except Exception as e:  # its bytes are safe in data/: reject it with the reason rather than retry forever
             return reject(self.ws, path, fp, stored, unexpected(printable(path.name), e), priority)
 

@@ -1,15 +1,26 @@
 """A job's data: its stored copy parsed and tokenized (cached by content), without its held-out examples, the
-replay pool of earlier jobs, and the jobs of a run's lineage. The worker, replay and evaluation read data here."""
+replay pool of earlier jobs, and the jobs of a run's lineage. The worker, replay and evaluation read data here.
+
+What trains is verified to be the bytes the job was added with (law 4): the stored copy against the job's
+fingerprint, the tokenized arrays against the hashes written with them, each a stat when unchanged since it was
+last hashed (data/.hashes.json). Arrays that fail are rebuilt from the verified copy (they are derived); a copy
+that fails stops every job that needs it (StoredDataError) until the original is added again (inbox.enqueue).
+"""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import Callable
 
 from . import holdout, jobs
 from .config import Config
+from .errors import StoredDataError
+from .fingerprint import FileHashes, short
 from .formats import TokenizedFile
 from .jobs import Job
 from .runs import ancestry
+from .store import log_event
 from .tokenized import tokenize_cached
 from .workspace import Workspace
 
@@ -54,10 +65,50 @@ def trained_data(ws: Workspace, job: Job, config: Config, model_path: str, token
 
 
 def job_data(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> TokenizedFile:
-    """The job's stored file, parsed and tokenized, cached by content, tokenizer, chat template and max_length."""
+    """The job's stored file, verified, parsed and tokenized, cached by content, tokenizer, chat template and
+    max_length. Raises StoredDataError if the stored copy is missing or holds other bytes."""
     tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
-    return tokenize_cached(Path(job.stored), job.file, tokenizer, config.training.max_length,
-                           ws.data / "tokenized", data_key(ws, job, config, model_path, tokenizer))
+    hashes = FileHashes(ws.data)
+    try:
+        path = verified_copy(job, hashes)
+        return tokenize_cached(path, job.file, tokenizer, config.training.max_length, ws.data / "tokenized",
+                               data_key(ws, job, config, model_path, tokenizer), hashes,
+                               warn=lambda text: _warn(ws, job, text))
+    finally:
+        hashes.save()
+
+
+def verified_copy(job: Job, hashes: FileHashes) -> Path:
+    """The job's stored copy if it holds the bytes the job was added with; else StoredDataError naming the file,
+    what it holds and what to do."""
+    path = Path(job.stored)
+    found = copy_problem(path, job.fingerprint, hashes.sha256)
+    if found is None:
+        return path
+    raise StoredDataError(
+        f"{StoredDataError.names(job.fingerprint)} of job {job.id} ({job.file}) {found}; nothing is trained from it. Add the original "
+        f"file again with `conveyor add {shlex.quote(job.source)}`: the copy is restored and every job that stopped "
+        "for it goes back in the queue (one stopped mid-way resumes from its own position). Or leave it: a job "
+        "that stopped for it stays failed, out of the queue, and the others go on")
+
+
+def copy_problem(path: Path, fingerprint: str, sha256: Callable[[Path], str]) -> str | None:
+    """What is wrong with a stored copy ("is missing", "now holds N bytes with sha256 …"), or None if `sha256` (a
+    FileHashes' or a full hash) says it holds the bytes `fingerprint` names."""
+    try:
+        digest = sha256(path)
+        if digest == fingerprint:
+            return None
+        return f"now holds {path.stat().st_size} bytes with sha256 {short(digest)}… instead of {short(fingerprint)}…"
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def _warn(ws: Workspace, job: Job, text: str) -> None:
+    jobs.add_warning(ws.db, job, text)
+    log_event(ws.db, "warning", "message", f"job {job.id} ({job.file}): {text}", job.id)
 
 
 def data_key(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> str:

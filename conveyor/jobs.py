@@ -33,7 +33,9 @@ TRANSITIONS: dict[JobState, set[JobState]] = {
                            JobState.FAILED},
     JobState.RUNNING: {JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.INTERRUPTED, JobState.QUEUED},
     JobState.DONE: set(),
-    JobState.FAILED: {JobState.QUEUED},
+    # A job that failed because its stored copy did not verify waits again once the original is added again
+    # (inbox): interrupted if it had stopped mid-way, so that it resumes from its own position (law 2).
+    JobState.FAILED: {JobState.QUEUED, JobState.INTERRUPTED},
     JobState.SKIPPED: set(),
     JobState.REJECTED: set(),
 }

@@ -167,8 +167,10 @@ class Worker:
         start = self.position(job, run, resume, data)
         if start.steps_done == 0 and self._duplicate(job, run):
             return Outcome.SKIPPED
+        # A job failed mid-way (e.g. its stored copy no longer verified) keeps its position too: adding its file
+        # again puts it back, and it resumes there (law 2).
         open_jobs = [p for p in (resume.manifest.under_way() if resume else []) if p.job_id != job.id
-                     and jobs.get(self.db, p.job_id).state == JobState.INTERRUPTED]
+                     and jobs.get(self.db, p.job_id).state in (JobState.INTERRUPTED, JobState.FAILED)]
         for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
             ledger.close_overtaken(self.db, run.id, p)
         job = self.plan(job, run, start, data)

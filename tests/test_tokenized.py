@@ -101,3 +101,25 @@ def test_a_file_truncated_throughout_counts_every_line_and_names_the_first(tiny_
     path.write_text("".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(250)))
     data = tokenize_cached(path, "long.jsonl", load_tokenizer(str(tiny_dir)), 16, tmp_path / "cache", "k")
     assert data.truncated == 250 and data.truncated_lines == list(range(1, 101))
+
+
+def test_arrays_carry_their_hashes_and_one_that_fails_is_rebuilt_with_a_warning(tiny_dir, tmp_path):
+    from conveyor.fingerprint import FileHashes, fingerprint
+
+    path = text_file(tmp_path / "d.jsonl", 5)
+    tokenizer = load_tokenizer(str(tiny_dir))
+    hashes = FileHashes(tmp_path)
+    first = tokenize_cached(path, "d.jsonl", tokenizer, 64, tmp_path / "cache", "key", hashes)
+    folder = next((tmp_path / "cache").iterdir())
+    files = json.loads((folder / "meta.json").read_text())["files"]
+    assert files == {name: [(folder / name).stat().st_size, fingerprint(folder / name)]
+                     for name in ("ids.bin", "mask.bin", "index.bin")}
+    ids = folder / "ids.bin"
+    ids.write_bytes(bytes([ids.read_bytes()[0] ^ 1]) + ids.read_bytes()[1:])  # same size, a new mtime
+    said: list[str] = []
+    rebuilt = tokenize_cached(path, "d.jsonl", tokenizer, 64, tmp_path / "cache", "key", hashes, warn=said.append)
+    expected = tokenize_file(parse_file(path), tokenizer, 64)  # (`first` maps the altered file itself)
+    assert [(e.input_ids, e.labels) for e in rebuilt.examples] == [(e.input_ids, e.labels) for e in expected.examples]
+    assert len(first.examples) == len(rebuilt.examples) and len(said) == 1 and said[0].startswith(f"tmp_path/cache/{folder.name}/ids.bin no longer matches its sha256"
+                                                 .replace("tmp_path", tmp_path.name))
+    assert "rebuilt from the stored copy d.jsonl" in said[0]
