@@ -657,19 +657,52 @@ def export(
 
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-           deep: bool = typer.Option(False, "--deep", help="Hash every checkpoint file again (slow on big models).")):
+           deep: bool = typer.Option(False, "--deep", help="Hash every checkpoint file again (slow on big models)."),
+           repair: bool = typer.Option(False, "--repair", help="Move a damaged, missing or mismatched conveyor.db "
+                                       "aside (never deleted) and rebuild it from the checkpoint manifests, saying "
+                                       "what could not be rebuilt; a whole, matching one is left alone.")):
     """Check the workspace (settings, database, stored data, every checkpoint, disk) and say how to fix it."""
     from .doctor import check
+    from .faults import DatabaseDamaged
 
-    findings = check(_ws(), deep)
+    try:
+        ws = _ws()
+    except DatabaseDamaged:  # doctor says so below; a cut-off command is finished once the database is whole
+        ws = Workspace.open(_state["workspace"])
+    report = None
+    if repair:
+        from .repair import repair as rebuild
+
+        report = rebuild(ws)
+        ws = Workspace.open(ws.root)  # the new database, not a connection to the old one
+    findings = check(ws, deep)
     if as_json:
-        _print_json([f.to_json() for f in findings])
+        found = [f.to_json() for f in findings]
+        _print_json({"repair": report.to_json(), "findings": found} if report else found)
     else:
+        if report:
+            _print_repair(report)
         marks = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "error": "[bold red]error[/]"}
         for f in findings:
             console.print(f"{marks[f.level]}  ", end="")
             console.print(f.what + (f" → {f.fix}" if f.fix else ""), markup=False)
     raise typer.Exit(1 if any(f.level == "error" for f in findings) else 0)
+
+
+def _print_repair(report) -> None:
+    if not report.problem:
+        console.print("nothing to repair: conveyor.db is whole and matches the runs on disk")
+        return
+    console.print(f"repair: {report.problem}", markup=False)
+    if report.moved:
+        console.print(f"moved aside (nothing deleted): {', '.join(report.moved)}", markup=False)
+    for text in report.rebuilt:
+        console.print("[green]rebuilt[/]  ", end="")
+        console.print(text, markup=False)
+    for text in report.lost:
+        console.print("[yellow]not rebuilt[/]  ", end="")
+        console.print(text, markup=False)
+    console.print("the workspace now:")
 
 
 @app.command()

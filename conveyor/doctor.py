@@ -1,8 +1,10 @@
 """`conveyor doctor`: check a workspace (settings, database, stored data, every checkpoint, free disk) and
-say what is wrong with the fix. It only reads; it never changes or deletes anything."""
+say what is wrong with the fix. It only reads; it never changes or deletes anything. `conveyor doctor --repair`
+rebuilds a damaged state database from the checkpoint manifests (repair.py)."""
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +13,9 @@ from . import jobs, runs
 from . import manifest as mf
 from .config import Config
 from .errors import ConveyorError
+from .faults import DatabaseDamaged, database_message, is_damaged_database
 from .fingerprint import fingerprint
-from .workspace import Workspace
+from .workspace import DB_FILE, Workspace
 
 
 @dataclass
@@ -35,19 +38,44 @@ def check(ws: Workspace, deep: bool = False) -> list[Finding]:
         findings.append(Finding("error", str(e), "fix the keys named above"))
         config = None
     findings += _database(ws)
-    findings += _stored_data(ws, deep)
-    for run in runs.all_runs(ws.db):
-        findings += _run(ws, run, deep)
-    findings += _disk(ws, config)
+    try:
+        findings += _stored_data(ws)
+        for run in runs.all_runs(ws.db):
+            findings += _run(ws, run, deep)
+        findings += _disk(ws, config)
+    except (DatabaseDamaged, sqlite3.DatabaseError) as e:  # said by _database; what the disk holds instead
+        if not is_damaged_database(e):
+            raise
+        findings += _on_disk(ws, deep)
     return findings
 
 
+REPAIR = "`conveyor doctor --repair`"
+
+
 def _database(ws: Workspace) -> list[Finding]:
-    result = ws.db.execute("PRAGMA integrity_check").fetchone()[0]
-    if result != "ok":
-        return [Finding("error", f"the database fails its integrity check: {result}",
-                        "copy the workspace aside; checkpoints and their manifests hold the weights and positions")]
-    return [Finding("ok", "database integrity check passed")]
+    """conveyor.db: it opens (store.connect checks it), matches the runs on disk, and every page passes."""
+    try:
+        result = [row[0] for row in ws.db.execute("PRAGMA integrity_check")]
+    except DatabaseDamaged as e:  # damaged, missing or not matching the runs on disk: the message says which
+        return [Finding("error", str(e), REPAIR)]
+    except sqlite3.DatabaseError as e:
+        if not is_damaged_database(e):
+            raise
+        return [Finding("error", database_message(ws.root / DB_FILE, e), REPAIR)]
+    if result != ["ok"]:
+        return [Finding("error", database_message(ws.root / DB_FILE, "it fails its integrity check: "
+                                                  + "; ".join(result[:3])), REPAIR)]
+    return [Finding("ok", f"{DB_FILE}: integrity check passed, and it matches the runs on disk")]
+
+
+def _on_disk(ws: Workspace, deep: bool) -> list[Finding]:
+    """Without a usable database: each run folder's verified checkpoints (what --repair rebuilds from) and the
+    free space."""
+    from .repair import describe, scan
+
+    findings = [Finding(level, text) for level, text in describe(scan(ws, deep))]
+    return findings + [Finding("ok", f"{ws.free_bytes() / 1e9:.1f} GB free")]
 
 
 def _stored_data(ws: Workspace, deep: bool = False) -> list[Finding]:

@@ -75,11 +75,29 @@ def disk_full_message(root: Path, what: str = "a write", need_bytes: int | None 
             "resumes by itself once there is room (or `conveyor resume`)")
 
 
-def database_message(path: Path, e: BaseException | None = None) -> str:
-    found = f" ({e})" if e is not None else ""
-    return (f"the state database {path} is damaged{found}. Nothing under runs/ or data/ was touched. "
-            f"`conveyor doctor --repair` moves it aside and rebuilds the runs and versions from the checkpoint "
-            "manifests (saying what it could not rebuild)")
+REBUILDS = "rebuilds the runs, versions and jobs from the checkpoint manifests, saying what it could not rebuild"
+REPAIR = f"`conveyor doctor --repair` moves it aside (nothing is deleted) and {REBUILDS}"
+UNTOUCHED = "Nothing under runs/ or data/ was touched: the checkpoints hold the weights and positions"
+
+
+def database_message(path: Path, e: BaseException | str | None = None) -> str:
+    """conveyor.db cannot be read: not a database, cut short, or a page that fails its check (`e` says which)."""
+    found = f" ({e})" if e else ""
+    return f"the state database {path} is damaged{found}. {UNTOUCHED}. {REPAIR}"
+
+
+def database_missing_message(path: Path, found: list[str]) -> str:
+    """conveyor.db is gone while runs/ holds checkpoints: a new empty one would train over them."""
+    return (f"the state database {path} is missing, but {'; '.join(found)}: it was deleted or moved. {UNTOUCHED}, "
+            f"and no new database was made. Put it back (with its -wal file) if you have it; otherwise "
+            f"`conveyor doctor --repair` {REBUILDS}")
+
+
+def database_mismatch_message(path: Path, found: list[str]) -> str:
+    """conveyor.db is readable but disagrees with the runs on disk, so nothing may train on it."""
+    return (f"the state database {path} does not match the runs on disk: {'; '.join(found)}. It was deleted, "
+            f"replaced or lost its last writes (a deleted {path.name}-wal loses them), so nothing trains on it. "
+            f"{UNTOUCHED}. {REPAIR}")
 
 
 def explain(e: BaseException, root: Path) -> ConveyorError | None:

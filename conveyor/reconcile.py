@@ -14,6 +14,7 @@ from . import jobs, ledger, pending, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .jobs import Job, JobState
+from .repair import refuse_to_train
 from .store import transaction
 from .workspace import Workspace
 
@@ -35,6 +36,7 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
     """The run to train in and its checkpoint; jobs trained past that checkpoint go back to the queue."""
     ident = runs.identity(config, model_path)
     pending.recover(ws)  # a rollback (or another multi-step command) cut off: finished or undone first
+    refuse_to_train(ws)  # a damaged database, or one that does not match the runs on disk, never trains
     run = runs.active(ws.db)
     # Read-only (the hash cache too): a run left for a new identity stays byte-identical.
     resume, problems = ck.newest_verified(ws.run_dir(run.id), save=False) if run else (None, [])

@@ -117,7 +117,15 @@ def all_runs(con: sqlite3.Connection) -> list[Run]:
 
 
 def next_id(con: sqlite3.Connection) -> str:
-    return f"run-{con.execute('SELECT COUNT(*) FROM runs').fetchone()[0] + 1:04d}"
+    """run-0001, run-0002, ...: the first number after the runs recorded that neither the database nor a folder in
+    the workspace's runs/ holding anything has (a run the database does not know is never trained over)."""
+    known = {row[0] for row in con.execute("SELECT id FROM runs")}
+    file = con.execute("PRAGMA database_list").fetchone()[2]  # the database file; its folder is the workspace's
+    runs_dir = Path(file).parent / "runs" if file else None  # Workspace.runs
+    n = len(known) + 1
+    while f"run-{n:04d}" in known or (runs_dir and any((runs_dir / f"run-{n:04d}").glob("*"))):
+        n += 1
+    return f"run-{n:04d}"
 
 
 def create(con: sqlite3.Connection, ident: dict, note: str | None = None, *, run_id: str | None = None,

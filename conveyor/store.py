@@ -11,6 +11,8 @@ import time
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
+from .faults import DatabaseDamaged, database_message, is_damaged_database
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -204,17 +206,69 @@ ADDED_COLUMNS = [
 ]
 
 
+# Tables that decide what trains and what a person sees first. They grow with the jobs, not the steps, so every
+# connect checks their pages (PRAGMA quick_check of one table: about a millisecond). The per-step tables (metrics,
+# audit, rollups, events, ...) are checked by `conveyor doctor` and once before training (repair.refuse_to_train);
+# elsewhere a damaged page of theirs raises DatabaseError when read, which the CLI reports as one line.
+STATE_TABLES = ("runs", "jobs", "versions", "ledger", "controls", "sqlite_sequence")
+_HEADER = b"SQLite format 3\x00"
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row."""
+    """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row.
+
+    Raises faults.DatabaseDamaged (naming the file and the fix) for a file that is not a database, is cut short,
+    or whose schema or state tables fail their check."""
+    _check_file(Path(path))
     con = sqlite3.connect(path, timeout=30, isolation_level=None)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("PRAGMA foreign_keys=ON")
-    con.executescript(SCHEMA)
-    _add_missing_columns(con)
-    _build_rollups_once(con)
+    try:
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA foreign_keys=ON")
+        con.executescript(SCHEMA)
+        _check_state_tables(con, Path(path))
+        _add_missing_columns(con)
+        _build_rollups_once(con)
+    except BaseException as e:
+        con.close()
+        if isinstance(e, sqlite3.DatabaseError) and is_damaged_database(e):
+            raise DatabaseDamaged(database_message(path, e)) from e
+        raise
     return con
+
+
+def _check_file(path: Path) -> None:
+    """Read the 100-byte header: not a database, or shorter than the pages it says it has (cut short), is damage.
+
+    The page count in the header is trusted only when SQLite marked it valid; and only when no write-ahead log
+    holds frames, since pages that live in the log may not be in the main file yet (a checkpoint under way)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return  # created but never written (SQLite's own first state): an empty database
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if len(header) < 100 or not header.startswith(_HEADER):
+        raise DatabaseDamaged(database_message(path, f"its {size} bytes do not start with an SQLite header: "
+                                                     "not a database, or cut short"))
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages, counter, valid_for = (int.from_bytes(header[i:i + 4], "big") for i in (28, 24, 92))
+    wal = path.with_name(path.name + "-wal")
+    log_frames = wal.exists() and wal.stat().st_size > 32  # 32: a log header without frames
+    if pages and counter == valid_for and not log_frames and size < pages * page_size:
+        raise DatabaseDamaged(database_message(path, f"cut short: its header says {pages} pages of {page_size} "
+                                                     f"bytes ({pages * page_size} bytes), the file holds {size}"))
+
+
+def _check_state_tables(con: sqlite3.Connection, path: Path) -> None:
+    for table in STATE_TABLES:
+        problems = [row[0] for row in con.execute(f"PRAGMA quick_check({table})")]
+        if problems != ["ok"]:
+            raise DatabaseDamaged(database_message(path, f"table {table} fails its check: {'; '.join(problems[:3])}"))
 
 
 def _add_missing_columns(con: sqlite3.Connection) -> None:

@@ -57,8 +57,12 @@ class Workspace:
 
     @cached_property
     def db(self):
+        """The state database, checked on open: faults.DatabaseDamaged names the file, what is wrong and the fix
+        when it is damaged, missing while runs/ holds checkpoints, or does not match the runs on disk (repair.py)."""
+        from .repair import open_checked
+
         store.attach_log_file(self.logs)
-        return store.connect(self.root / DB_FILE)
+        return open_checked(self)
 
     def model_path(self, name: str) -> str:
         """Where the base model's files are: a built-in model (tiny, small) is made in the workspace on first use."""
