@@ -2,9 +2,9 @@
 beside a daemon that already runs in the workspace (it hands the files to that daemon and follows their jobs to
 the end, as if it trained them itself; it never queues a file and then fails).
 
-Exit codes: 0 every job trained; 1 a job failed, was rejected or skipped, or the command stopped with jobs still
-waiting (`conveyor stop`, a pause, eval.gate); 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM. A cut job
-keeps its place and resumes on the next start.
+Exit codes: 0 every job trained; 1 a job failed, was rejected or skipped (or a pause, eval.gate or a full disk
+ended the drain); 75 stopped by `conveyor stop` with jobs still waiting (run again to go on: EX_TEMPFAIL); 130
+interrupted by Ctrl-C (SIGINT); 143 by SIGTERM. A cut job keeps its place and resumes on the next start.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .jobs import JobState
 from .workspace import Workspace
 
 INTERRUPTED = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+STOPPED = 75  # sysexits' EX_TEMPFAIL: not done, run again to go on
 FINAL = (JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.REJECTED)
 
 
@@ -33,7 +34,7 @@ def drain_code(ws: Workspace, ok: bool, stop_reason: str | None) -> int:
     if stop_reason and left:
         err.print(f"stopped ({stop_reason}) with {len(left)} job(s) waiting; `conveyor run --drain` trains them",
                   style="yellow", markup=False)
-        return 1
+        return STOPPED if ok and stop_reason.startswith("stop requested") else 1
     return 0 if ok else 1
 
 

@@ -184,8 +184,8 @@ class QueueMachine(RuleBasedStateMachine):
         if before and self._active_run() != before:  # this start left the old run: it must never change again
             self.closed_runs[before] = snapshot
         STATS.update({"drains": 1, "killed": code == -9, "requests": bool(request)})
-        # 1: a stop ended the drain with jobs waiting (it says so; `train && export` must not go on)
-        stopped = code == 1 and request is not None and request[0] == "stop" and self._waiting()
+        # 75: a stop ended the drain with jobs waiting (it says so; `train && export` must not go on)
+        stopped = code == 75 and request is not None and request[0] == "stop" and self._waiting()
         assert code in (0, -9) or stopped, f"run --drain exited {code}"
         if code == 0 and not request:
             assert not [j for j in self._jobs() if j["state"] in ("queued", "interrupted", "running")], self._jobs()

@@ -65,7 +65,7 @@ def test_the_held_out_choice_is_fixed_by_seed_and_fingerprint_and_a_fraction_rou
 def test_a_job_under_way_keeps_its_held_out_set_when_the_setting_changes(workspace, tmp_path):
     ws = workspace(eval={"holdout": 4}, training={"batch_size": 2, "grad_accum": 1, "save_every": 1})
     assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 14, "a")).code == 0
-    assert drain_with_requests(ws, "stop@2").code == 0
+    assert drain_with_requests(ws, "stop@2").code == 75
     before = _held(ws, 1)
     set_setting(ws, "eval", "holdout", "2")
     assert run_cli(ws, "run", "--drain", "-q").code == 0

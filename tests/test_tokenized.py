@@ -85,7 +85,7 @@ def test_tokenized_data_of_finished_jobs_is_pruned_and_waiting_jobs_keep_theirs(
     for tag in "bc":
         assert run_cli(ws, "add", text_file(tmp_path / f"{tag}.jsonl", 16, tag)).code == 0
     monkeypatch.setenv("CONVEYOR_TEST_REQUESTS", "stop@3")  # job b stops after its first step
-    assert run_cli(ws, "run", "--drain", "-q").code == 0
+    assert run_cli(ws, "run", "--drain", "-q").code == 75  # stopped with jobs waiting
     assert [j["state"] for j in status(ws)["jobs"]] == ["done", "interrupted", "queued"]
     kept = [json.loads((p / "meta.json").read_text())["key"].split(":")[0] for p in tokenized.iterdir()]
     assert kept == [status(ws)["jobs"][1]["fingerprint"]]  # b's tokens stay for its resume
