@@ -39,7 +39,7 @@ def check(ws: Workspace, deep: bool = False) -> list[Finding]:
         config = None
     findings += _database(ws)
     try:
-        findings += _stored_data(ws)
+        findings += _stored_data(ws, deep)
         for run in runs.all_runs(ws.db):
             findings += _run(ws, run, deep)
         findings += _disk(ws, config)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import jobs
+from . import faults, jobs
 from .errors import DataError, StoredDataError
 from .fingerprint import FileHashes, copy_hashing, fingerprint, short
 from .formats import scan_file
@@ -337,6 +337,10 @@ class Inbox:
         try:
             result = self._enqueue(path, priority, signature)
         except Exception as e:  # last resort: nothing about one file may end the daemon
+            if faults.is_disk_full(e):  # not the file's fault: retried on a timer, never rejected
+                self._failed_once(path, signature, f"not claimed yet: the disk is full ({e}); retried once there "
+                                  "is room", retry=RETRY_SECONDS)
+                return None
             self._failed_once(path, signature, f"cannot be claimed ({type(e).__name__}: {e}); touch or copy it "
                               "again to retry")
             return None
@@ -360,11 +364,15 @@ class Inbox:
         try:
             fp, stored, restores = store(self.ws, path)
         except (OSError, DataError) as e:  # vanished, unreadable, or still changing: it stays where it is
-            self._failed_once(path, signature, f"cannot be read ({e})", retry=RETRY_SECONDS)
+            problem = f"not claimed yet: the disk is full ({e}); retried once there is room" \
+                if faults.is_disk_full(e) else f"cannot be read ({e})"
+            self._failed_once(path, signature, problem, retry=RETRY_SECONDS)
             return None
         try:
             return enqueue_stored(self.ws, path, fp, stored, priority, epochs, join_queued=True, restores=restores)
         except Exception as e:  # its bytes are safe in data/: reject it with the reason rather than retry forever
+            if faults.is_disk_full(e):
+                raise  # the disk, not the file: claimed again once there is room
             return reject(self.ws, path, fp, stored, unexpected(printable(path.name), e), priority)
 
     def _keep_original(self, path: Path, signature: tuple, result: Enqueued) -> None:
