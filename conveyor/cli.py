@@ -477,22 +477,25 @@ def history(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     examples: bool = typer.Option(False, "--examples", help="Per optimizer step: the job and the file lines trained."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
+    own: bool = typer.Option(False, "--own", help="Only the run's own steps, not those a rollback's run inherited."),
 ):
-    """The ledger: which job trained which global steps, on how many examples and tokens, with its loss."""
+    """The ledger: which job trained which global steps, on how many examples and tokens, with its loss. A run
+    branched by `conveyor rollback` lists first the steps it inherited (up to the version it branched from; each
+    row names its run and says `"inherited": true`), then its own."""
     ws = _ws()
     _check_run(ws, run_id)
     run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
     if examples:
-        rows = [{"step": r["step"], "job": r["job"], "lines": r["lines"],
-                 **({"replay": r["replay"]} if "replay" in r else {})} for r in ledger.audit_rows(ws.db, run_id)]
+        rows = ledger.audit_rows(ws.db, run_id, own)
         if as_json:
             return _print_json(rows)
         for r in rows:
             replayed = ", ".join(f"{x['job']}:{x['line']}" for x in r.get("replay", []))
-            console.print(f"step {r['step']}: job {r['job']} lines {r['lines']}"
-                          + (f" replayed (job:line) {replayed}" if replayed else ""))
+            console.print(f"step {r['step']}" + (f" ({r['run']}, inherited)" if r["inherited"] else "")
+                          + f": job {r['job']} lines {r['lines']}" + (f" replayed (job:line) {replayed}" if replayed
+                                                                      else ""), markup=False)
         return
-    rows = ledger.rows(ws.db, run_id)
+    rows = ledger.rows(ws.db, run_id, own)
     if as_json:
         return _print_json(rows)
     print_ledger(rows)

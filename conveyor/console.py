@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import jobs
 from .fingerprint import short
@@ -61,15 +61,21 @@ class ConsoleReporter:
 
 
 def print_ledger(rows: list[dict]) -> None:
-    """The ledger as a table: which job trained which global steps, on how much data, with its loss."""
-    table = Table("run", "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens", "first loss",
-                  "last loss", "outcome", title="ledger")
+    """The ledger as a table: which job trained which global steps, on how much data, with its loss. Rows a
+    rollback's run inherited from the run it branched from are dimmed and say so."""
+    table = Table(Column("run", no_wrap=True), "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens",
+                  "first loss", "last loss", "outcome", title="ledger")
     console.width = max(console.width, 120)
     for r in rows:
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"
-        table.add_row(r["run"], str(r["job"]), r["file"], short(r["fingerprint"]),
-                      f"{r['start_step']}–{r['end_step']}",
+        table.add_row(r["run"] + (" (inherited)" if r.get("inherited") else ""), str(r["job"]), r["file"],
+                      short(r["fingerprint"]), f"{r['start_step']}–{r['end_step']}",
                       str(r["examples"]) + (f" + {r['replayed']} replayed" if r.get("replayed") else ""),
                       str(r["epochs"]), str(r["tokens"]),
-                      fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"])
+                      fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"],
+                      style="dim" if r.get("inherited") else None)
+    inherited = [r for r in rows if r.get("inherited")]
+    if inherited:
+        table.caption = (f"steps {inherited[0]['start_step']}–{inherited[-1]['end_step']}: inherited from "
+                         f"{', '.join(dict.fromkeys(r['run'] for r in inherited))} (this run branched from it)")
     console.print(table)

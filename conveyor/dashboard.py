@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -30,9 +30,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import controls, jobs, ledger, runs, versions
+from . import controls, ledger, runs, versions
 from .errors import ConveyorError
-from .status import daemon_pid, job_counts, queue_head, status_data
+from .status import (
+    daemon_pid,
+    events_after,
+    jobs_page,
+    last_event_id,
+    lineage_steps,
+    status_data,
+)
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -127,30 +134,32 @@ def resolve_run(con: sqlite3.Connection, run: str | None) -> str | None:
     if run is None:
         active = runs.active(con)
         return active.id if active else None
-    if con.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone() is None:
-        known = ", ".join(r.id for r in runs.all_runs(con)) or "none yet"
-        raise HTTPException(404, f"no run {run!r}; known runs: {known}")
+    known = [r.id for r in runs.all_runs(con)]
+    if run not in known:
+        raise HTTPException(404, f"no run {run!r}; known runs: {', '.join(known) or 'none yet'}")
     return run
 
 
-def _rows(con: sqlite3.Connection, query: str, *args) -> list[dict]:
-    return [dict(r) for r in con.execute(query, args)]
+def for_run(root: Path, run: str | None, read: Callable[[sqlite3.Connection, str], dict], empty: dict) -> dict:
+    """`read`'s answer for a run (default: the active one) with the run's id and lineage (the steps it inherited
+    from the runs it branched from, then its own: status.lineage_steps); `empty` when there is no run yet."""
+    with open_workspace(root) as ws:
+        run_id = resolve_run(ws.db, run)
+        if run_id is None:
+            return {"run": None, "lineage": [], **empty}
+        return {"run": run_id, "lineage": lineage_steps(ws.db, run_id), **read(ws.db, run_id)}
 
 
 def snapshot(ws: Workspace) -> dict:
     """What the stream compares every second: small, and different whenever the page has something to refetch."""
     data = status_data(ws, max_jobs=STATUS_JOBS)
     run_id = data["run"]["id"] if data["run"] else None
-    one = lambda query, *args: ws.db.execute(query, args).fetchone()[0] or 0
     stable = {k: v for k, v in data.items() if k not in ("time", "free_disk_bytes")}
     return {
         "run": run_id,
         "global_step": data["run"]["global_step"] if data["run"] else 0,
-        "event_id": one("SELECT MAX(id) FROM events"),
-        # The last steps, not counts: a MAX is one index seek, a COUNT reads every row of the run.
-        "metric_step": one("SELECT MAX(step) FROM metrics WHERE run_id = ?", run_id),
-        "eval_step": one("SELECT MAX(step) FROM evals WHERE run_id = ?", run_id),
-        "sample_id": one("SELECT MAX(id) FROM samples WHERE run_id = ?", run_id),
+        "event_id": last_event_id(ws.db),
+        **ledger.latest(ws.db, run_id),  # the last steps of the run's lineage, not counts: index seeks
         "status_hash": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16],
     }
 
@@ -202,17 +211,9 @@ async def ask_in_process(root: Path, body: AskBody, timeout: float) -> JSONRespo
                                    + "\n".join(lines[-5:])}, 500)
 
 
-def create_app(ws_root: Path, token: str | None = None, control_timeout: float = 10.0,
-               stream_interval: float = 1.0, heartbeat_seconds: float = 15.0,
-               ask_timeout: float = ASK_TIMEOUT) -> FastAPI:
-    """The dashboard app for one workspace. With a token, every /api/* request must carry
-    `Authorization: Bearer <token>` (the event stream may pass `?token=` instead: EventSource cannot set headers).
-    Without one, only requests addressed to a loopback host name are answered (no DNS rebinding)."""
-    root = Workspace.open(ws_root).root
-    app = FastAPI(title="conveyor dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(HostGuard, loopback_only=token is None)
-    app.state.closing = lambda: False  # build_server makes this the server's exit flag
-
+def authorizer(token: str | None) -> Callable[[Request], None]:
+    """The check every /api/* request passes: with a token, `Authorization: Bearer <token>` (the event stream may
+    pass `?token=` instead: EventSource cannot set headers); without one, nothing (HostGuard keeps to loopback)."""
     def authorize(request: Request) -> None:
         if token is None:
             return
@@ -227,7 +228,66 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "wrong token: use the one the dashboard was started with (--token)")
 
-    api = Depends(authorize)
+    return authorize
+
+
+def control_request(root: Path, action: str, reason: str | None, timeout: float) -> JSONResponse:
+    """Ask the worker to pause, resume, stop or skip; answer with what it did (202 if it did not answer)."""
+    valid = [a.value for a in controls.Action]
+    if action not in valid:
+        raise HTTPException(404, f"no control {action!r}; valid actions: {', '.join(valid)}")
+    with open_workspace(root) as ws:
+        request_id = controls.ask(ws.db, controls.Action(action), who="dashboard", reason=reason)
+        result, _ = _wait(ws.db, request_id, timeout)
+        # With no daemon to act on it, the request expires (as the CLI's do): a daemon started later must not
+        # act on a click nobody waits for. A running daemon keeps it and acts between steps.
+        expired = result is None and daemon_pid(ws) is None and controls.expire(ws.db, request_id, EXPIRED)
+        if result is None and not expired:
+            result, _ = controls.result_of(ws.db, request_id)  # answered at the last moment
+    if result is None:
+        return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED,
+                             "expired": expired}, 202)
+    return JSONResponse({"request_id": request_id, "result": result, "message": result, "expired": False})
+
+
+async def stream_updates(root: Path, request: Request, interval: float, heartbeat: float) -> AsyncIterator[str]:
+    """Server-sent events: `update` with a snapshot whenever it changes, a comment heartbeat otherwise."""
+    def take() -> dict:
+        with open_workspace(root) as ws:
+            return snapshot(ws)
+
+    yield "retry: 2000\n\n"
+    last, quiet = None, 0.0
+    while not (request.app.state.closing() or await request.is_disconnected()):
+        current = await run_in_threadpool(take)
+        if current != last:
+            yield f"event: update\ndata: {json.dumps(current)}\n\n"
+            last, quiet = current, 0.0
+        elif quiet >= heartbeat:
+            yield ": heartbeat\n\n"
+            quiet = 0.0
+        await anyio.sleep(interval)
+        quiet += interval
+
+
+NO_SERIES = {"rows": [], "downsampled": False}
+
+
+def create_app(ws_root: Path, token: str | None = None, control_timeout: float = 10.0,
+               stream_interval: float = 1.0, heartbeat_seconds: float = 15.0,
+               ask_timeout: float = ASK_TIMEOUT) -> FastAPI:
+    """The dashboard app for one workspace: thin handlers over the modules that own the data (status, ledger,
+    versions, controls). With a token, every /api/* request must carry it (`authorizer`); without one, only
+    requests addressed to a loopback host name are answered (no DNS rebinding).
+
+    A run's series and tables (`?run=`, default: the active run) follow its lineage: a rollback's run shows the
+    steps it inherited from the run it branched from (rows marked `"inherited": true`, with that `run`), then its
+    own; each answer's `lineage` lists the spans (status.lineage_steps)."""
+    root = Workspace.open(ws_root).root
+    app = FastAPI(title="conveyor dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostGuard, loopback_only=token is None)
+    app.state.closing = lambda: False  # build_server makes this the server's exit flag
+    api = Depends(authorizer(token))
     asking = threading.Lock()  # not an asyncio lock: the test client runs each request on its own event loop
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -241,88 +301,59 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
 
     @app.get("/api/runs", dependencies=[api])
     def runs_() -> list[dict]:
+        """Every run, with how many metric rows it has of its own."""
         with open_workspace(root) as ws:
-            # Summed from the coarsest rollup (a few rows a run), not counted over every metric row.
-            count = lambda run_id: ws.db.execute("SELECT COALESCE(SUM(n), 0) FROM metrics_rollup WHERE run_id = ?"
-                                                 " AND level = ?", (run_id, ledger.ROLLUP_LEVELS[-1])).fetchone()[0]
-            return [{**r.to_json(), "metric_rows": count(r.id)} for r in runs.all_runs(ws.db)]
+            return [{**r.to_json(), "metric_rows": ledger.metric_count(ws.db, r.id)} for r in runs.all_runs(ws.db)]
 
     @app.get("/api/jobs", dependencies=[api])
     def jobs_(offset: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> dict:
         """A page of the jobs, newest first, and the head of the queue (the running job, then training order)."""
         with open_workspace(root) as ws:
-            page = [jobs.Job.from_row(r).to_json() for r in
-                    ws.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset))]
-            queue, queue_total = queue_head(ws.db, limit)
-            total = sum(job_counts(ws.db).values())
-        return {"queue": queue, "jobs": page, "total": total, "queue_total": queue_total}
+            return jobs_page(ws.db, offset, limit)
 
     @app.get("/api/metrics", dependencies=[api])
     def metrics(run: Optional[str] = None, since_step: int = Query(0, ge=0, le=END),
                 start: int = Query(0, ge=0, le=END), end: int = Query(END, ge=0, le=END),
                 points: int = Query(2000, ge=1, le=5000)) -> JSONResponse:
-        """The run's (default: the active one's) metric rows after `since_step` and in steps start..end: one a step
-        when there are at most `points`, else at most `points` rows each merging a range of steps."""
-        with open_workspace(root) as ws:
-            run_id = resolve_run(ws.db, run)
-            series = ledger.metric_series(ws.db, run_id, max(since_step + 1, start), end, points) if run_id else \
-                {"rows": [], "downsampled": False}
-        return JSONResponse({"run": run_id, **series})  # thousands of rows: skip FastAPI's per-value encoder
+        """The run's metric rows after `since_step` and in steps start..end: one a step when there are at most
+        `points`, else at most `points` rows each merging a range of steps."""
+        first = max(since_step + 1, start)
+        # thousands of rows: skip FastAPI's per-value encoder
+        return JSONResponse(for_run(root, run, lambda con, run_id: ledger.metric_series(con, run_id, first, end,
+                                                                                        points), NO_SERIES))
 
     @app.get("/api/evals", dependencies=[api])
     def evals(run: Optional[str] = None, start: int = Query(0, ge=0, le=END), end: int = Query(END, ge=0, le=END),
               points: int = Query(2000, ge=1, le=5000)) -> JSONResponse:
         """The run's evaluations in steps start..end: at most `points` rows, merged by step ranges beyond that."""
-        with open_workspace(root) as ws:
-            run_id = resolve_run(ws.db, run)
-            series = ledger.eval_series(ws.db, run_id, start, end, points) if run_id else \
-                {"rows": [], "downsampled": False}
-        return JSONResponse({"run": run_id, **series})
+        return JSONResponse(for_run(root, run, lambda con, run_id: ledger.eval_series(con, run_id, start, end,
+                                                                                      points), NO_SERIES))
 
     @app.get("/api/samples", dependencies=[api])
     def samples(run: Optional[str] = None, limit: int = Query(20, ge=1, le=500)) -> dict:
         """The latest sample generations, newest first."""
-        with open_workspace(root) as ws:
-            run_id = resolve_run(ws.db, run)
-            rows = _rows(ws.db, "SELECT id, step, prompt, output, created_at FROM samples WHERE run_id = ?"
-                                " ORDER BY id DESC LIMIT ?", run_id, limit)
-        return {"run": run_id, "rows": rows}
+        return for_run(root, run, lambda con, run_id: {"rows": ledger.samples(con, run_id, limit)}, {"rows": []})
 
     @app.get("/api/ledger", dependencies=[api])
     def ledger_(run: Optional[str] = None, offset: int = Query(0, ge=0),
                 limit: int = Query(200, ge=1, le=1000)) -> dict:
         """A page of the run's ledger rows, newest first, with how many there are."""
-        with open_workspace(root) as ws:
-            run_id = resolve_run(ws.db, run)
-            rows, total = ledger.page(ws.db, run_id, offset, limit) if run_id else ([], 0)
-        return {"run": run_id, "rows": rows, "total": total, "offset": offset}
+        def read(con: sqlite3.Connection, run_id: str) -> dict:
+            rows, total = ledger.page(con, run_id, offset, limit)
+            return {"rows": rows, "total": total}
+
+        return {**for_run(root, run, read, {"rows": [], "total": 0}), "offset": offset}
+
+    @app.get("/api/set_evals", dependencies=[api])
+    def set_evals(run: Optional[str] = None) -> dict:
+        """The run's held-out sets' losses at every evaluation, by step (a few sets a step, evaluations are sparse)."""
+        return for_run(root, run, lambda con, run_id: {"rows": ledger.set_eval_rows(con, run_id)}, {"rows": []})
 
     @app.get("/api/events", dependencies=[api])
     def events(after_id: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:
         """Events with an id above `after_id`: the newest `limit` of them, oldest first."""
         with open_workspace(root) as ws:
-            rows = _rows(ws.db, "SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?", after_id, limit)
-        return rows[::-1]
-
-    @app.post("/api/control/{action}", dependencies=[api])
-    def control(action: str, body: Optional[ControlBody] = None) -> JSONResponse:
-        """Ask the worker to pause, resume, stop or skip; answer with what it did (202 if it did not answer)."""
-        valid = [a.value for a in controls.Action]
-        if action not in valid:
-            raise HTTPException(404, f"no control {action!r}; valid actions: {', '.join(valid)}")
-        with open_workspace(root) as ws:
-            request_id = controls.ask(ws.db, controls.Action(action), who="dashboard",
-                                      reason=body.reason if body else None)
-            result, _ = _wait(ws.db, request_id, control_timeout)
-            # With no daemon to act on it, the request expires (as the CLI's do): a daemon started later must not
-            # act on a click nobody waits for. A running daemon keeps it and acts between steps.
-            expired = result is None and daemon_pid(ws) is None and controls.expire(ws.db, request_id, EXPIRED)
-            if result is None and not expired:
-                result, _ = controls.result_of(ws.db, request_id)  # answered at the last moment
-        if result is None:
-            return JSONResponse({"request_id": request_id, "result": None, "message": NOT_ACKNOWLEDGED,
-                                 "expired": expired}, 202)
-        return JSONResponse({"request_id": request_id, "result": result, "message": result, "expired": False})
+            return events_after(ws.db, after_id, limit)
 
     @app.get("/api/versions", dependencies=[api])
     def versions_() -> list[dict]:
@@ -337,14 +368,10 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         with open_workspace(root) as ws:
             return versions.matrix(ws.db, resolve_run(ws.db, run) if run else None)
 
-    @app.get("/api/set_evals", dependencies=[api])
-    def set_evals(run: Optional[str] = None) -> dict:
-        """The run's held-out sets' losses at every evaluation, by step (a few sets a step, evaluations are sparse)."""
-        with open_workspace(root) as ws:
-            run_id = resolve_run(ws.db, run)
-            rows = _rows(ws.db, "SELECT step, name, job_id, loss, examples, tokens, created_at FROM set_evals"
-                                " WHERE run_id = ? ORDER BY step, name", run_id) if run_id else []
-        return {"run": run_id, "rows": rows}
+    @app.post("/api/control/{action}", dependencies=[api])
+    def control(action: str, body: Optional[ControlBody] = None) -> JSONResponse:
+        """Ask the worker to pause, resume, stop or skip; answer with what it did (202 if it did not answer)."""
+        return control_request(root, action, body.reason if body else None, control_timeout)
 
     @app.post("/api/ask", dependencies=[api])
     async def ask(body: AskBody) -> JSONResponse:
@@ -362,25 +389,8 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     @app.get("/api/stream", dependencies=[api])
     async def stream(request: Request) -> StreamingResponse:
         """Server-sent events: `update` with a snapshot whenever it changes, a comment heartbeat otherwise."""
-        def take() -> dict:
-            with open_workspace(root) as ws:
-                return snapshot(ws)
-
-        async def updates():
-            yield "retry: 2000\n\n"
-            last, quiet = None, 0.0
-            while not (request.app.state.closing() or await request.is_disconnected()):
-                current = await run_in_threadpool(take)
-                if current != last:
-                    yield f"event: update\ndata: {json.dumps(current)}\n\n"
-                    last, quiet = current, 0.0
-                elif quiet >= heartbeat_seconds:
-                    yield ": heartbeat\n\n"
-                    quiet = 0.0
-                await anyio.sleep(stream_interval)
-                quiet += stream_interval
-
-        return StreamingResponse(updates(), media_type="text/event-stream",
+        return StreamingResponse(stream_updates(root, request, stream_interval, heartbeat_seconds),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return app

@@ -1,11 +1,14 @@
-"""The ledger (job J trained global steps [a, b]), the per-step example audit and per-step metrics."""
+"""The ledger (job J trained global steps [a, b]), the per-step example audit and per-step metrics: written per run,
+read along a run's lineage (a rollback's run shows the steps it inherited from the run it branched from)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 
+from .runs import ancestry
 from .store import transaction
 
 # Steps per rollup bucket, finest first. Each level is 16 buckets of the one below it, so any bucket is
@@ -171,11 +174,19 @@ def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos,
                         else pos.end_step, segment_start=pos.segment_start, **fields)
 
 
-def audit_rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
-    query = "SELECT * FROM audit" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step"
-    return [{"run": r["run_id"], "step": r["step"], "job": r["job_id"], "lines": json.loads(r["lines"]),
-             **({"replay": [{"job": j, "line": line} for j, line in json.loads(r["replay"])]} if r["replay"] else {})}
-            for r in con.execute(query, (run_id,) if run_id else ())]
+def audit_rows(con: sqlite3.Connection, run_id: str | None = None, own: bool = False) -> list[dict]:
+    """Per step, oldest first: the job and file lines trained (and replayed) in a run's lineage, the steps it
+    inherited marked (`own`: its own steps only), or in every run."""
+    if run_id is None:
+        return [_audit_row(r, False) for r in con.execute("SELECT * FROM audit ORDER BY run_id, step")]
+    return [_audit_row(r, s.inherited) for s in _spans(con, run_id, own) for r in con.execute(
+        "SELECT * FROM audit WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step", s.where())]
+
+
+def _audit_row(r: sqlite3.Row, inherited: bool) -> dict:
+    return {"run": r["run_id"], "inherited": inherited, "step": r["step"], "job": r["job_id"],
+            "lines": json.loads(r["lines"]),
+            **({"replay": [{"job": j, "line": line} for j, line in json.loads(r["replay"])]} if r["replay"] else {})}
 
 
 def losses(con: sqlite3.Connection, run_id: str, job_id: int, first: int = 0, last: int = 2**62) -> list[float]:
@@ -202,16 +213,32 @@ def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int
 _LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON j.id = l.job_id"
 
 
-def _ledger_row(r: sqlite3.Row) -> dict:
-    return {"run": r["run_id"], "job": r["job_id"], "file": r["file"], "fingerprint": r["fingerprint"],
-            "start_step": r["start_step"], "end_step": r["end_step"], "steps": r["end_step"] - r["start_step"] + 1,
-            "examples": r["examples"], "replayed": r["replayed"], "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"],
-            "last_loss": r["last_loss"], "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
+def _ledger_row(r: sqlite3.Row, inherited: bool) -> dict:
+    return {"run": r["run_id"], "inherited": inherited, "job": r["job_id"], "file": r["file"],
+            "fingerprint": r["fingerprint"], "start_step": r["start_step"], "end_step": r["end_step"],
+            "steps": r["end_step"] - r["start_step"] + 1, "examples": r["examples"], "replayed": r["replayed"],
+            "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
+            "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
 
 
-def rows(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
-    query = _LEDGER_QUERY + (" WHERE l.run_id = ?" if run_id else "") + " ORDER BY l.id"
-    return [_ledger_row(r) for r in con.execute(query, (run_id,) if run_id else ())]
+def _ledger_where(span: Span) -> tuple[str, tuple]:
+    """A span's ledger rows: an ancestor's those that end by its branch step; the run's own all of them (an
+    index-only count)."""
+    if span.inherited:
+        return " WHERE l.run_id = ? AND l.end_step BETWEEN ? AND ?", span.where()
+    return " WHERE l.run_id = ?", (span.run,)
+
+
+def rows(con: sqlite3.Connection, run_id: str | None = None, own: bool = False) -> list[dict]:
+    """Ledger rows, oldest first: a run's lineage, the rows it inherited marked (`own`: its own rows only), or
+    every run's."""
+    if run_id is None:
+        return [_ledger_row(r, False) for r in con.execute(_LEDGER_QUERY + " ORDER BY l.id")]
+    out = []
+    for span in _spans(con, run_id, own):
+        where, args = _ledger_where(span)
+        out += [_ledger_row(r, span.inherited) for r in con.execute(_LEDGER_QUERY + where + " ORDER BY l.id", args)]
+    return out
 
 
 def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
@@ -226,57 +253,151 @@ def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
     return True
 
 
+# Reads along a run's lineage. A rollback's run holds only the steps it trained itself; the ones before its branch
+# step are its parent's rows (up to that step), so every read walks the lineage's spans, oldest first, and marks
+# each row with the run that trained it and whether that is an ancestor's (inherited).
+
+
+@dataclass(frozen=True)
+class Span:
+    """Global steps first..last of a lineage, trained in `run`: an ancestor's up to the step its child branched
+    at (inherited), or the run's own."""
+    run: str
+    first: int
+    last: int
+    inherited: bool
+
+    def where(self) -> tuple:
+        return (self.run, self.first, self.last)
+
+
+def lineage(con: sqlite3.Connection, run_id: str | None) -> list[Span]:
+    """The spans of steps that make up a run, oldest first: for a rollback's run, its parent's steps up to the
+    version it branched from (and so on up), then its own. Empty without a run."""
+    spans: list[list] = []
+    for i, (run, bound) in enumerate(ancestry(con, run_id)):  # newest first; bound: the child's branch step
+        if i and bound is None:  # a parent whose version is gone (a damaged database): the walk ends here
+            break
+        spans.append([run, 0, END if bound is None else bound, i > 0])
+        if i:
+            spans[i - 1][1] = bound + 1
+    return [Span(*s) for s in reversed(spans)]
+
+
+def _spans(con: sqlite3.Connection, run_id: str, own: bool) -> list[Span]:
+    return [Span(run_id, 0, END, False)] if own else lineage(con, run_id)
+
+
+def _clip(spans: list[Span], first: int, last: int) -> list[Span]:
+    """The spans cut to steps first..last (those left with no step dropped)."""
+    cut = [Span(s.run, max(s.first, first), min(s.last, last), s.inherited) for s in spans]
+    return [s for s in cut if s.first <= s.last]
+
+
+def _marked(row: sqlite3.Row, run_id: str) -> dict:
+    return {**dict(row), "inherited": row["run"] != run_id}
+
+
 def page(con: sqlite3.Connection, run_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
-    """One page of a run's ledger rows, newest first, and how many rows the run has."""
-    total = con.execute("SELECT COUNT(*) FROM ledger WHERE run_id = ?", (run_id,)).fetchone()[0]
-    query = _LEDGER_QUERY + " WHERE l.run_id = ? ORDER BY l.id DESC LIMIT ? OFFSET ?"
-    return [_ledger_row(r) for r in con.execute(query, (run_id, limit, offset))], total
+    """One page of a run's ledger rows, newest first (its own, then those it inherited), and how many there are."""
+    spans = lineage(con, run_id)[::-1]
+    counts = [con.execute("SELECT COUNT(*) FROM ledger l" + where, args).fetchone()[0]
+              for where, args in map(_ledger_where, spans)]
+    out: list[dict] = []
+    for span, count in zip(spans, counts):
+        if offset >= count:
+            offset -= count
+            continue
+        where, args = _ledger_where(span)
+        out += [_ledger_row(r, span.inherited) for r in con.execute(
+            _LEDGER_QUERY + where + " ORDER BY l.id DESC LIMIT ? OFFSET ?", (*args, limit - len(out), offset))]
+        offset = 0
+        if len(out) >= limit:
+            break
+    return out, sum(counts)
 
 
 def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, points: int) -> dict:
-    """The metric rows of steps first..last: as stored when there are at most `points`, else at most `points`
-    rows, each merging a range of steps (means; sums of tokens, examples and step time; exact loss min and max)."""
-    between = (run_id, first, last)
-    if _at_most(con, "metrics", between, points):
+    """The metric rows of a run's lineage in steps first..last: as stored when there are at most `points`, else at
+    most `points` rows, each merging a range of steps (means; sums of tokens, examples and step time; exact loss
+    min and max). Each row names the run of its (last) step."""
+    spans = _clip(lineage(con, run_id), first, last)
+    if _at_most(con, "metrics", spans, points):
         return _as_stored(con, "metrics", "job_id, loss, learning_rate, grad_norm, tokens, examples, step_time",
-                          between)
-    lo, hi = _step_range(con, "metrics", between)
+                          spans, run_id)
+    lo, hi = _step_range(con, "metrics", spans)
     span = hi - lo + 1
     # The finest level with at most 8 buckets an output row: few rows to read, each of them exact.
     level = next((lv for lv in (1, *ROLLUP_LEVELS) if span // lv + 2 <= 8 * points), ROLLUP_LEVELS[-1])
-    parts = _pieces(run_id, lo, hi, tuple(lv for lv in (1, *ROLLUP_LEVELS) if lv <= level))
+    levels = tuple(lv for lv in (1, *ROLLUP_LEVELS) if lv <= level)
+    parts = [part for s in _clip(spans, lo, hi) for part in _pieces(s.run, s.first, s.last, levels)]
     width = -(-span // points)
+    run_of, run_args = _run_of_step(spans)
     rows = con.execute(
-        "SELECT step, step_min, (SELECT job_id FROM metrics m WHERE m.run_id = ? AND m.step = g.step) AS job_id, n,"
-        " loss, loss_min, loss_max, learning_rate, grad_norm, tokens, examples, step_time FROM ("
+        "SELECT h.*, (SELECT job_id FROM metrics m WHERE m.run_id = h.run AND m.step = h.step) AS job_id FROM ("
+        f" SELECT g.*, {run_of} AS run FROM ("
         " SELECT MAX(step_max) AS step, MIN(step_min) AS step_min, SUM(n) AS n,"
         " SUM(loss_sum) / NULLIF(SUM(loss_n), 0) AS loss, MIN(loss_min) AS loss_min, MAX(loss_max) AS loss_max,"
         " SUM(lr_sum) / NULLIF(SUM(lr_n), 0) AS learning_rate,"
         " SUM(grad_norm_sum) / NULLIF(SUM(grad_norm_n), 0) AS grad_norm, SUM(tokens) AS tokens,"
         " SUM(examples) AS examples, SUM(step_time) AS step_time"
-        f" FROM ({' UNION ALL '.join(sql for sql, _ in parts)}) GROUP BY (step_min - ?) / ?) g ORDER BY step",
-        (run_id, *[a for _, args in parts for a in args], lo, width))
-    return {"rows": [dict(r) for r in rows], "downsampled": True, "bucket_steps": width, "level": level}
+        f" FROM ({' UNION ALL '.join(sql for sql, _ in parts)}) GROUP BY (step_min - ?) / ?) g) h ORDER BY step",
+        (*run_args, *[a for _, args in parts for a in args], lo, width))
+    return {"rows": [_marked(r, run_id) for r in rows], "downsampled": True, "bucket_steps": width, "level": level}
 
 
-def _as_stored(con: sqlite3.Connection, table: str, columns: str, between: tuple) -> dict:
-    """The rows of a step range as stored (few enough to send whole)."""
-    rows = con.execute(f"SELECT step, {columns}, created_at FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?"
-                       " ORDER BY step", between)
-    return {"rows": [dict(r) for r in rows], "downsampled": False}
+def eval_series(con: sqlite3.Connection, run_id: str, first: int, last: int, points: int) -> dict:
+    """The evaluation rows of a run's lineage in steps first..last: as stored when there are at most `points`, else
+    at most `points` rows, each merging a range of steps (mean, min and max eval loss)."""
+    spans = _clip(lineage(con, run_id), first, last)
+    if _at_most(con, "evals", spans, points):
+        return _as_stored(con, "evals", "job_id, eval_loss, examples", spans, run_id)
+    lo, hi = _step_range(con, "evals", spans)
+    width = -(-(hi - lo + 1) // points)
+    run_of, run_args = _run_of_step(spans)
+    union = " UNION ALL ".join(["SELECT step, eval_loss, examples FROM evals WHERE run_id = ? AND step BETWEEN ? AND ?"]
+                               * len(spans))
+    rows = con.execute(
+        "SELECT h.*, (SELECT job_id FROM evals e WHERE e.run_id = h.run AND e.step = h.step) AS job_id FROM ("
+        f" SELECT g.*, {run_of} AS run FROM (SELECT MAX(step) AS step, MIN(step) AS step_min, COUNT(*) AS n,"
+        " AVG(eval_loss) AS eval_loss, MIN(eval_loss) AS eval_loss_min, MAX(eval_loss) AS eval_loss_max,"
+        f" MAX(examples) AS examples FROM ({union}) GROUP BY (step - ?) / ?) g) h ORDER BY step",
+        (*run_args, *[a for s in spans for a in s.where()], lo, width))
+    return {"rows": [_marked(r, run_id) for r in rows], "downsampled": True, "bucket_steps": width}
 
 
-def _at_most(con: sqlite3.Connection, table: str, between: tuple, count: int) -> bool:
-    """Whether the run has at most `count` rows in the step range (reads no more than count + 1 index entries)."""
-    return con.execute(f"SELECT 1 FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step"
-                       " LIMIT 1 OFFSET ?", (*between, count)).fetchone() is None
+def _run_of_step(spans: list[Span]) -> tuple[str, tuple]:
+    """SQL naming the run whose span holds `g.step` (spans in step order), and its arguments."""
+    if len(spans) == 1:
+        return "?", (spans[0].run,)
+    whens = " ".join("WHEN g.step <= ? THEN ?" for _ in spans[:-1])
+    return f"CASE {whens} ELSE ? END", (*[a for s in spans[:-1] for a in (s.last, s.run)], spans[-1].run)
 
 
-def _step_range(con: sqlite3.Connection, table: str, between: tuple) -> tuple[int, int]:
-    """The first and last step with a row in the range: two index seeks (one MIN and one MAX each are)."""
+def _as_stored(con: sqlite3.Connection, table: str, columns: str, spans: list[Span], run_id: str) -> dict:
+    """The rows of the spans as stored (few enough to send whole)."""
+    rows = [_marked(r, run_id) for s in spans for r in con.execute(
+        f"SELECT step, run_id AS run, {columns}, created_at FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?"
+        " ORDER BY step", s.where())]
+    return {"rows": rows, "downsampled": False}
+
+
+def _at_most(con: sqlite3.Connection, table: str, spans: list[Span], count: int) -> bool:
+    """Whether the spans hold at most `count` rows (reads no more than count + 1 index entries)."""
+    for s in spans:
+        count -= con.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?"
+                             " LIMIT ?)", (*s.where(), count + 1)).fetchone()[0]
+        if count < 0:
+            return False
+    return True
+
+
+def _step_range(con: sqlite3.Connection, table: str, spans: list[Span]) -> tuple[int, int]:
+    """The first and last step with a row in the spans: an index seek a span (one MIN and one MAX each are)."""
     where = f"FROM {table} WHERE run_id = ? AND step BETWEEN ? AND ?"
-    return (con.execute(f"SELECT MIN(step) {where}", between).fetchone()[0],
-            con.execute(f"SELECT MAX(step) {where}", between).fetchone()[0])
+    firsts = (con.execute(f"SELECT MIN(step) {where}", s.where()).fetchone()[0] for s in spans)
+    lasts = (con.execute(f"SELECT MAX(step) {where}", s.where()).fetchone()[0] for s in reversed(spans))
+    return next(v for v in firsts if v is not None), next(v for v in lasts if v is not None)
 
 
 def _pieces(run_id: str, first: int, last: int, levels: tuple[int, ...]) -> list[tuple[str, tuple]]:
@@ -297,18 +418,59 @@ def _pieces(run_id: str, first: int, last: int, levels: tuple[int, ...]) -> list
             + _pieces(run_id, (b1 + 1) * level, last, levels[:-1]))
 
 
-def eval_series(con: sqlite3.Connection, run_id: str, first: int, last: int, points: int) -> dict:
-    """The evaluation rows of steps first..last: as stored when there are at most `points`, else at most
-    `points` rows, each merging a range of steps (mean, min and max eval loss)."""
-    between = (run_id, first, last)
-    if _at_most(con, "evals", between, points):
-        return _as_stored(con, "evals", "job_id, eval_loss, examples", between)
-    lo, hi = _step_range(con, "evals", between)
-    width = -(-(hi - lo + 1) // points)
-    rows = con.execute(
-        "SELECT step, step_min, (SELECT job_id FROM evals e WHERE e.run_id = ? AND e.step = g.step) AS job_id, n,"
-        " eval_loss, eval_loss_min, eval_loss_max, examples FROM (SELECT MAX(step) AS step, MIN(step) AS step_min,"
-        " COUNT(*) AS n, AVG(eval_loss) AS eval_loss, MIN(eval_loss) AS eval_loss_min, MAX(eval_loss) AS eval_loss_max,"
-        " MAX(examples) AS examples FROM evals WHERE run_id = ? AND step BETWEEN ? AND ? GROUP BY (step - ?) / ?) g"
-        " ORDER BY step", (run_id, *between, lo, width))
-    return {"rows": [dict(r) for r in rows], "downsampled": True, "bucket_steps": width}
+def set_eval_rows(con: sqlite3.Connection, run_id: str) -> list[dict]:
+    """The held-out sets' losses at every evaluation of a run's lineage, by step then set name."""
+    return [_marked(r, run_id) for s in lineage(con, run_id) for r in con.execute(
+        "SELECT step, run_id AS run, name, job_id, loss, examples, tokens, created_at FROM set_evals"
+        " WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, name", s.where())]
+
+
+def samples(con: sqlite3.Connection, run_id: str, limit: int) -> list[dict]:
+    """The latest `limit` sample generations of a run's lineage, newest first."""
+    out: list[dict] = []
+    for s in reversed(lineage(con, run_id)):
+        out += [_marked(r, run_id) for r in con.execute(
+            "SELECT id, step, run_id AS run, prompt, output, created_at FROM samples WHERE run_id = ?"
+            " AND step BETWEEN ? AND ? ORDER BY id DESC LIMIT ?", (*s.where(), limit - len(out)))]
+        if len(out) >= limit:
+            break
+    return out
+
+
+def last_eval(con: sqlite3.Connection, run_id: str | None) -> dict | None:
+    """The newest evaluation of eval.file in a run's lineage: {"step", "eval_loss"}, or None."""
+    for s in reversed(lineage(con, run_id)):
+        row = con.execute("SELECT step, eval_loss FROM evals WHERE run_id = ? AND step BETWEEN ? AND ?"
+                          " ORDER BY step DESC LIMIT 1", s.where()).fetchone()
+        if row is not None:
+            return dict(row)
+    return None
+
+
+def latest(con: sqlite3.Connection, run_id: str | None) -> dict:
+    """What changes when a run's lineage gains rows: its last metric and evaluation step and newest sample id
+    (0 for none). Index seeks a span, never counts."""
+    spans = lineage(con, run_id)[::-1]
+
+    def newest(query: str) -> int:
+        return next((v for v in (con.execute(query, s.where()).fetchone()[0] for s in spans) if v is not None), 0)
+
+    return {"metric_step": newest("SELECT MAX(step) FROM metrics WHERE run_id = ? AND step BETWEEN ? AND ?"),
+            "eval_step": newest("SELECT MAX(step) FROM evals WHERE run_id = ? AND step BETWEEN ? AND ?"),
+            "sample_id": newest("SELECT MAX(id) FROM samples WHERE run_id = ? AND step BETWEEN ? AND ?")}
+
+
+def metric_count(con: sqlite3.Connection, run_id: str) -> int:
+    """How many metric rows a run has of its own: summed from the coarsest rollup (a few rows a run), not counted."""
+    return con.execute("SELECT COALESCE(SUM(n), 0) FROM metrics_rollup WHERE run_id = ? AND level = ?",
+                       (run_id, ROLLUP_LEVELS[-1])).fetchone()[0]
+
+
+def replayed_by_job(con: sqlite3.Connection, job_ids: list[int]) -> dict[int, int]:
+    """Replayed examples each job's steps trained, summed over its ledger rows (jobs with none left out). The
+    ledger has no index by job: one pass over it, as many rows as job segments."""
+    if not job_ids:
+        return {}
+    rows = con.execute(f"SELECT job_id, SUM(replayed) FROM ledger WHERE replayed > 0 AND outcome != 'lost' AND job_id"
+                       f" IN ({', '.join('?' * len(job_ids))}) GROUP BY job_id", job_ids)
+    return {r[0]: r[1] for r in rows}

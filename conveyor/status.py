@@ -6,7 +6,7 @@ import fcntl
 import os
 import time
 
-from . import controls, jobs, runs
+from . import controls, jobs, ledger, runs
 from .errors import ConveyorError
 from .workspace import Workspace
 
@@ -86,11 +86,6 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
     except ConveyorError as e:
         config, config_error = None, str(e)
     active = runs.active(ws.db)
-    last_eval = None
-    if active:
-        row = ws.db.execute("SELECT step, eval_loss FROM evals WHERE run_id = ? ORDER BY step DESC LIMIT 1",
-                            (active.id,)).fetchone()
-        last_eval = dict(row) if row else None
     pid = daemon_pid(ws)
     queue, queue_total = queue_head(ws.db, max_jobs)
     return {
@@ -98,13 +93,13 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
         "time": time.time(),
         "daemon": {"pid": pid, "running": pid is not None, "paused": controls.paused(ws.db),
                    "pause": controls.pause_text(ws.db), "disk": _waiting_for_disk(ws.db) if pid else None},
-        "run": active.to_json() if active else None,
+        "run": {**active.to_json(), "lineage": lineage_steps(ws.db, active.id)} if active else None,
         "runs": [r.to_json() for r in runs.all_runs(ws.db)],
         "schedule": schedule_text(config) if config else None,
         "precision": precision_settings(config) if config else None,
         "config_error": config_error,
         "current": current_job(ws),
-        "last_eval": last_eval,
+        "last_eval": ledger.last_eval(ws.db, active.id) if active else None,
         "queue": queue,
         "queue_total": queue_total,
         "failures": _failures(ws.db),
@@ -112,6 +107,51 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
         "jobs": _newest_jobs(ws.db, max_jobs),
         "job_counts": job_counts(ws.db),
     }
+
+
+def lineage_steps(con, run_id: str) -> list[dict]:
+    """The global steps a run is made of, oldest first: for a rollback's run, those it inherited from the run it
+    branched from (up to the version it branched from: "version"), then its own. `steps` may be 0 (then no
+    first or last step): a new branch that has trained nothing yet."""
+    known = {r.id: r for r in runs.all_runs(con)}
+    spans = ledger.lineage(con, run_id)
+    out = []
+    for span, child in zip(spans, spans[1:] + [None]):
+        first, last = max(span.first, 1), span.last if span.inherited else known[span.run].global_step
+        steps = max(0, last - first + 1)
+        out.append({"run": span.run, "inherited": span.inherited, "first_step": first if steps else None,
+                    "last_step": last if steps else None, "steps": steps,
+                    **({"version": f"v{known[child.run].parent_version}"} if child else {})})
+    return out
+
+
+def lineage_text(spans: list[dict]) -> str:
+    """`steps 1–2 inherited from run-0001 (up to v1), 3–6 its own`."""
+    said = [(f"{s['first_step']}–{s['last_step']} " if s["steps"] else "none ")
+            + (f"inherited from {s['run']} (up to {s['version']})" if s["inherited"] else
+               "its own" if s["steps"] else "of its own yet") for s in spans]
+    return "steps " + ", ".join(said)
+
+
+def jobs_page(con, offset: int, limit: int) -> dict:
+    """A page of the jobs, newest first, each with the replayed examples its steps trained; the head of the queue
+    (the running job, then training order) and how many jobs there are."""
+    page = [jobs.Job.from_row(r).to_json() for r in con.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ? OFFSET ?",
+                                                                 (limit, offset))]
+    replayed = ledger.replayed_by_job(con, [j["id"] for j in page])
+    queue, queue_total = queue_head(con, limit)
+    return {"queue": queue, "jobs": [{**j, "replayed": replayed.get(j["id"], 0)} for j in page],
+            "total": sum(job_counts(con).values()), "queue_total": queue_total}
+
+
+def last_event_id(con) -> int:
+    return con.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+
+
+def events_after(con, after_id: int, limit: int) -> list[dict]:
+    """Events with an id above `after_id`: the newest `limit` of them, oldest first."""
+    rows = con.execute("SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?", (after_id, limit))
+    return [dict(r) for r in rows][::-1]
 
 
 def _waiting_for_disk(con) -> str | None:
@@ -184,6 +224,7 @@ def render(data: dict):
         if run.get("parent_run"):
             parts.append(Text(f"  branched from {run['parent_version']} of {run['parent_run']} by a rollback "
                               f"({run['note']})"))
+            parts.append(Text(f"  {lineage_text(run['lineage'])}"))
     else:
         parts.append(Text("run: none yet"))
     for other in data["runs"]:

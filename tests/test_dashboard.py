@@ -1,5 +1,6 @@
 """The dashboard's API and page on a workspace with two trained jobs: exact numbers, bad requests, the token,
-nothing of the workspace served as files; and (slow) the page rendered in a real headless Chromium."""
+nothing of the workspace served as files, the panels' data (replay counts, reasons, samples) and the loss chart's
+label layout (in node, when installed); and (slow) the page rendered in a real headless Chromium."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from conftest import ASSETS, make_workspace, run_cli, text_file
 from conveyor import controls, store
-from conveyor.dashboard import EXPIRED, NOT_ACKNOWLEDGED, build_server, check_bind, create_app, serve
+from conveyor.dashboard import EXPIRED, NOT_ACKNOWLEDGED, build_server, check_bind, create_app, page_html, serve
 from conveyor.errors import ConveyorError
 from conveyor.status import LOCK_FILE
 
@@ -29,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_dir) -> Path:
     """Files of 20 and 12 examples at batch 4 × grad_accum 2: job 1 trains steps 1–3, job 2 steps 4–5; then a
-    rejected file. Two evals and two samples are written as the worker would."""
+    rejected file. Two evals and two samples (the second one empty) are written as the worker would, and job 2's
+    ledger row counts 3 replayed examples, as with replay.fraction."""
     root = tmp_path_factory.mktemp("dashboard")
     ws = make_workspace(root / "ws", tiny_dir, training={"batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3,
                                                          "save_every": 2, "max_length": 64})
@@ -41,7 +45,9 @@ def trained(tmp_path_factory, tiny_dir) -> Path:
     for step, job, loss in ((3, 1, 5.25), (5, 2, 5.0)):
         con.execute("INSERT INTO evals VALUES ('run-0001', ?, ?, ?, 4, ?)", (step, job, loss, time.time()))
         con.execute("INSERT INTO samples (run_id, step, prompt, output, created_at) VALUES ('run-0001', ?, ?, ?, ?)",
-                    (step, "the quick", f"output at {step}", time.time()))
+                    (step, "the quick", "" if step == 5 else f"output at {step}", time.time()))
+    con.execute("UPDATE ledger SET replayed = 3 WHERE job_id = 2")
+    con.commit()
     con.close()
     return ws
 
@@ -79,17 +85,17 @@ def test_evals_samples_ledger_jobs(client):
     evals = client.get("/api/evals").json()["rows"]
     assert [(e["step"], e["job_id"], e["eval_loss"], e["examples"]) for e in evals] == [(3, 1, 5.25, 4), (5, 2, 5.0, 4)]
     samples = client.get("/api/samples?run=run-0001").json()["rows"]
-    assert [(s["step"], s["output"]) for s in samples] == [(5, "output at 5"), (3, "output at 3")]  # newest first
+    assert [(s["step"], s["output"]) for s in samples] == [(5, ""), (3, "output at 3")]  # newest first
     assert len(client.get("/api/samples?limit=1").json()["rows"]) == 1
     ledger = client.get("/api/ledger").json()
-    assert [(r["job"], r["file"], r["start_step"], r["end_step"], r["examples"], r["outcome"])  # newest first
-            for r in ledger["rows"]] == [(2, "b.jsonl", 4, 5, 12, "done"), (1, "a.jsonl", 1, 3, 20, "done")]
+    assert [(r["job"], r["file"], r["start_step"], r["end_step"], r["examples"], r["replayed"], r["outcome"])
+            for r in ledger["rows"]] == [(2, "b.jsonl", 4, 5, 12, 3, "done"), (1, "a.jsonl", 1, 3, 20, 0, "done")]
     assert ledger["total"] == 2
     assert [r["job"] for r in client.get("/api/ledger?offset=1&limit=5").json()["rows"]] == [1]
     jobs = client.get("/api/jobs").json()
     assert (jobs["queue"], jobs["total"], jobs["queue_total"]) == ([], 3, 0)
-    assert [(j["id"], j["file"], j["state"], j["planned_steps"]) for j in jobs["jobs"]] == [
-        (3, "bad_chat.jsonl", "rejected", None), (2, "b.jsonl", "done", 2), (1, "a.jsonl", "done", 3)]
+    assert [(j["id"], j["file"], j["state"], j["planned_steps"], j["replayed"]) for j in jobs["jobs"]] == [
+        (3, "bad_chat.jsonl", "rejected", None, 0), (2, "b.jsonl", "done", 2, 3), (1, "a.jsonl", "done", 3, 0)]
     assert [j["id"] for j in client.get("/api/jobs?offset=1&limit=1").json()["jobs"]] == [2]
 
 
@@ -134,6 +140,59 @@ def test_page_is_self_contained(client):
                     'id="daemon-state"'):
         assert element in r.text
     assert "src=" not in r.text and "https://" not in r.text and "http://" not in r.text  # nothing from elsewhere
+
+
+def test_page_panels_show_replay_reasons_once_and_samples_plainly(client):
+    """The mended panels, as the page is written: replay counts in the ledger and jobs tables; a rejection's reason
+    whole (line breaks kept) only under "Failed and rejected files", its first line elsewhere; every job row on a
+    page of its own (no fixed-height box cutting rows off); samples labelled prompt and output, "(empty)" for none."""
+    html = client.get("/").text
+    table = lambda name: html[html.index(f'<table id="{name}">'):html.index("</table>", html.index(f'id="{name}"'))]
+    assert "<th>replayed</th>" in table("ledger") and "<th>replayed</th>" in table("jobs")
+    assert '<div class="scroll"><table id="jobs">' not in html and "jobs: 25" in html
+    assert "  .wrap { white-space: pre-wrap;" in html  # not only on td: the reason is a span in a td
+    assert 'el("span", {class: "wrap"}, j.error || "")' in html  # the failures table: whole
+    assert html.count("firstLine(j.error)") == 1 and 'e.kind === "rejected"' in html  # jobs and events: a line
+    assert '"→ "' not in html and '"(empty)"' in html and 'el("div", {class: "label"}, "output")' in html
+    reason = client.get("/api/status").json()["failures"][0]["error"]
+    assert reason.count("\n") >= 3  # several lines: what the page keeps as lines
+
+
+def _page_script(*names: str) -> str:
+    """Top-level consts and functions of the page's script, as written."""
+    html = page_html()
+    parts = []
+    for name in names:
+        start = html.index(f"const {name} =" if name.isupper() else f"function {name}(")
+        parts.append(html[start:html.index(";\n" if name.isupper() else "\n}\n", start) + 2])
+    return "\n".join(parts)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_job_labels_on_the_loss_chart_never_overlap():
+    """The page's label layout, run in node: dense job starts are staggered over two rows and the rest skipped,
+    so that no two labels in a row overlap and none runs past the chart; sparse ones all show whole in one row."""
+    script = _page_script("LABEL_ROWS", "placeLabels", "fitText") + """
+    const measure = (t) => 6 * t.length, right = 800;
+    const layout = (pxs) => placeLabels(pxs.map((px, i) => ({px, label: `job ${i + 1}: file-${i + 1}.jsonl`})),
+                                        measure, right);
+    let seed = 7;
+    const random = () => (seed = (seed * 16807) % 2147483647) / 2147483647;
+    const dense = Array.from({length: 60}, () => Math.round(64 + random() * 720)).sort((a, b) => a - b);
+    console.log(JSON.stringify({dense: layout(dense), sparse: layout([64, 300, 560]), crowded: layout([100, 101,
+      102, 103])}));
+    """
+    out = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True).stdout)
+    for labels in out.values():
+        for row in (0, 1):
+            spans = sorted((x["x"], x["x"] + 6 * len(x["text"])) for x in labels if x["row"] == row)
+            assert all(a[1] + 8 <= b[0] for a, b in zip(spans, spans[1:])), spans
+            assert all(end <= 800 for _, end in spans)
+        assert {x["row"] for x in labels} <= {0, 1}
+    assert 2 <= len(out["dense"]) < 60 and {x["row"] for x in out["dense"]} == {0, 1}  # staggered, some skipped
+    assert [(x["row"], x["text"]) for x in out["sparse"]] == [
+        (0, "job 1: file-1.jsonl"), (0, "job 2: file-2.jsonl"), (0, "job 3: file-3.jsonl")]
+    assert [x["row"] for x in out["crowded"]] == [0, 1]  # two of four start at once: the others are left out
 
 
 def test_control_without_daemon_is_not_acknowledged(client, trained):
