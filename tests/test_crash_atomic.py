@@ -13,7 +13,7 @@ from conftest import ledger, run_cli, set_setting, status, text_file
 
 
 def _history(ws: Path, run_id: str) -> list[dict]:
-    r = run_cli(ws, "history", "--examples", "--json", "--run", run_id)
+    r = run_cli(ws, "history", "--examples", "--json", "--run", run_id, "--own")
     assert r.code == 0, r.out + r.err
     return json.loads(r.out)
 

@@ -22,7 +22,7 @@ def _tree(folder: Path) -> dict:
 
 
 def _run_audit(ws, run_id: str) -> list[dict]:
-    r = run_cli(ws, "history", "--examples", "--json", "--run", run_id)
+    r = run_cli(ws, "history", "--examples", "--json", "--run", run_id, "--own")
     assert r.code == 0, r.out + r.err
     return json.loads(r.out)
 
