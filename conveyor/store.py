@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
@@ -219,8 +220,11 @@ def connect(path: Path) -> sqlite3.Connection:
 
     Raises faults.DatabaseDamaged (naming the file and the fix) for a file that is not a database, is cut short,
     or whose schema or state tables fail their check."""
-    _check_file(Path(path))
-    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    live = _LIVE.setdefault(os.path.realpath(path), weakref.WeakSet())
+    if not live:  # see _LIVE: read the file itself only while this process holds no lock on it
+        _check_file(Path(path))
+    con = sqlite3.connect(path, timeout=30, isolation_level=None, factory=_Connection)
+    live.add(con)
     try:
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA journal_mode=WAL")
@@ -236,6 +240,22 @@ def connect(path: Path) -> sqlite3.Connection:
             raise DatabaseDamaged(database_message(path, e)) from e
         raise
     return con
+
+
+# The open connections of this process, per database file. Closing any descriptor of a file drops every POSIX lock
+# the process holds on it, SQLite's included: reading the header with open()/close() while a connection of this
+# process is open would let another process take the database for unused, checkpoint it and delete its -wal under
+# the connection, whose later commits would then go to a deleted file, unseen by every other process.
+_LIVE: dict[str, weakref.WeakSet] = {}
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that leaves _LIVE when closed (or collected: the WeakSet forgets it)."""
+
+    def close(self) -> None:
+        super().close()
+        for live in _LIVE.values():
+            live.discard(self)
 
 
 def _check_file(path: Path) -> None:

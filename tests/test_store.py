@@ -132,3 +132,19 @@ def test_connect_refuses_a_garbled_page_of_a_state_table_and_opens_an_empty_file
     empty = tmp_path / "empty.db"
     empty.touch()  # what sqlite3.connect leaves before its first write: a database without tables yet
     store.connect(empty).close()
+
+
+def test_a_second_connection_never_reads_the_file_under_an_open_one(tmp_path, monkeypatch):
+    """Closing any descriptor of the database file drops every POSIX lock this process holds on it (SQLite's
+    too): with a connection open, the header check must not open the file, or another process could delete the
+    -wal under it (a daemon's commits then vanish: found by the notify test)."""
+    path = tmp_path / "conveyor.db"
+    first = store.connect(path)
+    opened = []
+    monkeypatch.setattr(store, "_check_file", lambda p: opened.append(p))
+    second = store.connect(path)
+    assert opened == []
+    second.close()
+    first.close()
+    store.connect(path).close()
+    assert opened == [path]  # nothing open any more: checked again
