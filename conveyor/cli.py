@@ -142,14 +142,18 @@ def _priority(value: str) -> int:
 
 
 def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | None = None,
-                 ids: list[int] | None = None) -> bool:
-    """Enqueue each file, saying what became of it; False if any was rejected. `ids` collects the jobs to train."""
+                 ids: list[int] | None = None, settings: list[str] | None = None) -> bool:
+    """Enqueue each file, saying what became of it; False if any was rejected. `ids` collects the jobs to train;
+    `settings` are `--set KEY=VALUE` items for these jobs (checked before anything is queued)."""
+    from . import overrides
     from .inbox import enqueue
 
-    epochs = epochs or ws.config().training.epochs
+    config = ws.config()
+    own = overrides.parse(settings or [], config)
+    epochs = epochs or own.get("training.epochs") or config.training.epochs
     ok = True
     for file in files:
-        result = enqueue(ws, file, priority, epochs)
+        result = enqueue(ws, file, priority, epochs, overrides=own or None)
         for text in result.messages:
             err.print(text, style="yellow" if result.job.state != jobs.JobState.REJECTED else "red", markup=False)
         if ids is not None and result.job.id not in ids:
@@ -170,9 +174,12 @@ def add(
     files: list[Path] = typer.Argument(..., help="JSONL files, enqueued in the order given."),
     priority: str = typer.Option("normal", help="high | normal | low"),
     epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                 help="A setting for these files' jobs only, e.g. "
+                                                 "training.learning_rate=1e-4 (repeatable; not model.* or adapter.*)."),
 ):
     """Validate and enqueue files without training them."""
-    ok = _enqueue_all(_ws(), files, _priority(priority), epochs)
+    ok = _enqueue_all(_ws(), files, _priority(priority), epochs, settings=settings)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -200,6 +207,9 @@ def train(
     files: list[Path] = typer.Argument(..., help="JSONL files to train, in this order."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                 help="A setting for these files' jobs only, e.g. "
+                                                 "training.learning_rate=1e-4 (repeatable; not model.* or adapter.*)."),
 ):
     """Enqueue the files in order and train everything queued in this process, then exit: 0 when all trained, 1 if
     any failed or was rejected, 130 on Ctrl-C. With a daemon running, it trains them and this command follows."""
@@ -213,7 +223,7 @@ def train(
         raise ConveyorError(f"{paused}. Nothing was queued")
     ids: list[int] = []
     pid = daemon_pid(ws)
-    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs, ids)
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"], epochs, ids, settings)
     if pid is not None:  # handed to the daemon, followed to their end (never queued, then refused)
         raise typer.Exit(max(follow(ws, ids, pid, lambda: _drain_beside(ws, quiet)), 0 if ok else 1))
     code = _drain_code(ws, quiet)

@@ -72,10 +72,15 @@ def print_ledger(rows: list[dict]) -> None:
                       short(r["fingerprint"]), f"{r['start_step']}–{r['end_step']}",
                       str(r["examples"]) + (f" + {r['replayed']} replayed" if r.get("replayed") else ""),
                       str(r["epochs"]), str(r["tokens"]),
-                      fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"],
+                      fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"] + (" *" if r.get("overrides") else ""),
                       style="dim" if r.get("inherited") else None)
     inherited = [r for r in rows if r.get("inherited")]
+    notes = []
     if inherited:
-        table.caption = (f"steps {inherited[0]['start_step']}–{inherited[-1]['end_step']}: inherited from "
-                         f"{', '.join(dict.fromkeys(r['run'] for r in inherited))} (this run branched from it)")
+        notes.append(f"steps {inherited[0]['start_step']}–{inherited[-1]['end_step']}: inherited from "
+                     f"{', '.join(dict.fromkeys(r['run'] for r in inherited))} (this run branched from it)")
+    own = {r["job"]: r["overrides"] for r in rows if r.get("overrides")}
+    notes += [f"* job {job} trained with " + ", ".join(f"{k}={v}" for k, v in settings.items())
+              for job, settings in own.items()]
+    table.caption = "\n".join(notes) or None
     console.print(table)

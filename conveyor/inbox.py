@@ -17,6 +17,7 @@ from . import faults, jobs
 from .errors import DataError, StoredDataError
 from .fingerprint import FileHashes, copy_hashing, fingerprint, short
 from .formats import scan_file
+from .overrides import describe
 from .kept import REASON, _move_new, kept_path, printable
 from .jobs import Job, JobState
 from .store import log_event
@@ -86,7 +87,7 @@ def unexpected(name: str, error: BaseException) -> str:
 
 
 def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal"], epochs: int = 1,
-            join_queued: bool = False) -> Enqueued:
+            join_queued: bool = False, overrides: dict | None = None) -> Enqueued:
     """Validate and enqueue one file; a bad file becomes a `rejected` job with every problem listed.
 
     join_queued: the same bytes already queued are that job, not a second one (the inbox: a file dropped again
@@ -99,11 +100,11 @@ def enqueue(ws: Workspace, source: Path, priority: int = jobs.PRIORITIES["normal
     if not source.is_file():
         raise DataError(f"{source} is not a regular file (a pipe, socket or device); copy the data into a .jsonl file")
     fp, stored, restores = store(ws, source)
-    return enqueue_stored(ws, source, fp, stored, priority, epochs, join_queued, restores)
+    return enqueue_stored(ws, source, fp, stored, priority, epochs, join_queued, restores, overrides)
 
 
 def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority: int, epochs: int,
-                   join_queued: bool = False, restores: str | None = None) -> Enqueued:
+                   join_queued: bool = False, restores: str | None = None, overrides: dict | None = None) -> Enqueued:
     """enqueue() once the bytes are in data/: validate, recognise the same dataset, insert the job.
 
     restores: what was wrong with the stored copy these bytes replaced. Jobs that stopped for it go back in the
@@ -128,13 +129,18 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
     if joined:
         found = _same_dataset(ws, name, joined[0])
         found.messages[:0] = restored
+        if overrides and overrides != joined[0].overrides:
+            found.messages.append(f"--set {', '.join(overrides)} not applied: job {joined[0].id} trains these bytes "
+                                  "with the settings it was queued with")
         return found
     messages = [f"{name} has the same bytes ({short(fp)}) as job {j.id} ({j.file}, trained at steps "
                 f"{j.start_step}–{j.end_step}); see data.skip_duplicates" for j in same if j.state == JobState.DONE]
     job = jobs.insert(ws.db, file=name, source=printable(str(source.resolve())), stored=str(stored),
                       fingerprint=fp, priority=priority, state=JobState.QUEUED, format=fmt,
-                      examples=examples, epochs=epochs)
-    log_event(ws.db, "info", "queued", f"job {job.id}: {name} ({examples} examples, {fmt}, {short(fp)})", job.id)
+                      examples=examples, epochs=epochs, overrides=overrides)
+    settings = f"; with {describe(overrides)}" if overrides else ""
+    log_event(ws.db, "info", "queued", f"job {job.id}: {name} ({examples} examples, {fmt}, {short(fp)}){settings}",
+              job.id)
     return Enqueued(job, messages)
 
 

@@ -88,6 +88,7 @@ class Job:
     warnings: list[str]
     error: str | None
     holdout: list[int] | None = None  # file lines held out (never trained); None: not chosen yet
+    overrides: dict | None = None  # settings this job trains with instead of conveyor.toml's (`add --set`)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -101,6 +102,7 @@ class Job:
             truncated=row["truncated"], excluded=json.loads(row["excluded"] or "[]"),
             warnings=json.loads(row["warnings"]), error=row["error"],
             holdout=json.loads(row["holdout"]) if row["holdout"] is not None else None,
+            overrides=json.loads(row["overrides"]) if row["overrides"] else None,
         )
 
     def to_json(self) -> dict:
@@ -112,16 +114,18 @@ class Job:
             "steps_done": self.steps_done, "position": self.position, "attempts": self.attempts,
             "deaths": self.deaths, "kept": self.kept, "truncated": self.truncated, "excluded_lines": self.excluded,
             "warnings": self.warnings, "error": self.error, "held_out": self.holdout or [],
+            "overrides": self.overrides or {},
         }
 
 
 def insert(con: sqlite3.Connection, *, file: str, source: str, stored: str, fingerprint: str,
            priority: int, state: JobState, format: str | None = None, examples: int | None = None,
-           epochs: int | None = None, error: str | None = None) -> Job:
+           epochs: int | None = None, error: str | None = None, overrides: dict | None = None) -> Job:
     cur = con.execute(
         "INSERT INTO jobs (file, source, stored, fingerprint, format, priority, state, examples, epochs, error,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (file, source, stored, fingerprint, format, priority, state.value, examples, epochs, error, time.time()),
+        " overrides, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (file, source, stored, fingerprint, format, priority, state.value, examples, epochs, error,
+         json.dumps(overrides) if overrides else None, time.time()),
     )
     return get(con, cur.lastrowid)
 
@@ -211,7 +215,7 @@ def update(con: sqlite3.Connection, job_id: int, *, expect: JobState | tuple[Job
 
 
 def _encode(fields: dict) -> dict:
-    for key in ("warnings", "excluded", "holdout"):
+    for key in ("warnings", "excluded", "holdout", "overrides"):
         if key in fields and not isinstance(fields[key], str):
             fields[key] = json.dumps(fields[key])
     return fields

@@ -210,7 +210,7 @@ def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int
     )
 
 
-_LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint FROM ledger l JOIN jobs j ON j.id = l.job_id"
+_LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint, j.overrides FROM ledger l JOIN jobs j ON j.id = l.job_id"
 
 
 def _ledger_row(r: sqlite3.Row, inherited: bool) -> dict:
@@ -218,7 +218,8 @@ def _ledger_row(r: sqlite3.Row, inherited: bool) -> dict:
             "fingerprint": r["fingerprint"], "start_step": r["start_step"], "end_step": r["end_step"],
             "steps": r["end_step"] - r["start_step"] + 1, "examples": r["examples"], "replayed": r["replayed"],
             "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
-            "mean_loss": r["mean_loss"], "outcome": r["outcome"]}
+            "mean_loss": r["mean_loss"], "outcome": r["outcome"],
+            "overrides": json.loads(r["overrides"]) if r["overrides"] else {}}  # the job's `add --set`
 
 
 def _ledger_where(span: Span) -> tuple[str, tuple]:

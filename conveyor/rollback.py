@@ -194,7 +194,7 @@ def _requeue(db, later: list[Job], run_id: str, manifest: mf.Manifest) -> dict[i
             pos = manifest.position_of(j.id)
             new = jobs.insert(db, file=j.file, source=j.source, stored=j.stored, fingerprint=j.fingerprint,
                               priority=j.priority, state=JobState.INTERRUPTED if pos else JobState.QUEUED,
-                              format=j.format, examples=j.examples, epochs=j.epochs)
+                              format=j.format, examples=j.examples, epochs=j.epochs, overrides=j.overrides)
             # The same held-out set as before (its examples were never trained in the lineage either).
             jobs.update(db, new.id, requeued_from=j.id, holdout=j.holdout)
             if pos is not None:

@@ -203,7 +203,8 @@ ADDED_COLUMNS = [
     ("jobs", "holdout", "TEXT"),  # the file lines set aside as the job's held-out set (JSON), fixed at its plan
     ("jobs", "requeued_from", "INTEGER"),
     ("audit", "replay", "TEXT"),
-    ("ledger", "replayed", "INTEGER NOT NULL DEFAULT 0"),  # replayed examples the segment trained  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
+    ("ledger", "replayed", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "overrides", "TEXT"),  # per-job settings (`conveyor add --set`), JSON {"training.learning_rate": 1e-4}  # replayed examples the segment trained  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
 ]
 
 

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import controls, distributed, faults, holdout, jobs, ledger, memory, runs, testhooks
+from . import controls, distributed, faults, holdout, jobs, ledger, memory, overrides, runs, testhooks
 from . import manifest as mf
 from .config import Config
 from .controls import Context, Effect
@@ -158,6 +158,10 @@ class Worker:
         job = jobs.get(self.db, self.job_id)
         if job.state != JobState.RUNNING or job.claim != self.claim:
             raise Conflict(f"job {job.id} is {job.state.value}, not running under this worker's claim")
+        if job.overrides:  # `conveyor add --set`: this job's own settings, kept with it (a resume keeps them)
+            self.config = overrides.apply(self.config, job.overrides)
+            self.say("info", f"job {job.id} trains with {overrides.describe(job.overrides)} (set for this job; "
+                     "conveyor.toml's for the others)", job.id)
         run = runs.active(self.db)
         resume, _ = ck.newest_verified(self.ws.run_dir(run.id))  # the daemon set unusable ones aside
         if resume is not None and resume.step != run.global_step:
