@@ -76,13 +76,14 @@ def mismatches(ws, con: sqlite3.Connection) -> list[str]:
     writes are a suffix of its history, so a job's lost end lies past the step the database has: only checkpoints
     past it are read for that (the worker records each step before its checkpoint, so normally none)."""
     known = {run.id: run for run in runs.all_runs(con)}
-    jobs = {r["id"]: (r["fingerprint"], r["state"]) for r in con.execute("SELECT id, fingerprint, state FROM jobs")}
+    reads = [(folder, known.get(folder.name)) for folder in run_folders(ws.runs)]
+    reads = [(folder, run, read) for folder, run in reads
+             if (read := _manifests(folder, run.global_step if run else None))]
+    named = sorted({p.job_id for _, _, read in reads for _, m in read for p in [m.job, *m.open_jobs]})
+    jobs = {r["id"]: (r["fingerprint"], r["state"]) for r in con.execute(  # only the jobs the manifests name:
+        f"SELECT id, fingerprint, state FROM jobs WHERE id IN ({', '.join('?' * len(named))})", named)}  # every open
     found: list[str] = []
-    for folder in run_folders(ws.runs):
-        run = known.get(folder.name)
-        read = _manifests(folder, run.global_step if run else None)
-        if not read:
-            continue
+    for folder, run, read in reads:
         if run is None:
             found.append(_unknown(folder, read[0][1]))
             continue
