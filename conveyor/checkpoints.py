@@ -26,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 UNUSABLE = "unusable"
 PINS = ".pins.json"  # in checkpoints/: steps of pinned versions (versions.py), never deleted by retention
 HASHES = ".hashes.json"  # in checkpoints/: "step-000123/<file>" -> [size, mtime_ns, sha256] of files hashed before
+# (a sharded checkpoint's files inside their DCP folder: "step-000123/model/__0_0.distcp")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class HashCache:
             self.entries = {}  # none yet, or unreadable: hash everything again
 
     def sha256(self, path: Path) -> str:
-        st, key = path.stat(), f"{path.parent.name}/{path.name}"
+        st, key = path.stat(), _key(self.root, path)
         entry = self.entries.get(key)
         if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
             return entry[2]
@@ -103,16 +104,24 @@ class HashCache:
         self.dirty = False
 
 
+def _key(root: Path, path: Path) -> str:
+    """A file's hash-cache key: its path below checkpoints/ (files of DCP folders share names across folders)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return f"{path.parent.name}/{path.name}"
+
+
 def _seal(tmp: Path, manifest: mf.Manifest, hashes: HashCache, final_name: str) -> None:
-    """Hash every file once (recorded under its final folder name), write the manifest, flush it all to disk."""
+    """Hash every file once (recorded under its final folder name), write the manifest, flush it all to disk.
+    A sharded checkpoint's files (every rank's shards, DCP's .metadata) are hashed here too, by rank 0."""
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        name = str(path.relative_to(tmp))
+        name = path.relative_to(tmp).as_posix()
         files[name] = fingerprint(path)
-        if "/" not in name:  # the cache keys files directly inside a checkpoint folder
-            hashes.record(f"{final_name}/{name}", path.stat(), files[name])
+        hashes.record(f"{final_name}/{name}", path.stat(), files[name])
     manifest.files = files
     with open(tmp / mf.MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
@@ -133,23 +142,32 @@ def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
     _fsync_dir(tmp)
 
 
-def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int,
-          job_ends: int, prune_weights: bool = False) -> Checkpoint:
-    """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were. Then retention
-    (`prune`) runs with keep, job_ends and prune_weights (training.prune_version_weights)."""
+def _temporary(run_dir: Path, step: int) -> Path:
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    return root / f".tmp-{folder_name(step)}-{os.getpid()}"
+
+
+def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Manifest, keep: int,
+          job_ends: int, prune_weights: bool = False, shards: Path | None = None) -> Checkpoint:
+    """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were. Then retention
+    (`prune`) runs with keep, job_ends and prune_weights (training.prune_version_weights).
+
+    `shards`: the temporary folder every rank already wrote its shards into (write_sharded); `save` adds rank 0's
+    files, and the folder is sealed as any other."""
+    root = checkpoints_dir(run_dir)
     final = root / folder_name(step)
-    tmp = root / f".tmp-{folder_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = shards or _temporary(run_dir, step)
     hashes = HashCache(root)
     try:
-        tmp.mkdir()
-        fill_disk("checkpoint", step)
+        if shards is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            fill_disk("checkpoint", step)
         save(tmp)
         failpoint("checkpoint-write", step)
         _seal(tmp, content, hashes, final.name)
-        data = mf.verify(tmp, _hashed_by(hashes, final.name))  # the manifest and every file are there
+        data = mf.verify(tmp, _hashed_by(hashes, final.name, tmp))  # the manifest and every file are there
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoint numbers must strictly increase")
         os.rename(tmp, final)
@@ -158,12 +176,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            need = estimate_size(run_dir)
-            raise CheckpointError(
-                f"disk full while writing checkpoint {final.name}: it needs about {need / 1e6:.1f} MB, "
-                f"{shutil.disk_usage(root).free / 1e6:.1f} MB are free; the previous checkpoint is intact. "
-                "Free some space: a running daemon goes on by itself once there is room"
-            ) from e
+            raise _disk_full(run_dir, final.name) from e
         raise
     except ValueError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,9 +187,77 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     return Checkpoint(final, step, data)
 
 
-def _hashed_by(hashes: HashCache, final_name: str):
+def _disk_full(run_dir: Path, name: str) -> CheckpointError:
+    need, root = estimate_size(run_dir), checkpoints_dir(run_dir)
+    return CheckpointError(
+        f"disk full while writing checkpoint {name}: it needs about {need / 1e6:.1f} MB, "
+        f"{shutil.disk_usage(root).free / 1e6:.1f} MB are free; the previous checkpoint is intact. "
+        "Free some space: a running daemon goes on by itself once there is room")
+
+
+def write_sharded(run_dir: Path, step: int, shards: Callable[[Path], None], save: Callable[[Path], None],
+                  content: mf.Manifest | None, keep: int, job_ends: int,
+                  prune_weights: bool = False) -> Checkpoint | None:
+    """A sharded checkpoint; every rank calls this. Rank 0 names the temporary folder (the workspace is shared, so it
+    is the same path on every rank), every rank writes its shards into it (`shards`, DCP's collective save), and
+    once all have (a barrier) rank 0 adds its own files and seals the folder as `write` does: every shard and DCP's
+    .metadata hashed into the manifest, verified, renamed, then retention. Returns the checkpoint on rank 0, None
+    on the others; what fails on rank 0 is raised on every rank (content: rank 0's manifest, None elsewhere)."""
+    from . import distributed
+
+    main = distributed.is_main()
+    tmp, failed = _temporary(run_dir, step), None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            fill_disk("checkpoint", step)
+        except OSError as e:
+            failed = e
+    # Rank 0's folder (or why it has none), on every rank: it also holds them until the folder exists.
+    tmp, told = distributed.broadcast((tmp, failed and str(failed)))
+    if failed:
+        raise _disk_full(run_dir, folder_name(step)) if _no_space(failed) else failed
+    if told:
+        raise CheckpointError(f"rank 0 could not make the temporary folder of {folder_name(step)}: {told}")
+    try:
+        shards(tmp)
+        distributed.barrier()  # every rank's shards are written (and flushed: DCP syncs its files) before the seal
+    except Exception as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e):
+            raise _disk_full(run_dir, folder_name(step)) from e
+        raise
+    if not main:
+        failed = distributed.broadcast(None)
+        if failed:
+            raise CheckpointError(f"rank 0 could not seal checkpoint {folder_name(step)}: {failed}")
+        return None
+    try:
+        found = write(run_dir, step, save, content, keep, job_ends, prune_weights, shards=tmp)
+    except Exception as e:
+        distributed.broadcast(str(e) or type(e).__name__)
+        raise
+    distributed.broadcast(None)
+    return found
+
+
+def _no_space(e: BaseException) -> bool:
+    """An ENOSPC, itself or inside the CheckpointException DCP raises with every rank's failure."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    failures = getattr(e, "failures", None)
+    return isinstance(failures, dict) and any(_no_space(f) for f in failures.values() if isinstance(f, BaseException))
+
+
+def _hashed_by(hashes: HashCache, final_name: str, tmp: Path):
     """The hash _seal just took of a file of the temporary folder (read once; it is still in the page cache)."""
-    return lambda path: (hashes.entries.get(f"{final_name}/{path.name}") or [None, None, fingerprint(path)])[2]
+    def sha256(path: Path) -> str:
+        entry = hashes.entries.get(f"{final_name}/{path.relative_to(tmp).as_posix()}")
+        return entry[2] if entry else fingerprint(path)
+
+    return sha256
 
 
 def point_latest(run_dir: Path, name: str) -> None:
@@ -336,16 +417,14 @@ def prune(run_dir: Path, keep: int, job_ends: int, prune_weights: bool = False) 
     return removed
 
 
-OPTIMIZER_STATE = (mf.OPTIMIZER,)  # what a trimmed version loses; scheduler and RNG states are a few KB: kept
-
-
 def _pruned_files(data: mf.Manifest, prune_weights: bool) -> tuple[list[str], str]:
     """The files of a job end that retention prunes, and the setting that says so: every file of a full
-    fine-tune with prune_weights (only the manifest stays), else the optimizer state (a LoRA adapter is always
-    kept)."""
+    fine-tune with prune_weights (only the manifest stays), else the optimizer state: optimizer.pt, or a sharded
+    checkpoint's optimizer/ folder (its shards and .metadata; the model's shards are the version's weights).
+    Scheduler and RNG states are a few KB: kept. A LoRA adapter is always kept."""
     if prune_weights and data.identity.get("adapter.method") == "full":
         return sorted(data.files), mf.BY_VERSION_WEIGHTS
-    return [n for n in OPTIMIZER_STATE if n in data.files], mf.BY_JOB_ENDS
+    return sorted(n for n in data.files if mf.is_optimizer_state(n)), mf.BY_JOB_ENDS
 
 
 def trim(path: Path, data: mf.Manifest, prune_weights: bool = False) -> list[str]:

@@ -288,6 +288,11 @@ class Config(_Section):
                                       "4-bit base, but adapter.method is \"{m}\"; set adapter.method = \"lora\" or "
                                       "model.quantization = \"none\"", {"q": self.model.quantization,
                                                                           "m": self.adapter.method})
+        if self.distributed.strategy == "fsdp" and self.adapter.method != "full":
+            raise PydanticCustomError("conflict", "distributed.strategy = \"fsdp\" shards a full fine-tune's weights "
+                                      "and optimizer state, but adapter.method is \"{m}\" (a sharded base under a "
+                                      "LoRA adapter is not supported yet); set adapter.method = \"full\" or "
+                                      "distributed.strategy = \"ddp\"", {"m": self.adapter.method})
         if self.eval.gate > 0 and not self.eval.holdout:
             raise PydanticCustomError("conflict", "eval.gate = {g} compares each job's held-out loss before and after "
                                       "later jobs, but eval.holdout = 0 holds none out; set eval.holdout (e.g. 0.05 "

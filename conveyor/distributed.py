@@ -54,3 +54,9 @@ def gather(obj) -> list | None:
     out = [None] * world() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def barrier() -> None:
+    """Every rank waits here until all have arrived (no-op for a single process)."""
+    if active():
+        dist.barrier()

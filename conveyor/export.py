@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import pending, runs, testhooks
+from . import pending, runs, sharding, testhooks
 from .errors import ConveyorError
 from .workspace import Workspace
 
@@ -20,7 +20,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 def load_trained(identity: dict, model_path: str, checkpoint_dir: Path):
     """The model as trained: full weights from the checkpoint, or the base model plus the checkpoint's adapter.
 
-    LoRA settings come from the checkpoint's adapter_config.json, the dtype from the run's identity.
+    LoRA settings come from the checkpoint's adapter_config.json, the dtype from the run's identity. A sharded
+    checkpoint (FSDP) is consolidated here, in this one process: what is saved is one ordinary model folder.
     """
     from transformers import AutoModelForCausalLM
 
@@ -31,7 +32,9 @@ def load_trained(identity: dict, model_path: str, checkpoint_dir: Path):
         raise ConveyorError(f"the run's identity has adapter.method={method!r}, model.precision={precision!r}; "
                             f"conveyor knows lora|full and {'|'.join(DTYPES)}, so it cannot rebuild this model")
     dtype = DTYPES[precision]
-    if method == "full":
+    if method == "full" and sharding.is_sharded(checkpoint_dir):  # distributed.strategy = "fsdp": DCP shards
+        model = _load(lambda: sharding.load_whole(checkpoint_dir, dtype), checkpoint_dir)
+    elif method == "full":
         model = _load(lambda: AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype), checkpoint_dir)
     else:
         from peft import PeftModel

@@ -23,6 +23,11 @@ SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
 STEP_PREFIX = "step-"
 LATEST = "LATEST"  # the run's pointer to its newest verified checkpoint
+# A sharded checkpoint (distributed.strategy = "fsdp"): torch.distributed.checkpoint (DCP) folders, each holding one
+# `__<rank>_0.distcp` file per rank that wrote it and DCP's `.metadata`, next to config.json, scheduler and RNG files.
+MODEL_SHARDS = "model"
+OPTIMIZER_SHARDS = "optimizer"
+DCP_METADATA = ".metadata"
 
 # Manifest keys.
 K_VERSION = "version"
@@ -36,6 +41,10 @@ K_HPARAMS = "hyperparameters"
 K_LIBRARIES = "libraries"
 K_FILES = "files"
 K_BRANCHED = "branched_from"  # a rollback's first checkpoint: {"run", "version", "step"} it was copied from
+# A sharded checkpoint's layout: {"format": SHARDED_FORMAT, "strategy", "world_size", "torch"} as written. Absent: the
+# weights are ordinary Hugging Face files (save_pretrained) and the optimizer state one torch file (OPTIMIZER).
+K_SHARDED = "sharded"
+SHARDED_FORMAT = "torch.distributed.checkpoint"
 # Files retention deleted from a version (checkpoints.prune): [{"files": [...], "by": <setting>, "at": <unix time>}].
 # The manifest is rewritten without them first, then they are deleted: a crash between leaves unlisted files only.
 K_PRUNED = "pruned"
@@ -61,6 +70,7 @@ class Manifest:
     files: dict = field(default_factory=dict)
     branched_from: dict | None = None
     pruned: list[dict] = field(default_factory=list)
+    sharded: dict | None = None  # K_SHARDED
 
     def position_of(self, job_id: int) -> Position | None:
         """The job's position at this step if it is under way (mid-job here, or stopped mid-way earlier)."""
@@ -84,14 +94,21 @@ class Manifest:
     @property
     def optimizer_pruned(self) -> str | None:
         """The setting under which retention deleted the optimizer state (None: kept; a resume carries it on)."""
-        return self.pruned_by(OPTIMIZER)
+        return next((r[K_PRUNED_BY] for r in self.pruned if any(map(is_optimizer_state, r[K_PRUNED_FILES]))), None)
+
+    @property
+    def has_optimizer(self) -> bool:
+        """Whether the optimizer state is among the files (whole, or DCP's shards with their .metadata)."""
+        return (OPTIMIZER in self.files if self.sharded is None
+                else f"{OPTIMIZER_SHARDS}/{DCP_METADATA}" in self.files)
 
     def to_json(self) -> dict:
         return {K_VERSION: VERSION, K_RUN: self.run_id, K_STEP: self.global_step, K_JOB: self.job.to_json(),
                 K_JOB_END: self.job_end, K_OPEN_JOBS: [p.to_json() for p in self.open_jobs],
                 K_IDENTITY: self.identity, K_HPARAMS: self.hyperparameters, K_LIBRARIES: self.libraries,
                 K_FILES: self.files, **({K_BRANCHED: self.branched_from} if self.branched_from else {}),
-                **({K_PRUNED: self.pruned} if self.pruned else {})}
+                **({K_PRUNED: self.pruned} if self.pruned else {}),
+                **({K_SHARDED: self.sharded} if self.sharded else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "Manifest":
@@ -102,7 +119,8 @@ class Manifest:
                        open_jobs=[Position.from_json(p) for p in data[K_OPEN_JOBS]],
                        hyperparameters=data.get(K_HPARAMS, {}), libraries=data.get(K_LIBRARIES, {}),
                        files=data[K_FILES], branched_from=data.get(K_BRANCHED),
-                       pruned=[_pruned_record(r) for r in data.get(K_PRUNED, [])])
+                       pruned=[_pruned_record(r) for r in data.get(K_PRUNED, [])],
+                       sharded=_sharded_record(data.get(K_SHARDED)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
 
@@ -112,6 +130,20 @@ def _pruned_record(record: dict) -> dict:
             or not isinstance(record[K_PRUNED_BY], str):
         raise TypeError(f"{K_PRUNED} holds {record!r}, not {{{K_PRUNED_FILES!r}: [...], {K_PRUNED_BY!r}: setting}}")
     return record
+
+
+def _sharded_record(record) -> dict | None:
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("format") != SHARDED_FORMAT:
+        raise TypeError(f"{K_SHARDED} holds {record!r}; this conveyor reads sharded checkpoints in the "
+                        f"{SHARDED_FORMAT!r} format only")
+    return record
+
+
+def is_optimizer_state(name: str) -> bool:
+    """Whether a checkpoint file is optimizer state: the whole file, or a shard or the metadata of its DCP folder."""
+    return name == OPTIMIZER or name.startswith(f"{OPTIMIZER_SHARDS}/")
 
 
 def upgrade(data: dict) -> dict:

@@ -150,8 +150,8 @@ def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world
 
     before = resume.manifest.hyperparameters
     now = hyperparameters(config, world_size)
-    section = {"attn_implementation": "model", "world_size": "distributed"}  # the rest live in [training]
-    changes = [f"{section.get(k, 'training')}.{k}: {before.get(k)} → {now[k]}" for k in now
+    section = {"attn_implementation": "model", "world_size": "distributed", "strategy": "distributed"}
+    changes = [f"{section.get(k, 'training')}.{k}: {before.get(k)} → {now[k]}" for k in now  # else [training]
                if before.get(k) != now[k] and before.get(k) is not None]
     new_keys = [k for k in now if k not in before]  # a manifest written before the setting existed
     if new_keys:
@@ -159,3 +159,41 @@ def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world
     if changes:
         say("info", f"settings changed since {resume.path.name}, applied from step {resume.step + 1} in the same "
             "run: " + "; ".join(changes))
+    layout = layout_change(resume, before, now)
+    if layout:
+        say("warning" if "not the same steps" in layout else "info", layout)
+
+
+def layout_change(resume: ck.Checkpoint, before: dict, now: dict) -> str | None:
+    """What a changed world size or distributed.strategy does to the run, in words (issue 17's exactness): the data
+    order stays exact (law 2: each rank's slice is re-derived from the global order), the weights are loaded exactly
+    (resharded, or converted between whole and sharded files), and the steps after are the uninterrupted run's
+    within float tolerance when the examples per step stay the same, another trajectory when they do not."""
+    old_world, old_strategy = before.get("world_size"), before.get("strategy") or "ddp"
+    if old_world in (None, now["world_size"]) and old_strategy == now["strategy"]:
+        return None
+    name = resume.path.name
+    held = resume.manifest.sharded
+    if held and now["strategy"] == "fsdp":
+        load = f"weights and optimizer state resharded from {name}'s {held['world_size']} shard(s) (DCP)"
+    elif held:
+        load = f"{name} is sharded (written under fsdp): every rank loads it whole (DCP)"
+    elif now["strategy"] == "fsdp":
+        load = f"{name} holds whole-model files (written under ddp): they are loaded sharded"
+    else:
+        load = "every rank loads the whole model"
+    pos = resume.manifest.job if not resume.manifest.job_end else None
+    where = f"job {pos.job_id} re-planned from example {pos.position} of its order; " if pos else ""
+    per = lambda h: h.get("batch_size", 0) * h.get("grad_accum", 0) * (h.get("world_size") or 1)
+    head = (f"world size {old_world} → {now['world_size']}" if old_world not in (None, now["world_size"])
+            else f"distributed.strategy {old_strategy} → {now['strategy']}")
+    if per(before) == per(now) and now["world_size"] == (old_world or 1) == 1:
+        return (f"{head}: {where}{load}: exactly; one process either way, so the steps that follow are bitwise "
+                "those of an unchanged run")
+    if per(before) == per(now):
+        return (f"{head}: {where}{load}: exactly, so the steps that follow are those of an unchanged run within "
+                f"float tolerance, not bitwise (gradients are summed over {now['world_size']} process(es) in "
+                f"another order; {per(now)} examples a step as before)")
+    return (f"{head}: {where}now {per(now)} examples a step (was {per(before)}: training.batch_size × "
+            f"training.grad_accum × processes); every example still trains once, in the same order, but these are "
+            f"not the same steps: the weights follow another trajectory than at {per(before)} a step. {load}")

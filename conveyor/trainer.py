@@ -20,14 +20,15 @@ import torch
 from torch.utils.data import Dataset
 
 from . import checkpoints as ck
-from . import distributed, memory, packing, precision, testhooks
+from . import distributed, memory, packing, precision, sharding, testhooks
 from . import manifest as mf
 from .config import Config
 from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
 from .replay import Layout
 from .precision import DTYPES, build_model  # noqa: F401  (DTYPES: export's)
-from .training_state import pruned_moments, restore_optimizer, restore_rng, rng_state, save_checkpoint
+from .training_state import (pruned_moments, restore_optimizer, restore_rng, rng_state, save_checkpoint,
+                             save_sharded_checkpoint)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -154,7 +155,9 @@ def hyperparameters(config: Config, world_size: int) -> dict:
             "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
             "deterministic": t.deterministic, "packing": t.packing,
             # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
-            "attn_implementation": config.model.attn_implementation}
+            "attn_implementation": config.model.attn_implementation,
+            # How the weights are held across processes (ddp: whole on every rank; fsdp: sharded, DCP checkpoints).
+            "strategy": config.distributed.strategy}
 
 
 def libraries() -> dict:
@@ -171,6 +174,7 @@ class _JobCallback:
                  padded_len: int, hooks: Hooks):
         self.spec, self.config, self.collator, self.layout, self.hooks = spec, config, collator, layout, hooks
         self.main = distributed.is_main()
+        self.sharded = sharding.sharded_training(config)  # every rank writes its shards of each checkpoint
         self.padded_len = padded_len  # items in the data set including fillers
         self.consumed = 0
         self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
@@ -211,7 +215,8 @@ class _JobCallback:
             testhooks.after_step(step)
         last = self.pos.finished
         every = self.config.eval.every_steps
-        if self.main and self.evaluator is not None and (last or (every and step % every == 0)):
+        # Rank 0's alone, but under fsdp on every rank (each forward gathers the shards of all; train_segment).
+        if self.evaluator is not None and (last or (every and step % every == 0)):
             self._evaluate(step, kw["model"])
         # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
         action = distributed.broadcast(None if last or not self.hooks.peek else self.hooks.peek(step))
@@ -246,14 +251,22 @@ class _JobCallback:
 
     def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
         states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
+        manifest = None
         if self.main:
             self._flush()
             manifest = mf.Manifest(run_id=self.spec.run_id, global_step=step, job=self.pos, job_end=last,
                                    identity=self.spec.identity, open_jobs=self.spec.open_jobs,
                                    hyperparameters=hyperparameters(self.config, self.world_size),
-                                   libraries=libraries())
-            self.last_checkpoint = save_checkpoint(self.spec.run_dir, manifest, kw["model"], kw["optimizer"],
-                                                   kw["lr_scheduler"], states, self.config.training)
+                                   libraries=libraries(),
+                                   sharded=sharding.layout(self.world_size) if self.sharded else None)
+        if self.sharded:  # every rank writes its shards; rank 0 seals
+            path = save_sharded_checkpoint(self.spec.run_dir, step, manifest, kw["model"], kw["optimizer"],
+                                           kw["lr_scheduler"], states, self.config.training)
+        elif self.main:
+            path = save_checkpoint(self.spec.run_dir, manifest, kw["model"], kw["optimizer"], kw["lr_scheduler"],
+                                   states, self.config.training)
+        if self.main:
+            self.last_checkpoint = path
             if self.hooks.checkpointed:
                 self.hooks.checkpointed(self.pos)
 
@@ -335,7 +348,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     quiet_libraries()
     hooks = hooks or Hooks()
     tokenizer = load_tokenizer(model_path)
-    model = build_model(config, model_path, spec.resume.path if spec.resume else None)
+    model = _model(config, model_path, spec, world_size)
     t = config.training
     start = spec.start
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
@@ -353,6 +366,8 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                       callbacks=[_trainer_callback(inner)])
     trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
     inner.trainer = trainer
+    if sharding.sharded_training(config) and world_size > 1:  # every rank evaluates: a forward needs all shards
+        spec.eval_sets = distributed.broadcast(spec.eval_sets if distributed.is_main() else None)
     if spec.eval_sets:
         from .evaluation import Evaluator
 
@@ -361,15 +376,29 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                                     tokenizer)
     if distributed.is_main():
         memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
+        if sharding.sharded_training(config) and world_size == 1 and hooks.say:
+            hooks.say("info", "distributed.strategy = \"fsdp\" with one process: nothing to shard across, so the "
+                      "whole model trains here; its checkpoints are sharded (DCP) all the same, so the run goes on "
+                      "at any number of processes")
+    if sharding.sharded_training(config):
+        sharding.reshard(model)  # the packing probe's forward left some modules gathered: the optimizer takes shards
     trainer.create_optimizer()
     trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec.resume.path if spec.resume else None,
-                                             spec.start, _same_optimizer(config, spec, hooks))
+                                             spec.start, _same_optimizer(config, spec, hooks), trainer.model)
     trainer.train()
     inner._flush()  # the last step's metrics arrive after its checkpoint
     if inner.stopped is None and not inner.pos.finished:
         raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
                            f"planned {remaining}; this is a bug")
     return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+
+
+def _model(config: Config, model_path: str, spec: JobSpec, world_size: int):
+    """The model as the checkpoint left it (or the base), held as distributed.strategy says; a checkpoint written
+    under the other strategy is converted (sharding.build)."""
+    if sharding.sharded_training(config) or (spec.resume is not None and spec.resume.manifest.sharded):
+        return sharding.build(config, model_path, spec.resume, world_size)
+    return build_model(config, model_path, spec.resume.path if spec.resume else None)
 
 
 def _padding_free(config: Config, model, hooks: Hooks) -> bool:

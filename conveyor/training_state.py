@@ -68,6 +68,25 @@ def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, sche
                     retention.keep_job_ends, retention.prune_version_weights).path
 
 
+def save_sharded_checkpoint(run_dir: Path, step: int, manifest: mf.Manifest | None, model, optimizer, scheduler,
+                            rng_states: list | None, retention) -> Path | None:
+    """Every rank (distributed.strategy = "fsdp"): its shards of the weights and the optimizer state (DCP), then rank 0
+    adds config, scheduler and every rank's RNG and seals the folder with the manifest (checkpoints.write_sharded).
+    manifest and rng_states are rank 0's (None elsewhere); returns the checkpoint's path on rank 0."""
+    from . import sharding
+
+    def save(folder: Path) -> None:
+        sharding.save_config(folder, model)
+        torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
+        for r, state in enumerate(rng_states):
+            torch.save(state, folder / rng_file(r))
+
+    found = ck.write_sharded(run_dir, step, lambda folder: sharding.save_state(folder, model, optimizer), save,
+                             manifest, retention.keep_checkpoints, retention.keep_job_ends,
+                             retention.prune_version_weights)
+    return found.path if found else None
+
+
 def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:
     """This rank's RNG from the checkpoint. A rank the checkpoint has none for (the world size grew since it was
     written) is re-seeded from (rank, step), and rank 0 says so: the run goes on, not bit-exact across the change."""
@@ -88,7 +107,7 @@ def pruned_moments(checkpoint: ck.Checkpoint) -> str | None:
     """Why a checkpoint has no optimizer state to resume (retention pruned it from an older version, which a
     rollback may branch from), in words; None when it has one."""
     by = checkpoint.manifest.optimizer_pruned
-    if by is None and mf.OPTIMIZER in checkpoint.manifest.files:
+    if by is None and checkpoint.manifest.has_optimizer:
         return None
     origin = checkpoint.manifest.branched_from
     what = f"{checkpoint.path.name} of {checkpoint.manifest.run_id}" + (
@@ -99,16 +118,23 @@ def pruned_moments(checkpoint: ck.Checkpoint) -> str | None:
             "bit-exact with a run that kept its moments)")
 
 
-def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position, moments: bool = True):
+def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Position, moments: bool = True,
+                      model=None):
     """Optimizer and LR schedule as the resume checkpoint left them; returns the scheduler.
 
     The constant schedule runs once per run, so it continues from the checkpoint. The cosine schedule belongs
     to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since).
-    moments=False keeps the optimizer's fresh state (training.optimizer changed: the saved one does not fit)."""
+    moments=False keeps the optimizer's fresh state (training.optimizer changed: the saved one does not fit).
+    Under distributed.strategy = "fsdp", or from a sharded checkpoint, the moments go through DCP (sharding.py),
+    which needs the model the optimizer steps."""
+    from . import sharding
+
     t = config.training
     scheduler = make_scheduler(config, optimizer, start.planned_steps)
     if resume is not None:
-        if moments:
+        if moments and (sharding.sharded_training(config) or sharding.is_sharded(resume)):
+            sharding.restore_optimizer(model, optimizer, resume)
+        elif moments:
             optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
         if t.schedule == "cosine":
             scheduler = make_scheduler(config, optimizer, start.planned_steps)
