@@ -7,7 +7,6 @@ import contextlib
 import copy
 import json
 import os
-import signal
 import sys
 import time
 from importlib import metadata
@@ -189,8 +188,9 @@ def _drain(ws: Workspace, quiet: bool = False) -> bool:
 
 def _drain_code(ws: Workspace, quiet: bool = False) -> int:
     """Train everything waiting in this process; the exit code (follow.py: 0, 1, 130 for Ctrl-C, 143)."""
-    from .daemon import Daemon, Lock
+    from .daemon import Daemon
     from .follow import drain_code
+    from .lock import Lock
 
     reporter = ConsoleReporter(quiet)
     try:
@@ -215,7 +215,7 @@ def train(
     any failed or was rejected, 130 on Ctrl-C. With a daemon running, it trains them and this command follows."""
     from .controls import pause_text
     from .follow import follow
-    from .status import daemon_pid
+    from .lock import daemon_pid
 
     ws = _ws()
     paused = pause_text(ws.db)
@@ -252,7 +252,8 @@ def run(
     ws.config()  # refuse to start on invalid settings, naming every problem
     if drain:
         raise typer.Exit(_drain_code(ws, quiet))
-    from .daemon import Daemon, Lock
+    from .daemon import Daemon
+    from .lock import Lock
 
     with Lock(ws), _dashboard_thread(ws, dashboard, host, port, token):
         console.print(f"conveyor daemon (pid {os.getpid()}) watching {ws.inbox}; `conveyor stop` ends it")
@@ -288,53 +289,14 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
     Without --job it imports the training stack first and then waits for {"job": N, "claim": C, "config": {...}}
     on stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.
     """
-    from . import process
+    from .process import run_worker
 
-    process.die_with_parent()
-    stopped: list[str] = []  # a warm stop can come at any moment, even while the worker is still starting up
-    signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
-    ws = _ws()
-    raw = os.environ.get("CONVEYOR_CONFIG_JSON")
-    if job is None:
-        order = _wait_for_job()
-        if order is None:
-            raise typer.Exit(0)  # the daemon is shutting down
-        job, claim, raw = order["job"], order["claim"], json.dumps(order["config"])
-    from . import distributed
-    from .config import parse_config
-    from .worker import Worker, follow
-
-    config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
-    distributed.init_from_env(config.distributed.backend)  # under torchrun: join the process group
-    if not distributed.is_main():
-        follow(ws, config, distributed.world())
-        raise typer.Exit(0)
-    w = Worker(ws, config, job, claim or "", ConsoleReporter(quiet=True))
-    signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))
-    w.stop_reason = w.stop_reason or (stopped[0] if stopped else None)  # one that came during start-up
-    raise typer.Exit(w.run().code)
-
-
-def _wait_for_job() -> dict | None:
-    """A warm worker: import the training stack now, then read the job the daemon hands over (None: EOF)."""
-    import gc
-    import logging
-
-    # bitsandbytes (imported by peft) warns at import that an optional hub-downloaded CPU kernel is missing.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import peft  # noqa: F401  (the slow imports happen here, before the job arrives)
-    import transformers.trainer  # noqa: F401
-
-    from . import trainer as _glue  # noqa: F401
-
-    gc.freeze()  # the imported objects are permanent: spare them the full collection training starts with
-    line = sys.stdin.readline()
-    return json.loads(line) if line.strip() else None
+    raise typer.Exit(run_worker(_state["workspace"], job, claim))
 
 
 def _control(action: str, reason: Optional[str], wait: float) -> None:
     from . import controls
-    from .status import daemon_pid
+    from .lock import daemon_pid
 
     ws = _ws()
     if daemon_pid(ws) is None:
@@ -357,7 +319,7 @@ def pause(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon 
 def resume(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
     """Continue after `conveyor pause` (or after eval.gate held the queue)."""
     from . import controls
-    from .status import daemon_pid
+    from .lock import daemon_pid
 
     ws = _ws()
     if daemon_pid(ws) is None:

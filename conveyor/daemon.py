@@ -9,7 +9,6 @@ stops at once. Run it with `conveyor run` (a long-running service) or `conveyor 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import time
@@ -17,15 +16,16 @@ import traceback
 import uuid
 
 from . import checkpoints as ck
-from . import controls, faults, jobs, process, runs
+from . import controls, faults, jobs, launch, process, runs
+from .attempt import clear_attempts
 from .config import Config
 from .controls import Context, Effect
 from .errors import ConveyorError
 from .inbox import Inbox, file_finished
 from .jobs import Job, JobState
+from .lock import Lock  # noqa: F401  (the daemon's lock; callers import it from here too)
 from .notify import Notifier, close_wait
 from .reconcile import place
-from .status import LOCK_FILE
 from .store import log_event
 from .worker import GATE, Outcome, Reporter, Worker
 from .workspace import DB_FILE, Workspace
@@ -42,7 +42,8 @@ class Daemon:
         self.drain = False
         self.config: Config | None = None  # the last valid settings
         self.worker: Worker | None = None  # the job training in this process
-        self.process: process.WorkerProcess | None = None  # the job training in a worker process
+        self.process: process.WorkerProcess | launch.Launch | None = None  # the job training in other processes
+        self._failed_hosts: set[int] = set()  # hosts (places in distributed.hosts) whose agent could not start
         self._warm: process.WorkerProcess | None = None
         self._signals = 0
         self._exit = "an exception"  # how the last worker ended, for messages
@@ -105,7 +106,8 @@ class Daemon:
         """Requests taken by a process that died are answered; a job left running by one is placed again."""
         if controls.orphaned(self.db, "not acted on: the process that took it ended first; ask again"):
             self.say("warning", "answered control requests left by a process that ended before acting on them")
-        if self.isolate and self.config and self.config.distributed.nproc_per_node == 1:
+        clear_attempts(self.ws.root)  # an earlier daemon's attempts are over (their ranks elsewhere end themselves)
+        if self.isolate and self.config and not launch.uses_agents(self.config.distributed):
             self._warm = process.spawn_warm(str(self.ws.root))
         if self.config and self.db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone():
             self.reconcile()
@@ -145,7 +147,7 @@ class Daemon:
     def reconcile(self) -> None:
         """Make the database agree with the newest verified checkpoint (and the settings' run identity)."""
         place(self.ws, self.config, self.ws.model_path(self.config.model.name), self.say,
-              self.config.distributed.nproc_per_node)
+              launch.world_size(self.config.distributed))
 
     def idle(self, seconds: float | None = None) -> None:
         """Wait for an inbox event, a control or a timeout; a settling file shortens the wait."""
@@ -160,7 +162,10 @@ class Daemon:
     def reload_config(self) -> bool:
         """Re-read conveyor.toml between jobs; if it is invalid, keep the last valid settings and say why."""
         try:
-            self.config = self.ws.config()
+            config = self.ws.config()
+            if problem := launch.hosts_problem(config.distributed):  # the host, not the file: checked here
+                raise ConveyorError(problem)
+            self.config = config
             self._said.discard("config")
         except ConveyorError as e:
             if self.config is None:
@@ -192,7 +197,7 @@ class Daemon:
     # Training one job --------------------------------------------------------------------------
     def train(self, job: Job) -> Outcome | None:
         """Train the claimed job here or in a worker process; its Outcome, or None if the worker died."""
-        if self.isolate or self.config.distributed.nproc_per_node > 1:
+        if self.isolate or launch.uses_agents(self.config.distributed):
             return self._train_in_worker_process(job)
         self.worker = Worker(self.ws, self.config, job.id, job.claim, self.reporter)
         self.worker.stop_reason = self.stop_reason
@@ -206,33 +211,45 @@ class Daemon:
             self.worker = None
 
     def _train_in_worker_process(self, job: Job) -> Outcome | None:
-        """Hand the job to the warm worker (or torchrun) and wait for it, claiming inbox files meanwhile."""
-        nproc = self.config.distributed.nproc_per_node
+        """Hand the job to the warm worker, or start its attempt on every host (launch.py: torchrun agents), and
+        wait for it, claiming inbox files meanwhile."""
         config = self.config.model_dump()
-        if nproc == 1:
+        agents = launch.uses_agents(self.config.distributed)
+        if agents:
+            self._close_warm()
+            self.process = launch.start(self.ws.root, job.id, job.claim, config, self.config.distributed,
+                                        self._failed_hosts, lambda: self._progress(job),
+                                        lambda level, text: self.say(level, text, job.id))
+        else:
             self.process = self._warm if self._warm is not None and self._warm.poll() is None else \
                 process.spawn_warm(str(self.ws.root))
             self._warm = None
             self.process.hand(job.id, job.claim, config)
-        else:
-            self._close_warm()
-            self.process = process.launch_distributed(str(self.ws.root), job.id, job.claim, config, nproc)
         log_event(self.db, "info", "worker", f"worker pid {self.process.pid} trains job {job.id}", job.id)
         started = time.monotonic()
-        while self.process.poll() is None:
+        while self.process.poll() is None:  # an attempt's poll also watches its hosts (launch.Launch)
             self.claim_files()  # files keep queueing while a job trains
             # The next warm worker starts once this one is under way, not competing with its setup.
-            if nproc == 1 and self._warm is None and (time.monotonic() - started > 5 or self._stepped(job)):
+            if not agents and self._warm is None and (time.monotonic() - started > 5 or self._stepped(job)):
                 self._warm = process.spawn_warm(str(self.ws.root))
             self.idle()
-        code, self.process = self.process.returncode, None
-        self._exit = f"signal {-code}" if code < 0 else f"exit code {code}"
-        if code == -signal.SIGTERM and self.stop_reason:
+        ended, self.process = self.process, None
+        code = ended.returncode
+        if agents:  # how it ended, in words; hosts that could not start sit out the next attempt
+            self._exit, self._failed_hosts = ended.ended, ended.failed_to_start
+        else:
+            self._exit = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if self.stop_reason and (code == -signal.SIGTERM or (agents and Outcome.from_code(code) is None)):
             # Our own warm stop reached it before it could act on it (still starting up, or already exiting):
             # a stop, not a death; reconciliation puts the job where its checkpoints say.
             self.reconcile()
             return Outcome.DONE if jobs.get(self.db, job.id).state == JobState.DONE else Outcome.STOPPED
         return Outcome.from_code(code)
+
+    def _progress(self, job: Job) -> tuple[int, bool]:
+        """For an attempt's watchdog: the job's steps so far (rank 0 records them), and whether the queue is paused."""
+        row = self.db.execute("SELECT steps_done FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        return (row["steps_done"] if row else 0), self.paused
 
     def _stepped(self, job: Job) -> bool:
         return bool(self.db.execute("SELECT 1 FROM audit WHERE job_id = ? AND step > ? LIMIT 1",
@@ -415,38 +432,3 @@ class Daemon:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-class Lock:
-    """One daemon per workspace: an flock on daemon.lock (the OS frees it when the process dies, so a dead
-    daemon never blocks and a reused PID never looks alive). The file holds the PID for messages only."""
-
-    def __init__(self, ws: Workspace):
-        self.path = ws.root / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> "Lock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + 1.0  # `status` probes the lock for an instant; that is not a daemon
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise ConveyorError(f"another conveyor daemon (pid {holder}) is running in this workspace; "
-                                    "stop it with `conveyor stop`, or use another workspace") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None

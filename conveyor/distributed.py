@@ -9,7 +9,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-# A pause may hold the other ranks at a collective for days; the default 30 minute timeout would kill them.
+# A pause may hold the other ranks at a collective for days; the default 30 minute timeout would kill them. A lost
+# host is the daemon's to notice instead, within distributed.timeout_seconds: an agent that exits, a rank that stops
+# beating, or no new step while not paused ends the attempt (launch.py), pause or no pause.
 TIMEOUT = timedelta(days=30)
 
 

@@ -1,11 +1,13 @@
 """Worker processes: spawned ahead of time with the training stack imported (warm), handed one job, waited
-for, and stopped as a process group. Everything about processes lives here; the worker itself does not know
-whether it runs in the daemon's process or its own.
+for, and stopped as a process group; and the worker process's own side (`run_worker`, behind the hidden
+`conveyor worker` command). A job on several processes or hosts is started by launch.py through torchrun. The
+worker itself does not know whether it runs in the daemon's process or its own.
 
 A worker must never outlive its daemon (a killed daemon would leave it training unowned): the child asks the
 kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG, set by the child itself after exec, never in a
-preexec_fn, which can deadlock while the daemon's watchdog and dashboard threads run). torchrun is started
-through the same guard (`python -m conveyor.process PARENT_PID -- argv...` sets it, then execs).
+preexec_fn, which can deadlock while the daemon's watchdog and dashboard threads run). Other commands are
+started through the same guard (`python -m conveyor.process PARENT_PID -- argv...` sets it, then execs);
+launch.py's agents guard themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 PARENT_ENV = "CONVEYOR_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -99,13 +102,71 @@ def spawn_warm(workspace: str) -> WorkerProcess:
     return WorkerProcess(popen, warm=True)
 
 
-def launch_distributed(workspace: str, job_id: int, claim: str, config: dict, nproc: int) -> WorkerProcess:
-    """torchrun starts nproc worker processes for the job (data parallel); conveyor does not reimplement it."""
-    env = {**_env(), "CONVEYOR_CONFIG_JSON": json.dumps(config)}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "conveyor", "-w", workspace, "worker", "--job", str(job_id), "--claim", claim]
-    argv = [sys.executable, "-m", "conveyor.process", str(os.getpid()), "--", *torchrun]
-    return WorkerProcess(subprocess.Popen(argv, env=env, start_new_session=True), warm=False)
+# The worker process's side ---------------------------------------------------------------------------------
+def run_worker(root: Path, job: int | None, claim: str | None) -> int:
+    """Train one claimed job in this process and return its exit code (worker.EXIT_CODES).
+
+    Without a job: a warm worker, which imports the training stack first and then reads {"job": N, "claim": C,
+    "config": {...}} on stdin. Under torchrun (launch.py), ranks other than 0 follow rank 0's broadcast orders and
+    read the workspace's files only: they never open the database."""
+    die_with_parent()
+    stopped: list[str] = []  # a warm stop can come at any moment, even while the worker is still starting up
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append("SIGTERM"))
+    from .attempt import join_attempt, record_outcome
+    from .workspace import Workspace
+
+    join_attempt()  # started by an attempt's agent: beat, and end with the attempt
+    ws = Workspace.open(root)
+    if os.environ.get("RANK", "0") == "0":
+        from .pending import recover
+
+        recover(ws)  # a multi-step command cut off earlier is finished or undone, as by every command
+    raw = os.environ.get("CONVEYOR_CONFIG_JSON")
+    if job is None:
+        order = wait_for_job()
+        if order is None:
+            return 0  # the daemon is shutting down
+        job, claim, raw = order["job"], order["claim"], json.dumps(order["config"])
+    from . import distributed
+    from .config import parse_config
+
+    config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
+    distributed.init_from_env(config.distributed.backend)  # under torchrun: join the process group
+    if not distributed.is_main():
+        from .worker import follow
+
+        follow(ws.root, config, distributed.world())
+        return 0
+    code = _train_as_rank_0(ws, config, job, claim or "", stopped)
+    record_outcome(code)
+    return code
+
+
+def _train_as_rank_0(ws, config, job: int, claim: str, stopped: list[str]) -> int:
+    from .console import ConsoleReporter
+    from .worker import Worker
+
+    w = Worker(ws, config, job, claim, ConsoleReporter(quiet=True))
+    signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))
+    w.stop_reason = w.stop_reason or (stopped[0] if stopped else None)  # one that came during start-up
+    return w.run().code
+
+
+def wait_for_job() -> dict | None:
+    """A warm worker: import the training stack now, then read the job the daemon hands over (None: EOF)."""
+    import gc
+    import logging
+
+    # bitsandbytes (imported by peft) warns at import that an optional hub-downloaded CPU kernel is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import peft  # noqa: F401  (the slow imports happen here, before the job arrives)
+    import transformers.trainer  # noqa: F401
+
+    from . import trainer as _glue  # noqa: F401
+
+    gc.freeze()  # the imported objects are permanent: spare them the full collection training starts with
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
 
 
 def _guard_and_exec(argv: list[str]) -> None:

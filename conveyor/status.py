@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 
 from . import controls, jobs, ledger, runs
 from .errors import ConveyorError
+from .lock import LOCK_FILE, daemon_pid  # noqa: F401  (the lock is lock.py's; some callers import them here)
 from .workspace import Workspace
-
-LOCK_FILE = "daemon.lock"
-
-
-def daemon_pid(ws: Workspace) -> int | None:
-    """PID of the live daemon, if any. Liveness is the daemon's flock on the lock file, never the PID alone (a
-    dead daemon's PID may belong to another process by now); the PID in the file is only for messages."""
-    try:
-        fd = os.open(ws.root / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # held: a daemon is alive
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 def schedule_text(config) -> str:

@@ -8,6 +8,8 @@ CONVEYOR_TEST_STEP_SECONDS="<seconds>" makes every optimizer step last at least 
 that a test killing processes from outside can land between steps of the tiny model, whose steps take ~20 ms.
 CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, resume, stop, skip) right
 after that global step, as `conveyor <action>` would.
+CONVEYOR_TEST_NOT_SHARED="<node rank>" makes that node's agent miss the attempt's nonce (launch.py), as a host that
+does not mount the workspace would.
 """
 
 from __future__ import annotations
@@ -96,3 +98,11 @@ def _truncate_wal(db: Path) -> None:
             con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             con.close()
+
+
+def seen_path(path: Path, node: int | None) -> Path:
+    """CONVEYOR_TEST_NOT_SHARED="<node rank>": that node's agent looks for the workspace's files under another root,
+    as a host that does not mount the workspace at the same path would."""
+    if node is not None and os.environ.get("CONVEYOR_TEST_NOT_SHARED") == str(node):
+        return Path("/nonexistent-mount") / path.relative_to(path.anchor)
+    return path

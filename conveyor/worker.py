@@ -114,7 +114,7 @@ class Worker:
             setup = self.setup()
             if isinstance(setup, Outcome):
                 return setup
-            distributed.broadcast(follow_order(setup))  # the other ranks (if any) set up the same segment
+            distributed.broadcast(follow_order(setup, self.db))  # the other ranks (if any) set up the same segment
             released = True
             return self.record(setup, self.train(setup))
         except (DataError, PlanError) as e:
@@ -522,32 +522,51 @@ def _lines(lines: list[int], total: int | None = None) -> str:
     return ", ".join(map(str, lines[:20])) + more
 
 
-def follow_order(setup: Setup) -> dict:
-    """What rank 0 tells the other ranks: the same segment, from the same checkpoint."""
-    return {"job": setup.job.id, "run": setup.run.id, "start": setup.start.to_json(),
+def follow_order(setup: Setup, db) -> dict:
+    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
+    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
+    start = setup.start
+    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
             "open": [p.to_json() for p in setup.open_jobs],
-            "resume": str(setup.resume.path) if setup.resume else None}
+            "resume": str(setup.resume.path) if setup.resume else None,
+            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
 
 
-def follow(ws: Workspace, config: Config, world_size: int) -> None:
-    """A rank other than 0: wait for rank 0's order, set up the same segment, train in step."""
+class FilesOnly(Workspace):
+    """The workspace as ranks other than 0 see it, perhaps on another host: its files only. The database is the
+    daemon's and rank 0's (one writer, and no SQLite locking over a network file system)."""
+
+    @property
+    def db(self):
+        raise RuntimeError("a rank other than 0 opened conveyor.db; it must read the workspace's files only (a bug)")
+
+
+def follow(root: Path, config: Config, world_size: int) -> None:
+    """A rank other than 0: wait for rank 0's order, set up the same segment from the workspace's files, train in
+    step."""
+    from .chat import load_tokenizer
+    from .replay import Pool
     from .trainer import JobSpec, train_segment
 
     order = distributed.broadcast(None)
     if order is None:
         return
-    job = jobs.get(ws.db, order["job"])
-    run = next(r for r in runs.all_runs(ws.db) if r.id == order["run"])
+    ws = FilesOnly(Path(root))
+    job, run_id = order["job"], order["run"]
     resume = None
     if order["resume"]:
         path = Path(order["resume"])
         resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
     model_path = ws.model_path(config.model.name)
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)
     start = Position.from_json(order["start"])
-    spec = JobSpec(run_id=run.id, run_dir=ws.run_dir(run.id),
-                   data=trained_data(ws, job, config, model_path),
-                   start=start, identity=run.identity, resume=resume,
-                   open_jobs=[Position.from_json(p) for p in order["open"]],
-                   pool=replay_pool(ws, config, model_path, start.replay_sources, start.fingerprint)
-                   if start.replay_count else None)
+    pool = None
+    if order["replayed"]:  # as jobdata.replay_pool builds it, from the rows rank 0 sent
+        pool = Pool([(j.id, trained_data(ws, j, config, model_path, tokenizer)) for j in order["replayed"]],
+                    config.training.seed, start.fingerprint)
+        pool = pool if pool.size else None
+    spec = JobSpec(run_id=run_id, run_dir=ws.run_dir(run_id),
+                   data=trained_data(ws, job, config, model_path, tokenizer),
+                   start=start, identity=order["identity"], resume=resume,
+                   open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool)
     train_segment(config, model_path, spec, None, world_size)
