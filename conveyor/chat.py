@@ -11,9 +11,11 @@ the first user turn.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,14 +196,68 @@ def _around_marker(tokenizer, messages: list[dict], i: int) -> tuple[str, str] |
 
 
 # the tokenizer ------------------------------------------------------------------------------------------
-def load_tokenizer(model_path: str, chat_template: str = "", root: Path | None = None):
-    """The model's tokenizer as training loads it, with data.chat_template's file as its template when set."""
-    from .trainer import load_tokenizer as load
+# (model path, template text, the tokenizer files' sizes and times) -> the tokenizer loaded for them, newest last
+_LOADED: OrderedDict = OrderedDict()
+_KEEP = 8  # tokenizers kept per process (a test session opens hundreds of workspaces)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
-    tokenizer = load(model_path)
-    if chat_template:
-        tokenizer.chat_template = read_template(chat_template, root or Path("."))
-    return tokenizer
+
+def load_tokenizer(model_path: str, chat_template: str = "", root: Path | None = None):
+    """The one tokenizer of conveyor (training, evaluation samples, preview, generate, chat): the model's, with
+    data.chat_template's file (relative to `root`, the workspace) as its template when set, and a pad token.
+
+    Read once per process for the same files and template; each call gets its own copy, so a caller that changes
+    it (a test trying a template) changes nobody else's.
+    """
+    template = read_template(chat_template, root or Path(".")) if chat_template else None
+    key = (str(model_path), template, _stamp(model_path))
+    if key not in _LOADED:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if template is not None:
+            tokenizer.chat_template = template
+        _LOADED[key] = tokenizer
+        while len(_LOADED) > _KEEP:
+            _LOADED.popitem(last=False)
+    _LOADED.move_to_end(key)
+    return copy.deepcopy(_LOADED[key])
+
+
+def _stamp(model_path: str) -> tuple:
+    """What says a model folder's tokenizer files changed (rewritten in place, e.g. by a test): sizes and times."""
+    folder = Path(model_path)
+    stats = [(name, (folder / name).stat()) for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def turn_end(tokenizer) -> int | None:
+    """The token the chat template closes an assistant reply with (<|end|>, <|im_end|>, <|eot_id|>, ...), when it is
+    a special token: where an answer ends. None when the template has none that conveyor can find."""
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARKER}])
+    except ChatError:
+        return None
+    after = text.split(_MARKER, 1)[1].strip() if text.count(_MARKER) == 1 else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
+
+
+def stop_ids(tokenizer, eos, chat: bool) -> list[int]:
+    """Where an answer ends: the model's end-of-text ids (its generation config's `eos`, an id or a list) and the
+    tokenizer's, and for a prompt asked through the chat template its end-of-turn token."""
+    ends = [eos] if isinstance(eos, int) else list(eos or [])
+    extra = [tokenizer.eos_token_id, turn_end(tokenizer) if chat and tokenizer.chat_template else None]
+    return ends + [i for i in dict.fromkeys(extra) if i is not None and i not in ends]
+
+
+def as_rendered(tokenizer, messages: list[dict]) -> list[dict]:
+    """The messages as training renders them: leading system messages merged into the first user turn when the
+    template has no system role. Raises ChatError when the template cannot render them."""
+    return _system_kept(tokenizer, messages)[0]
 
 
 def read_template(setting: str, root: Path) -> str:

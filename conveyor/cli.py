@@ -578,23 +578,64 @@ def unpin(version: str = typer.Argument(..., help="A pinned version, e.g. v3."))
     console.print(set_pinned(ws.db, ws.runs, version, False), markup=False)
 
 
+_TEMPERATURE = "0: greedy (the default; the same prompt, the same answer). Above 0: sample, higher is more varied."
+_TOP_P = "With --temperature: sample from the likeliest tokens that together hold this probability (0 < P <= 1)."
+_SEED = "With --temperature: the seed of each answer's draw, so sampled answers repeat (default: a random one)."
+_SYSTEM = ("A system prompt before the conversation, through the chat template (chat-trained runs; a plain-text run "
+           "ignores it, with a note).")
+
+
+def _temperature(value: float) -> float:
+    if not value >= 0:
+        raise typer.BadParameter(f"{value} is below 0; give 0 for greedy decoding or more to sample, e.g. 0.7")
+    return value
+
+
+def _top_p(value: float) -> float:
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not above 0 and at most 1; give e.g. 0.9, or 1 for no cut")
+    return value
+
+
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="What to ask the model."),
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Argument(None, help="What to ask the model (or --prompts FILE)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="A file of prompts, each answered alone by the "
+                                           "model loaded once: one prompt a line, or (FILE.jsonl) a JSON object "
+                                           "with \"prompt\" a line. With --json: a list."),
     version: Optional[str] = typer.Option(None, "--version", help="A version (see `conveyor versions`); default: "
                                           "the newest checkpoint."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096),
+    temperature: float = typer.Option(0.0, "--temperature", callback=_temperature, help=_TEMPERATURE),
+    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=_SEED),
+    system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """Answer a prompt with the current model or a version (greedy; chat template for chat-trained runs)."""
-    from .generate import generate as answer
+    """Answer a prompt with the current model or a version (greedy unless --temperature; chat template for
+    chat-trained runs). An answer ends at the end-of-turn or end-of-text token, or after --max-new-tokens."""
+    from .generate import Sampling, answer_all, load, notes, read_prompts
     from .trainer import quiet_libraries
 
+    if (prompt is None) == (prompts is None):
+        raise typer.BadParameter("nothing to ask: give a PROMPT or --prompts FILE" if prompt is None else
+                                 "give a PROMPT or --prompts FILE, not both", ctx=ctx, param_hint="PROMPT")
+    asked = [prompt] if prompts is None else read_prompts(prompts)
+    sampling = Sampling(temperature, top_p, seed)
     quiet_libraries()
-    result = answer(_ws(), prompt, version, max_new_tokens)
+    loaded = load(_ws(), version)
+    used = sampling.seeded()
+    for note in notes(loaded, sampling, used, system):
+        err.print(f"note: {note}", markup=False)
+    results = answer_all(loaded, asked, max_new_tokens, used, system)
     if as_json:
-        return _print_json(result)
-    console.print(result["output"], markup=False)
+        return _print_json(results[0] if prompts is None else results)
+    for result in results:
+        if prompts is not None:
+            console.print(f"> {result['prompt']}", markup=False)
+        console.print(result["output"], markup=False)
+
 
 
 @app.command()
@@ -602,14 +643,18 @@ def chat(
     version: Optional[str] = typer.Option(None, "--version", help="A version (see `conveyor versions`); default: "
                                           "the newest checkpoint."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096, help="Per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", callback=_temperature, help=_TEMPERATURE),
+    top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=_SEED),
+    system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM + " /reset keeps it."),
 ):
-    """Talk with the current model or a version, line by line (loaded once; greedy). A chat-trained run keeps the
-    conversation; /reset starts over, /quit or end of input ends."""
-    from .generate import input_lines, talk
+    """Talk with the current model or a version, line by line (loaded once; greedy unless --temperature). A
+    chat-trained run keeps the conversation; /reset starts over, /quit or end of input ends."""
+    from .generate import Sampling, input_lines, talk
     from .trainer import quiet_libraries
 
     quiet_libraries()
-    talk(_ws(), version, max_new_tokens, input_lines())
+    talk(_ws(), version, max_new_tokens, input_lines(), Sampling(temperature, top_p, seed), system)
 
 
 @app.command()
@@ -717,8 +762,9 @@ def preview(
 
 @app.command()
 def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
-    """Make a workspace with the tiny model and two sample files, train them one after the other, print the ledger."""
-    from .demo import demo_config, write_samples
+    """Make a workspace with the tiny model and two sample files (what animals do, then questions about them), train
+    them one after the other, print the ledger, then ask the model questions it was never trained on."""
+    from .demo import ask_held_out, demo_config, one_thread, write_samples
 
     folder = folder.resolve()
     if (folder / "conveyor.toml").exists():
@@ -726,9 +772,20 @@ def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to ma
     ws = Workspace.create(folder, demo_config())
     files = write_samples(folder / "samples")
     console.print(f"demo workspace: {ws.root}")
-    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
-    print_ledger(ledger.rows(ws.db))
-    raise typer.Exit(0 if ok else 1)
+    with one_thread():
+        ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
+        print_ledger(ledger.rows(ws.db))
+        if not ok:
+            raise typer.Exit(1)
+        answers = ask_held_out(ws)
+    console.print("\nquestions it was never trained on (as `conveyor generate` answers them):")
+    for question, answer in answers:
+        console.print(f"  {question.prompt} → {answer!r}  ", end="", markup=False)
+        good = answer == question.expected
+        console.print("[green]right[/]" if good else "[red]wrong[/]", end="")
+        console.print("" if good else f", expected {question.expected!r}", markup=False)
+    right = sum(answer == question.expected for question, answer in answers)
+    console.print(f"{right} of {len(answers)} right. Ask it yourself: conveyor -w {ws.root} chat")
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ class Evaluator:
                 generated = model.generate(input_ids=torch.tensor([ids], device=device),
                                            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                                            max_new_tokens=self.max_new_tokens, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id)
+                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._ends(model))
                 out.append((prompt, self.tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True)))
         finally:
             model.train(was_training)
@@ -73,6 +73,13 @@ class Evaluator:
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         return prompt_ids(self.tokenizer, prompt, bool(self.tokenizer.chat_template))
+
+    def _ends(self, model) -> list[int]:
+        """Where a sample ends, as `conveyor generate` ends an answer: end of text, or the chat template's turn end."""
+        from .chat import stop_ids
+
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        return stop_ids(self.tokenizer, eos, bool(self.tokenizer.chat_template))
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

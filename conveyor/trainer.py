@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from . import checkpoints as ck
 from . import distributed, memory, packing, precision, sharding, testhooks
 from . import manifest as mf
+from .chat import load_tokenizer  # the one tokenizer (export's and tests' import it from here too)
 from .config import Config
 from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
@@ -85,15 +86,6 @@ class Trained:
     position: Position
     stopped: str | None = None
     checkpoint: Path | None = None
-
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 class PlanDataset(Dataset):
@@ -347,7 +339,9 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
 
     quiet_libraries()
     hooks = hooks or Hooks()
-    tokenizer = load_tokenizer(model_path)
+    # The one tokenizer, as the worker's: data.chat_template applied (relative to the workspace, whose runs/<id> is
+    # spec.run_dir), so evaluation samples are asked as the data was rendered and as generate asks.
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, spec.run_dir.parent.parent)
     model = _model(config, model_path, spec, world_size)
     t = config.training
     start = spec.start

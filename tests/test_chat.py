@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_workspace, run_cli, status
-from conveyor import chat
+from conveyor import chat, tiny
 from conveyor.errors import DataError
 from conveyor.families import FAMILIES, ensure_family, make_tokenizer
 from conveyor.formats import IGNORE, parse_file, tokenize_file
@@ -235,3 +235,70 @@ def test_ids_are_the_whole_rendering_even_where_pieces_would_tokenize_differentl
     assert data.examples[0].input_ids == encode(whole)
     # the token " An" holds the template's space and the reply's first word: the model writes it, so it trains
     assert trained_runs(tok, data.examples[0].input_ids, data.examples[0].labels) == [" An apple.<|im_end|>"]
+
+
+# ---- the one tokenizer: training, evaluation samples, preview, generate and chat
+
+def test_the_tokenizer_is_read_once_per_process_and_each_caller_gets_its_own(tmp_path, tiny_dir, monkeypatch):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "tiny")
+    reads = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, **kw: reads.append(path) or real(path, **kw))
+    first = chat.load_tokenizer(str(folder))
+    first.chat_template = HIDES_REPLIES  # a caller trying a template changes nobody else's
+    second = chat.load_tokenizer(str(folder))
+    assert reads == [str(folder)] and second.chat_template == tiny.CHAT_TEMPLATE
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]<|end|>{% endfor %}")
+    assert chat.load_tokenizer(str(folder), "t.jinja", tmp_path).chat_template.startswith("{% for m in messages %}[")
+    assert chat.load_tokenizer(str(folder), "t.jinja", tmp_path).pad_token == "<|pad|>"
+    assert len(reads) == 2  # another template is another tokenizer, read once too
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}({{ m['content'] }})<|end|>{% endfor %}")
+    assert "(" in chat.load_tokenizer(str(folder), "t.jinja", tmp_path).chat_template
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    assert chat.load_tokenizer(str(folder)).model_max_length == 77  # files rewritten in place: read again
+
+
+def test_evaluation_samples_are_asked_through_data_chat_template(workspace, tmp_path, monkeypatch):
+    from conveyor import evaluation
+
+    ws = workspace(data={"chat_template": "plain.jinja"}, eval={"holdout": 1, "sample_prompts": ["Name one fruit."],
+                                                                "max_new_tokens": 2})
+    (ws / "plain.jinja").write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}### assistant: {% endif %}")
+    asked = []
+    real = evaluation.prompt_ids
+    monkeypatch.setattr(evaluation, "prompt_ids", lambda tok, prompt, chat_: asked.append(
+        tok.decode(real(tok, prompt, chat_))) or real(tok, prompt, chat_))
+    r = run_cli(ws, "train", write_chats(tmp_path / "chat.jsonl", CONVERSATIONS * 4), "-q")
+    assert r.code == 0, r.out + r.err
+    assert asked and set(asked) == {"### user: Name one fruit.<|end|>### assistant: "}
+    from conveyor.workspace import Workspace
+
+    assert [r["prompt"] for r in Workspace.open(ws).db.execute("SELECT prompt FROM samples")] == ["Name one fruit."]
+
+
+def test_an_answer_ends_at_the_templates_end_of_turn(tokenizers, tiny_dir):
+    for name, family in FAMILIES.items():
+        tok = tokenizers[name]
+        assert chat.turn_end(tok) == tok.convert_tokens_to_ids(family.end), name
+    tok = chat.load_tokenizer(str(tiny_dir))
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert chat.stop_ids(tok, 2, True) == [2, end] and chat.stop_ids(tok, [2, 5], False) == [2, 5]
+    tok.chat_template = None
+    assert chat.stop_ids(tok, None, True) == [tok.eos_token_id]
+
+
+def test_a_system_prompt_is_asked_as_training_renders_it(tokenizers):
+    from conveyor.generate import conversation_ids
+
+    asked = {name: tokenizers[name].decode(conversation_ids(tokenizers[name], [], "Hi", True, "Be brief."))
+             for name in ("qwen2.5", "gemma")}
+    assert asked["qwen2.5"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+    assert asked["gemma"] == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -107,7 +108,7 @@ def test_chat_refuses_an_unknown_version_as_generate_does(plain, workspace):
 def test_a_chat_trained_run_sees_every_earlier_turn(chats):
     loaded = gen.load(Workspace.open(chats), None)
     asked, complete = [], loaded.complete
-    loaded.complete = lambda ids, n: asked.append(ids) or complete(ids, n)
+    loaded.complete = lambda ids, n, *sampling: asked.append(ids) or complete(ids, n, *sampling)
     conversation = gen.Conversation(loaded, max_new_tokens=6)
     assert conversation.keeps_history
     a1, _ = conversation.ask("q1")
@@ -152,6 +153,141 @@ def test_a_plain_text_run_answers_each_line_alone(plain):
     assert not conversation.keeps_history and conversation.turns == []
     assert gen.conversation_ids(loaded.tokenizer, [{"role": "user", "content": "one"}], "two", False) == \
         prompt_ids(loaded.tokenizer, "two", False)
+
+
+# ---- sampling, a system prompt, a file of prompts
+
+def test_sampling_is_seeded_and_greedy_stays_the_default(chats):
+    """The same seed draws the same answer, another seed another one; a top-p that keeps only the likeliest token
+    draws the greedy answer; without --seed the seed drawn is in the JSON and repeats the answer."""
+    ask = ("q1", "--max-new-tokens", "12")
+    greedy = _generate(chats, *ask)
+    assert greedy["sampling"] == {"temperature": 0.0, "top_p": 1.0, "seed": None}
+    hot = ("--temperature", "1.5")
+    first = _generate(chats, *ask, *hot, "--seed", "3")
+    assert first["sampling"] == {"temperature": 1.5, "top_p": 1.0, "seed": 3}
+    assert _generate(chats, *ask, *hot, "--seed", "3")["output"] == first["output"] != greedy["output"]
+    assert _generate(chats, *ask, *hot, "--seed", "4")["output"] != first["output"]
+    assert _generate(chats, *ask, *hot, "--top-p", "1e-9", "--seed", "3")["output"] == greedy["output"]
+    drawn = _generate(chats, *ask, *hot)
+    assert isinstance(drawn["sampling"]["seed"], int)
+    assert _generate(chats, *ask, *hot, "--seed", str(drawn["sampling"]["seed"]))["output"] == drawn["output"]
+    r = run_cli(chats, "generate", *ask, "--seed", "5", "--top-p", "0.5")
+    assert r.code == 0 and r.out == greedy["output"] + "\n"
+    assert "note: --top-p 0.5 and --seed 5 ignored: greedy decoding (--temperature 0) draws nothing" in r.err
+    r = run_cli(chats, "generate", *ask, *hot)
+    assert r.code == 0 and "note: sampled with --seed " in r.err
+
+
+def test_chat_samples_each_answer_from_the_seed(chats):
+    r = _chat(chats, "q1\nq1\n", "--max-new-tokens", "8", "--temperature", "2", "--seed", "11")
+    header, a1, a2 = r.stdout.splitlines()
+    assert header.endswith("(/reset starts over); sampled at temperature 2, top-p 1, seed 11. /quit or end of "
+                           "input ends.")
+    again = _chat(chats, "q1\nq1\n", "--max-new-tokens", "8", "--temperature", "2", "--seed", "11")
+    assert again.stdout == r.stdout
+    assert a1 == _generate(chats, "q1", "--max-new-tokens", "8", "--temperature", "2", "--seed", "11")["output"]
+
+
+def test_a_system_prompt_goes_through_the_chat_template(chats, plain):
+    said = _generate(chats, "q1", "--system", "Answer in one word.", "--max-new-tokens", "4")
+    assert said["system"] == "Answer in one word."
+    assert said["rendered"] == "<|system|>Answer in one word.<|end|><|user|>q1<|end|><|assistant|>"
+    assert _generate(chats, "q1", "--max-new-tokens", "4")["rendered"] == "<|user|>q1<|end|><|assistant|>"
+    r = run_cli(plain, "generate", "hello", "--system", "Answer in one word.", "--json", "--max-new-tokens", "4")
+    assert r.code == 0, r.err
+    result = json.loads(r.out)
+    assert result["system"] is None and result["rendered"] == "<|bos|>hello"
+    assert result["output"] == _generate(plain, "hello", "--max-new-tokens", "4")["output"]
+    assert "note: --system ignored: run-0001 was trained on plain text, not chats" in r.err
+
+    loaded = gen.load(Workspace.open(chats), None)
+    asked, complete = [], loaded.complete
+    loaded.complete = lambda ids, n, *sampling: asked.append(ids) or complete(ids, n, *sampling)
+    conversation = gen.Conversation(loaded, max_new_tokens=4, system="Be brief.")
+    a1, _ = conversation.ask("q1")
+    conversation.reset()
+    conversation.ask("q2")
+    assert [loaded.tokenizer.decode(ids) for ids in asked] == [
+        "<|system|>Be brief.<|end|><|user|>q1<|end|><|assistant|>",
+        "<|system|>Be brief.<|end|><|user|>q2<|end|><|assistant|>"]  # /reset keeps the system prompt
+    r = _chat(chats, "q1\n", "--system", "Be brief.", "--max-new-tokens", "4")
+    assert r.stdout.splitlines()[0] == ("v1 answers: run run-0001, step 1; chat template, the conversation is kept "
+                                        "(/reset starts over), after the system prompt. /quit or end of input ends.")
+
+
+def test_a_file_of_prompts_is_answered_by_one_model(plain, tmp_path, monkeypatch):
+    alone = {p: _generate(plain, p, "--max-new-tokens", "6")["output"] for p in ("hello", "the quick")}
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("hello\n\n  \nthe quick\n")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "hello"}\n\n{"prompt": "the quick", "note": "kept apart"}\n')
+    loads = []
+    real = gen.load
+    monkeypatch.setattr(gen, "load", lambda ws, version: loads.append(version) or real(ws, version))
+    for path in (lines, jsonl):
+        r = run_cli(plain, "generate", "--prompts", path, "--max-new-tokens", "6", "--json")
+        assert r.code == 0, r.err
+        assert [(x["prompt"], x["output"], x["version"]) for x in json.loads(r.out)] == [
+            ("hello", alone["hello"], "v2"), ("the quick", alone["the quick"], "v2")]
+    assert loads == [None, None]  # once per command
+    r = run_cli(plain, "generate", "--prompts", lines, "--max-new-tokens", "6")
+    assert r.out == f"> hello\n{alone['hello']}\n> the quick\n{alone['the quick']}\n"
+
+
+def test_a_bad_file_of_prompts_is_named_with_every_bad_line(plain, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\nnot json\n["hello"]\n')
+    r = run_cli(plain, "generate", "--prompts", bad)
+    assert r.code == 1
+    assert (f"--prompts {bad}: 3 bad line(s): line 2: no \"prompt\" text; line 3: not JSON (Expecting value); "
+            'line 4: no "prompt" text; each line of a .jsonl file is an object such as {"prompt": ') in r.err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    r = run_cli(plain, "generate", "--prompts", empty)
+    assert r.code == 1 and f"--prompts {empty}: no prompts in it" in r.err
+    r = run_cli(plain, "generate", "--prompts", tmp_path / "missing.txt")
+    assert r.code == 1 and "cannot read it" in r.err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["hi", "--temperature", "-0.5"], "Invalid value for '--temperature': -0.5 is below 0; give 0 for greedy"),
+    (["hi", "--temperature", "nan"], "Invalid value for '--temperature': nan is below 0"),
+    (["hi", "--top-p", "0"], "Invalid value for '--top-p': 0.0 is not above 0 and at most 1; give e.g. 0.9"),
+    (["hi", "--top-p", "1.5"], "Invalid value for '--top-p': 1.5 is not above 0 and at most 1"),
+    (["hi", "--seed", "-1"], "Invalid value for '--seed'"),
+    ([], "Invalid value for PROMPT: nothing to ask: give a PROMPT or --prompts FILE"),
+    (["hi", "--prompts", "p.txt"], "Invalid value for PROMPT: give a PROMPT or --prompts FILE, not both"),
+])
+def test_bad_sampling_values_are_refused_before_loading(plain, args, said, monkeypatch):
+    monkeypatch.setattr(gen, "load", lambda *a: pytest.fail("loaded a model for a refused command"))
+    unboxed = lambda text: " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())  # typer's in-process error box
+    r = run_cli(plain, "generate", *args)
+    assert r.code == 2 and said in unboxed(r.err), r.err
+    if args[1:2] in (["--temperature"], ["--top-p"], ["--seed"]):
+        r = run_cli(plain, "chat", *args[1:])
+        assert r.code == 2 and said in unboxed(r.err), r.err
+
+
+def test_a_lora_adapter_is_merged_into_the_base_as_peft_computes_it(chats):
+    """generate folds a plain LoRA adapter into the base weights (no peft import): the same logits as peft's model,
+    and a process that answers imports neither peft nor the training libraries."""
+    import torch
+
+    from conveyor.export import load_trained
+
+    ws = Workspace.open(chats)
+    loaded = gen.load(ws, None)
+    reference = load_trained(loaded.run.identity, ws.model_path("tiny"), loaded.checkpoint.path).eval()
+    ids = torch.tensor([prompt_ids(loaded.tokenizer, "q1 and a longer question", True)])
+    with torch.no_grad():
+        assert (loaded.model(ids).logits - reference(ids).logits).abs().max() < 1e-5
+    assert not any("lora" in name for name, _ in loaded.model.named_parameters())
+    code = ("import sys; from conveyor import generate as gen; from conveyor.workspace import Workspace; "
+            f"gen.answer_all(gen.load(Workspace.open({str(chats)!r}), None), ['q1'], 2); "
+            "print(sorted(m for m in ('peft', 'datasets', 'bitsandbytes', 'conveyor.worker') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
 
 
 # ---- the dashboard's ask box

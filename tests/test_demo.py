@@ -1,0 +1,67 @@
+"""`conveyor demo`: two files trained one after the other, then questions it was never trained on, answered as
+`conveyor generate` answers them."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+from conveyor import demo
+from conveyor.workspace import Workspace
+
+ANSWERS = [("What sound does the cat make?", "The cat meows."), ("What does the dog do?", "The dog barks."),
+           ("Which sound is the owl's?", "The owl hoots."), ("What do you hear from the fox?", "The fox yips."),
+           ("Tell me about the bee.", "The bee buzzes."), ("How does the lion sound?", "The lion roars."),
+           ("What sound does the wolf make?", "The wolf howls."), ("What does the goat do?", "The goat bleats."),
+           ("Which sound is the pig's?", "The pig oinks."), ("What do you hear from the hen?", "The hen clucks."),
+           ("Tell me about the mouse.", "The mouse squeaks."), ("How does the snake sound?", "The snake hisses.")]
+
+
+def test_the_questions_asked_at_the_end_are_in_no_training_file(tmp_path):
+    facts, chats = demo.write_samples(tmp_path)
+    text = facts.read_text() + chats.read_text()
+    assert [(q.prompt, q.expected) for q in demo.held_out()] == ANSWERS
+    assert not any(q.prompt in text for q in demo.held_out())
+    asked = [json.loads(line)["messages"] for line in chats.read_text().splitlines()]
+    assert len(asked) == 60 and all([m["role"] for m in messages] == ["user", "assistant"] for messages in asked)
+    # every animal and every way of asking is in the training questions, only not every pair
+    for animal, sound in demo.ANIMALS.items():
+        about = {form.format(a=animal) for form in demo.ASKED}
+        assert sum(m[0]["content"] in about for m in asked) == 5
+        assert f"The {animal} {sound}." in facts.read_text()
+    for form in demo.ASKED:
+        assert sum(m[0]["content"] == form.format(a=a) for m in asked for a in demo.ANIMALS) == 10
+    assert len(facts.read_text().splitlines()) == 48
+
+
+def test_the_demo_settings_are_valid_and_train_every_weight(tmp_path):
+    ws = Workspace.create(tmp_path / "ws", demo.demo_config())
+    config = ws.config()
+    assert config == demo.demo_config()
+    assert (config.model.name, config.adapter.method, config.training.epochs) == ("tiny", "full", 40)
+
+
+def test_the_demo_answers_questions_it_was_never_trained_on(tmp_path):
+    """The real demo, through the real CLI (10-40 s on 2 cores): every held-out question answered right, the same way
+    every time (CPU, greedy, fixed seeds); `conveyor generate` gives the same answers afterwards. Torch's thread count
+    (one during the demo) is given back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    r = run_cli(None, "demo", tmp_path / "demo")
+    assert r.code == 0, r.out + r.err
+    assert torch.get_num_threads() == threads
+    assert "│ run-0001 │ 1   │ facts.jsonl │" in r.out and "│ run-0001 │ 2   │ chats.jsonl │" in r.out
+    shown = r.out.split("questions it was never trained on (as `conveyor generate` answers them):\n")[1]
+    assert shown == "".join(f"  {p} → {a!r}  right\n" for p, a in ANSWERS) + \
+        f"12 of 12 right. Ask it yourself: conveyor -w {tmp_path / 'demo'} chat\n"
+    prompts = tmp_path / "held-out.txt"
+    prompts.write_text("".join(p + "\n" for p, _ in ANSWERS))
+    r = run_cli(tmp_path / "demo", "generate", "--prompts", prompts, "--json")
+    assert r.code == 0, r.err
+    assert [(x["prompt"], x["output"], x["version"], x["chat"]) for x in json.loads(r.out)] == \
+        [(p, a, "v2", True) for p, a in ANSWERS]
+    r = run_cli(tmp_path / "demo", "generate", "What sound does the snake make?")
+    assert r.out == "The snake hisses.\n"  # asked as in training
+    r = run_cli(None, "demo", tmp_path / "demo")
+    assert r.code == 1 and "already holds a workspace" in r.err
