@@ -4,7 +4,8 @@ against one process (tokens/s at N / (N × tokens/s at 1)).
 
 Each row is a fresh workspace and `conveyor train` of one generated `text` file through torchrun (gloo on CPU, nccl
 on CUDA: the same command uses the GPUs where there are some). Tokens/s is the tokens of the steps the worker
-recorded over their summed step times (metrics table), the first --warmup steps left out; batch 4 per process,
+recorded over their summed step times (metrics table), the first --warmup steps left out; one thread per process
+(--threads; torchrun's default, so that the one-process row is one worker); batch 4 per process,
 grad_accum 1, max_length 128, fp32, no checkpoint but the job's last. Peak RSS is the largest of the run's processes
 (os.wait4 over the whole tree: torchrun's agent and its ranks).
 
@@ -71,7 +72,8 @@ def main() -> None:
     parser.add_argument("--strategy", nargs="+", choices=["fsdp", "ddp"], default=["fsdp"])
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps a run trains")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per process (torchrun: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS per process (1, as torchrun sets it, so one process is one worker)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the workspaces in this folder")
     args = parser.parse_args()
 
@@ -85,7 +87,8 @@ def main() -> None:
     device = f"{torch.cuda.device_count()} CUDA GPU(s), nccl" if torch.cuda.is_available() else \
         f"CPU ({os.cpu_count()} cores), gloo"
     print(f"# full fine-tune of `small` (26M), batch {BATCH} per process, max_length {MAX_LENGTH}, {args.steps} steps "
-          f"({args.warmup} left out); {device}; torch {torch.__version__}")
+          f"({args.warmup} left out), {args.threads} thread(s) a process; {device}; torch {torch.__version__}; "
+          f"load average before: {os.getloadavg()[0]:.1f}")
     print("| strategy | processes | tokens/s | efficiency | step (s) | wall (s) | peak RSS (MB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for strategy in args.strategy:

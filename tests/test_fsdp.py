@@ -279,6 +279,9 @@ def test_alone_trains_whole_and_writes_dcp_checkpoints_that_retention_trims(work
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v1")).eval()
     assert max_abs_diff(exported.state_dict(), weights(v1, tmp_path)) == 0.0
 
+    r = run_cli(ws, "generate", "a 1:", "--version", "v1", "--max-new-tokens", "4")  # generate consolidates too
+    assert r.code == 0, r.out + r.err
+
     # A rollback to v1 copies its shards; training on from it restarts the moments (pruned) and says so.
     r = run_cli(ws, "rollback", "v1")
     assert r.code == 0, r.out + r.err
