@@ -553,6 +553,7 @@ def follow(root: Path, config: Config, world_size: int) -> None:
         return
     ws = FilesOnly(Path(root))
     job, run_id = order["job"], order["run"]
+    config = overrides.apply(config, job.overrides)  # the job's own settings, as rank 0 trains it
     resume = None
     if order["resume"]:
         path = Path(order["resume"])
