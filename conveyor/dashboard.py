@@ -359,7 +359,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     def versions_() -> list[dict]:
         """Every version (v1, v2, ...), oldest first, as `conveyor versions --json` lists them."""
         with open_workspace(root) as ws:
-            return versions.all_versions(ws.db)
+            return versions.all_versions(ws.db, ws.runs)
 
     @app.get("/api/matrix", dependencies=[api])
     def matrix(run: Optional[str] = None) -> dict:

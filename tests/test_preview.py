@@ -57,7 +57,7 @@ def test_counts_are_trainings_after_truncation(workspace, tmp_path, tiny_dir):
     r = run_cli(ws, "preview", path)
     assert r.code == 0
     assert "line 1: 12 tokens, 0 trainable; truncated at 12 tokens; not trained: nothing trainable is left" in r.out
-    assert "line 3: 5 tokens, 3 trainable" in r.out and "<|bos|>qok<|eos|>" in r.out
+    assert "line 3: 5 tokens, 3 trainable" in r.out and "<|bos|>q⟦ok<|eos|>⟧" in r.out  # not a terminal: marked
 
 
 def test_lines_selects_examples_by_file_line(workspace, tmp_path):
