@@ -785,7 +785,8 @@ def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to ma
         console.print("[green]right[/]" if good else "[red]wrong[/]", end="")
         console.print("" if good else f", expected {question.expected!r}", markup=False)
     right = sum(answer == question.expected for question, answer in answers)
-    console.print(f"{right} of {len(answers)} right. Ask it yourself: conveyor -w {ws.root} chat")
+    console.print(f"{right} of {len(answers)} right. Ask it yourself: conveyor -w {ws.root} generate "
+                  "\"How does the owl sound?\"", markup=False)
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def test_the_demo_answers_questions_it_was_never_trained_on(tmp_path):
     assert "│ run-0001 │ 1   │ facts.jsonl │" in r.out and "│ run-0001 │ 2   │ chats.jsonl │" in r.out
     shown = r.out.split("questions it was never trained on (as `conveyor generate` answers them):\n")[1]
     assert shown == "".join(f"  {p} → {a!r}  right\n" for p, a in ANSWERS) + \
-        f"12 of 12 right. Ask it yourself: conveyor -w {tmp_path / 'demo'} chat\n"
+        f'12 of 12 right. Ask it yourself: conveyor -w {tmp_path / "demo"} generate "How does the owl sound?"\n'
     prompts = tmp_path / "held-out.txt"
     prompts.write_text("".join(p + "\n" for p, _ in ANSWERS))
     r = run_cli(tmp_path / "demo", "generate", "--prompts", prompts, "--json")
