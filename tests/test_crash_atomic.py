@@ -32,9 +32,13 @@ def _leftovers(ws: Path) -> list[str]:
                   or (p.parent.name == ".pending" and p.suffix == ".json"))
 
 
-@pytest.mark.parametrize("point, committed", [("rollback-begun", False), ("rollback-copied", False),
+SLOW = pytest.mark.slow  # every point is walked in the slow run; the default run keeps one of each outcome
+
+
+@pytest.mark.parametrize("point, committed", [pytest.param("rollback-begun", False, marks=SLOW),
+                                              pytest.param("rollback-copied", False, marks=SLOW),
                                               ("rollback-sealed", False), ("rollback-committed", True),
-                                              ("rollback-renamed", True)])
+                                              pytest.param("rollback-renamed", True, marks=SLOW)])
 def test_rollback_killed_at_each_step_leaves_all_or_nothing_and_requeued_files_train_once(
         workspace, tmp_path, monkeypatch, point, committed):
     ws = workspace()

@@ -30,7 +30,7 @@ def _steps(ws) -> int:
         return 0
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
 def test_an_interrupted_train_exits_non_zero_and_the_job_resumes(workspace, tmp_path, sig, code):
     ws = workspace(training={"batch_size": 1, "grad_accum": 1, "save_every": 2, "max_length": 48})
     data = text_file(tmp_path / "a.jsonl", 12, "a")

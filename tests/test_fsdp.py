@@ -252,6 +252,7 @@ ALONE = {"training": {"batch_size": 4, "grad_accum": 1, "save_every": 2, "max_le
          "adapter": {"method": "full"}, "distributed": {"strategy": "fsdp"}, "daemon": {"min_free_mb": 0}}
 
 
+@pytest.mark.slow
 def test_alone_trains_whole_and_writes_dcp_checkpoints_that_retention_trims(workspace, tmp_path):
     ws = workspace("alone", **ALONE)
     for tag in "abc":  # 12 examples, 3 steps a job: versions at 3, 6, 9

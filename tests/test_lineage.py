@@ -30,6 +30,7 @@ def _json(ws: Path, *args: str):
     return json.loads(r.out)
 
 
+
 @pytest.fixture(scope="module")
 def branched(tmp_path_factory, tiny_dir) -> dict:
     """The workspace after the drain, and what status and the dashboard said right after the rollback."""
@@ -69,6 +70,7 @@ def test_history_lists_the_inherited_rows_then_its_own(branched):
     assert "run-0001 (inherited)" in text and "steps 1–2: inherited from run-0001" in text
 
 
+@pytest.mark.slow  # the default run keeps history's and status's lineage
 def test_history_examples_lists_each_inherited_step_then_its_own(branched):
     ws = branched["ws"]
     steps = _json(ws, "history", "--examples")
@@ -94,6 +96,7 @@ def test_status_shows_the_lineage(branched):
     assert "steps 1–2 inherited from run-0001 (up to v1), 3–6 its own" in run_cli(ws, "status").out
 
 
+@pytest.mark.slow  # the default run keeps history's and status's lineage
 def test_right_after_the_rollback_the_dashboard_shows_the_inherited_steps(branched):
     before = branched["before"]
     metrics = before["/api/metrics"]
@@ -105,6 +108,7 @@ def test_right_after_the_rollback_the_dashboard_shows_the_inherited_steps(branch
     assert [(x["step"], x["run"]) for x in before["/api/samples"]["rows"]] == [(2, PARENT)]
 
 
+@pytest.mark.slow  # the default run keeps history's and status's lineage
 def test_the_dashboard_series_follow_the_lineage(branched):
     client, ws = branched["client"], branched["ws"]
     body = client.get("/api/metrics").json()
@@ -138,6 +142,7 @@ def test_the_dashboard_series_follow_the_lineage(branched):
     assert (got["run"], got["metric_step"], got["eval_step"]) == (BRANCH, 6, 6)
 
 
+@pytest.mark.slow  # the default run keeps history's and status's lineage
 def test_the_dashboard_ledger_pages_through_the_lineage(branched):
     client = branched["client"]
     page = client.get("/api/ledger").json()

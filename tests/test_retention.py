@@ -27,6 +27,7 @@ def _events(ws) -> str:
     return "\n".join(r["message"] for r in Workspace(ws).db.execute("SELECT message FROM events ORDER BY id"))
 
 
+@pytest.mark.slow
 def test_six_jobs_with_default_retention_keep_every_versions_adapter(workspace, tmp_path):
     ws = workspace()  # keep_checkpoints = 3, keep_job_ends = 3 (the defaults); save_every = 2
     v1 = None
@@ -88,6 +89,7 @@ def test_six_jobs_with_default_retention_keep_every_versions_adapter(workspace, 
             "outside conveyor?)" in r.err and "no manifest" not in r.err, (args, r.out + r.err)
 
 
+@pytest.mark.slow
 def test_a_pinned_version_keeps_its_optimizer_state(workspace, tmp_path):
     ws = workspace(training={"keep_checkpoints": 1, "keep_job_ends": 0})
     assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0  # v1 at step 2
@@ -105,7 +107,8 @@ def _full(workspace, name: str, **training):
                      training={"keep_checkpoints": 1, "keep_job_ends": 1, **training})
 
 
-@pytest.mark.parametrize("prune", [False, True], ids=["weights-kept", "prune_version_weights"])
+@pytest.mark.parametrize("prune", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["weights-kept", "prune_version_weights"])
 def test_a_full_fine_tune_prunes_a_versions_weights_only_when_a_setting_says_so(workspace, tmp_path, prune):
     ws = _full(workspace, "full", prune_version_weights=prune)
     files = [text_file(tmp_path / f"{tag}.jsonl", 16, tag) for tag in "abc"]  # 2 steps each: ends at 2, 4, 6

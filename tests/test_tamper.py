@@ -140,6 +140,7 @@ def test_a_deleted_stored_copy_is_named_missing_not_a_worker_death(workspace, tm
     assert (_job(ws, 1)["state"], _job(ws, 1)["start_step"], _job(ws, 1)["end_step"]) == ("done", 5, 10)
 
 
+@pytest.mark.slow
 def test_a_queued_job_whose_copy_is_restored_before_it_starts_keeps_its_place(workspace, tmp_path):
     """`conveyor doctor` says to add the original again: that restores the copy and adds no second job."""
     ws = workspace(**SETTINGS)
@@ -160,6 +161,7 @@ def test_a_queued_job_whose_copy_is_restored_before_it_starts_keeps_its_place(wo
     assert [(j["id"], j["state"], j["start_step"]) for j in status(ws)["jobs"]] == [(1, "done", 1), (2, "done", 7)]
 
 
+@pytest.mark.slow
 def test_a_job_stopped_mid_way_does_not_resume_on_changed_bytes_and_resumes_from_its_position_when_restored(
         workspace, tmp_path):
     ws = workspace(**SETTINGS)
@@ -190,6 +192,7 @@ def test_a_job_stopped_mid_way_does_not_resume_on_changed_bytes_and_resumes_from
         [(1, 1, 3, "interrupted"), (2, 4, 7, "done"), (1, 8, 10, "done")]
 
 
+@pytest.mark.slow
 def test_a_job_whose_replay_source_lost_its_stored_copy_stops_and_comes_back_when_the_source_is_added(
         workspace, tmp_path):
     """Job b replays (and scores the held-out set of) done job a; a's stored copy is gone: b stops, naming it,
@@ -289,6 +292,7 @@ def test_doctor_deep_names_an_altered_stored_copy_and_an_altered_tokenized_array
     assert (folder / "ids.bin").exists()  # doctor only reads
 
 
+@pytest.mark.slow
 def test_checking_unchanged_data_costs_a_stat(workspace, tmp_path, monkeypatch):
     """Once hashed (the stored copy when added, the arrays when written), a job's start reads none of them."""
     from conveyor import fingerprint as fingerprint_module
