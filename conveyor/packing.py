@@ -4,14 +4,24 @@ example, attention never crossing from one example into another; and the check t
 A padded micro-batch spends compute on pad tokens up to its longest example; on chat data with skewed lengths that
 is most of it. transformers 5 builds a block-diagonal causal mask from position ids that restart (sdpa and eager,
 through masking_utils) or runs variable-length kernels from them (flash_attention_2), when no attention mask is
-given. Whether a given model does is not assumed: `check` runs the model on a probe and looks.
+given. Whether a given model does is not assumed: `check` runs the model on a probe and looks, once per run for the
+same model, attention kernel, libraries and device (`verdict`): each job's worker is a fresh process, and on a busy
+machine with several torch threads the probe's hundreds of tiny kernels took 4-7 s (benchmarks/peer.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 
+from . import distributed
 from .formats import IGNORE
+
+VERDICTS = "packing-check.json"  # in a run's folder: check()'s verdict per key (what the verdict depends on)
 
 
 def worth_it(lengths: list[int], hidden: int | None, varlen: bool) -> bool:
@@ -78,3 +88,41 @@ def check(model, vocab_size: int) -> str | None:
 def _compute_dtype(model) -> torch.dtype:
     floating = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
     return torch.float32 if not floating or all(d == torch.float32 for d in floating) else torch.bfloat16
+
+
+def verdict(model, vocab_size: int, folder: Path, key: dict) -> tuple[str | None, bool]:
+    """check()'s verdict for this model: the one kept in folder/VERDICTS for the same key, else checked now and kept
+    there. Returns (what went wrong or None, whether the probe ran now).
+
+    `key` holds what the verdict depends on (the model's identity, attention kernel, libraries, device, strategy);
+    anything else that changes gets a probe of its own. Rank 0 decides for every rank: under FSDP the probe's forward
+    needs all ranks, so they must all run it or all skip it."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(folder) / VERDICTS
+    kept = distributed.broadcast(_read(path).get(digest) if distributed.is_main() else None)
+    if isinstance(kept, dict) and (kept.get("reason") is None or isinstance(kept.get("reason"), str)):
+        return kept.get("reason"), False
+    reason = check(model, vocab_size)
+    if distributed.is_main():
+        _keep(path, digest, {"reason": reason, "key": key})
+    return reason, True
+
+
+def _read(path: Path) -> dict:
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        return kept if isinstance(kept, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: derived data, so the probe just runs again
+        return {}
+
+
+def _keep(path: Path, digest: str, entry: dict) -> None:
+    """Added to the file by an atomic rename; not flushed to disk, since a lost verdict only means one more probe."""
+    kept = {**_read(path), digest: entry}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(kept, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a full or read-only disk: the verdict stands for this job, the next one probes again
+        tmp.unlink(missing_ok=True)

@@ -7,6 +7,9 @@ position, the audit), metrics, checkpoints (weights, optimizer, scheduler, RNG, 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import logging
 import os
 import time
@@ -187,6 +190,9 @@ class _JobCallback:
         self.t_flush = float("-inf")  # a segment's first step is written at once (status shows it training)
 
     # Trainer callback protocol -------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_step = time.perf_counter()  # the first step's time starts with the loop, not the Trainer's setup
+
     def on_step_begin(self, args, state, control, **kw):
         if self.restore_rng:
             restore_rng(self.spec.resume.path, distributed.rank(), self.world_size, self.hooks.say)
@@ -296,6 +302,9 @@ def _trainer_callback(inner: _JobCallback):
 
     class Adapter(TrainerCallback):
         # Only forwards the events conveyor uses; keeps the Trainer import out of module import time.
+        def on_train_begin(self, *a, **kw):
+            return inner.on_train_begin(*a, **kw)
+
         def on_step_begin(self, *a, **kw):
             return inner.on_step_begin(*a, **kw)
 
@@ -349,7 +358,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     layout = Layout(start, spec.data, order, spec.pool)
     dataset = PlanDataset(layout, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
                           pad_id=tokenizer.pad_token_id)
-    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, hooks),
+    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, spec, hooks),
                                 hidden=getattr(model.config, "hidden_size", None),
                                 varlen=config.model.attn_implementation == "flash_attention_2")
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
@@ -379,7 +388,8 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     trainer.create_optimizer()
     trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec.resume.path if spec.resume else None,
                                              spec.start, _same_optimizer(config, spec, hooks), trainer.model)
-    trainer.train()
+    with _collector_spared():
+        trainer.train()
     inner._flush()  # the last step's metrics arrive after its checkpoint
     if inner.stopped is None and not inner.pos.finished:
         raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
@@ -395,11 +405,19 @@ def _model(config: Config, model_path: str, spec: JobSpec, world_size: int):
     return build_model(config, model_path, spec.resume.path if spec.resume else None)
 
 
-def _padding_free(config: Config, model, hooks: Hooks) -> bool:
-    """training.packing, if this model computes packed rows right (checked, not assumed); a fallback is said."""
+def _padding_free(config: Config, model, spec: JobSpec, hooks: Hooks) -> bool:
+    """training.packing, if this model computes packed rows right (checked once per run and settings, not assumed;
+    packing.verdict); a fallback is said."""
     if not config.training.packing:
         return False
-    reason = packing.check(model, model.get_input_embeddings().weight.shape[0])
+    key = {"identity": spec.identity, "attn_implementation": config.model.attn_implementation,
+           "strategy": config.distributed.strategy, "libraries": libraries(),
+           "device": next(model.parameters()).device.type}
+    reason, now = packing.verdict(model, model.get_input_embeddings().weight.shape[0], spec.run_dir, key)
+    if reason is None and hooks.say and distributed.is_main():
+        hooks.say("info", f"job {spec.job_id}: padding-free batches (training.packing), " + (
+            "checked: the model computes packed examples exactly as alone" if now else
+            f"as checked before for this run's model and settings ({packing.VERDICTS})"))
     if reason and distributed.is_main():
         text = (f"training.packing: padded batches instead of padding-free ones, because {reason}; set "
                 f"training.packing = false to silence this")
@@ -408,6 +426,30 @@ def _padding_free(config: Config, model, hooks: Hooks) -> bool:
         elif hooks.say:
             hooks.say("warning", text)
     return reason is None
+
+
+_EXIT_SPARED = False  # gc.freeze is registered to run at this process's exit
+
+
+@contextlib.contextmanager
+def _collector_spared():
+    """While training, the cyclic garbage collector leaves alone what was alive when it began (torch, transformers
+    and peft's millions of objects, the model, the data), and at the process's exit everything: accelerate's full
+    collection at the end of train(), any during it and the interpreter's at exit walked them all, about 2 CPU seconds
+    a job (benchmarks/peer.py). Reference counting still frees them, and after training any cycle among them is
+    collected as before. A process whose collector someone else froze is left as it is."""
+    global _EXIT_SPARED
+    if gc.get_freeze_count():
+        yield
+        return
+    if not _EXIT_SPARED:  # nothing runs after it: module teardown frees by reference count alone
+        atexit.register(gc.freeze)
+        _EXIT_SPARED = True
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _same_optimizer(config: Config, spec: JobSpec, hooks: Hooks) -> bool:

@@ -178,3 +178,61 @@ def test_a_model_that_cannot_pack_trains_padded_and_the_job_says_why(workspace, 
     assert "padded batches instead of padding-free ones" in r.out + r.err
     job = status(ws)["jobs"][0]
     assert job["state"] == "done" and any("training.packing: padded batches" in w for w in job["warnings"])
+
+
+def _log(ws) -> list[dict]:
+    return [json.loads(line) for line in (ws / "logs" / "conveyor.log").read_text().splitlines()]
+
+
+def _said(ws, job: int) -> list[str]:
+    return [e["message"] for e in _log(ws) if e["message"].startswith(f"job {job}: padding-free batches")]
+
+
+def test_the_probe_runs_once_per_run_and_settings_and_later_jobs_reuse_its_verdict(workspace, tmp_path, monkeypatch):
+    from conftest import set_setting, text_file
+
+    probes = []
+    real = packing.check
+    monkeypatch.setattr(packing, "check", lambda model, vocab: probes.append(vocab) or real(model, vocab))
+    ws = workspace(training={"packing": True})
+    for name in ("a", "b"):
+        assert run_cli(ws, "train", text_file(tmp_path / f"{name}.jsonl", 8, name), "-q").code == 0
+    assert _said(ws, 1) == [("job 1: padding-free batches (training.packing), checked: the model computes packed "
+                             "examples exactly as alone")]
+    assert _said(ws, 2) == [(f"job 2: padding-free batches (training.packing), as checked before for this run's "
+                             f"model and settings ({packing.VERDICTS})")]
+    assert len(probes) == 1
+    run = status(ws)["run"]["id"]
+    kept = json.loads((ws / "runs" / run / packing.VERDICTS).read_text())
+    assert [v["reason"] for v in kept.values()] == [None]
+    assert next(iter(kept.values()))["key"]["attn_implementation"] == "sdpa"
+    # Another attention kernel is another verdict (same run: not identity), probed again and kept beside the first.
+    set_setting(ws, "model", "attn_implementation", '"eager"')
+    assert run_cli(ws, "train", text_file(tmp_path / "c.jsonl", 8, "c"), "-q").code == 0
+    assert status(ws)["run"]["id"] == run
+    assert "checked: the model computes" in _said(ws, 3)[0] and len(probes) == 2
+    assert len(json.loads((ws / "runs" / run / packing.VERDICTS).read_text())) == 2
+
+
+def test_an_unreadable_verdict_file_means_probing_again(workspace, tmp_path):
+    from conftest import text_file
+
+    ws = workspace(training={"packing": True})
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 8, "a"), "-q").code == 0
+    (ws / "runs" / status(ws)["run"]["id"] / packing.VERDICTS).write_text("{not json")
+    assert run_cli(ws, "train", text_file(tmp_path / "b.jsonl", 8, "b"), "-q").code == 0
+    assert "checked: the model computes" in _said(ws, 2)[0]
+
+
+def test_a_kept_failure_still_trains_every_later_job_padded_and_says_so(workspace, tmp_path, monkeypatch):
+    from conftest import text_file
+
+    probes = []
+    monkeypatch.setattr(packing, "check", lambda model, vocab: probes.append(vocab) or "attention crosses (probe)")
+    ws = workspace(training={"packing": True})
+    for name in ("a", "b"):
+        assert run_cli(ws, "train", text_file(tmp_path / f"{name}.jsonl", 8, name), "-q").code == 0
+    assert len(probes) == 1
+    for job in status(ws)["jobs"]:
+        assert any("padded batches instead of padding-free ones, because attention crosses (probe)" in w
+                   for w in job["warnings"]), job
