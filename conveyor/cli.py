@@ -529,7 +529,6 @@ def eval_(
         named = "eval.file"
     table = Table("version", "step", *[f"{s['name']}\n{s['file'] if s['job'] is not None else named}"
                                        for s in data["sets"]],
-                  
                   title="loss per evaluation set (change since the set's first score)")
     first: dict[str, float] = {}
     for row in data["rows"]:
