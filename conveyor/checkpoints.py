@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import manifest as mf
 from .errors import CheckpointError
-from .fingerprint import fingerprint
+from .fingerprint import fingerprint, fsync_dir
 from .testhooks import failpoint, fill_disk
 
 CHECKPOINTS = "checkpoints"
@@ -57,13 +57,6 @@ def step_of(path: Path) -> int | None:
     digits = name[len(mf.STEP_PREFIX):]
     return int(digits) if digits.isdigit() else None
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class HashCache:
@@ -127,7 +120,7 @@ def _seal(tmp: Path, manifest: mf.Manifest, hashes: HashCache, final_name: str) 
         json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
@@ -139,7 +132,7 @@ def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
         json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def _temporary(run_dir: Path, step: int) -> Path:
@@ -171,7 +164,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
         if final.exists():
             raise CheckpointError(f"{final} already exists; checkpoint numbers must strictly increase")
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         failpoint("checkpoint-renamed", step)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -447,7 +440,7 @@ def trim(path: Path, data: mf.Manifest, prune_weights: bool = False) -> list[str
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     if leftovers:
-        _fsync_dir(path)
+        fsync_dir(path)
     return drop
 
 
@@ -459,4 +452,4 @@ def _rewrite_manifest(folder: Path, data: mf.Manifest) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / mf.MANIFEST)
-    _fsync_dir(folder)
+    fsync_dir(folder)

@@ -99,3 +99,12 @@ class FileHashes:
         except OSError:
             tmp.unlink(missing_ok=True)
         self.changed = {}
+
+
+def fsync_dir(path) -> None:
+    """Flush a folder's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

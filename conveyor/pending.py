@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .fingerprint import fsync_dir
+
 FOLDER = ".pending"
 
 # kind -> (committed(ws, data) -> bool, finish(ws, data) -> message, undo(ws, data) -> message)
@@ -27,13 +29,6 @@ def kind(name: str, committed: Callable, finish: Callable, undo: Callable) -> No
     """Register how to tell whether an intent of this kind committed, and how to finish or undo it."""
     _KINDS[name] = (committed, finish, undo)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -48,7 +43,7 @@ def intent(ws, name: str, **data):
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps({"kind": name, "pid": os.getpid(), "at": time.time(), **data}).encode())
         os.fsync(fd)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         yield data
     except BaseException:
         with contextlib.suppress(Exception):
@@ -119,5 +114,5 @@ def move_into_place(tmp: str | Path | None, final: str | Path) -> bool:
     if not tmp or not Path(tmp).exists() or Path(final).exists():
         return False
     os.rename(tmp, final)
-    _fsync_dir(Path(final).parent)
+    fsync_dir(Path(final).parent)
     return True

@@ -25,7 +25,7 @@ from . import runs, store, versions
 from .errors import ConveyorError
 from .faults import (DatabaseDamaged, database_message, database_mismatch_message, database_missing_message,
                      is_damaged_database)
-from .fingerprint import fingerprint, short
+from .fingerprint import fingerprint, fsync_dir, short
 from .plan import Position
 from .workspace import DB_FILE
 
@@ -253,7 +253,7 @@ def repair(ws) -> Report:
             raise
         report.moved = _move_aside(path)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return report
 
 
@@ -280,13 +280,6 @@ def _remove(db: Path) -> None:
         Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _move_aside(path: Path) -> list[str]:
     """conveyor.db, -wal, -shm → conveyor.db.damaged-<time>, -wal, -shm (SQLite still pairs them by name). The
@@ -300,7 +293,7 @@ def _move_aside(path: Path) -> list[str]:
         if Path(f"{path}{suffix}").exists():
             os.rename(f"{path}{suffix}", f"{target}{suffix}")
             moved.append(f"{target.name}{suffix}")
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return moved[::-1]
 
 
