@@ -49,7 +49,7 @@ LONG_GOOD = "g" * 246 + ".jsonl"  # 252 bytes: its claimed/ and finished/ names 
 # name → (bytes, what its rejection must say: each piece in the job's error)
 BAD = {
     "invalid json.jsonl": (b'{"text": "ok"}\n{"text": "unterminated\n',
-                           ["line 2: invalid JSON: Invalid control character at column 23"]),
+                           ["line 2: invalid JSON: Unterminated string starting at column 10"]),
     "wrong fields.jsonl": (_lines({"text": "ok"}, {"txt": "a"}), ["line 2: keys ['txt'] match no format"]),
     "wrong types.jsonl": (_lines({"text": 3}, {"prompt": ["a"], "completion": "b"}),
                           ['line 1: "text" must be a string, found int', 'line 2: "prompt" must be a string, found list']),

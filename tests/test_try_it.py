@@ -433,8 +433,12 @@ def test_ask_box_and_forgetting_in_chromium(plain):
         page.fill("#ask-tokens", "6")
         page.click("#btn-ask")
         sync_api.expect(page.locator("#ask-status")).to_contain_text("answered in", timeout=120_000)
-        assert page.locator("#ask-answer div").text_content() == "v1 answered (run run-0001, step 2):"
-        assert page.locator("#ask-answer pre").nth(1).text_content() == "→ " + expected["output"]
+        assert page.locator("#ask-answer div.muted").text_content() == "v1 answered (run run-0001, step 2):"
+        assert [d.text_content() for d in page.locator("#ask-answer div.label").all()] == ["prompt", "output"]
+        assert page.locator("#ask-answer pre").nth(0).text_content() == "the quick"
+        shown = page.locator("#ask-answer pre").nth(1).text_content()
+        out = expected["output"]
+        assert shown == (out if out.strip() else f"({len(out)} whitespace character(s))" if out else "(empty)"), shown
         page.fill("#ask-tokens", "0")
         page.click("#btn-ask")
         sync_api.expect(page.locator("#ask-status")).to_contain_text("max_new_tokens: Input should be greater")
