@@ -615,14 +615,12 @@ def generate(
     """Answer a prompt with the current model or a version (greedy unless --temperature; chat template for
     chat-trained runs). An answer ends at the end-of-turn or end-of-text token, or after --max-new-tokens."""
     from .generate import Sampling, answer_all, load, notes, read_prompts
-    from .trainer import quiet_libraries
 
     if (prompt is None) == (prompts is None):
         raise typer.BadParameter("nothing to ask: give a PROMPT or --prompts FILE" if prompt is None else
                                  "give a PROMPT or --prompts FILE, not both", ctx=ctx, param_hint="PROMPT")
     asked = [prompt] if prompts is None else read_prompts(prompts)
     sampling = Sampling(temperature, top_p, seed)
-    quiet_libraries()
     loaded = load(_ws(), version)
     used = sampling.seeded()
     for note in notes(loaded, sampling, used, system):
@@ -650,9 +648,7 @@ def chat(
     """Talk with the current model or a version, line by line (loaded once; greedy unless --temperature). A
     chat-trained run keeps the conversation; /reset starts over, /quit or end of input ends."""
     from .generate import Sampling, input_lines, talk
-    from .trainer import quiet_libraries
 
-    quiet_libraries()
     talk(_ws(), version, max_new_tokens, input_lines(), Sampling(temperature, top_p, seed), system)
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from . import checkpoints as ck
-from . import pending, runs, sharding, testhooks
+from . import pending, runs, testhooks
 from .errors import ConveyorError
 from .workspace import Workspace
 
@@ -25,6 +25,7 @@ def load_trained(identity: dict, model_path: str, checkpoint_dir: Path):
     """
     from transformers import AutoModelForCausalLM
 
+    from . import sharding  # torch: imported once there is a model to load, not for a refusal
     from .trainer import DTYPES
 
     method, precision = identity.get("adapter.method"), identity.get("model.precision")
@@ -61,7 +62,6 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
 
     Returns the message to show and the warnings (skipped checkpoints, --merge on a full run, a changed base).
     """
-    from .trainer import load_tokenizer
     from .versions import checkpoint
 
     if version is not None and run_id is not None:
@@ -88,6 +88,9 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
     if merge and not lora:
         warnings.append(f"{run.id} is a full fine-tune: its checkpoint is already a full model, nothing to merge")
     merged = merge and lora
+    from .trainer import load_tokenizer, quiet_libraries  # torch and transformers: only once all is found
+
+    quiet_libraries()
     model = load_trained(identity, model_path, found.path)
     if merged:
         model = model.merge_and_unload()

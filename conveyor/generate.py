@@ -113,10 +113,12 @@ class Loaded:
 
 def load(ws: Workspace, version: str | None) -> Loaded:
     """The version's checkpoint, or the active run's newest verified one, with its tokenizer."""
+    run, checkpoint, name = _checkpoint(ws, version)  # a refusal comes before torch and transformers are imported
     from .chat import load_tokenizer
     from .export import _base_model
+    from .trainer import quiet_libraries
 
-    run, checkpoint, name = _checkpoint(ws, version)
+    quiet_libraries()
     model_path = _base_model(ws, run, "the base weights and the tokenizer")
     chat = ws.db.execute("SELECT 1 FROM jobs WHERE run_id = ? AND format = 'messages' LIMIT 1",
                          (run.id,)).fetchone() is not None

@@ -112,3 +112,20 @@ def test_mistakes_are_named_with_what_to_do(workspace, tmp_path, tiny_dir):
     assert r.code == 1 and "run-0001 has no verified checkpoint to export" in r.err
     assert "does not match its sha256" in r.err and "conveyor doctor" in r.err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("command", [["generate", "hi", "--version", "v9"], ["export", "OUT", "--version", "v9"],
+                                     ["chat", "--version", "v9"]])
+def test_a_refusal_comes_before_torch_is_imported(workspace, tmp_path, command):
+    """A wrong version is said at once: torch and transformers (seconds to import) load only for a model."""
+    import subprocess
+    import sys
+
+    ws = workspace()
+    probe = ("import sys\nfrom conveyor.cli import main\nsys.argv = sys.argv[1:]\ntry:\n    main()\n"
+             "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    r = subprocess.run([sys.executable, "-c", probe, "conveyor", "-w", str(ws), *args], capture_output=True, text=True,
+                       input="", timeout=120)
+    assert "no version 'v9'" in r.stderr, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "exit 1 False False", r.stdout + r.stderr
