@@ -176,9 +176,12 @@ CREATE TABLE IF NOT EXISTS metrics_rollup (
     step_time REAL,
     PRIMARY KEY (run_id, level, bucket)
 ) WITHOUT ROWID;
--- The dashboard counts jobs by state and pages the ledger every second.
+-- The dashboard counts jobs by state, pages the ledger, sums a page of jobs' replayed examples and reads a run's
+-- newest samples every second.
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run_id, id);
+CREATE INDEX IF NOT EXISTS ledger_by_job ON ledger (job_id);
+CREATE INDEX IF NOT EXISTS samples_by_run ON samples (run_id, id);
 """
 
 # PRAGMA user_version from which metrics_rollup is kept on every write of metric rows.

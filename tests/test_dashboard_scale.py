@@ -32,7 +32,7 @@ ROW_BYTES = 1000  # a response holds at most this much a row it may return, plus
 SMALL = 32_000
 WORK_SHARE = 20  # a request does less than 1/WORK_SHARE of the work of one pass over the run's metric rows
 # Tables that grow with the steps: never scanned (m and e are the series' aliases of metrics and evals).
-BIG = re.compile(r"^SCAN (metrics|metrics_rollup|evals|set_evals|audit|m|e)\b")
+BIG = re.compile(r"^SCAN (metrics|metrics_rollup|evals|set_evals|audit|samples|ledger|m|e)\b")
 
 
 @pytest.fixture(scope="module")
