@@ -245,7 +245,8 @@ class DistributedConfig(_Section):
     timeout_seconds: float = Field(300.0, gt=0, le=86400)
     """How long a collective may hang (a lost host) before the attempt is ended and relaunched."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """ddp: every rank holds the whole model; fsdp: FSDP2 shards a full fine-tune's weights and optimizer state."""
+    """ddp: every rank holds the whole model; fsdp: FSDP2 shards the weights across the ranks (a full fine-tune's
+    with their optimizer state; under LoRA the frozen base, the adapter being whole on every rank)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto picks nccl with CUDA, gloo on CPU."""
 
@@ -288,11 +289,11 @@ class Config(_Section):
                                       "4-bit base, but adapter.method is \"{m}\"; set adapter.method = \"lora\" or "
                                       "model.quantization = \"none\"", {"q": self.model.quantization,
                                                                           "m": self.adapter.method})
-        if self.distributed.strategy == "fsdp" and self.adapter.method != "full":
-            raise PydanticCustomError("conflict", "distributed.strategy = \"fsdp\" shards a full fine-tune's weights "
-                                      "and optimizer state, but adapter.method is \"{m}\" (a sharded base under a "
-                                      "LoRA adapter is not supported yet); set adapter.method = \"full\" or "
-                                      "distributed.strategy = \"ddp\"", {"m": self.adapter.method})
+        if self.distributed.strategy == "fsdp" and self.model.quantization != "none":
+            raise PydanticCustomError("conflict", "distributed.strategy = \"fsdp\" shards the base's weights, but "
+                                      "model.quantization = \"{q}\" holds them in 4-bit blocks that FSDP2 cannot "
+                                      "shard; set model.quantization = \"none\" or distributed.strategy = \"ddp\"",
+                                      {"q": self.model.quantization})
         if self.eval.gate > 0 and not self.eval.holdout:
             raise PydanticCustomError("conflict", "eval.gate = {g} compares each job's held-out loss before and after "
                                       "later jobs, but eval.holdout = 0 holds none out; set eval.holdout (e.g. 0.05 "
@@ -351,13 +352,14 @@ def _toml_value(value) -> str:
 
 
 def render_config(config: Config) -> str:
-    """The full conveyor.toml text: every setting present with its one-line comment."""
+    """The full conveyor.toml text: every setting present with its comment (a description of several lines is
+    commented line by line)."""
     out = ["# conveyor workspace settings; every key is checked on load.", ""]
     for section_name, section_field in Config.model_fields.items():
         section = getattr(config, section_name)
         out.append(f"[{section_name}]")
         for name, field in type(section).model_fields.items():
-            out.append(f"# {field.description}")
+            out += [f"# {line.strip()}" for line in (field.description or "").splitlines()]
             out.append(f"{name} = {_toml_value(getattr(section, name))}")
         out.append("")
     return "\n".join(out)

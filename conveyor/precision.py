@@ -55,15 +55,16 @@ def _keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_model(config: Config, model_path: str, resume_dir: Path | None):
-    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights."""
+def build_model(config: Config, model_path: str, resume_dir: Path | None, load=load_base):
+    """Base model plus a fresh (seeded) or restored adapter; for full fine-tuning, the restored weights. `load`
+    reads the base (sharding.load_model: sharded across the ranks under distributed.strategy = "fsdp")."""
     from transformers.trainer_utils import set_seed
 
     if config.adapter.method == "full":
-        return load_base(config, str(resume_dir or model_path))
+        return load(config, str(resume_dir or model_path))
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = load_base(config, model_path)
+    base = load(config, model_path)
     if resume_dir is not None:
         return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
     set_seed(config.training.seed)  # LoRA's random A matrices depend on it

@@ -174,7 +174,11 @@ def layout_change(resume: ck.Checkpoint, before: dict, now: dict) -> str | None:
         return None
     name = resume.path.name
     held = resume.manifest.sharded
-    if held and now["strategy"] == "fsdp":
+    if resume.manifest.identity.get("adapter.method") == "lora":  # the adapter is whole under either strategy
+        load = (f"the adapter and its optimizer state are whole in {name}; the base model is loaded "
+                + ("sharded across the ranks" if now["strategy"] == "fsdp" and now["world_size"] > 1
+                   else "whole on every rank" if now["world_size"] > 1 else "whole"))
+    elif held and now["strategy"] == "fsdp":
         load = f"weights and optimizer state resharded from {name}'s {held['world_size']} shard(s) (DCP)"
     elif held:
         load = f"{name} is sharded (written under fsdp): every rank loads it whole (DCP)"

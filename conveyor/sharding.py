@@ -1,11 +1,15 @@
-"""FSDP2 for a full fine-tune (distributed.strategy = "fsdp") and its sharded checkpoints.
+"""FSDP2 (distributed.strategy = "fsdp"): a full fine-tune, or the base under a LoRA adapter, sharded across the
+ranks; a full fine-tune's sharded checkpoints.
 
 The model is sharded at load by transformers' own FSDP2 (`from_pretrained(distributed_config=DistributedConfig(
 fsdp_size=N))`, which the Trainer trains as it is). The Trainer's other FSDP path, `TrainingArguments(fsdp=True,
 fsdp_config={"version": 2})`, goes through accelerate, which keeps the plugin only on accelerators: on CPU processes
 (accelerate 1.16, AcceleratorState: DistributedType.FSDP is set for MULTI_GPU/NPU/... only) it trains plain DDP
-without a word. Checkpoints are torch.distributed.checkpoint (DCP) folders that every rank writes its part of and
-that reshard at load to any world size; export consolidates them in one process.
+without a word. A full fine-tune's checkpoints are torch.distributed.checkpoint (DCP) folders that every rank writes
+its part of and that reshard at load to any world size; export consolidates them in one process. Under a LoRA adapter
+only the frozen base is sharded: the adapter's weights and moments are whole on every rank (the Trainer broadcasts
+them from rank 0 and averages their gradients, Trainer._sync_replicated_trainable_parameters), so its checkpoints
+are the ones ddp writes, and the base is the base model's own files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from .precision import DTYPES, load_base
 
 
 def sharded_training(config: Config) -> bool:
+    """Whether the model's weights are sharded across the ranks (a full fine-tune's, or the base under LoRA)."""
     return config.distributed.strategy == "fsdp"
+
+
+def sharded_checkpoints(config: Config) -> bool:
+    """Whether checkpoints are DCP shards that every rank writes (a full fine-tune under fsdp); an adapter trained on
+    a sharded base is whole on every rank and is saved as under ddp."""
+    return sharded_training(config) and config.adapter.method == "full"
 
 
 def layout(world_size: int) -> dict:
@@ -61,8 +72,13 @@ def load_model(config: Config, path: str, world_size: int):
 def build(config: Config, model_path: str, resume, world_size: int):
     """The model to train on from `resume` (a checkpoints.Checkpoint or None), under distributed.strategy:
     sharded for fsdp, whole for ddp. A checkpoint of the other kind is converted, exactly: whole-model files are
-    loaded sharded, shards are loaded whole (DCP reshards)."""
+    loaded sharded, shards are loaded whole (DCP reshards). A LoRA adapter goes on the base sharded at load."""
+    from .precision import build_model
+
     sharded = sharded_training(config)
+    if config.adapter.method != "full":  # an adapter's checkpoint is whole whatever the strategy: nothing to convert
+        return build_model(config, model_path, resume.path if resume else None,
+                           load=lambda c, path: load_model(c, path, world_size if sharded else 1))
     if resume is not None and resume.manifest.sharded is None:  # Hugging Face files, written under ddp
         return load_model(config, str(resume.path), world_size if sharded else 1)
     model = load_model(config, model_path, world_size) if sharded else load_base(config, model_path)
@@ -154,6 +170,14 @@ def reshard(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def held(model) -> tuple[int, int]:
+    """How many of the model's parameters are sharded across the ranks, and how many are whole on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+    return sharded, sum(1 for _ in model.parameters()) - sharded
 
 
 def _distributed(model) -> bool:

@@ -169,7 +169,7 @@ class _JobCallback:
                  padded_len: int, hooks: Hooks):
         self.spec, self.config, self.collator, self.layout, self.hooks = spec, config, collator, layout, hooks
         self.main = distributed.is_main()
-        self.sharded = sharding.sharded_training(config)  # every rank writes its shards of each checkpoint
+        self.sharded = sharding.sharded_checkpoints(config)  # every rank writes its shards of each checkpoint
         self.padded_len = padded_len  # items in the data set including fillers
         self.consumed = 0
         self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
@@ -379,12 +379,20 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                                     tokenizer)
     if distributed.is_main():
         memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
-        if sharding.sharded_training(config) and world_size == 1 and hooks.say:
+        if sharding.sharded_checkpoints(config) and world_size == 1 and hooks.say:
             hooks.say("info", "distributed.strategy = \"fsdp\" with one process: nothing to shard across, so the "
                       "whole model trains here; its checkpoints are sharded (DCP) all the same, so the run goes on "
                       "at any number of processes")
+        elif sharding.sharded_training(config) and world_size == 1 and hooks.say:
+            hooks.say("info", "distributed.strategy = \"fsdp\" with one process: nothing to shard across, so the "
+                      "whole base model is held here under the adapter")
     if sharding.sharded_training(config):
         sharding.reshard(model)  # the packing probe's forward left some modules gathered: the optimizer takes shards
+        if world_size > 1 and not sharding.sharded_checkpoints(config) and distributed.is_main() and hooks.say:
+            sharded, whole = sharding.held(model)
+            hooks.say("info", f"job {spec.job_id}: the base model sharded across {world_size} ranks (FSDP2, "
+                      f"{sharded} tensors), the adapter whole on every rank ({whole} tensors, its gradients "
+                      "averaged); checkpoints hold the adapter as under ddp")
     trainer.create_optimizer()
     trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec.resume.path if spec.resume else None,
                                              spec.start, _same_optimizer(config, spec, hooks), trainer.model)

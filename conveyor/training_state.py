@@ -53,12 +53,25 @@ def apply_learning_rate(scheduler, lr: float) -> None:
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
+def _whole_weights(model) -> dict:
+    """save_pretrained's keyword for an adapter on a base sharded across the ranks (LoRA under distributed.strategy =
+    "fsdp"): only the weights every rank holds whole, the adapter's among them. Left to itself, peft gathers every
+    sharded base weight into the state dict it filters (a collective that rank 0 alone, which saves, would enter).
+    Nothing for a model held whole."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return {}
+    return {"state_dict": {k: v for k, v in state.items() if not isinstance(v, DTensor)}}
+
+
 def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
                     retention) -> Path:
     """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest;
     `retention` is training's settings (keep_checkpoints, keep_job_ends, prune_version_weights)."""
     def save(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **_whole_weights(model))
         torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
         torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
         for r, state in enumerate(rng_states):
@@ -125,14 +138,14 @@ def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Pos
     The constant schedule runs once per run, so it continues from the checkpoint. The cosine schedule belongs
     to the job: it is rebuilt for this job and advanced to the job's own step (another job may have run since).
     moments=False keeps the optimizer's fresh state (training.optimizer changed: the saved one does not fit).
-    Under distributed.strategy = "fsdp", or from a sharded checkpoint, the moments go through DCP (sharding.py),
-    which needs the model the optimizer steps."""
+    A full fine-tune under distributed.strategy = "fsdp", or from a sharded checkpoint, restores its moments
+    through DCP (sharding.py), which needs the model the optimizer steps."""
     from . import sharding
 
     t = config.training
     scheduler = make_scheduler(config, optimizer, start.planned_steps)
     if resume is not None:
-        if moments and (sharding.sharded_training(config) or sharding.is_sharded(resume)):
+        if moments and (sharding.sharded_checkpoints(config) or sharding.is_sharded(resume)):
             sharding.restore_optimizer(model, optimizer, resume)
         elif moments:
             optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
