@@ -10,11 +10,12 @@ table), the first --warmup steps left out; efficiency = tokens/s at N processes 
 With --plain (the default) each process count also runs the stock Trainer + PEFT under torchrun (no audit, no
 database, no broadcasts; the same data, order and settings) and "vs plain" is conveyor ÷ plain at that world size.
 
-Strategies (--strategy): `ddp` here (LoRA, conveyor's default adapter; --method full for a full fine-tune). FSDP
-rows: register a function of measure_ddp's signature in STRATEGIES (e.g. measure(..., strategy="fsdp",
-method="full")); benchmarks/fsdp.py holds the FSDP engineer's own runs.
+Strategies (--strategy ddp fsdp): `ddp` holds the whole model on every process; `fsdp` shards it with FSDP2 (under
+--method lora, the default, the frozen base is sharded and the adapter whole on every process; under --method full
+every weight and optimizer moment). The plain rows are the stock Trainer's DDP either way. benchmarks/fsdp.py adds
+peak memory per process for the full fine-tune.
 
-    python benchmarks/scaling.py [--strategy ddp] [--method lora|full] [--layouts 1x1 1x2 1x4 2x2] [--steps 8]
+    python benchmarks/scaling.py [--strategy ddp fsdp] [--method lora|full] [--layouts 1x1 1x2 1x4 2x2] [--steps 8]
                                  [--warmup 2] [--threads 1] [--no-plain] [--keep DIR]
 """
 
@@ -115,8 +116,12 @@ def measure_ddp(base: Path, model_dir: Path, layout: Layout, args) -> dict:
     return measure(base, model_dir, layout, "ddp", args.method, args.steps, args.warmup, args.threads)
 
 
-# Strategy -> its row measurement. FSDP rows: add "fsdp" here with the same signature.
-STRATEGIES = {"ddp": measure_ddp}
+def measure_fsdp(base: Path, model_dir: Path, layout: Layout, args) -> dict:
+    return measure(base, model_dir, layout, "fsdp", args.method, args.steps, args.warmup, args.threads)
+
+
+# Strategy -> its row measurement.
+STRATEGIES = {"ddp": measure_ddp, "fsdp": measure_fsdp}
 
 
 def measure_plain(base: Path, model_dir: Path, world: int, args) -> dict:
@@ -186,7 +191,7 @@ def plain_rank(data: Path, model_dir: Path, out: Path, method: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategy", nargs="+", choices=sorted(STRATEGIES), default=["ddp"])
-    parser.add_argument("--method", choices=["lora", "full"], default="lora", help="adapter.method of the ddp rows")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora", help="adapter.method of every row")
     parser.add_argument("--layouts", nargs="+", type=Layout.parse, default=[Layout(1, 1), Layout(1, 2), Layout(1, 4),
                                                                             Layout(2, 2)], help="NODESxPROCS")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps each row trains")
