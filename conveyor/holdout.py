@@ -6,7 +6,9 @@ trained and the held-out part of a job under way. The job then trains the rest: 
 order and its audit cover only the trained examples (laws 1 and 2).
 
 A held-out set is small and scored for as long as the run lives, long after the job's tokenized data was
-pruned: its examples are kept in data/holdout/ as token ids and labels (JSON; only numbers are read back).
+pruned: its examples are kept in data/holdout/ as token ids and labels (JSON; only numbers are read back), with
+their sha256: a kept set changed since it was written is never scored, but rebuilt from the job's stored copy
+(verified itself) and said.
 """
 
 from __future__ import annotations
@@ -98,24 +100,58 @@ def _path(folder: Path, job_id: int, key: str) -> Path:
     return folder / f"job-{job_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+class AlteredHoldout(ValueError):
+    """A kept held-out file whose examples no longer match the sha256 written with them."""
+
+
+def _digest(rows: list) -> str:
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
 def save(folder: Path, job_id: int, key: str, held: list[Tokenized]) -> None:
-    """Keep a job's held-out examples (written to a temporary file and renamed)."""
+    """Keep a job's held-out examples with their sha256 (written to a temporary file and renamed)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = _path(folder, job_id, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([{"line": e.line, "input_ids": list(map(int, e.input_ids)),
-                                "labels": list(map(int, e.labels))} for e in held]), encoding="utf-8")
+    rows = [{"line": e.line, "input_ids": list(map(int, e.input_ids)), "labels": list(map(int, e.labels))}
+            for e in held]
+    tmp.write_text(json.dumps({"sha256": _digest(rows), "examples": rows}), encoding="utf-8")
     os.replace(tmp, path)
 
 
+def _rows(path: Path) -> list:
+    """The examples a kept file holds, verified against the sha256 written with them (AlteredHoldout if they do not
+    match); a file from before the hashes (a bare list) as it is. OSError/ValueError if missing or unreadable."""
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(kept, list):
+        return kept
+    rows = kept["examples"]
+    if _digest(rows) != kept["sha256"]:
+        raise AlteredHoldout(f"{path.name} does not match the sha256 written with it (changed since)")
+    return rows
+
+
 def load(folder: Path, job_id: int, key: str) -> list[Tokenized] | None:
-    """A job's kept held-out examples, or None if they are missing or unreadable (then rebuilt from its file)."""
+    """A job's kept held-out examples, or None if they are missing or unreadable (then rebuilt from its file);
+    AlteredHoldout if they were changed since they were written (rebuilt too, and said)."""
     try:
-        rows = json.loads(_path(folder, job_id, key).read_text(encoding="utf-8"))
+        rows = _rows(_path(folder, job_id, key))
         return [Tokenized(int(r["line"]), [int(t) for t in r["input_ids"]], [int(t) for t in r["labels"]])
                 for r in rows]
+    except AlteredHoldout:
+        raise
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def kept_lines(folder: Path, job_id: int) -> list[int] | None:
+    """The file lines of a job's kept held-out examples (any tokenization of it), None if none are readable."""
+    for path in sorted(folder.glob(f"job-{job_id}-*.json")):
+        try:
+            return sorted(int(r["line"]) for r in _rows(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def set_name(job_id: int) -> str:

@@ -463,10 +463,9 @@ def _held_out(ws, job_id: int) -> str:
     """The job's held-out lines, from its kept held-out examples (holdout.save: data/holdout/job-<id>-*.json);
     none kept: none held out (a job that did hold some out then stops with a message when it resumes, since its
     example count differs from its manifest's, rather than train its held-out examples)."""
-    for path in sorted((ws.data / "holdout").glob(f"job-{job_id}-*.json")):
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return json.dumps(sorted(int(r["line"]) for r in json.loads(path.read_text(encoding="utf-8"))))
-    return "[]"
+    from .holdout import kept_lines
+
+    return json.dumps(kept_lines(ws.data / "holdout", job_id) or [])
 
 
 def _old_jobs(con: sqlite3.Connection, old: dict[int, dict], taken: set[int], report: Report) -> None:

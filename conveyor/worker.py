@@ -493,8 +493,13 @@ class Worker:
             sets[EVAL_FILE] = validation.examples[:limit]
         for job in held_out_jobs(self.db, run.id):
             key = data_key(self.ws, job, self.config, self.model_path, self.tokenizer)
-            held = holdout.load(self.ws.data / "holdout", job.id, key)
-            if held is None:  # kept examples missing: rebuilt from the stored file
+            try:
+                held = holdout.load(self.ws.data / "holdout", job.id, key)
+            except holdout.AlteredHoldout as e:
+                self.say("warning", f"job {job.id}'s held-out set: data/holdout/{e}; it is rebuilt from the job's "
+                         "stored copy, so its scores stay those of the examples held out", job.id)
+                held = None
+            if held is None:  # kept examples missing or changed: rebuilt from the stored file
                 held = holdout.split(job_data(self.ws, job, self.config, self.model_path, self.tokenizer),
                                      job.holdout).held
                 holdout.save(self.ws.data / "holdout", job.id, key, held)

@@ -304,3 +304,32 @@ def test_checking_unchanged_data_costs_a_stat(workspace, tmp_path, monkeypatch):
     assert run_cli(ws, "run", "--drain", "-q").code == 0
     assert [h for h in hashed if "/data/" in h] == []
     assert _job(ws, 1)["state"] == "done"
+
+
+def test_a_kept_held_out_set_changed_behind_conveyors_back_is_rebuilt_not_scored(workspace, tmp_path):
+    """data/holdout/job-1-*.json (job 1's held-out examples, scored at every later evaluation) with a token changed:
+    job 2's evaluations do not score the changed examples but the ones rebuilt from job 1's verified stored copy,
+    said once; the losses equal an untouched run's."""
+    a, b = _files(tmp_path)
+    settings = {**SETTINGS, "eval": {"holdout": 2}}
+    runs = {}
+    for name in ("untouched", "changed"):
+        ws = workspace(name, **settings)
+        assert run_cli(ws, "train", a, "-q").code == 0
+        if name == "changed":
+            (kept,) = (ws / "data" / "holdout").glob("job-1-*.json")
+            data = json.loads(kept.read_text())
+            data["examples"][0]["input_ids"][1] += 1  # still valid JSON and token ids; the sha256 no longer fits
+            kept.write_text(json.dumps(data))
+        r = run_cli(ws, "train", b, "-q")
+        assert r.code == 0, r.out + r.err
+        con = sqlite3.connect(ws / "conveyor.db")
+        runs[name] = con.execute("SELECT step, loss FROM set_evals WHERE name = 'job 1' ORDER BY step").fetchall()
+        con.close()
+        said = [m for kind, m in _events(ws) if "held-out set: data/holdout/job-1-" in m]
+        assert len(said) == (name == "changed"), said
+    assert said[0].endswith("does not match the sha256 written with it (changed since); it is rebuilt from the job's "
+                            "stored copy, so its scores stay those of the examples held out"), said
+    assert runs["changed"] == runs["untouched"] and len(runs["changed"]) >= 2
+    kept_now = json.loads(next((ws / "data" / "holdout").glob("job-1-*.json")).read_text())
+    assert kept_now["examples"][0]["input_ids"] != data["examples"][0]["input_ids"]  # written again, as held out
