@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import controls, ledger, runs, versions
+from . import controls, ledger, runs, series, versions
 from .errors import ConveyorError
 from .status import (
     daemon_pid,
@@ -50,7 +50,7 @@ NOT_ACKNOWLEDGED = "requested, not yet acknowledged (is the daemon running?)"
 EXPIRED = "expired: no daemon was running to act on it"
 # The status the page polls lists this many of the newest jobs and of the queue; counts cover the rest.
 STATUS_JOBS = 100
-END = ledger.END  # a step past any step: the default end of a range
+END = series.END  # a step past any step: the default end of a range
 # The page's scripts and styles are inline and it talks only to this server: nothing loads from elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -159,7 +159,7 @@ def snapshot(ws: Workspace) -> dict:
         "run": run_id,
         "global_step": data["run"]["global_step"] if data["run"] else 0,
         "event_id": last_event_id(ws.db),
-        **ledger.latest(ws.db, run_id),  # the last steps of the run's lineage, not counts: index seeks
+        **series.latest(ws.db, run_id),  # the last steps of the run's lineage, not counts: index seeks
         "status_hash": hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16],
     }
 
@@ -303,7 +303,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     def runs_() -> list[dict]:
         """Every run, with how many metric rows it has of its own."""
         with open_workspace(root) as ws:
-            return [{**r.to_json(), "metric_rows": ledger.metric_count(ws.db, r.id)} for r in runs.all_runs(ws.db)]
+            return [{**r.to_json(), "metric_rows": series.metric_count(ws.db, r.id)} for r in runs.all_runs(ws.db)]
 
     @app.get("/api/jobs", dependencies=[api])
     def jobs_(offset: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> dict:
@@ -319,20 +319,20 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
         `points`, else at most `points` rows each merging a range of steps."""
         first = max(since_step + 1, start)
         # thousands of rows: skip FastAPI's per-value encoder
-        return JSONResponse(for_run(root, run, lambda con, run_id: ledger.metric_series(con, run_id, first, end,
+        return JSONResponse(for_run(root, run, lambda con, run_id: series.metric_series(con, run_id, first, end,
                                                                                         points), NO_SERIES))
 
     @app.get("/api/evals", dependencies=[api])
     def evals(run: Optional[str] = None, start: int = Query(0, ge=0, le=END), end: int = Query(END, ge=0, le=END),
               points: int = Query(2000, ge=1, le=5000)) -> JSONResponse:
         """The run's evaluations in steps start..end: at most `points` rows, merged by step ranges beyond that."""
-        return JSONResponse(for_run(root, run, lambda con, run_id: ledger.eval_series(con, run_id, start, end,
+        return JSONResponse(for_run(root, run, lambda con, run_id: series.eval_series(con, run_id, start, end,
                                                                                       points), NO_SERIES))
 
     @app.get("/api/samples", dependencies=[api])
     def samples(run: Optional[str] = None, limit: int = Query(20, ge=1, le=500)) -> dict:
         """The latest sample generations, newest first."""
-        return for_run(root, run, lambda con, run_id: {"rows": ledger.samples(con, run_id, limit)}, {"rows": []})
+        return for_run(root, run, lambda con, run_id: {"rows": series.samples(con, run_id, limit)}, {"rows": []})
 
     @app.get("/api/ledger", dependencies=[api])
     def ledger_(run: Optional[str] = None, offset: int = Query(0, ge=0),
@@ -347,7 +347,7 @@ def create_app(ws_root: Path, token: str | None = None, control_timeout: float =
     @app.get("/api/set_evals", dependencies=[api])
     def set_evals(run: Optional[str] = None) -> dict:
         """The run's held-out sets' losses at every evaluation, by step (a few sets a step, evaluations are sparse)."""
-        return for_run(root, run, lambda con, run_id: {"rows": ledger.set_eval_rows(con, run_id)}, {"rows": []})
+        return for_run(root, run, lambda con, run_id: {"rows": series.set_eval_rows(con, run_id)}, {"rows": []})
 
     @app.get("/api/events", dependencies=[api])
     def events(after_id: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from . import controls, jobs, ledger, runs
+from . import controls, jobs, ledger, runs, series
 from .errors import ConveyorError
 from .lock import LOCK_FILE, daemon_pid  # noqa: F401  (the lock is lock.py's; some callers import them here)
 from .workspace import Workspace
@@ -77,7 +77,7 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
         "precision": precision_settings(config) if config else None,
         "config_error": config_error,
         "current": current_job(ws),
-        "last_eval": ledger.last_eval(ws.db, active.id) if active else None,
+        "last_eval": series.last_eval(ws.db, active.id) if active else None,
         "queue": queue,
         "queue_total": queue_total,
         "failures": _failures(ws.db),
@@ -92,7 +92,7 @@ def lineage_steps(con, run_id: str) -> list[dict]:
     branched from (up to the version it branched from: "version"), then its own. `steps` may be 0 (then no
     first or last step): a new branch that has trained nothing yet."""
     known = {r.id: r for r in runs.all_runs(con)}
-    spans = ledger.lineage(con, run_id)
+    spans = series.lineage(con, run_id)
     out = []
     for span, child in zip(spans, spans[1:] + [None]):
         first, last = max(span.first, 1), span.last if span.inherited else known[span.run].global_step

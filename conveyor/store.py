@@ -152,7 +152,7 @@ CREATE TABLE IF NOT EXISTS events (
     job_id INTEGER,
     message TEXT NOT NULL
 );
--- Aggregates of metric rows, kept on every write (ledger.roll_up), so that the dashboard reads a few thousand
+-- Aggregates of metric rows, kept on every write (series.roll_up), so that the dashboard reads a few thousand
 -- rows of any range of a run of millions of steps. Bucket b of a level holds steps b*level .. b*level+level-1;
 -- job_id is the job of its last step.
 CREATE TABLE IF NOT EXISTS metrics_rollup (
@@ -313,7 +313,7 @@ def _build_rollups_once(con: sqlite3.Connection) -> None:
     one PRAGMA."""
     if con.execute("PRAGMA user_version").fetchone()[0] >= VERSIONS_VERSION:
         return
-    from .ledger import rebuild_rollups  # ledger needs this module's transaction(): import here, not at the top
+    from .series import rebuild_rollups  # series needs this module's transaction(): import here, not at the top
 
     with transaction(con):
         if con.execute("PRAGMA user_version").fetchone()[0] < ROLLUP_VERSION:  # not done by another process meanwhile

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conveyor import dashboard, ledger, store
+from conveyor import dashboard, ledger, series, store
 from conveyor.dashboard import STATUS_JOBS, create_app, snapshot
 from conveyor.workspace import Workspace
 
@@ -91,7 +91,7 @@ def one_pass(big) -> int:
     con, meter = store.connect(big / "conveyor.db"), Meter()
     meter.attach(con)
     try:
-        con.execute(f"SELECT {ledger.MERGED} FROM (SELECT {ledger.RAW_AS_ROLLUP} FROM metrics WHERE run_id = ?)",
+        con.execute(f"SELECT {series.MERGED} FROM (SELECT {series.RAW_AS_ROLLUP} FROM metrics WHERE run_id = ?)",
                     (RUN,)).fetchone()
     finally:
         con.close()
@@ -231,7 +231,7 @@ def _rollup(con) -> list[tuple]:
 def _from_scratch(con) -> list[tuple]:
     """The rollups rebuilt from the metric rows alone, the table left as it was."""
     kept = _rollup(con)
-    ledger.rebuild_rollups(con)
+    series.rebuild_rollups(con)
     rebuilt = _rollup(con)
     with store.transaction(con):
         con.execute("DELETE FROM metrics_rollup")
