@@ -31,11 +31,13 @@ class Result:
     err: str
 
 
-def run_cli(ws: Path | None, *args: str, subprocess_: bool = False) -> Result:
-    """Run the real `conveyor` CLI: in-process by default (fast), or as a subprocess."""
+def run_cli(ws: Path | None, *args: str, subprocess_: bool = False, env: dict | None = None) -> Result:
+    """Run the real `conveyor` CLI: in-process by default (fast), or as a subprocess (with `env` added to this
+    process's environment)."""
     argv = (["-w", str(ws)] if ws else []) + [str(a) for a in args]
-    if subprocess_:
-        p = subprocess.run([sys.executable, "-m", "conveyor", *argv], capture_output=True, text=True, timeout=600)
+    if subprocess_ or env:
+        p = subprocess.run([sys.executable, "-m", "conveyor", *argv], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **(env or {})})
         return Result(p.returncode, p.stdout, p.stderr)
     from typer.testing import CliRunner
 

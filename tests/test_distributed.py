@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import pytest
@@ -16,13 +15,7 @@ SETTINGS = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max
 
 
 def _train(ws, files, env=None):
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        return run_cli(ws, "train", *files, "-q", subprocess_=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    return run_cli(ws, "train", *files, "-q", subprocess_=True, env=env)
 
 
 def test_two_processes_plan_exactly_and_resume_exactly_after_a_kill(workspace, tmp_path):

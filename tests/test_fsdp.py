@@ -48,13 +48,7 @@ def final(ws: Path) -> Path:
 
 
 def _train(ws: Path, *args: str, env: dict | None = None):
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        return run_cli(ws, *args, "-q", subprocess_=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    return run_cli(ws, *args, "-q", subprocess_=True, env=env)
 
 
 def _workspace(root: Path, tiny_dir: Path, **changes) -> Path:

@@ -221,13 +221,7 @@ def _nodes(hosts, nproc=1, timeout=60.0, launcher="local"):
 
 
 def _train(ws, files, env=None):
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        return run_cli(ws, "train", *files, "-q", subprocess_=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    return run_cli(ws, "train", *files, "-q", subprocess_=True, env=env)
 
 
 def _every_line_once(ws, sizes: dict[int, int]) -> list[dict]:
