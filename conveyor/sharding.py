@@ -147,7 +147,7 @@ def restore_optimizer(model, optimizer, folder: Path) -> None:
         set_optimizer_state_dict(model, optimizer, state, options=_flat())
         return
     saved = torch.load(folder / mf.OPTIMIZER, weights_only=False)
-    if not _distributed(model):  # alone: the whole model, as the file was written
+    if not holds_shards(model):  # alone: the whole model, as the file was written
         optimizer.load_state_dict(saved)
         return
     groups = optimizer.param_groups
@@ -180,7 +180,7 @@ def held(model) -> tuple[int, int]:
     return sharded, sum(1 for _ in model.parameters()) - sharded
 
 
-def _distributed(model) -> bool:
+def holds_shards(model) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())

@@ -60,10 +60,11 @@ def _whole_weights(model) -> dict:
     Nothing for a model held whole."""
     from torch.distributed.tensor import DTensor
 
-    state = model.state_dict()
-    if not any(isinstance(v, DTensor) for v in state.values()):
+    from .sharding import holds_shards
+
+    if not holds_shards(model):
         return {}
-    return {"state_dict": {k: v for k, v in state.items() if not isinstance(v, DTensor)}}
+    return {"state_dict": {k: v for k, v in model.state_dict().items() if not isinstance(v, DTensor)}}
 
 
 def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
