@@ -421,8 +421,10 @@ def test_pause_and_resume_a_real_worker_from_the_page(tmp_path, tiny_dir):
             page.goto(f"http://127.0.0.1:{port}/")
             expect(page.locator("#queue tr.job-row")).to_have_count(2, timeout=20_000)
             assert page.locator("#ledger tbody tr.ledger-row").count() == 2
-            points = int(page.locator("#loss-chart").get_attribute("data-points"))
-            assert points >= 5 + 10  # the two trained jobs and the steps of the running one so far
+            # the two trained jobs and the running one's first 10 steps: the audit row of a step is written when
+            # its batch is drawn, its loss when the step is logged, and the chart redraws on the page's next poll
+            page.wait_for_function("Number(document.querySelector('#loss-chart').dataset.points) >= 5 + 10",
+                                   timeout=30_000)
             page.click("#btn-pause")
             expect(page.locator("#control-result")).to_contain_text("paused job 3 at global step", timeout=30_000)
             expect(page.locator("#daemon-state")).to_have_text("paused", timeout=10_000)

@@ -427,7 +427,7 @@ def test_ask_box_and_forgetting_in_chromium(plain):
                  for row in page.locator("#matrix tr.matrix-row").all()]
         assert [len(c) for c in cells] == [2, 2] and cells[0][1] == "" and all(cells[1])
         assert page.locator("#matrix td.cell").first.get_attribute("title").endswith("(+0.0% since its first score)")
-        assert page.locator("#sets-chart").get_attribute("data-points") == "3"
+        sync_api.expect(page.locator("#sets-chart")).to_have_attribute("data-points", "3", timeout=20_000)
         page.fill("#ask-prompt", "the quick")
         page.select_option("#ask-version", "v1")
         page.fill("#ask-tokens", "6")
