@@ -1,0 +1,11 @@
+"""The `conveyor` command. Package errors and machine faults print as one `error:` line (exit 1), usage errors as
+one message with the `--help` hint (exit 2); `--debug` shows the traceback of the former.
+
+`root` holds the app and `main`; each other module adds its commands to the app when imported, in the order
+`conveyor --help` lists them.
+"""
+
+from . import training, views, model, tools  # noqa: F401  (registers the commands, in this order)
+from .root import _state, app, main
+
+__all__ = ["_state", "app", "main"]

@@ -1,0 +1,177 @@
+"""Commands that show what was trained: logs, status, history, versions and the forgetting matrix."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .. import ledger, runs
+from ..console import console, print_ledger
+from ..errors import ConveyorError
+from ..workspace import Workspace
+from .root import _print_json, _ws, app
+
+
+@app.command()
+def logs(follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+         lines: int = typer.Option(50, "-n", help="Lines to show first.")):
+    """The workspace log (one JSON object a line)."""
+    ws = _ws()
+    path = ws.logs / "conveyor.log"
+    if not path.exists():
+        raise ConveyorError(f"no log yet at {path}")
+    with open(path, encoding="utf-8") as f:
+        for line in f.readlines()[-lines:]:
+            sys.stdout.write(line)
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 seconds until Ctrl-C."),
+):
+    """One screen: active run and identity, global step, current job and ETA, losses, queue, failures, disk. With
+    --watch: the screen redrawn every 2 seconds on a terminal; in a pipe, one line a frame."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from ..status import one_line, render, status_data
+
+    ws = _ws()
+    if as_json:
+        return _print_json(status_data(ws))
+    if not watch:
+        return console.print(render(status_data(ws)))
+    try:
+        if not console.is_terminal:  # a pipe or a file: a frame a line, flushed, until Ctrl-C or a closed pipe
+            while True:
+                sys.stdout.write(one_line(status_data(ws)) + "\n")
+                sys.stdout.flush()
+                time.sleep(2)
+        screen = Console(highlight=False)  # wraps long lines at the terminal's width instead of cutting them
+        with Live(render(status_data(ws)), console=screen, refresh_per_second=1) as live:
+            while True:
+                time.sleep(2)
+                live.update(render(status_data(ws)))
+    except KeyboardInterrupt:
+        return
+    except BrokenPipeError:  # `status --watch | head`
+        sys.stderr.close()
+
+
+def _check_run(ws: Workspace, run_id: str | None) -> None:
+    known = [r.id for r in runs.all_runs(ws.db)]
+    if run_id is not None and run_id not in known:
+        raise ConveyorError(f"--run {run_id!r}: no such run; the runs are {', '.join(known) or 'none yet'}")
+
+
+@app.command()
+def history(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    examples: bool = typer.Option(False, "--examples", help="Per optimizer step: the job and the file lines trained."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
+    own: bool = typer.Option(False, "--own", help="Only the run's own steps, not those a rollback's run inherited."),
+):
+    """The ledger: which job trained which global steps, on how many examples and tokens, with its loss. A run
+    branched by `conveyor rollback` lists first the steps it inherited (up to the version it branched from; each
+    row names its run and says `"inherited": true`), then its own."""
+    ws = _ws()
+    _check_run(ws, run_id)
+    run_id = run_id or (runs.active(ws.db).id if runs.active(ws.db) else None)
+    if examples:
+        rows = ledger.audit_rows(ws.db, run_id, own)
+        if as_json:
+            return _print_json(rows)
+        for r in rows:
+            replayed = ", ".join(f"{x['job']}:{x['line']}" for x in r.get("replay", []))
+            console.print(f"step {r['step']}" + (f" ({r['run']}, inherited)" if r["inherited"] else "")
+                          + f": job {r['job']} lines {r['lines']}" + (f" replayed (job:line) {replayed}" if replayed
+                                                                      else ""), markup=False)
+        return
+    rows = ledger.rows(ws.db, run_id, own)
+    if as_json:
+        return _print_json(rows)
+    print_ledger(rows)
+
+
+@app.command()
+def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not,
+    and whether retention kept its weights and optimizer state."""
+    from ..versions import all_versions
+
+    ws = _ws()
+    rows = all_versions(ws.db, ws.runs)
+    if as_json:
+        return _print_json(rows)
+    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated",
+                  "weights", "optimizer")
+    for v in rows:
+        loss = v["eval"].get("eval.file")
+        held = [x for k, x in v["eval"].items() if k != "eval.file"]
+        table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
+                      f"{loss:.4f}" if loss is not None else "-",
+                      f"{len(held)}, mean {sum(held) / len(held):.4f}" if held else "-",
+                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "", v["weights"], v["optimizer"])
+    console.print(table if rows else "no versions yet: a version is made when a job ends")
+    if any(v["weights"] == "kept" and v["optimizer"] == "pruned" for v in rows):
+        console.print("optimizer pruned: retention (training.keep_job_ends) kept the weights only; a rollback to "
+                      "such a version starts the optimizer moments from zero")
+    if any(v["weights"] == "pruned" for v in rows):
+        console.print("weights pruned: by retention (training.prune_version_weights); such a version can no longer "
+                      "be exported, tried or rolled back to")
+
+
+@app.command("eval")
+def eval_(
+    matrix: bool = typer.Option(False, "--matrix", show_default=False,
+                                help="Versions × evaluation sets (the one view there is; accepted for scripts)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="This run's versions, after those of the versions it "
+                                         "branched from (default: the active run)."),
+):
+    """The forgetting matrix: each version's loss on every held-out set (eval.holdout) and on eval.file."""
+    from ..versions import matrix as forgetting
+
+    ws = _ws()
+    _check_run(ws, run_id)
+    data = forgetting(ws.db, run_id)
+    if as_json:
+        return _print_json(data)
+    if not data["rows"]:
+        console.print("no versions yet: a version is made when a job ends")
+        return
+    if not data["sets"]:
+        console.print("no evaluation sets: set eval.holdout (examples held out of each job) or eval.file")
+        return
+    try:
+        named = Path(ws.config().eval.file or "eval.file").name  # eval.file's set is named by the file it reads
+    except ConveyorError:
+        named = "eval.file"
+    table = Table("version", "step", *[f"{s['name']}\n{s['file'] if s['job'] is not None else named}"
+                                       for s in data["sets"]],
+                  title="loss per evaluation set (change since the set's first score)")
+    first: dict[str, float] = {}
+    for row in data["rows"]:
+        cells = []
+        for s in data["sets"]:
+            loss = row["loss"][s["name"]]
+            if loss is None:
+                cells.append("-")
+                continue
+            base = first.setdefault(s["name"], loss)
+            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.1%})" if base and loss != base else ""))
+        table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
+    console.print(table)
