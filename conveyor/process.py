@@ -133,7 +133,7 @@ def run_worker(root: Path, job: int | None, claim: str | None) -> int:
     config = parse_config(json.loads(raw), "the daemon's settings") if raw else ws.config()
     distributed.init_from_env(config.distributed.backend)  # under torchrun: join the process group
     if not distributed.is_main():
-        from .worker import follow
+        from .follower import follow
 
         follow(ws.root, config, distributed.world())
         return 0

@@ -16,15 +16,15 @@ from pathlib import Path
 
 from . import checkpoints as ck
 from . import controls, distributed, faults, holdout, jobs, ledger, memory, overrides, runs, testhooks
-from . import manifest as mf
 from .config import Config
 from .controls import Context, Effect
 from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
+from .follower import follow_order
 from .formats import TokenizedFile, parse_file, tokenize_file
 from .tokenized import prune as prune_tokenized
 from .tokenized import tokens_of
-from .jobdata import data_key, held_out_jobs, job_data, replay_pool, trained_data
+from .jobdata import data_key, held_out_jobs, job_data, replay_pool
 from .jobs import Conflict, Job, JobState
 from .plan import Position, examples_per_step, fresh, require_steps
 from .store import log_event, transaction
@@ -525,54 +525,3 @@ def _lines(lines: list[int], total: int | None = None) -> str:
     total = len(lines) if total is None else total
     more = f" and {total - 20} more" if total > 20 else ""
     return ", ".join(map(str, lines[:20])) + more
-
-
-def follow_order(setup: Setup, db) -> dict:
-    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
-    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
-    start = setup.start
-    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
-            "open": [p.to_json() for p in setup.open_jobs],
-            "resume": str(setup.resume.path) if setup.resume else None,
-            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
-
-
-class FilesOnly(Workspace):
-    """The workspace as ranks other than 0 see it, perhaps on another host: its files only. The database is the
-    daemon's and rank 0's (one writer, and no SQLite locking over a network file system)."""
-
-    @property
-    def db(self):
-        raise RuntimeError("a rank other than 0 opened conveyor.db; it must read the workspace's files only (a bug)")
-
-
-def follow(root: Path, config: Config, world_size: int) -> None:
-    """A rank other than 0: wait for rank 0's order, set up the same segment from the workspace's files, train in
-    step."""
-    from .chat import load_tokenizer
-    from .replay import Pool
-    from .trainer import JobSpec, train_segment
-
-    order = distributed.broadcast(None)
-    if order is None:
-        return
-    ws = FilesOnly(Path(root))
-    job, run_id = order["job"], order["run"]
-    config = overrides.apply(config, job.overrides)  # the job's own settings, as rank 0 trains it
-    resume = None
-    if order["resume"]:
-        path = Path(order["resume"])
-        resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
-    model_path = ws.model_path(config.model.name)
-    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)
-    start = Position.from_json(order["start"])
-    pool = None
-    if order["replayed"]:  # as jobdata.replay_pool builds it, from the rows rank 0 sent
-        pool = Pool([(j.id, trained_data(ws, j, config, model_path, tokenizer)) for j in order["replayed"]],
-                    config.training.seed, start.fingerprint)
-        pool = pool if pool.size else None
-    spec = JobSpec(run_id=run_id, run_dir=ws.run_dir(run_id),
-                   data=trained_data(ws, job, config, model_path, tokenizer),
-                   start=start, identity=order["identity"], resume=resume,
-                   open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool)
-    train_segment(config, model_path, spec, None, world_size)

@@ -1,0 +1,70 @@
+"""The ranks other than 0 of a job under torchrun: rank 0 (a Worker) sends its order, the same segment and the
+database rows they need; each other rank sets that segment up from the workspace's files, which may be on another
+host, and trains in step. They never open conveyor.db."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import checkpoints as ck
+from . import distributed, jobs, overrides
+from . import manifest as mf
+from .config import Config
+from .jobdata import trained_data
+from .plan import Position
+from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .worker import Setup
+
+
+def follow_order(setup: Setup, db) -> dict:
+    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
+    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
+    start = setup.start
+    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
+            "open": [p.to_json() for p in setup.open_jobs],
+            "resume": str(setup.resume.path) if setup.resume else None,
+            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
+
+
+class FilesOnly(Workspace):
+    """The workspace as ranks other than 0 see it, perhaps on another host: its files only. The database is the
+    daemon's and rank 0's (one writer, and no SQLite locking over a network file system)."""
+
+    @property
+    def db(self):
+        raise RuntimeError("a rank other than 0 opened conveyor.db; it must read the workspace's files only (a bug)")
+
+
+def follow(root: Path, config: Config, world_size: int) -> None:
+    """A rank other than 0: wait for rank 0's order, set up the same segment from the workspace's files, train in
+    step."""
+    from .chat import load_tokenizer
+    from .replay import Pool
+    from .trainer import JobSpec, train_segment
+
+    order = distributed.broadcast(None)
+    if order is None:
+        return
+    ws = FilesOnly(Path(root))
+    job, run_id = order["job"], order["run"]
+    config = overrides.apply(config, job.overrides)  # the job's own settings, as rank 0 trains it
+    resume = None
+    if order["resume"]:
+        path = Path(order["resume"])
+        resume = ck.Checkpoint(path, ck.step_of(path), mf.read(path))
+    model_path = ws.model_path(config.model.name)
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)
+    start = Position.from_json(order["start"])
+    pool = None
+    if order["replayed"]:  # as jobdata.replay_pool builds it, from the rows rank 0 sent
+        pool = Pool([(j.id, trained_data(ws, j, config, model_path, tokenizer)) for j in order["replayed"]],
+                    config.training.seed, start.fingerprint)
+        pool = pool if pool.size else None
+    spec = JobSpec(run_id=run_id, run_dir=ws.run_dir(run_id),
+                   data=trained_data(ws, job, config, model_path, tokenizer),
+                   start=start, identity=order["identity"], resume=resume,
+                   open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool)
+    train_segment(config, model_path, spec, None, world_size)
