@@ -28,7 +28,7 @@ def _run(tiny_dir, examples: int, steps: int) -> None:
 
 
 def test_random_sequences_keep_the_laws(tiny_dir):
-    _run(tiny_dir, examples=int(os.environ.get("CONVEYOR_MODEL_EXAMPLES", 20)), steps=8)
+    _run(tiny_dir, examples=int(os.environ.get("CONVEYOR_MODEL_EXAMPLES", 10)), steps=8)
 
 
 @pytest.mark.slow
