@@ -60,6 +60,7 @@ def _big_file(path: Path, megabytes: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # a 4 MB file scanned and tokenized under tracemalloc: 13 s of the default run
 def test_validation_and_tokenization_stream_in_flat_memory(tiny_dir, tmp_path):
     path = _big_file(tmp_path / "big.jsonl", 4)
     lines = sum(1 for _ in open(path, "rb"))
