@@ -6,6 +6,6 @@ one message with the `--help` hint (exit 2); `--debug` shows the traceback of th
 """
 
 from . import training, views, model, tools  # noqa: F401  (registers the commands, in this order)
-from .root import _state, app, main
+from .root import app, main
 
-__all__ = ["_state", "app", "main"]
+__all__ = ["app", "main"]
