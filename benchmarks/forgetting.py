@@ -314,7 +314,7 @@ def main() -> None:
         model_dir = None
         if args.model in BUILT_IN:  # made once in a child (it imports torch), copied into each workspace
             model_dir = root / "models" / args.model
-            subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{args.model!r}]"
+            subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{args.model!r}]"
                             f"({str(model_dir)!r})"], check=True, capture_output=True, env=env)
         runs = [one_seed(root, args, seed, model_dir, files, env) for seed in args.seeds]
     report(runs, args, time.perf_counter() - started)

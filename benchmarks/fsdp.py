@@ -80,7 +80,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    from conveyor.tiny import ensure_small
+    from conveyor.models import ensure_small
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="conveyor-fsdp-"))
     model_dir = ensure_small(base / "small")

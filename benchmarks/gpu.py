@@ -229,7 +229,7 @@ def main() -> int:
               "and MFU against the GPU's bf16 peak. Run with --smoke to check the script on CPU.")
         return 0
     from conveyor.config import installed
-    from conveyor.trainer import quiet_libraries
+    from conveyor.models import quiet_libraries
 
     quiet_libraries()
     shape, seq_len = (SMOKE, min(args.seq_len, 128)) if args.smoke else (QWEN2_05B, args.seq_len)

@@ -41,8 +41,8 @@ from conveyor.daemon import Daemon  # noqa: E402
 from conveyor.fingerprint import fingerprint  # noqa: E402
 from conveyor.inbox import enqueue  # noqa: E402
 from conveyor.ledger import audit_rows  # noqa: E402
-from conveyor.tiny import BUILTIN  # noqa: E402
-from conveyor.trainer import quiet_libraries  # noqa: E402
+from conveyor.models import BUILTIN  # noqa: E402
+from conveyor.models import quiet_libraries  # noqa: E402
 from conveyor.workspace import Workspace  # noqa: E402
 
 BATCH, ACCUM, LR, MAX_LENGTH = 8, 1, 1e-3, 128

@@ -118,7 +118,7 @@ def main() -> None:
         for model in ["tiny"] + (["small"] if args.small else []):
             model_dir = root / "models" / model
             # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies it).
-            subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{model!r}]"
+            subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{model!r}]"
                             f"({str(model_dir)!r})"], check=True, capture_output=True)
             n = args.examples if model == "tiny" else args.small_examples
             for profile in ("skewed", "uniform"):

@@ -274,7 +274,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="conveyor-peer-") as tmp:
         root = Path(tmp)
         model_dir = root / "models" / MODEL
-        subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{MODEL!r}]({str(model_dir)!r})"],
+        subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{MODEL!r}]({str(model_dir)!r})"],
                        check=True, capture_output=True)
         for profile in args.profiles.split(","):
             data = root / f"{profile}.jsonl"

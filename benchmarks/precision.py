@@ -92,7 +92,7 @@ def main() -> None:
         root = Path(tmp)
         model_dir = root / args.model
         # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies its image).
-        subprocess.run([sys.executable, "-c", f"from conveyor.tiny import BUILTIN; BUILTIN[{args.model!r}]"
+        subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{args.model!r}]"
                         f"({str(model_dir)!r})"], check=True, capture_output=True)
         data = root / "data.jsonl"
         write_data(data, args.examples)

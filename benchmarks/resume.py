@@ -239,7 +239,7 @@ def main() -> None:
     if args.child:
         return child(args)
     from conveyor.tiny import ensure_tiny
-    from conveyor.trainer import quiet_libraries
+    from conveyor.models import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="conveyor-resume-") as tmp:

@@ -204,7 +204,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     import torch
 
-    from conveyor.tiny import ensure_small
+    from conveyor.models import ensure_small
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="conveyor-scaling-"))
     base.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,7 @@ def seal_copy(tmp: Path, manifest: mf.Manifest) -> None:
     fsync_dir(tmp)
 
 
-def _temporary(run_dir: Path, step: int) -> Path:
+def temporary(run_dir: Path, step: int) -> Path:
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     return root / f".tmp-{folder_name(step)}-{os.getpid()}"
@@ -146,11 +146,11 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     """Write a checkpoint atomically; on any failure the previous checkpoints stay as they were. Then retention
     (`prune`) runs with keep, job_ends and prune_weights (training.prune_version_weights).
 
-    `shards`: the temporary folder every rank already wrote its shards into (write_sharded); `save` adds rank 0's
+    `shards`: the temporary folder every rank already wrote its shards into (training_state.write_sharded); `save` adds rank 0's
     files, and the folder is sealed as any other."""
     root = checkpoints_dir(run_dir)
     final = root / folder_name(step)
-    tmp = shards or _temporary(run_dir, step)
+    tmp = shards or temporary(run_dir, step)
     hashes = HashCache(root)
     try:
         if shards is None:
@@ -169,7 +169,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise _disk_full(run_dir, final.name) from e
+            raise disk_full(run_dir, final.name) from e
         raise
     except ValueError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +180,7 @@ def write(run_dir: Path, step: int, save: Callable[[Path], None], content: mf.Ma
     return Checkpoint(final, step, data)
 
 
-def _disk_full(run_dir: Path, name: str) -> CheckpointError:
+def disk_full(run_dir: Path, name: str) -> CheckpointError:
     need, root = estimate_size(run_dir), checkpoints_dir(run_dir)
     return CheckpointError(
         f"disk full while writing checkpoint {name}: it needs about {need / 1e6:.1f} MB, "
@@ -188,60 +188,12 @@ def _disk_full(run_dir: Path, name: str) -> CheckpointError:
         "Free some space: a running daemon goes on by itself once there is room")
 
 
-def write_sharded(run_dir: Path, step: int, shards: Callable[[Path], None], save: Callable[[Path], None],
-                  content: mf.Manifest | None, keep: int, job_ends: int,
-                  prune_weights: bool = False) -> Checkpoint | None:
-    """A sharded checkpoint; every rank calls this. Rank 0 names the temporary folder (the workspace is shared, so it
-    is the same path on every rank), every rank writes its shards into it (`shards`, DCP's collective save), and
-    once all have (a barrier) rank 0 adds its own files and seals the folder as `write` does: every shard and DCP's
-    .metadata hashed into the manifest, verified, renamed, then retention. Returns the checkpoint on rank 0, None
-    on the others; what fails on rank 0 is raised on every rank (content: rank 0's manifest, None elsewhere)."""
-    from . import distributed
-
-    main = distributed.is_main()
-    tmp, failed = _temporary(run_dir, step), None
-    if main:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            fill_disk("checkpoint", step)
-        except OSError as e:
-            failed = e
-    # Rank 0's folder (or why it has none), on every rank: it also holds them until the folder exists.
-    tmp, told = distributed.broadcast((tmp, failed and str(failed)))
-    if failed:
-        raise _disk_full(run_dir, folder_name(step)) if _no_space(failed) else failed
-    if told:
-        raise CheckpointError(f"rank 0 could not make the temporary folder of {folder_name(step)}: {told}")
-    try:
-        shards(tmp)
-        distributed.barrier()  # every rank's shards are written (and flushed: DCP syncs its files) before the seal
-    except Exception as e:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(e):
-            raise _disk_full(run_dir, folder_name(step)) from e
-        raise
-    if not main:
-        failed = distributed.broadcast(None)
-        if failed:
-            raise CheckpointError(f"rank 0 could not seal checkpoint {folder_name(step)}: {failed}")
-        return None
-    try:
-        found = write(run_dir, step, save, content, keep, job_ends, prune_weights, shards=tmp)
-    except Exception as e:
-        distributed.broadcast(str(e) or type(e).__name__)
-        raise
-    distributed.broadcast(None)
-    return found
-
-
-def _no_space(e: BaseException) -> bool:
+def no_space(e: BaseException) -> bool:
     """An ENOSPC, itself or inside the CheckpointException DCP raises with every rank's failure."""
     if isinstance(e, OSError):
         return e.errno == errno.ENOSPC
     failures = getattr(e, "failures", None)
-    return isinstance(failures, dict) and any(_no_space(f) for f in failures.values() if isinstance(f, BaseException))
+    return isinstance(failures, dict) and any(no_space(f) for f in failures.values() if isinstance(f, BaseException))
 
 
 def _hashed_by(hashes: HashCache, final_name: str, tmp: Path):

@@ -31,10 +31,7 @@ class ConsoleReporter:
                      markup=bool(self.STYLES[level]))
 
     def job_started(self, job: jobs.Job) -> None:
-        where = (f"global {job.start_step}–{job.end_step}" if not job.steps_done else
-                 f"its steps {job.steps_done + 1}–{job.planned_steps} at global {job.segment_start}–{job.end_step}")
-        console.print(f"job {job.id} [bold]{job.file}[/] ({short(job.fingerprint)}): {job.examples} examples × "
-                      f"{job.epochs} epoch(s) → {job.planned_steps} steps, {where}")
+        console.print(jobs.started_text(job), markup=False)
         if self.quiet:
             return
         self.bar = Progress(TextColumn("  job {task.fields[job]}"), BarColumn(), TaskProgressColumn(),
@@ -52,7 +49,7 @@ class ConsoleReporter:
 
     def job_finished(self, job: jobs.Job) -> None:
         self.close()
-        console.print(f"job {job.id} done: global steps {job.start_step}–{job.end_step}")
+        console.print(jobs.finished_text(job), markup=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -28,7 +28,8 @@ from .notify import Notifier, close_wait
 from .reconcile import place
 from .store import log_event
 from .worker import GATE, Outcome, Reporter, Worker
-from .workspace import DB_FILE, Workspace
+from .store import DB_FILE
+from .workspace import Workspace
 
 
 class Daemon:
@@ -109,7 +110,7 @@ class Daemon:
         clear_attempts(self.ws.root)  # an earlier daemon's attempts are over (their ranks elsewhere end themselves)
         if self.isolate and self.config and not launch.uses_agents(self.config.distributed):
             self._warm = process.spawn_warm(str(self.ws.root))
-        if self.config and self.db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone():
+        if self.config and jobs.running(self.db):
             self.reconcile()
 
     def claim_files(self) -> None:

@@ -15,7 +15,8 @@ from .config import Config
 from .errors import ConveyorError
 from .faults import DatabaseDamaged, database_message, is_damaged_database
 from .fingerprint import fingerprint
-from .workspace import DB_FILE, Workspace
+from .store import DB_FILE
+from .workspace import Workspace
 
 
 @dataclass

@@ -17,7 +17,6 @@ class EvalResult:
     tokens: int  # trainable tokens the loss averages over
 
 
-EVAL_FILE = "eval.file"  # the name of the validation file's set; the others are jobs' held-out sets
 
 
 class Evaluator:

@@ -26,7 +26,7 @@ def load_trained(identity: dict, model_path: str, checkpoint_dir: Path):
     from transformers import AutoModelForCausalLM
 
     from . import sharding  # torch: imported once there is a model to load, not for a refusal
-    from .trainer import DTYPES
+    from .precision import DTYPES
 
     method, precision = identity.get("adapter.method"), identity.get("model.precision")
     if method not in ("lora", "full") or precision not in DTYPES:
@@ -88,7 +88,8 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
     if merge and not lora:
         warnings.append(f"{run.id} is a full fine-tune: its checkpoint is already a full model, nothing to merge")
     merged = merge and lora
-    from .trainer import load_tokenizer, quiet_libraries  # torch and transformers: only once all is found
+    from .chat import load_tokenizer  # torch and transformers: only once all is found
+    from .models import quiet_libraries
 
     quiet_libraries()
     model = load_trained(identity, model_path, found.path)
@@ -145,7 +146,6 @@ def _base_changes(identity: dict, model_path: str, lora: bool) -> list[str]:
             "the export uses it as it is now"] if changed else []
 
 
-EXPORT = "export"  # the pending intent's kind
 
 
 def _write(ws: Workspace, out: Path, model, tokenizer, record: dict) -> None:
@@ -154,19 +154,9 @@ def _write(ws: Workspace, out: Path, model, tokenizer, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with pending.intent(ws, EXPORT, tmp=str(tmp.resolve()), out=str(out.resolve())):
+    with pending.intent(ws, pending.EXPORT, tmp=str(tmp.resolve()), out=str(out.resolve())):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         testhooks.failpoint("export-written", record["global_step"])
         os.rename(tmp, out)
-
-
-def _undo(ws: Workspace, data: dict) -> str | None:
-    if not pending.remove_tree(data["tmp"]):
-        return None
-    return f"removed {data['tmp']}, left by an export to {data['out']} that was cut off; export again"
-
-
-# The rename is the commit: after it, nothing is left to do; before it, the temporary folder goes.
-pending.kind(EXPORT, lambda ws, data: False, _undo, _undo)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tiny import TINY_SIZES, make_model
+
 _MARKER = "conveyor-family.json"
 VOCAB_SIZE = 700
 
@@ -103,7 +105,7 @@ GENERATION = """\
 """
 
 _CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SMALL = "small"  # the built-in `small` model (tiny.py): ChatML with generation marks, a larger BPE vocabulary
+SMALL = "small"  # the built-in `small` model (models.py): ChatML with generation marks, a larger BPE vocabulary
 SMALL_VOCAB_SIZE = 4096
 
 
@@ -205,15 +207,13 @@ def make_tokenizer(family: Family):
 def ensure_family(name: str, folder: Path, sizes: dict | None = None) -> Path:
     """Create the model folder of family `name` in `folder` unless it is already there; returns the folder.
     `sizes` are LlamaConfig sizes (default: the tiny model's)."""
-    from .tiny import TINY_SIZES, _make_model
-
     family = _SMALL if name == SMALL else FAMILIES[name]
     folder = Path(folder)
     if (folder / _MARKER).exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(family)
-    model = _make_model(len(tokenizer), sizes or TINY_SIZES)
+    model = make_model(len(tokenizer), sizes or TINY_SIZES)
     for key, token in (("bos_token_id", family.bos), ("eos_token_id", family.eos), ("pad_token_id", family.pad)):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         setattr(model.config, key, token_id)

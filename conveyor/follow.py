@@ -41,7 +41,7 @@ def drain_code(ws: Workspace, ok: bool, stop_reason: str | None) -> int:
 def follow(ws: Workspace, ids: list[int], pid: int, drain_here: Callable[[], int | None]) -> int:
     """Follow jobs that a running daemon trains until each ends; the exit code `train` would have given. If the
     daemon stops first, what is left trains here (`drain_here`; None if another daemon took the workspace)."""
-    from .status import daemon_pid
+    from .lock import daemon_pid
 
     console.print(f"a conveyor daemon (pid {pid}) runs in this workspace: it trains job(s) "
                   f"{', '.join(map(str, ids))}; following them to their end (Ctrl-C stops following, not the jobs)")

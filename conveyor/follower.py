@@ -5,29 +5,14 @@ host, and trains in step. They never open conveyor.db."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import checkpoints as ck
-from . import distributed, jobs, overrides
+from . import distributed, overrides
 from . import manifest as mf
 from .config import Config
 from .jobdata import trained_data
 from .plan import Position
 from .workspace import Workspace
-
-if TYPE_CHECKING:
-    from .worker import Setup
-
-
-def follow_order(setup: Setup, db) -> dict:
-    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
-    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
-    start = setup.start
-    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
-            "open": [p.to_json() for p in setup.open_jobs],
-            "resume": str(setup.resume.path) if setup.resume else None,
-            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
-
 
 class FilesOnly(Workspace):
     """The workspace as ranks other than 0 see it, perhaps on another host: its files only. The database is the

@@ -116,7 +116,7 @@ def load(ws: Workspace, version: str | None) -> Loaded:
     run, checkpoint, name = _checkpoint(ws, version)  # a refusal comes before torch and transformers are imported
     from .chat import load_tokenizer
     from .export import _base_model
-    from .trainer import quiet_libraries
+    from .models import quiet_libraries
 
     quiet_libraries()
     model_path = _base_model(ws, run, "the base weights and the tokenizer")
@@ -280,12 +280,10 @@ def header(loaded: Loaded, keeps_history: bool, sampling: Sampling = GREEDY, sys
 def talk(ws: Workspace, version: str | None, max_new_tokens: int, lines: Iterable[str], sampling: Sampling = GREEDY,
          system: str | None = None) -> None:
     """`conveyor chat`: load the model once, then answer line after line on stdout; notes go to stderr."""
-    from .console import err
-
     loaded = load(ws, version)
     used = sampling.seeded()
     for note in notes(loaded, sampling, used, system):
-        err.print(f"note: {note}", markup=False)
+        _note(f"note: {note}")
     conversation = Conversation(loaded, max_new_tokens, used, system)
     _say(header(loaded, conversation.keeps_history, used, system))
     for line in lines:
@@ -297,15 +295,15 @@ def talk(ws: Workspace, version: str | None, max_new_tokens: int, lines: Iterabl
             break
         if word == "/reset":
             conversation.reset()
-            err.print("(conversation cleared)" if conversation.keeps_history else
-                      "(nothing to clear: each line is answered alone)", markup=False)
+            _note("(conversation cleared)" if conversation.keeps_history else
+                      "(nothing to clear: each line is answered alone)")
         elif word.startswith("/") and " " not in word:  # "/etc/hosts is what?" is a prompt, "/rset" a typo
-            err.print(f"unknown command {word}: /reset starts over, /quit ends", markup=False)
+            _note(f"unknown command {word}: /reset starts over, /quit ends")
         else:
             answer, dropped = conversation.ask(prompt)
             if dropped:
-                err.print(f"({dropped} oldest exchange(s) dropped: the conversation outgrew the model's "
-                          f"{loaded.context} positions)", markup=False)
+                _note(f"({dropped} oldest exchange(s) dropped: the conversation outgrew the model's "
+                          f"{loaded.context} positions)")
             _say(answer)
 
 
@@ -325,6 +323,11 @@ def input_lines() -> Iterator[str]:
             return
 
 
+def _note(text: str) -> None:
+    sys.stderr.write(text + "\n")  # plain, as _say: a note may quote a prompt with brackets in it
+    sys.stderr.flush()
+
+
 def _say(text: str) -> None:
     # Not rich: an answer is printed byte for byte, whatever brackets or :codes: it holds.
     sys.stdout.write(text + "\n")
@@ -333,7 +336,7 @@ def _say(text: str) -> None:
 
 def _checkpoint(ws: Workspace, version: str | None) -> tuple[runs.Run, ck.Checkpoint, str | None]:
     """The checkpoint to answer with: the version's, or the active run's newest verified one."""
-    from .versions import checkpoint, name
+    from .versions import at_step, checkpoint, name
 
     if version is not None:
         return checkpoint(ws.db, ws.runs, version)
@@ -342,9 +345,8 @@ def _checkpoint(ws: Workspace, version: str | None) -> tuple[runs.Run, ck.Checkp
     if found is None:
         raise ConveyorError("nothing trained yet: there is no checkpoint to answer with; train a file first "
                             "(`conveyor train FILE`)")
-    latest = ws.db.execute("SELECT id FROM versions WHERE run_id = ? AND step = ? AND lost = 0",
-                           (run.id, found.step)).fetchone()
-    return run, found, name(latest["id"]) if latest else None
+    latest = at_step(ws.db, run.id, found.step)
+    return run, found, name(latest) if latest is not None else None
 
 
 def _chat_template(ws: Workspace) -> str:

@@ -154,6 +154,9 @@ def kept_lines(folder: Path, job_id: int) -> list[int] | None:
     return None
 
 
+EVAL_FILE = "eval.file"  # the name of the validation file's set; the others are jobs' held-out sets
+
+
 def set_name(job_id: int) -> str:
     """The name of a job's held-out set in evaluations, the matrix and the dashboard."""
     return f"job {job_id}"

@@ -49,6 +49,11 @@ def lineage_jobs(con, run_id: str, where: str, ended: bool = False) -> list[Job]
     return found
 
 
+def replay_sources(con, run_id: str, job_id: int) -> list[int]:
+    """The jobs a new job may replay: those done in its run, and in the run's lineage before it branched."""
+    return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True) if j.id != job_id]
+
+
 def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str, tokenizer=None):
     """The trained examples (held-out ones excluded) of the source jobs, as a replay.Pool; None if empty."""
     from .replay import Pool

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ConveyorError
+from .fingerprint import short
 from .store import transaction
 
 
@@ -147,6 +148,12 @@ def waiting(con: sqlite3.Connection) -> list[Job]:
     return [Job.from_row(r) for r in rows]
 
 
+def running(con: sqlite3.Connection) -> Job | None:
+    """The job being trained, if any (one worker trains at a time; the lowest id should there be more)."""
+    row = con.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id LIMIT 1").fetchone()
+    return Job.from_row(row) if row else None
+
+
 def running_and_waiting(con: sqlite3.Connection) -> list[Job]:
     """The running job (if any), then the waiting ones in the order they will train."""
     rows = con.execute("SELECT * FROM jobs WHERE state IN ('running', 'queued', 'interrupted')"
@@ -224,3 +231,15 @@ def _encode(fields: dict) -> dict:
 def add_warning(con: sqlite3.Connection, job: Job, message: str) -> None:
     job.warnings.append(message)
     update(con, job.id, warnings=job.warnings)
+
+
+def started_text(job: Job) -> str:
+    """What a reporter says when a job (or the rest of one) starts training."""
+    where = (f"global {job.start_step}–{job.end_step}" if not job.steps_done else
+             f"its steps {job.steps_done + 1}–{job.planned_steps} at global {job.segment_start}–{job.end_step}")
+    return (f"job {job.id} {job.file} ({short(job.fingerprint)}): {job.examples} examples × {job.epochs} epoch(s) "
+            f"→ {job.planned_steps} steps, {where}")
+
+
+def finished_text(job: Job) -> str:
+    return f"job {job.id} done: global steps {job.start_step}–{job.end_step}"

@@ -7,9 +7,11 @@ daemon never blocks and a reused PID never looks alive. The file holds the PID f
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
+from typing import Callable
 
 from .errors import ConveyorError
 
@@ -34,7 +36,7 @@ class Lock:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                holder = _holder(fd)
                 os.close(fd)
                 raise ConveyorError(f"another conveyor daemon (pid {holder}) is running in this workspace; "
                                     "stop it with `conveyor stop`, or use another workspace") from None
@@ -66,3 +68,22 @@ def daemon_pid(ws) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(ws, refusal: Callable[[str], str]):
+    """Hold the daemon's lock for a command that needs the workspace to itself (`doctor --repair`): no daemon has
+    the database open, none starts. Refused at once while a daemon runs, with refusal(its pid) as the message."""
+    fd = os.open(ws.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConveyorError(refusal(_holder(fd))) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

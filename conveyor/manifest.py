@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Config
 from .fingerprint import fingerprint
 from .plan import Position
 
@@ -186,3 +187,18 @@ def verify(folder: Path, sha256=fingerprint) -> Manifest:
         if sha256(path) != expected:
             raise ValueError(f"{name} does not match its sha256 in the manifest (changed or truncated)")
     return manifest
+
+
+def hyperparameters(config: Config, world_size: int) -> dict:
+    """Settings outside the run identity, recorded in every manifest; a change is applied to the same run."""
+    t = config.training
+    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
+            "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
+            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
+            "max_length": t.max_length, "epochs": t.epochs, "mixed_precision": t.mixed_precision,
+            "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
+            "deterministic": t.deterministic, "packing": t.packing,
+            # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
+            "attn_implementation": config.model.attn_implementation,
+            # How the weights are held across processes (ddp: whole on every rank; fsdp: sharded, DCP checkpoints).
+            "strategy": config.distributed.strategy}

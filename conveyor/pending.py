@@ -18,17 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from .fingerprint import fsync_dir
+from .store import log_event
 
 FOLDER = ".pending"
-
-# kind -> (committed(ws, data) -> bool, finish(ws, data) -> message, undo(ws, data) -> message)
-_KINDS: dict[str, tuple[Callable, Callable, Callable]] = {}
-
-
-def kind(name: str, committed: Callable, finish: Callable, undo: Callable) -> None:
-    """Register how to tell whether an intent of this kind committed, and how to finish or undo it."""
-    _KINDS[name] = (committed, finish, undo)
-
+# The kinds of intent (the commands that record one); how each is finished or undone is KINDS, at the end.
+EXPORT = "export"
+REMOVE = "queue remove"
+ROLLBACK = "rollback"
+REMOVED = "removed from the queue"  # how a removed job's error begins: the mark that `queue remove` committed
 
 
 @contextlib.contextmanager
@@ -60,8 +57,6 @@ def recover(ws) -> list[str]:
     folder = ws.root / FOLDER
     if not folder.is_dir():
         return []
-    from . import export, queue, rollback  # noqa: F401  (each registers its kind)
-
     said = []
     for path in sorted(folder.glob("*.json")):
         try:
@@ -77,22 +72,25 @@ def recover(ws) -> list[str]:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 data = None  # cut off while being written: its command had not begun
-            if isinstance(data, dict) and data.get("kind") in _KINDS and (text := _settle(ws, data)):
+            if isinstance(data, dict) and data.get("kind") in KINDS and (text := _settle(ws, data)):
                 said.append(text)
             os.unlink(path)
         finally:
             os.close(fd)
     if said:
-        from .store import log_event
-
         for text in said:
             log_event(ws.db, "warning", "message", text)
     return said
 
 
 def _settle(ws, data: dict) -> str | None:
-    committed, finish, undo = _KINDS[data["kind"]]
-    return finish(ws, data) if committed(ws, data) else undo(ws, data)
+    committed, finished, undone = KINDS[data["kind"]]
+    return finished(ws, data) if committed(ws, data) else undone(ws, data)
+
+
+def finish(ws, kind: str, data: dict) -> str:
+    """Finish a command's intent once its transaction committed (what `recover` does for one cut off)."""
+    return KINDS[kind][1](ws, data)
 
 
 def remove_tree(path: str | Path | None) -> bool:
@@ -116,3 +114,52 @@ def move_into_place(tmp: str | Path | None, final: str | Path) -> bool:
     os.rename(tmp, final)
     fsync_dir(Path(final).parent)
     return True
+
+
+# Each kind: committed(ws, data) -> whether its transaction went through; then finish or undo -> what was done.
+def _export_undo(ws, data: dict) -> str | None:
+    if not remove_tree(data["tmp"]):
+        return None
+    return f"removed {data['tmp']}, left by an export to {data['out']} that was cut off; export again"
+
+
+def _remove_committed(ws, data: dict) -> bool:
+    row = ws.db.execute("SELECT state, error FROM jobs WHERE id = ?", (data["job"],)).fetchone()
+    return row is not None and row["state"] == "skipped" and (row["error"] or "").startswith(REMOVED)
+
+
+def _remove_finish(ws, data: dict) -> str:
+    move_into_place(data["tmp"], data["kept"])
+    move_into_place(data["tmp_reason"], data["reason"])
+    return f"job {data['job']} was removed from the queue by a command cut off; its file is kept at {data['kept']}"
+
+
+def _remove_undo(ws, data: dict) -> str:
+    remove_tree(data["tmp"])
+    remove_tree(data["tmp_reason"])
+    return f"`conveyor queue remove {data['job']}` was cut off before it took effect; the job is still waiting"
+
+
+def _rollback_committed(ws, data: dict) -> bool:
+    """Whether an interrupted rollback's transaction went through: its run is recorded, branching as it said."""
+    row = ws.db.execute("SELECT parent_run, parent_version FROM runs WHERE id = ?", (data["run"],)).fetchone()
+    return row is not None and (row["parent_run"], row["parent_version"]) == (data["parent"], data["version_id"])
+
+
+def _rollback_finish(ws, data: dict) -> str:
+    move_into_place(data["tmp"], data["final"])
+    return f"a rollback cut off after it was recorded is finished: {data['run']}'s first checkpoint is in place"
+
+
+def _rollback_undo(ws, data: dict) -> str:
+    remove_tree(data["tmp"])
+    return (f"a rollback cut off before it was recorded left nothing behind (its copy for {data['run']} was "
+            "removed); run it again")
+
+
+KINDS: dict[str, tuple[Callable, Callable, Callable]] = {
+    # An export's rename is its commit: after it, nothing is left to do; before it, the temporary folder goes.
+    EXPORT: (lambda ws, data: False, _export_undo, _export_undo),
+    REMOVE: (_remove_committed, _remove_finish, _remove_undo),
+    ROLLBACK: (_rollback_committed, _rollback_finish, _rollback_undo),
+}

@@ -2,7 +2,7 @@
 kernel, and for training autocast, gradient checkpointing and the optimizer.
 
 model.precision and model.quantization change what the trained weights mean, so they are run identity (runs.py);
-the others change only how a step is computed and are hyperparameters (trainer.hyperparameters).
+the others change only how a step is computed and are hyperparameters (manifest.hyperparameters).
 """
 
 from __future__ import annotations

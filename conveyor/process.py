@@ -143,10 +143,9 @@ def run_worker(root: Path, job: int | None, claim: str | None) -> int:
 
 
 def _train_as_rank_0(ws, config, job: int, claim: str, stopped: list[str]) -> int:
-    from .console import ConsoleReporter
-    from .worker import Worker
+    from .worker import PrintedReporter, Worker
 
-    w = Worker(ws, config, job, claim, ConsoleReporter(quiet=True))
+    w = Worker(ws, config, job, claim, PrintedReporter())
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))
     w.stop_reason = w.stop_reason or (stopped[0] if stopped else None)  # one that came during start-up
     return w.run().code

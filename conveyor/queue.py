@@ -41,39 +41,15 @@ def remove(ws: Workspace, job_id: int, reason: str) -> str:
     paths = {"tmp": str(folder / f".tmp-{kept.name}-{os.getpid()}"), "kept": str(kept),
              "tmp_reason": str(folder / f".tmp-{kept.name}{REASON}-{os.getpid()}"), "reason": str(kept) + REASON}
     trained = f" after {found.steps_done} of {found.planned_steps} steps" if found.steps_done else ""
-    with pending.intent(ws, REMOVE, job=job_id, **paths):
+    with pending.intent(ws, pending.REMOVE, job=job_id, **paths):
         shutil.copyfile(found.stored, paths["tmp"])
         Path(paths["tmp_reason"]).write_text(reason + "\n", encoding="utf-8")
         testhooks.failpoint("remove-copied", job_id)
         try:
             jobs.transition(ws.db, job_id, JobState.SKIPPED, expect=found.state,
-                            error=f"{REMOVED}{trained}: {reason}")
+                            error=f"{pending.REMOVED}{trained}: {reason}")
         except Conflict:
             raise ConveyorError(f"job {job_id} started training just now; use `conveyor skip` to stop it") from None
         testhooks.failpoint("remove-committed", job_id)
-        _finish(ws, {**paths, "job": job_id})
+        pending.finish(ws, pending.REMOVE, {**paths, "job": job_id})
     return f"removed job {job_id}{trained}; its file is kept at {kept}"
-
-
-REMOVE = "queue remove"  # the pending intent's kind
-REMOVED = "removed from the queue"
-
-
-def _committed(ws: Workspace, data: dict) -> bool:
-    row = ws.db.execute("SELECT state, error FROM jobs WHERE id = ?", (data["job"],)).fetchone()
-    return row is not None and row["state"] == JobState.SKIPPED.value and (row["error"] or "").startswith(REMOVED)
-
-
-def _finish(ws: Workspace, data: dict) -> str:
-    pending.move_into_place(data["tmp"], data["kept"])
-    pending.move_into_place(data["tmp_reason"], data["reason"])
-    return f"job {data['job']} was removed from the queue by a command cut off; its file is kept at {data['kept']}"
-
-
-def _undo(ws: Workspace, data: dict) -> str:
-    pending.remove_tree(data["tmp"])
-    pending.remove_tree(data["tmp_reason"])
-    return f"`conveyor queue remove {data['job']}` was cut off before it took effect; the job is still waiting"
-
-
-pending.kind(REMOVE, _committed, _finish, _undo)

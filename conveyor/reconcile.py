@@ -146,10 +146,8 @@ def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | N
 
 def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:
     """Settings outside the identity (learning rate, batch, ...) are applied to the same run, and said."""
-    from .trainer import hyperparameters
-
     before = resume.manifest.hyperparameters
-    now = hyperparameters(config, world_size)
+    now = mf.hyperparameters(config, world_size)
     section = {"attn_implementation": "model", "world_size": "distributed", "strategy": "distributed"}
     changes = [f"{section.get(k, 'training')}.{k}: {before.get(k)} → {now[k]}" for k in now  # else [training]
                if before.get(k) != now[k] and before.get(k) is not None]

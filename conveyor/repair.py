@@ -7,7 +7,6 @@ manifests (`conveyor doctor --repair`). Nothing under runs/ or data/ is ever wri
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,13 +20,14 @@ from pathlib import Path
 
 from . import checkpoints as ck
 from . import manifest as mf
-from . import runs, store, versions
+from . import lock, runs, store, versions
 from .errors import ConveyorError
 from .faults import (DatabaseDamaged, database_message, database_mismatch_message, database_missing_message,
                      is_damaged_database)
 from .fingerprint import fingerprint, fsync_dir, short
 from .plan import Position
-from .workspace import DB_FILE
+from .upgrade import upgrade
+from .store import DB_FILE
 
 RUN_FOLDER = re.compile(r"run-\d+")  # the names runs.next_id gives; other folders in runs/ are a person's
 SHOWN = 4  # mismatches named in one message; the rest are counted
@@ -116,7 +116,12 @@ def open_checked(ws) -> sqlite3.Connection:
     if not path.exists() and (found := missing(ws)):
         raise DatabaseDamaged(database_missing_message(path, found))
     con = store.connect(path)
-    found = mismatches(ws, con)
+    try:
+        upgrade(con, path)
+        found = mismatches(ws, con)
+    except BaseException:
+        con.close()
+        raise
     if found:
         con.close()
         raise DatabaseDamaged(database_mismatch_message(path, found))
@@ -231,7 +236,8 @@ def repair(ws) -> Report:
     The new database is built beside the old one and put in place last: a repair cut off anywhere leaves the old
     database where it was, or no database (which every command then reports), never a half-built one."""
     path = ws.root / DB_FILE
-    with _daemon_lock(ws):
+    with lock.hold(ws, lambda pid: f"a conveyor daemon (pid {pid}) is running in {ws.root} with {DB_FILE} open; "
+                   "end it first (`kill -TERM <pid>` stops it warmly), then `conveyor doctor --repair`"):
         problem = diagnose(ws)
         if problem is None:
             return Report()
@@ -255,24 +261,6 @@ def repair(ws) -> Report:
         os.rename(tmp, path)
         fsync_dir(path.parent)
     return report
-
-
-@contextlib.contextmanager
-def _daemon_lock(ws):
-    """Hold the daemon's lock (status.LOCK_FILE) while repairing: no daemon has the database open, none starts."""
-    from .status import LOCK_FILE
-
-    fd = os.open(ws.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ConveyorError(f"a conveyor daemon (pid {holder}) is running in {ws.root} with {DB_FILE} open; "
-                                "end it first (`kill -TERM <pid>` stops it warmly), then `conveyor doctor --repair`")
-        yield
-    finally:
-        os.close(fd)
 
 
 def _remove(db: Path) -> None:

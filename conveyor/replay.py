@@ -78,10 +78,3 @@ class Layout:
             return Item(job_id, example, True)
         _, index = self.order[position - before]
         return Item(self.start.job_id, self.data.examples[index], False)
-
-
-def sources(con, run_id: str, job_id: int) -> list[int]:
-    """The jobs a new job may replay: those done in its run, and in the run's lineage before it branched."""
-    from .jobdata import lineage_jobs
-
-    return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True) if j.id != job_id]

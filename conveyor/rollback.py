@@ -28,7 +28,6 @@ from .versions import checkpoint, find, name
 from .workspace import Workspace
 
 
-ROLLBACK = "rollback"  # the pending intent's kind
 
 
 def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
@@ -53,7 +52,7 @@ def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
         raise ConveyorError(f"{final} already exists but {ws.root / 'conveyor.db'} knows no {run_id}; "
                             "`conveyor doctor` says what it holds")
     step = row["step"]
-    with pending.intent(ws, ROLLBACK, run=run_id, parent=parent.id, version_id=row["id"], tmp=str(tmp),
+    with pending.intent(ws, pending.ROLLBACK, run=run_id, parent=parent.id, version_id=row["id"], tmp=str(tmp),
                         final=str(final)):
         testhooks.failpoint("rollback-begun", step)
         _copy_checkpoint(source, tmp, step)
@@ -117,26 +116,6 @@ def _already(ws: Workspace, row, requeue: bool) -> dict | None:
             "requeued": requeued, "message": text}
 
 
-def _committed(ws: Workspace, data: dict) -> bool:
-    """Whether an interrupted rollback's transaction went through: its run is recorded, branching as it said."""
-    row = ws.db.execute("SELECT parent_run, parent_version FROM runs WHERE id = ?", (data["run"],)).fetchone()
-    return row is not None and (row["parent_run"], row["parent_version"]) == (data["parent"], data["version_id"])
-
-
-def _finish(ws: Workspace, data: dict) -> str:
-    pending.move_into_place(data["tmp"], data["final"])
-    return f"a rollback cut off after it was recorded is finished: {data['run']}'s first checkpoint is in place"
-
-
-def _undo(ws: Workspace, data: dict) -> str:
-    pending.remove_tree(data["tmp"])
-    return (f"a rollback cut off before it was recorded left nothing behind (its copy for {data['run']} was "
-            "removed); run it again")
-
-
-pending.kind(ROLLBACK, _committed, _finish, _undo)
-
-
 def _activate(ws: Workspace, parent: runs.Run, copy: mf.Manifest, new: runs.Run) -> list[str]:
     """Inside the rollback's transaction: the run left agrees with its newest checkpoint, the new run becomes the
     active one, and waiting jobs stand where its first checkpoint says. Returns what was said."""
@@ -171,13 +150,13 @@ def _refuse_while_busy(ws: Workspace) -> None:
     queue is paused between jobs. Without a daemon, a `running` job is a crash's leftover (placed like the other
     waiting jobs)."""
     from . import controls
-    from .status import daemon_pid
+    from .lock import daemon_pid
 
     if daemon_pid(ws) is None:
         return
-    busy = ws.db.execute("SELECT id, file FROM jobs WHERE state = 'running'").fetchone()
+    busy = jobs.running(ws.db)
     if busy:
-        raise ConveyorError(f"job {busy['id']} ({busy['file']}) is training; a rollback starts a new run only "
+        raise ConveyorError(f"job {busy.id} ({busy.file}) is training; a rollback starts a new run only "
                             "between jobs. `conveyor stop` (the job keeps its place), roll back, then `conveyor run`")
     if not controls.paused(ws.db):
         raise ConveyorError("the daemon may start the next job at any moment; `conveyor pause` first, roll back, "

@@ -9,7 +9,6 @@ import sqlite3
 from dataclasses import dataclass
 
 from .runs import ancestry
-from .store import transaction
 
 # Steps per rollup bucket, finest first. Each level is 16 buckets of the one below it, so any bucket is
 # recomputed from at most 16 rows whatever its level.
@@ -62,14 +61,14 @@ def roll_up_span(con: sqlite3.Connection, run_id: str, first: int, last: int) ->
 
 
 def rebuild_rollups(con: sqlite3.Connection, run_id: str | None = None) -> None:
-    """Build the rollups of a run (default: of every run) from scratch, from its metric rows."""
+    """Build the rollups of a run (default: of every run) from scratch, from its metric rows. The caller holds a
+    transaction (upgrade.py), so that no reader sees a run half rolled up."""
     run_ids = [run_id] if run_id else [r[0] for r in con.execute("SELECT DISTINCT run_id FROM metrics")]
-    with transaction(con):
-        con.execute("DELETE FROM metrics_rollup" + (" WHERE run_id = ?" if run_id else ""), (run_id,) if run_id else ())
-        for rid in run_ids:
-            last = con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ?", (rid,)).fetchone()[0]
-            if last is not None:
-                roll_up_span(con, rid, 0, last)
+    con.execute("DELETE FROM metrics_rollup" + (" WHERE run_id = ?" if run_id else ""), (run_id,) if run_id else ())
+    for rid in run_ids:
+        last = con.execute("SELECT MAX(step) FROM metrics WHERE run_id = ?", (rid,)).fetchone()[0]
+        if last is not None:
+            roll_up_span(con, rid, 0, last)
 
 
 # Reads along a run's lineage. A rollback's run holds only the steps it trained itself; the ones before its branch

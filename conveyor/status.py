@@ -40,10 +40,9 @@ def precision_text(settings: dict) -> str:
 
 def current_job(ws: Workspace) -> dict | None:
     """The running job with progress and an ETA from the recent step times."""
-    row = ws.db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id LIMIT 1").fetchone()
-    if row is None:
+    job = jobs.running(ws.db)
+    if job is None:
         return None
-    job = jobs.Job.from_row(row)
     # From the job's first step on only: unbounded, a job yet to write a step would scan the whole run backwards.
     recent = [] if job.start_step is None else ws.db.execute(
         "SELECT step_time, loss FROM metrics WHERE run_id = ? AND job_id = ? AND step >= ? ORDER BY step DESC"

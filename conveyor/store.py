@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .faults import DatabaseDamaged, database_message, is_damaged_database
 
+DB_FILE = "conveyor.db"  # in the workspace's folder
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -220,7 +222,8 @@ _HEADER = b"SQLite format 3\x00"
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row.
+    """Open (and create if needed) the state database in WAL mode; rows come back as sqlite3.Row. A database of an
+    older conveyor gets the columns added since; its rows are brought up to date by upgrade.py (Workspace.db).
 
     Raises faults.DatabaseDamaged (naming the file and the fix) for a file that is not a database, is cut short,
     or whose schema or state tables fail their check."""
@@ -234,10 +237,12 @@ def connect(path: Path) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA foreign_keys=ON")
+        new = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone() is None
         con.executescript(SCHEMA)
+        if new:  # nothing to bring up to date (upgrade.py): the current version from the start
+            con.execute(f"PRAGMA user_version = {VERSIONS_VERSION}")
         _check_state_tables(con, Path(path))
         _add_missing_columns(con)
-        _build_rollups_once(con)
     except BaseException as e:
         con.close()
         if isinstance(e, sqlite3.DatabaseError) and is_damaged_database(e):
@@ -304,27 +309,6 @@ def _add_missing_columns(con: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as e:  # another process added it first
                 if "duplicate column" not in str(e):
                     raise
-
-
-def _build_rollups_once(con: sqlite3.Connection) -> None:
-    """Bring a database from an older conveyor up to date, once, at connect (not lazily on read), each step in
-    one transaction: rollups of its metric rows (from then on every write keeps them, and no reader ever sees a
-    run half rolled up), then versions for the jobs it finished before versions existed. Afterwards this costs
-    one PRAGMA."""
-    if con.execute("PRAGMA user_version").fetchone()[0] >= VERSIONS_VERSION:
-        return
-    from .series import rebuild_rollups  # series needs this module's transaction(): import here, not at the top
-
-    with transaction(con):
-        if con.execute("PRAGMA user_version").fetchone()[0] < ROLLUP_VERSION:  # not done by another process meanwhile
-            rebuild_rollups(con)
-            con.execute(f"PRAGMA user_version = {ROLLUP_VERSION}")
-    with transaction(con):
-        if con.execute("PRAGMA user_version").fetchone()[0] < VERSIONS_VERSION:
-            from .versions import backfill
-
-            backfill(con)
-            con.execute(f"PRAGMA user_version = {VERSIONS_VERSION}")
 
 
 @contextlib.contextmanager

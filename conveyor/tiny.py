@@ -1,4 +1,4 @@
-"""The built-in models, made offline and deterministically: `tiny` (seeded random Llama weights, 0.1M parameters, a
+"""The built-in `tiny` model and the architecture every built-in model shares, made offline and deterministically: `tiny` (seeded random Llama weights, 0.1M parameters, a
 byte-level tokenizer, made in a second) for tests and demos, and `small` (the same architecture at 26M parameters,
 with a BPE tokenizer whose merges are trained on a fixed corpus, and a ChatML template with generation marks) for
 benchmarks and for what `tiny`'s one-token-per-byte tokenizer cannot show."""
@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 TINY = "tiny"
-SMALL = "small"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # The generation-prompt form lets conveyor mask the role header and train only on the reply.
 CHAT_TEMPLATE = (
@@ -50,7 +49,7 @@ SMALL_SIZES = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers
                "num_key_value_heads": 4, "max_position_embeddings": 4096}
 
 
-def _make_model(vocab_size: int, sizes: dict = TINY_SIZES):
+def make_model(vocab_size: int, sizes: dict = TINY_SIZES):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,18 +72,8 @@ def ensure_tiny(folder: Path) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _make_tokenizer()
-    model = _make_model(len(tokenizer))
+    model = make_model(len(tokenizer))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / _MARKER).write_text(json.dumps({"name": TINY, "seed": _SEED}) + "\n")
     return folder
-
-
-def ensure_small(folder: Path) -> Path:
-    """Create the small model in `folder` unless it is already there; returns the folder."""
-    from .families import SMALL, ensure_family
-
-    return ensure_family(SMALL, folder, SMALL_SIZES)
-
-
-BUILTIN = {TINY: ensure_tiny, SMALL: ensure_small}  # model.name -> maker of its folder

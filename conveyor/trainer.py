@@ -25,29 +25,18 @@ from torch.utils.data import Dataset
 from . import checkpoints as ck
 from . import distributed, memory, packing, precision, sharding, testhooks
 from . import manifest as mf
-from .chat import load_tokenizer  # the one tokenizer (export's and tests' import it from here too)
+from .chat import load_tokenizer
 from .config import Config
 from .formats import IGNORE, TokenizedFile
 from .plan import JobOrder, Position, examples_per_step
 from .replay import Layout
-from .precision import DTYPES, build_model  # noqa: F401  (DTYPES: export's)
+from .models import quiet_libraries
+from .precision import build_model
 from .training_state import (pruned_moments, restore_optimizer, restore_rng, rng_state, save_checkpoint,
                              save_sharded_checkpoint)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def quiet_libraries() -> None:
-    """conveyor prints its own progress; silence the libraries' bars, info logs and deprecation chatter."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes on CPU warns at import that an optional hub-downloaded kernel is missing: nothing to act on.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
 
 
 @dataclass
@@ -138,21 +127,6 @@ class AuditingCollator:
 
     def take(self, n: int) -> list:
         return [self.fed.popleft() for _ in range(n)]
-
-
-def hyperparameters(config: Config, world_size: int) -> dict:
-    """Settings outside the run identity, recorded in every manifest; a change is applied to the same run."""
-    t = config.training
-    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "world_size": world_size,
-            "learning_rate": t.learning_rate, "schedule": t.schedule, "warmup_steps": t.warmup_steps,
-            "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
-            "max_length": t.max_length, "epochs": t.epochs, "mixed_precision": t.mixed_precision,
-            "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer,
-            "deterministic": t.deterministic, "packing": t.packing,
-            # How attention is computed, not what the weights mean: not identity (model.attn_implementation).
-            "attn_implementation": config.model.attn_implementation,
-            # How the weights are held across processes (ddp: whole on every rank; fsdp: sharded, DCP checkpoints).
-            "strategy": config.distributed.strategy}
 
 
 def libraries() -> dict:
@@ -254,7 +228,7 @@ class _JobCallback:
             self._flush()
             manifest = mf.Manifest(run_id=self.spec.run_id, global_step=step, job=self.pos, job_end=last,
                                    identity=self.spec.identity, open_jobs=self.spec.open_jobs,
-                                   hyperparameters=hyperparameters(self.config, self.world_size),
+                                   hyperparameters=mf.hyperparameters(self.config, self.world_size),
                                    libraries=libraries(),
                                    sharded=sharding.layout(self.world_size) if self.sharded else None)
         if self.sharded:  # every rank writes its shards; rank 0 seals
@@ -282,7 +256,7 @@ class _JobCallback:
             self._flush()
 
     def _evaluate(self, step: int, model) -> None:
-        from .evaluation import EVAL_FILE
+        from .holdout import EVAL_FILE
 
         for name, result in self.evaluator.losses(self.trainer, model).items():
             row = {"step": step, "job_id": self.spec.job_id, "examples": result.examples}

@@ -4,13 +4,17 @@ and writing them with the weights and the manifest as one checkpoint."""
 from __future__ import annotations
 
 import random
+import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import checkpoints as ck
+from . import distributed
+from .testhooks import fill_disk
 from . import manifest as mf
 from .config import Config
 from .plan import Position
@@ -85,7 +89,7 @@ def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, sche
 def save_sharded_checkpoint(run_dir: Path, step: int, manifest: mf.Manifest | None, model, optimizer, scheduler,
                             rng_states: list | None, retention) -> Path | None:
     """Every rank (distributed.strategy = "fsdp"): its shards of the weights and the optimizer state (DCP), then rank 0
-    adds config, scheduler and every rank's RNG and seals the folder with the manifest (checkpoints.write_sharded).
+    adds config, scheduler and every rank's RNG and seals the folder with the manifest (write_sharded).
     manifest and rng_states are rank 0's (None elsewhere); returns the checkpoint's path on rank 0."""
     from . import sharding
 
@@ -95,10 +99,56 @@ def save_sharded_checkpoint(run_dir: Path, step: int, manifest: mf.Manifest | No
         for r, state in enumerate(rng_states):
             torch.save(state, folder / rng_file(r))
 
-    found = ck.write_sharded(run_dir, step, lambda folder: sharding.save_state(folder, model, optimizer), save,
+    found = write_sharded(run_dir, step, lambda folder: sharding.save_state(folder, model, optimizer), save,
                              manifest, retention.keep_checkpoints, retention.keep_job_ends,
                              retention.prune_version_weights)
     return found.path if found else None
+
+
+def write_sharded(run_dir: Path, step: int, shards: Callable[[Path], None], save: Callable[[Path], None],
+                  content: mf.Manifest | None, keep: int, job_ends: int,
+                  prune_weights: bool = False) -> ck.Checkpoint | None:
+    """A sharded checkpoint; every rank calls this. Rank 0 names the temporary folder (the workspace is shared, so it
+    is the same path on every rank), every rank writes its shards into it (`shards`, DCP's collective save), and
+    once all have (a barrier) rank 0 adds its own files and seals the folder as `checkpoints.write` does: every shard and DCP's
+    .metadata hashed into the manifest, verified, renamed, then retention. Returns the checkpoint on rank 0, None
+    on the others; what fails on rank 0 is raised on every rank (content: rank 0's manifest, None elsewhere)."""
+    main = distributed.is_main()
+    tmp, failed = ck.temporary(run_dir, step), None
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            fill_disk("checkpoint", step)
+        except OSError as e:
+            failed = e
+    # Rank 0's folder (or why it has none), on every rank: it also holds them until the folder exists.
+    tmp, told = distributed.broadcast((tmp, failed and str(failed)))
+    if failed:
+        raise ck.disk_full(run_dir, ck.folder_name(step)) if ck.no_space(failed) else failed
+    if told:
+        raise CheckpointError(f"rank 0 could not make the temporary folder of {ck.folder_name(step)}: {told}")
+    try:
+        shards(tmp)
+        distributed.barrier()  # every rank's shards are written (and flushed: DCP syncs its files) before the seal
+    except Exception as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if ck.no_space(e):
+            raise ck.disk_full(run_dir, ck.folder_name(step)) from e
+        raise
+    if not main:
+        failed = distributed.broadcast(None)
+        if failed:
+            raise CheckpointError(f"rank 0 could not seal checkpoint {ck.folder_name(step)}: {failed}")
+        return None
+    try:
+        found = ck.write(run_dir, step, save, content, keep, job_ends, prune_weights, shards=tmp)
+    except Exception as e:
+        distributed.broadcast(str(e) or type(e).__name__)
+        raise
+    distributed.broadcast(None)
+    return found
 
 
 def restore_rng(folder: Path, rank: int, world_size: int, say=None) -> None:

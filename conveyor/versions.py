@@ -17,7 +17,7 @@ from pathlib import Path
 from . import checkpoints as ck
 from . import manifest as mf
 from .errors import ConveyorError
-from .holdout import job_of
+from .holdout import EVAL_FILE, job_of
 from .runs import ancestry
 
 NAME = re.compile(r"v(\d+)")
@@ -25,6 +25,12 @@ NAME = re.compile(r"v(\d+)")
 
 def name(version_id: int) -> str:
     return f"v{version_id}"
+
+
+def at_step(con: sqlite3.Connection, run_id: str, step: int) -> int | None:
+    """The id of the version that ends at this step of the run (a job's end), if any and not lost."""
+    row = con.execute("SELECT id FROM versions WHERE run_id = ? AND step = ? AND lost = 0", (run_id, step)).fetchone()
+    return row["id"] if row else None
 
 
 def all_versions(con: sqlite3.Connection, runs_dir: Path | None = None) -> list[dict]:
@@ -77,8 +83,6 @@ def _kept(runs_dir: Path, row: sqlite3.Row, version: str) -> tuple[Path, mf.Mani
 
 def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, float]:
     """Every evaluation set's loss at a step: eval.file's, then the held-out sets in the order they began."""
-    from .evaluation import EVAL_FILE
-
     out = {EVAL_FILE: r["eval_loss"] for r in con.execute("SELECT eval_loss FROM evals WHERE run_id = ? AND step = ?",
                                                            (run_id, step))}
     rows = con.execute("SELECT name, loss FROM set_evals WHERE run_id = ? AND step = ?", (run_id, step)).fetchall()
@@ -111,8 +115,6 @@ def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     """Versions × evaluation sets: each version's loss on every set scored at its step (None where a set did not
     exist yet). The sets are the held-out sets in the order their jobs began, and eval.file's when it was scored.
     The versions are those of a run's lineage (default: the active run's; see `lineage`)."""
-    from .evaluation import EVAL_FILE
-
     rows = lineage(con, run_id)
     names: list[str] = []
     for v in rows:
@@ -190,8 +192,6 @@ def _write_pins(con: sqlite3.Connection, runs_dir: Path, run_id: str) -> None:
 def rises(con: sqlite3.Connection, version_id: int, exclude: str | None = None) -> list[dict]:
     """How each held-out set scored at both this version and the version before it (in its run's lineage)
     changed: [{"set", "file", "before", "after", "change", "before_version"}], largest relative rise first."""
-    from .evaluation import EVAL_FILE
-
     row = con.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
     previous = _previous(con, row)
     if previous is None:

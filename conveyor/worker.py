@@ -8,6 +8,7 @@ How it ended is one Outcome, which is also the process's exit code.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -20,12 +21,11 @@ from .config import Config
 from .controls import Context, Effect
 from .errors import CheckpointError, DataError, PlanError
 from .fingerprint import short
-from .follower import follow_order
 from .formats import TokenizedFile, parse_file, tokenize_file
 from .tokenized import prune as prune_tokenized
 from .tokenized import tokens_of
-from .jobdata import data_key, held_out_jobs, job_data, replay_pool
-from .jobs import Conflict, Job, JobState
+from .jobdata import data_key, held_out_jobs, job_data, replay_pool, replay_sources
+from .jobs import Conflict, Job, JobState, finished_text, started_text
 from .plan import Position, examples_per_step, fresh, require_steps
 from .store import log_event, transaction
 from .workspace import Workspace
@@ -74,6 +74,21 @@ class Reporter:
         pass
 
 
+class PrintedReporter(Reporter):
+    """A worker process's reporter: messages and job lines as plain lines on its stdout and stderr, which the
+    daemon's terminal shows (the words of the CLI's reporter, without its progress bar)."""
+
+    def message(self, level: str, text: str) -> None:
+        print(text if level == "info" else f"{level}: {text}", file=sys.stdout if level == "info" else sys.stderr,
+              flush=True)
+
+    def job_started(self, job: Job) -> None:
+        print(started_text(job), flush=True)
+
+    def job_finished(self, job: Job) -> None:
+        print(finished_text(job), flush=True)
+
+
 @dataclass
 class Setup:
     job: Job
@@ -83,6 +98,16 @@ class Setup:
     start: Position
     open_jobs: list[Position]
     pool: object | None = None  # replay.Pool of the earlier jobs' examples this job replays
+
+
+def follow_order(setup: Setup, db) -> dict:
+    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
+    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
+    start = setup.start
+    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
+            "open": [p.to_json() for p in setup.open_jobs],
+            "resume": str(setup.resume.path) if setup.resume else None,
+            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
 
 
 class Worker:
@@ -252,7 +277,7 @@ class Worker:
         fraction = self.config.replay.fraction
         if fraction <= 0:
             return (), 0
-        sources = tuple(replay.sources(self.db, run.id, job.id))
+        sources = tuple(replay_sources(self.db, run.id, job.id))
         pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint, self.tokenizer)
         self._planned_pool = (sources, pool)
         count = replay.count(fraction, own_total, pool.size if pool else 0)
@@ -363,15 +388,14 @@ class Worker:
         from . import versions
 
         gate = self.config.eval.gate
-        version = self.db.execute("SELECT id FROM versions WHERE run_id = ? AND step = ? AND lost = 0",
-                                  (run.id, step)).fetchone()
+        version = versions.at_step(self.db, run.id, step)
         if gate <= 0 or version is None:
             return
-        rises = versions.rises(self.db, version["id"], exclude=holdout.set_name(job.id))
+        rises = versions.rises(self.db, version, exclude=holdout.set_name(job.id))
         over = [r for r in rises if r["change"] > gate]
         if not over:
             return
-        name, before = versions.name(version["id"]), versions.name(over[0]["before_version"])
+        name, before = versions.name(version), versions.name(over[0]["before_version"])
         sets = "; ".join(f"{r['set']} ({r['file']}) {r['before']:.4f} → {r['after']:.4f} ({r['change']:+.1%})"
                          for r in over)
         text = (f"eval.gate: {name} (job {job.id}, {job.file}) raised the held-out loss of {sets}, more than "
@@ -379,7 +403,7 @@ class Worker:
                 f"deleted. `conveyor resume` accepts {name} and goes on; `conveyor rollback {before}` undoes job "
                 f"{job.id} (add --requeue to train it again later)")
         with transaction(self.db):
-            versions.set_gated(self.db, version["id"], text)
+            versions.set_gated(self.db, version, text)
             controls.hold(self.db, GATE, text)
         log_event(self.db, "warning", "gate", text, job.id)
         self.reporter.message("warning", text)
@@ -484,13 +508,11 @@ class Worker:
     def _eval_sets(self, run: runs.Run) -> dict:
         """The sets scored at each evaluation: eval.file's (if set), then every held-out set of the run's jobs
         that have started, in the order they started; each cut to eval.max_examples."""
-        from .evaluation import EVAL_FILE
-
         limit = self.config.eval.max_examples
         sets = {}
         validation = self._eval_file()
         if validation is not None:
-            sets[EVAL_FILE] = validation.examples[:limit]
+            sets[holdout.EVAL_FILE] = validation.examples[:limit]
         for job in held_out_jobs(self.db, run.id):
             key = data_key(self.ws, job, self.config, self.model_path, self.tokenizer)
             try:

@@ -10,10 +10,8 @@ from pathlib import Path
 from . import store
 from .config import CONFIG_FILE, Config, load_config, render_config
 from .errors import WorkspaceError
-from .tiny import BUILTIN
-
-DB_FILE = "conveyor.db"
-
+from .models import model_path
+from .repair import open_checked
 
 @dataclass
 class Workspace:
@@ -59,19 +57,12 @@ class Workspace:
     def db(self):
         """The state database, checked on open: faults.DatabaseDamaged names the file, what is wrong and the fix
         when it is damaged, missing while runs/ holds checkpoints, or does not match the runs on disk (repair.py)."""
-        from .repair import open_checked
-
         store.attach_log_file(self.logs)
         return open_checked(self)
 
     def model_path(self, name: str) -> str:
         """Where the base model's files are: a built-in model (tiny, small) is made in the workspace on first use."""
-        if name in BUILTIN:
-            from .trainer import quiet_libraries
-
-            quiet_libraries()
-            return str(BUILTIN[name](self.models / name))
-        return name
+        return model_path(self.models, name)
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs / run_id

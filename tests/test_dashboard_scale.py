@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conveyor import dashboard, ledger, series, store
+from conveyor.upgrade import upgrade
 from conveyor.dashboard import STATUS_JOBS, create_app, snapshot
 from conveyor.workspace import Workspace
 
@@ -274,7 +275,7 @@ def test_rewind_and_retrain_matches_a_rollup_from_scratch(small, back_to):
     assert small.execute("SELECT SUM(n) FROM metrics_rollup WHERE level = 16").fetchone()[0] == 6000
 
 
-def test_old_database_gets_its_rollups_at_connect(tmp_path):
+def test_old_database_gets_its_rollups_when_opened(tmp_path):
     path = tmp_path / "old.db"
     con = store.connect(path)
     _write(con, range(1, 1001))
@@ -283,6 +284,7 @@ def test_old_database_gets_its_rollups_at_connect(tmp_path):
     con.execute("PRAGMA user_version = 0")  # as a database from before the rollups
     con.close()
     con = store.connect(path)
+    upgrade(con, path)  # as Workspace.db does on every open
     try:
         assert _rollup(con) == expected
         assert con.execute("PRAGMA user_version").fetchone()[0] == store.VERSIONS_VERSION

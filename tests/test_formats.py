@@ -17,7 +17,7 @@ from conveyor.errors import DataError
 from conveyor.formats import CHAT, IGNORE, PROMPT, TEXT, parse_file, tokenize_file
 
 try:
-    from conveyor.trainer import load_tokenizer
+    from conveyor.chat import load_tokenizer
 except ImportError:  # its home before the training code was split into trainer.py and worker.py
     from conveyor.worker import load_tokenizer
 

@@ -11,7 +11,8 @@ import torch
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status
 from conveyor import packing
 from conveyor.formats import IGNORE
-from conveyor.trainer import AuditingCollator, load_tokenizer
+from conveyor.chat import load_tokenizer
+from conveyor.trainer import AuditingCollator
 
 
 @pytest.fixture(scope="module")

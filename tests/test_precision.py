@@ -258,7 +258,7 @@ def test_sigkill_mid_job_then_resume_gives_the_uninterrupted_weights(workspace, 
 
 def test_memory_estimate_warns_when_the_job_would_not_fit(tiny_dir):
     from conveyor import memory
-    from conveyor.trainer import build_model
+    from conveyor.precision import build_model
 
     config = Config()
     model = build_model(config, str(tiny_dir), None)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_cli, status
 from conveyor.config import Config
-from conveyor.tiny import SMALL, ensure_small
+from conveyor.models import SMALL, ensure_small
 from conveyor.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
