@@ -23,7 +23,6 @@ from .controls import Context, Effect
 from .errors import ConveyorError
 from .inbox import Inbox, file_finished
 from .jobs import Job, JobState
-from .lock import Lock  # noqa: F401  (the daemon's lock; callers import it from here too)
 from .notify import Notifier, close_wait
 from .reconcile import place
 from .store import log_event

@@ -6,7 +6,7 @@ import time
 
 from . import controls, jobs, ledger, runs, series
 from .errors import ConveyorError
-from .lock import LOCK_FILE, daemon_pid  # noqa: F401  (the lock is lock.py's; some callers import them here)
+from .lock import daemon_pid
 from .workspace import Workspace
 
 

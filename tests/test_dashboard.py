@@ -22,7 +22,7 @@ from conftest import ASSETS, make_workspace, run_cli, text_file
 from conveyor import controls, store
 from conveyor.dashboard import EXPIRED, NOT_ACKNOWLEDGED, build_server, check_bind, create_app, page_html, serve
 from conveyor.errors import ConveyorError
-from conveyor.status import LOCK_FILE
+from conveyor.lock import LOCK_FILE
 
 LOCAL = "http://127.0.0.1:8750"
 TOKEN = "s3cret-token"
@@ -210,7 +210,7 @@ def test_control_without_daemon_is_not_acknowledged(client, trained):
 
 def test_control_kept_for_a_running_daemon(client, trained):
     """A live daemon that has not answered yet keeps the request: it acts on it between steps."""
-    from conveyor.daemon import Lock
+    from conveyor.lock import Lock
     from conveyor.workspace import Workspace
 
     with Lock(Workspace(trained)):  # the daemon's flock, held by a live process

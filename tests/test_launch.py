@@ -200,9 +200,9 @@ def test_rank_0s_outcome_is_the_attempts_code(tmp_path):
 
 # The lock ---------------------------------------------------------------------------------------------------------
 def test_the_daemon_lock_is_its_own_module_read_by_status_and_the_daemon(tmp_path):
-    from conveyor import daemon, status
+    from conveyor import status
 
-    assert daemon.Lock is Lock and status.daemon_pid is daemon_pid
+    assert status.daemon_pid is daemon_pid
     ws = Workspace(tmp_path)
     assert daemon_pid(ws) is None
     with Lock(ws):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import drain_with_requests, set_setting, adapter_weights, ledger, max_abs_diff, run_cli, status, text_file
-from conveyor.daemon import Lock
+from conveyor.lock import Lock
 from conveyor.workspace import Workspace
 
 
