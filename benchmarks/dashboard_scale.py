@@ -30,10 +30,12 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 from rich.table import Column, Table
 
-from conveyor import ledger, store
 from conveyor.config import Config
-from conveyor.dashboard import create_app, snapshot
-from conveyor.workspace import Workspace
+from conveyor.serve.api import snapshot
+from conveyor.serve.dashboard import create_app
+from conveyor.store import database as store
+from conveyor.store import ledger
+from conveyor.store.workspace import Workspace
 
 LOCAL = "http://127.0.0.1:8750"
 RUN, BRANCH = "run-0001", "run-0002"

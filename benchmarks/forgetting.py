@@ -92,7 +92,7 @@ def cli(root: Path, env: dict, *argv: str) -> str:
 def conveyor_side(root: Path, args, replay: float, model_dir: Path | None, files: list[Path], env: dict) -> dict:
     """A then B in a fresh workspace; the matrix, B's steps and seconds, and the held-out lines of each job."""
     from conveyor.config import parse_config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     Workspace.create(root, parse_config(conveyor_settings(args, replay)))
     if model_dir is not None:  # a copy of the built-in model made once, so no side spends time making it
@@ -314,7 +314,7 @@ def main() -> None:
         model_dir = None
         if args.model in BUILT_IN:  # made once in a child (it imports torch), copied into each workspace
             model_dir = root / "models" / args.model
-            subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{args.model!r}]"
+            subprocess.run([sys.executable, "-c", f"from conveyor.data.models import BUILTIN; BUILTIN[{args.model!r}]"
                             f"({str(model_dir)!r})"], check=True, capture_output=True, env=env)
         runs = [one_seed(root, args, seed, model_dir, files, env) for seed in args.seeds]
     report(runs, args, time.perf_counter() - started)

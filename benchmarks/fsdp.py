@@ -44,7 +44,7 @@ def write_data(path: Path, n: int) -> None:
 
 def one(root: Path, model_dir: Path, data: Path, procs: int, strategy: str, threads: int | None) -> dict:
     from conveyor.config import parse_config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     config = parse_config({
         "model": {"name": "small"}, "adapter": {"method": "full"},
@@ -80,7 +80,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
 
-    from conveyor.models import ensure_small
+    from conveyor.data.models import ensure_small
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="conveyor-fsdp-"))
     model_dir = ensure_small(base / "small")

@@ -73,7 +73,7 @@ def make_model_folder(folder: Path, shape: dict, dtype: torch.dtype) -> Path:
     """A Qwen2-architecture folder with seeded random weights and the `small` BPE tokenizer (no download)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from conveyor.families import SMALL, _SMALL, make_tokenizer
+    from conveyor.data.families import _SMALL, SMALL, make_tokenizer
 
     tokenizer = make_tokenizer(_SMALL)
     assert SMALL == _SMALL.name and len(tokenizer) <= shape["vocab_size"]
@@ -100,9 +100,9 @@ def write_data(path: Path, tokenizer, n: int, seq_len: int) -> None:
 
 def conveyor_side(root: Path, model_dir: Path, data: Path, seq_len: int, qlora: bool, smoke: bool) -> dict:
     from conveyor.config import parse_config
-    from conveyor.daemon import Daemon
-    from conveyor.inbox import enqueue
-    from conveyor.workspace import Workspace
+    from conveyor.queue.daemon import Daemon
+    from conveyor.queue.inbox import enqueue
+    from conveyor.store.workspace import Workspace
 
     bf16 = not smoke
     model = {"name": str(model_dir), "precision": "bfloat16" if bf16 else "float32"}
@@ -127,8 +127,14 @@ def conveyor_side(root: Path, model_dir: Path, data: Path, seq_len: int, qlora: 
 def plain_side(out: Path, model_dir: Path, data: Path, seq_len: int, qlora: bool, smoke: bool) -> dict:
     """The same training with nothing of conveyor: Trainer + PEFT as a tutorial would write it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
     dtype = torch.float32 if smoke else torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -229,7 +235,7 @@ def main() -> int:
               "and MFU against the GPU's bf16 peak. Run with --smoke to check the script on CPU.")
         return 0
     from conveyor.config import installed
-    from conveyor.models import quiet_libraries
+    from conveyor.data.models import quiet_libraries
 
     quiet_libraries()
     shape, seq_len = (SMOKE, min(args.seq_len, 128)) if args.smoke else (QWEN2_05B, args.seq_len)

@@ -51,8 +51,14 @@ def tokenize_text_file(path: Path, tokenizer, max_length: int) -> list[dict]:
 def train_plain(model_dir: str, path: Path, order: list[int], s: Settings, out_dir: Path) -> dict:
     """Train with the stock Trainer; returns the adapter weights and the training-phase timing."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = tokenize_text_file(path, tokenizer, s.max_length)

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from conveyor.config import Config
-from conveyor.workspace import Workspace
+from conveyor.store.workspace import Workspace
 
 
 def make_workspace(root: Path, settle: float) -> None:

@@ -37,13 +37,15 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from conveyor.config import Config  # noqa: E402
-from conveyor.daemon import Daemon  # noqa: E402
+from conveyor.data.models import (
+    BUILTIN,  # noqa: E402
+    quiet_libraries,  # noqa: E402
+)
 from conveyor.fingerprint import fingerprint  # noqa: E402
-from conveyor.inbox import enqueue  # noqa: E402
-from conveyor.ledger import audit_rows  # noqa: E402
-from conveyor.models import BUILTIN  # noqa: E402
-from conveyor.models import quiet_libraries  # noqa: E402
-from conveyor.workspace import Workspace  # noqa: E402
+from conveyor.queue.daemon import Daemon  # noqa: E402
+from conveyor.queue.inbox import enqueue  # noqa: E402
+from conveyor.store.ledger import audit_rows  # noqa: E402
+from conveyor.store.workspace import Workspace  # noqa: E402
 
 BATCH, ACCUM, LR, MAX_LENGTH = 8, 1, 1e-3, 128
 MODEL = ["tiny"]  # --model: the built-in model both sides train
@@ -93,7 +95,7 @@ def serve_and_watch(root: Path, port: int) -> None:
 
     import httpx
 
-    from conveyor.dashboard import build_server
+    from conveyor.serve.dashboard import build_server
 
     server = build_server(root, port=port)
     threading.Thread(target=server.run, daemon=True).start()

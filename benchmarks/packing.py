@@ -62,7 +62,7 @@ def _wait(proc) -> tuple[int, float]:
 
 def conveyor_side(root: Path, model: str, model_dir: Path, data: Path, packing: bool) -> dict:
     from conveyor.config import parse_config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     config = parse_config({"model": {"name": model}, "training": {
         "batch_size": BATCH, "grad_accum": 1, "max_length": MAX_LENGTH, "save_every": 10**6, "packing": packing}})
@@ -118,7 +118,7 @@ def main() -> None:
         for model in ["tiny"] + (["small"] if args.small else []):
             model_dir = root / "models" / model
             # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies it).
-            subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{model!r}]"
+            subprocess.run([sys.executable, "-c", f"from conveyor.data.models import BUILTIN; BUILTIN[{model!r}]"
                             f"({str(model_dir)!r})"], check=True, capture_output=True)
             n = args.examples if model == "tiny" else args.small_examples
             for profile in ("skewed", "uniform"):

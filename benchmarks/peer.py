@@ -87,8 +87,8 @@ def write_data(path: Path, model_dir: Path, profile: str, n: int) -> None:
 
 def conveyor_order(data: Path) -> list[int]:
     """The example order conveyor trains the file in (plan.JobOrder: seed and fingerprint), for TRL's side."""
+    from conveyor.data.plan import JobOrder
     from conveyor.fingerprint import fingerprint
-    from conveyor.plan import JobOrder
 
     n = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
     order = JobOrder(SEED, fingerprint(data), n, 1)
@@ -97,8 +97,8 @@ def conveyor_order(data: Path) -> list[int]:
 
 def trainable_tokens(data: Path, model_dir: Path) -> int:
     """Tokens that carry loss in conveyor's tokenization of the file (every labelled token after the first)."""
-    from conveyor.chat import load_tokenizer
-    from conveyor.formats import IGNORE, parse_file, tokenize_file
+    from conveyor.data.chat import load_tokenizer
+    from conveyor.data.formats import IGNORE, parse_file, tokenize_file
 
     examples = tokenize_file(parse_file(data, data.name), load_tokenizer(str(model_dir)), MAX_LENGTH, data.name).examples
     return sum(sum(label != IGNORE for label in ex.labels[1:]) for ex in examples)
@@ -125,7 +125,7 @@ def _timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]
 
 def conveyor_side(root: Path, model_dir: Path, data: Path, order: list[int]) -> dict:
     from conveyor.config import parse_config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     config = parse_config({"model": {"name": MODEL}, "adapter": LORA, "training": {
         "batch_size": BATCH, "grad_accum": ACCUM, "learning_rate": LR, "max_length": MAX_LENGTH, "seed": SEED,
@@ -274,7 +274,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="conveyor-peer-") as tmp:
         root = Path(tmp)
         model_dir = root / "models" / MODEL
-        subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{MODEL!r}]({str(model_dir)!r})"],
+        subprocess.run([sys.executable, "-c", f"from conveyor.data.models import BUILTIN; BUILTIN[{MODEL!r}]({str(model_dir)!r})"],
                        check=True, capture_output=True)
         for profile in args.profiles.split(","):
             data = root / f"{profile}.jsonl"

@@ -52,7 +52,7 @@ def write_data(path: Path, n: int) -> None:
 def measure(name: str, changes: dict, data: Path, model: str, model_dir: Path, root: Path) -> dict:
     from conveyor.config import parse_config
     from conveyor.errors import ConfigError
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     sections = json.loads(json.dumps(BASE))
     sections["model"] = {"name": model}
@@ -92,7 +92,7 @@ def main() -> None:
         root = Path(tmp)
         model_dir = root / args.model
         # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies its image).
-        subprocess.run([sys.executable, "-c", f"from conveyor.models import BUILTIN; BUILTIN[{args.model!r}]"
+        subprocess.run([sys.executable, "-c", f"from conveyor.data.models import BUILTIN; BUILTIN[{args.model!r}]"
                         f"({str(model_dir)!r})"], check=True, capture_output=True)
         data = root / "data.jsonl"
         write_data(data, args.examples)

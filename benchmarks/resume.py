@@ -64,8 +64,9 @@ def time_into(marks: dict, owner, name: str) -> None:
 
 
 def child_conveyor(args, marks: dict) -> None:
-    from conveyor import cli, trainer
-    from conveyor.worker import Worker
+    from conveyor import cli
+    from conveyor.train import trainer
+    from conveyor.train.worker import Worker
 
     time_into(marks, Worker, "prepare")
     trainer._JobCallback.on_step_end = lambda self, *a, **kw: _done(args, self.pos.last_step + 1, marks)
@@ -77,8 +78,15 @@ def hf_trainer(tiny: str, data: str, out_dir: Path, max_steps: int, save: bool, 
     import hf_baseline
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     time_into(marks, hf_baseline, "tokenize_text_file")
@@ -126,8 +134,8 @@ def child(args) -> None:
 def conveyor_prefix(root: Path, tiny: Path, data: Path) -> Path:
     """A workspace whose job really was killed right after step 2, with step 1's checkpoint on disk."""
     from conveyor.config import Config
-    from conveyor.inbox import enqueue
-    from conveyor.workspace import Workspace
+    from conveyor.queue.inbox import enqueue
+    from conveyor.store.workspace import Workspace
 
     config = Config()
     config.training.batch_size, config.training.grad_accum, config.training.max_length = BATCH, 1, MAX_LENGTH
@@ -152,9 +160,11 @@ def copy_workspace(src: Path, dst: Path) -> Path:
 
 def conveyor_crash_at(root: Path, k: int) -> None:
     """Step 1's checkpoint becomes step k's, and the database what a kill right after step k+1 leaves."""
-    from conveyor import checkpoints as ck, jobs, ledger, manifest as mf, runs
-    from conveyor.plan import JobOrder
-    from conveyor.workspace import Workspace
+    from conveyor.data.plan import JobOrder
+    from conveyor.store import checkpoints as ck
+    from conveyor.store import jobs, ledger, runs
+    from conveyor.store import manifest as mf
+    from conveyor.store.workspace import Workspace
 
     ws = Workspace.open(root)
     job, run = jobs.all_jobs(ws.db)[0], runs.active(ws.db)
@@ -238,8 +248,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    from conveyor.tiny import ensure_tiny
-    from conveyor.models import quiet_libraries
+    from conveyor.data.models import quiet_libraries
+    from conveyor.data.tiny import ensure_tiny
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="conveyor-resume-") as tmp:

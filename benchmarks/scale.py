@@ -73,7 +73,7 @@ def fingerprint_speed(path: Path) -> float:
 
 def workspace(root: Path, tiny: Path) -> Path:
     from conveyor.config import Config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     config = Config()
     t = config.training
@@ -149,7 +149,7 @@ def main() -> None:
     try:
         tiny = root / "tiny"
         # In a child: a parent that imported torch would inflate every child's peak RSS (fork copies its image).
-        subprocess.run([sys.executable, "-c", f"from conveyor.tiny import ensure_tiny; ensure_tiny({str(tiny)!r})"],
+        subprocess.run([sys.executable, "-c", f"from conveyor.data.tiny import ensure_tiny; ensure_tiny({str(tiny)!r})"],
                        check=True, capture_output=True)
         rows = [one_size(root, tiny, size, args.threads) for size in args.sizes]
         report(rows)

@@ -84,7 +84,7 @@ def measure(base: Path, model_dir: Path, layout: Layout, strategy: str, method: 
             threads: int) -> dict:
     """One job through `conveyor train` on `layout`: tokens/s, seconds a step, wall seconds."""
     from conveyor.config import parse_config
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     root = base / f"{strategy}-{method}-{layout.nodes}x{layout.nproc}"
     data = base / f"data-{layout.world}.jsonl"
@@ -144,8 +144,15 @@ def measure_plain(base: Path, model_dir: Path, world: int, args) -> dict:
 def plain_rank(data: Path, model_dir: Path, out: Path, method: str) -> None:
     """A rank of the plain run (under torchrun): step times from the Trainer's own callbacks, tokens from the data."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     sys.path.insert(0, str(HERE))
     from hf_baseline import tokenize_text_file
@@ -204,7 +211,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE.parent))
     import torch
 
-    from conveyor.models import ensure_small
+    from conveyor.data.models import ensure_small
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="conveyor-scaling-"))
     base.mkdir(parents=True, exist_ok=True)

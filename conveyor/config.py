@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
-import tomllib
 import urllib.parse
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 

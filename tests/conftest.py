@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conveyor.config import Config
-from conveyor.tiny import ensure_tiny
-from conveyor.workspace import Workspace
+from conveyor.data.tiny import ensure_tiny
+from conveyor.store.workspace import Workspace
 
 ASSETS = Path(__file__).parent / "assets"
 

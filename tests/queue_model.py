@@ -23,14 +23,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from conftest import make_workspace, run_cli
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import make_workspace, run_cli
 from conveyor.config import load_config, render_config
-from conveyor.plan import JobOrder
+from conveyor.data.plan import JobOrder
 
-PRELOAD = ["conveyor.cli", "conveyor.daemon", "conveyor.worker", "conveyor.trainer", "transformers.trainer", "peft"]
+PRELOAD = ["conveyor.cli", "conveyor.queue.daemon", "conveyor.train.worker", "conveyor.train.trainer", "transformers.trainer", "peft"]
 _context = None
 
 

@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, audit, ledger, make_workspace, max_abs_diff, run_cli, status, text_file
-from service import process_running as _running, Service
+from service import Service
+from service import process_running as _running
 
 pytestmark = pytest.mark.slow
 # batch 2 × grad_accum 2: 30 + 20 + 40 = 90 steps, enough that most of the 22 kills land at random moments

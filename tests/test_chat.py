@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_workspace, run_cli, status
-from conveyor import chat, tiny
+
+from conveyor.data import chat, tiny
+from conveyor.data.families import FAMILIES, ensure_family, make_tokenizer
+from conveyor.data.formats import IGNORE, parse_file, tokenize_file
 from conveyor.errors import DataError
-from conveyor.families import FAMILIES, ensure_family, make_tokenizer
-from conveyor.formats import IGNORE, parse_file, tokenize_file
 
 SYSTEM = "You answer in one short sentence."
 CONVERSATIONS = [
@@ -184,9 +184,9 @@ def test_data_chat_template_from_a_file_is_used_for_training_and_preview(workspa
 
 
 def test_the_tokenization_cache_follows_the_chat_template(workspace, tmp_path):
-    from conveyor import jobs
-    from conveyor.workspace import Workspace
-    from conveyor.jobdata import job_data
+    from conveyor.store import jobs
+    from conveyor.store.workspace import Workspace
+    from conveyor.train.jobdata import job_data
 
     ws = Workspace.open(workspace())
     path = write_chats(tmp_path / "chat.jsonl", CONVERSATIONS[1:])
@@ -264,7 +264,7 @@ def test_the_tokenizer_is_read_once_per_process_and_each_caller_gets_its_own(tmp
 
 
 def test_evaluation_samples_are_asked_through_data_chat_template(workspace, tmp_path, monkeypatch):
-    from conveyor import evaluation
+    from conveyor.train import evaluation
 
     ws = workspace(data={"chat_template": "plain.jinja"}, eval={"holdout": 1, "sample_prompts": ["Name one fruit."],
                                                                 "max_new_tokens": 2})
@@ -278,7 +278,7 @@ def test_evaluation_samples_are_asked_through_data_chat_template(workspace, tmp_
     r = run_cli(ws, "train", write_chats(tmp_path / "chat.jsonl", CONVERSATIONS * 4), "-q")
     assert r.code == 0, r.out + r.err
     assert asked and set(asked) == {"### user: Name one fruit.<|end|>### assistant: "}
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     assert [r["prompt"] for r in Workspace.open(ws).db.execute("SELECT prompt FROM samples")] == ["Name one fruit."]
 
@@ -295,7 +295,7 @@ def test_an_answer_ends_at_the_templates_end_of_turn(tokenizers, tiny_dir):
 
 
 def test_a_system_prompt_is_asked_as_training_renders_it(tokenizers):
-    from conveyor.generate import conversation_ids
+    from conveyor.serve.generate import conversation_ids
 
     asked = {name: tokenizers[name].decode(conversation_ids(tokenizers[name], [], "Hi", True, "Be brief."))
              for name in ("qwen2.5", "gemma")}

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import audit, checkpoint_steps, ledger, run_cli, status, text_file
+from conftest import set_setting as _set
 
-from conftest import set_setting as _set, audit, checkpoint_steps, ledger, run_cli, status, text_file
-from conveyor import checkpoints as ck
-from conveyor import manifest as mf
+from conveyor.store import checkpoints as ck
+from conveyor.store import manifest as mf
 
 
 def _tree_hashes(folder: Path) -> dict:
@@ -192,7 +193,7 @@ def test_retention_is_bounded_by_keep_plus_job_ends(workspace, tmp_path):
 
 def test_each_checkpoint_file_is_hashed_once_when_written_and_not_again_at_the_next_start(
         workspace, tmp_path, monkeypatch):
-    from conveyor import checkpoints
+    from conveyor.store import checkpoints
 
     hashed: list[str] = []
     real = checkpoints.fingerprint

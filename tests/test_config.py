@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import tomllib
-
 from conftest import run_cli, set_setting
+
 from conveyor.config import Config
 
 

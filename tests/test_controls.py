@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from conveyor import controls, store
-from conveyor.controls import Action, Context, Effect
+from conveyor.store import controls
+from conveyor.store import database as store
+from conveyor.store.controls import Action, Context, Effect
 
 
 def _db(tmp_path):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ledger, run_cli, set_setting, status, text_file
 
 

@@ -9,7 +9,6 @@ import signal
 from collections import Counter
 
 import pytest
-
 from conftest import run_cli
 from service import Service, running, write_jsonl
 

@@ -5,7 +5,6 @@ label layout (in node, when installed); and (slow) the page rendered in a real h
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil
@@ -16,13 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ASSETS, make_workspace, run_cli, text_file
 from fastapi.testclient import TestClient
 
-from conftest import ASSETS, make_workspace, run_cli, text_file
-from conveyor import controls, store
-from conveyor.dashboard import EXPIRED, NOT_ACKNOWLEDGED, build_server, check_bind, create_app, page_html, serve
 from conveyor.errors import ConveyorError
-from conveyor.lock import LOCK_FILE
+from conveyor.serve.api import EXPIRED, NOT_ACKNOWLEDGED
+from conveyor.serve.dashboard import build_server, check_bind, create_app, page_html, serve
+from conveyor.store import controls
+from conveyor.store import database as store
+from conveyor.store.lock import LOCK_FILE
 
 LOCAL = "http://127.0.0.1:8750"
 TOKEN = "s3cret-token"
@@ -210,8 +211,8 @@ def test_control_without_daemon_is_not_acknowledged(client, trained):
 
 def test_control_kept_for_a_running_daemon(client, trained):
     """A live daemon that has not answered yet keeps the request: it acts on it between steps."""
-    from conveyor.lock import Lock
-    from conveyor.workspace import Workspace
+    from conveyor.store.lock import Lock
+    from conveyor.store.workspace import Workspace
 
     with Lock(Workspace(trained)):  # the daemon's flock, held by a live process
         r = client.post("/api/control/pause")

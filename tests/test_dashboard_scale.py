@@ -17,15 +17,27 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from conveyor import dashboard, ledger, series, store
-from conveyor.upgrade import upgrade
-from conveyor.dashboard import STATUS_JOBS, create_app, snapshot
-from conveyor.workspace import Workspace
+from conveyor.serve import api
+from conveyor.serve.api import STATUS_JOBS, snapshot
+from conveyor.serve.dashboard import create_app
+from conveyor.store import database as store
+from conveyor.store import ledger, series
+from conveyor.store.upgrade import upgrade
+from conveyor.store.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import dashboard_scale as scale  # noqa: E402  (the workspace it measures is the one tested here)
 from dashboard_scale import (  # noqa: E402
-    BRANCH, BRANCH_AT, BRANCH_STEPS, ENDPOINTS, JOBS, QUEUED, RUN, STEPS, TRAINED, metric,
+    BRANCH,
+    BRANCH_AT,
+    BRANCH_STEPS,
+    ENDPOINTS,
+    JOBS,
+    QUEUED,
+    RUN,
+    STEPS,
+    TRAINED,
+    metric,
 )
 
 LOCAL = "http://127.0.0.1:8750"
@@ -76,7 +88,7 @@ def metered(big):
             ws.db.close()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dashboard, "open_workspace", opened)
+        patch.setattr(api, "open_workspace", opened)
         yield TestClient(create_app(big), base_url=LOCAL), meter
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import adapter_weights, make_workspace, max_abs_diff, run_cli, text_file
 
-from conveyor import manifest as mf
-from conveyor import runs, store
+from conveyor.store import database as store
+from conveyor.store import manifest as mf
+from conveyor.store import runs
 
 SETTINGS = {"training": {"batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3, "save_every": 2, "max_length": 64}}
 STATE_TABLES = ("runs", "jobs", "versions", "ledger", "controls")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli
-from conveyor import demo
-from conveyor.workspace import Workspace
+
+from conveyor.serve import demo
+from conveyor.store.workspace import Workspace
 
 ANSWERS = [("What sound does the cat make?", "The cat meows."), ("What does the dog do?", "The dog barks."),
            ("Which sound is the owl's?", "The owl hoots."), ("What do you hear from the fox?", "The fox yips."),

@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, make_workspace, max_abs_diff, run_cli, text_file
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from conftest import adapter_weights, audit, max_abs_diff, run_cli, status, text_file
 
 pytestmark = pytest.mark.slow

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, status, text_file
+from conftest import set_setting as _set
 
-from conftest import set_setting as _set, run_cli, status, text_file
-from conveyor import checkpoints as ck
 from conveyor.errors import ConfigError
-from conveyor.workspace import Workspace
+from conveyor.store import checkpoints as ck
+from conveyor.store.workspace import Workspace
 
 
 def _train(ws: Path, file: Path) -> None:

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ledger, run_cli, status, text_file
 from service import Service
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from conftest import drain_with_requests, audit, ledger, run_cli, set_setting, status, text_file
-from conveyor import holdout
-from conveyor.formats import Tokenized, TokenizedFile
+from conftest import audit, drain_with_requests, ledger, run_cli, set_setting, status, text_file
+
+from conveyor.data import holdout
+from conveyor.data.formats import Tokenized, TokenizedFile
 
 
 def _matrix(ws) -> dict:

@@ -10,16 +10,16 @@ import lzma
 import zipfile
 
 import pytest
-
 from conftest import ASSETS, run_cli, status, text_file
-from conveyor import formats
+
+from conveyor.data import formats
+from conveyor.data.formats import CHAT, IGNORE, PROMPT, TEXT, parse_file, tokenize_file
 from conveyor.errors import DataError
-from conveyor.formats import CHAT, IGNORE, PROMPT, TEXT, parse_file, tokenize_file
 
 try:
-    from conveyor.chat import load_tokenizer
+    from conveyor.data.chat import load_tokenizer
 except ImportError:  # its home before the training code was split into trainer.py and worker.py
-    from conveyor.worker import load_tokenizer
+    from conveyor.train.worker import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import audit, checkpoint_steps, make_workspace, max_abs_diff, run_cli, set_setting, status, text_file
-from conveyor import checkpoints as ck
-from conveyor import manifest as mf
+
+from conveyor.store import checkpoints as ck
+from conveyor.store import manifest as mf
 
 # 78 lines, 6 held out: 72 examples, 12 a step (batch 3 × grad_accum 1 × 4 ranks): 6 steps, checkpoints at 2, 4, 6.
 # Evaluated at steps 3 and 6 (held-out loss and a sample): under fsdp on every rank, each forward needing all shards.
@@ -406,7 +406,7 @@ def test_lora_on_a_sharded_base_trains_as_ddp_does_and_resumes_bitwise(tmp_path,
 def test_hash_cache_keys_sharded_files_by_their_folder(tmp_path):
     """model/__0_0.distcp and optimizer/__0_0.distcp (and the same names in every checkpoint) are cached apart: a
     flipped shard is found even when another file of the same name and size was hashed before."""
-    from conveyor.plan import Position
+    from conveyor.data.plan import Position
 
     run_dir = tmp_path / "run"
     pos = Position(job_id=1, fingerprint="f" * 64, examples=8, epochs=1, planned_steps=4, steps_done=2, position=8,
@@ -435,8 +435,8 @@ def test_hash_cache_keys_sharded_files_by_their_folder(tmp_path):
 
 
 def test_a_changed_world_size_or_strategy_is_said_with_its_exactness(tmp_path):
-    from conveyor.plan import Position
-    from conveyor.reconcile import layout_change
+    from conveyor.data.plan import Position
+    from conveyor.store.reconcile import layout_change
 
     pos = Position(job_id=1, fingerprint="f" * 64, examples=72, epochs=1, planned_steps=6, steps_done=2, position=24,
                    start_step=1, segment_start=1)

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ledger, run_cli, set_setting, status, text_file
 from service import running
-
 
 # A full fine-tune at a high rate, 6 epochs: job b's endings overwrite job a's (a's held-out loss rises ~45%).
 FORGETFUL = {"adapter": {"method": "full"}, "training": {"learning_rate": 1e-2, "epochs": 6}}

@@ -11,13 +11,13 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-
-from conveyor import inbox as inbox_module
-from conveyor import jobs
-from conveyor.inbox import Inbox, enqueue, file_finished
-from conveyor.kept import NAME_MAX, REASON, kept_path, printable
-from conveyor.workspace import Workspace
 from service import running, write_jsonl
+
+from conveyor.data.kept import NAME_MAX, REASON, kept_path, printable
+from conveyor.queue import inbox as inbox_module
+from conveyor.queue.inbox import Inbox, enqueue, file_finished
+from conveyor.store import jobs
+from conveyor.store.workspace import Workspace
 
 FAST = {"training": {"batch_size": 2, "grad_accum": 1, "save_every": 3, "max_length": 48},
         "inbox": {"settle_seconds": 1.0, "poll_seconds": 0.2}, "daemon": {"min_free_mb": 0}}

@@ -16,9 +16,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from conveyor.kept import NAME_MAX, REASON, printable
 from service import running
+
+from conveyor.data.kept import NAME_MAX, REASON, printable
 
 pytestmark = pytest.mark.slow
 FAST = {"training": {"batch_size": 2, "grad_accum": 1, "save_every": 3, "max_length": 48},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor import jobs
 from conveyor.errors import ConveyorError
-from conveyor.jobs import Conflict, JobState
-from conveyor.store import connect
+from conveyor.store import jobs
+from conveyor.store.database import connect
+from conveyor.store.jobs import Conflict, JobState
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
-from conveyor import launch
-from conveyor.attempt import Attempt, join_attempt, shared_problem
+
 from conveyor.config import DistributedConfig
-from conveyor.lock import Lock, daemon_pid
-from conveyor.workspace import Workspace
+from conveyor.queue import launch
+from conveyor.queue.attempt import Attempt, join_attempt, shared_problem
+from conveyor.store.lock import Lock, daemon_pid
+from conveyor.store.workspace import Workspace
 
 
 def _free_port() -> int:
@@ -43,7 +43,7 @@ def test_each_agent_is_torchrun_with_a_fixed_node_count_and_its_own_node_rank(tm
     d = _d(hosts=["head", "n1", "n2"], nproc_per_node=2)
     argv = launch.agent_argv(attempt, 2, "n2", ["head", "n1", "n2"], d, 3, "abc", 2.0)
     agent, torchrun = argv[: argv.index("--")], argv[argv.index("--") + 1:]
-    assert agent[1:4] == ["-m", "conveyor.launch", "agent"] and agent[agent.index("--nonce") + 1] == attempt.nonce
+    assert agent[1:4] == ["-m", "conveyor.queue.launch", "agent"] and agent[agent.index("--nonce") + 1] == attempt.nonce
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
     for flag in ("--nnodes=3", "--node-rank=2", "--rdzv-backend=static", "--rdzv-endpoint=head:29411",
                  "--rdzv-conf=timeout=40", "--nproc-per-node=2", "--max-restarts=0"):
@@ -61,7 +61,7 @@ def test_each_agent_is_torchrun_with_a_fixed_node_count_and_its_own_node_rank(tm
 def test_ssh_runs_the_agent_in_the_workspace_with_the_forwarded_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(launch.SSH_ENV, "ssh -F /etc/cluster.conf")
     d = _d(hosts=["head", "n1"], launcher="ssh")
-    argv = ["/venv/bin/python", "-m", "conveyor.launch", "agent", "--host", "n 1"]
+    argv = ["/venv/bin/python", "-m", "conveyor.queue.launch", "agent", "--host", "n 1"]
     env = {"CONVEYOR_TEST_STEP_SECONDS": "1", "NCCL_DEBUG": "INFO", "HOME": "/root", "CONVEYOR_PARENT_PID": "9"}
     command = launch.host_command(d, "n1", 1, argv, Path("/shared/my ws"), env)
     assert command[:3] == ["ssh", "-F", "/etc/cluster.conf"] and "BatchMode=yes" in command
@@ -74,7 +74,7 @@ def test_ssh_runs_the_agent_in_the_workspace_with_the_forwarded_environment(tmp_
 
 def test_slurm_runs_each_agent_as_a_one_task_step_on_its_node():
     d = _d(hosts=["node01", "node02"], launcher="slurm")
-    argv = ["/venv/bin/python", "-m", "conveyor.launch", "agent"]
+    argv = ["/venv/bin/python", "-m", "conveyor.queue.launch", "agent"]
     assert launch.host_command(d, "node02", 1, argv, Path("/lustre/ws")) == [
         "srun", "--nodes=1", "--ntasks=1", "-w", "node02", "--chdir=/lustre/ws", "--export=ALL", *argv]
     assert launch.host_command(d, "node01", 0, argv, Path("/lustre/ws")) == argv
@@ -111,7 +111,7 @@ def test_a_host_that_does_not_see_the_workspace_is_named_with_the_path(tmp_path,
     assert problem.startswith("host n1 (node 1) does not see the workspace") and str(tmp_path) in problem
     assert f"mount it at {tmp_path} on n1" in problem
     assert shared_problem(attempt.folder, attempt.nonce, "head", 0, wait=0) is None
-    probe = subprocess.run([sys.executable, "-m", "conveyor.launch", "probe", "--attempt", str(attempt.folder),
+    probe = subprocess.run([sys.executable, "-m", "conveyor.queue.launch", "probe", "--attempt", str(attempt.folder),
                             "--nonce", attempt.nonce, "--host", "n1", "--node", "1"], capture_output=True, text=True)
     assert probe.returncode == launch.NOT_SHARED and "does not see the workspace" in probe.stderr
 
@@ -120,7 +120,7 @@ def test_a_rank_beats_and_ends_itself_once_its_attempt_is_over(tmp_path):
     attempt = Attempt.create(tmp_path, 1, {})
     env = {**os.environ, "CONVEYOR_ATTEMPT": str(attempt.folder), "CONVEYOR_NONCE": attempt.nonce, "RANK": "3",
            "CONVEYOR_BEAT_SECONDS": "0.2"}
-    rank = subprocess.Popen([sys.executable, "-c", "import time\nfrom conveyor.attempt import join_attempt\n"
+    rank = subprocess.Popen([sys.executable, "-c", "import time\nfrom conveyor.queue.attempt import join_attempt\n"
                              "join_attempt()\ntime.sleep(60)"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -200,7 +200,7 @@ def test_rank_0s_outcome_is_the_attempts_code(tmp_path):
 
 # The lock ---------------------------------------------------------------------------------------------------------
 def test_the_daemon_lock_is_its_own_module_read_by_status_and_the_daemon(tmp_path):
-    from conveyor import status
+    from conveyor.serve import status
 
     assert status.daemon_pid is daemon_pid
     ws = Workspace(tmp_path)
@@ -433,7 +433,7 @@ def test_an_ssh_agent_dies_with_its_ssh_connection(tmp_path, sshd, monkeypatch):
     (PR_SET_PDEATHSIG), so killing the local ssh client ends it on the remote side too."""
     monkeypatch.setenv(launch.SSH_ENV, sshd)
     pid_file = tmp_path / "remote.pid"
-    argv = [sys.executable, "-c", "import os, time\nfrom conveyor.process import die_with_parent\ndie_with_parent()\n"
+    argv = [sys.executable, "-c", "import os, time\nfrom conveyor.queue.process import die_with_parent\ndie_with_parent()\n"
             f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)"]
     command = launch.host_command(_d(hosts=["localhost", "127.0.0.1"], launcher="ssh"), "127.0.0.1", 1, argv,
                                   tmp_path)

@@ -6,11 +6,13 @@ import os
 from collections import Counter
 
 import pytest
-
 from conftest import audit, ledger, run_cli, status, text_file
-from conveyor import jobs, ledger as ledger_mod, store
-from conveyor.jobs import Conflict, JobState
-from conveyor.plan import fresh
+
+from conveyor.data.plan import fresh
+from conveyor.store import database as store
+from conveyor.store import jobs
+from conveyor.store import ledger as ledger_mod
+from conveyor.store.jobs import Conflict, JobState
 
 ONE_A_STEP = {"training": {"batch_size": 1, "grad_accum": 1, "save_every": 4}}
 
@@ -124,7 +126,7 @@ def test_a_transition_from_the_wrong_state_or_claim_is_refused(tmp_path):
 
 def test_finishing_a_job_is_one_transaction(tmp_path, monkeypatch):
     """Ledger row, run step and job state commit together: a failure in the middle leaves none of them."""
-    from conveyor import runs
+    from conveyor.store import runs
 
     con = _db_with_jobs(tmp_path, 1)
     run = runs.create(con, {"model.name": "tiny"})

@@ -15,9 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import audit, ledger, run_cli, status, text_file
-from service import process_running as _running, Service, running, write_jsonl
+from service import Service, running, write_jsonl
+from service import process_running as _running
 
 pytestmark = pytest.mark.slow
 DAEMON = {"inbox": {"settle_seconds": 0.3, "poll_seconds": 0.2},

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_workspace, run_cli, text_file
 from fastapi.testclient import TestClient
 
-from conftest import make_workspace, run_cli, text_file
-from conveyor.dashboard import create_app, snapshot
-from conveyor.workspace import Workspace
+from conveyor.serve.api import snapshot
+from conveyor.serve.dashboard import create_app
+from conveyor.store.workspace import Workspace
 
 LOCAL = "http://127.0.0.1:8750"
 PARENT, BRANCH = "run-0001", "run-0002"

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from conveyor import manifest as mf
+from conveyor.data.plan import Position
 from conveyor.fingerprint import fingerprint
-from conveyor.plan import Position
+from conveyor.store import manifest as mf
 
 IDENTITY = {"model.name": "tiny", "adapter.method": "lora", "adapter.r": 8, "adapter.target_modules": ["q_proj"]}
 

@@ -15,12 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import ledger, run_cli, set_setting, text_file
-from conveyor.config import NotifyConfig
-from conveyor.notify import Notifier, close_wait, cursor_key
-from conveyor.store import connect, log_event
 from service import Service
+
+from conveyor.config import NotifyConfig
+from conveyor.queue.notify import Notifier, close_wait, cursor_key
+from conveyor.store.database import connect, log_event
 
 SMALL = {"training": {"batch_size": 4, "grad_accum": 2, "save_every": 2}}  # 16 examples: 2 steps, 24: 3
 

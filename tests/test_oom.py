@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from conftest import adapter_weights, audit, max_abs_diff, run_cli, status, text_file
 
 EXAMPLES, STEPS = 24, 6  # batch 2 × grad_accum 2

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status
-from conveyor import packing
-from conveyor.formats import IGNORE
-from conveyor.chat import load_tokenizer
-from conveyor.trainer import AuditingCollator
+
+from conveyor.data.chat import load_tokenizer
+from conveyor.data.formats import IGNORE
+from conveyor.train import packing
+from conveyor.train.trainer import AuditingCollator
 
 
 @pytest.fixture(scope="module")

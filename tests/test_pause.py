@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 from conftest import ledger, run_cli, status, text_file
 from service import Service, write_jsonl
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from conveyor.plan import JobOrder, Position, fresh, planned_steps
+from conveyor.data.plan import JobOrder, Position, fresh, planned_steps
 
 
 def test_planned_steps_counts_the_last_partial_step():

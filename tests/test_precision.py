@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, audit, max_abs_diff, run_cli, status, text_file
+
 from conveyor.config import Config, installed, load_config, parse_config, render_config
 from conveyor.errors import ConfigError
 
@@ -170,7 +170,7 @@ def test_qlora_still_trains_after_an_evaluation_forward(tiny_dir):
     layers in bitsandbytes' inference-only CPU layout, which computes no gradient afterwards."""
     import torch
 
-    from conveyor.precision import build_model
+    from conveyor.train.precision import build_model
 
     config = Config()
     config.model.quantization = "nf4"
@@ -257,8 +257,8 @@ def test_sigkill_mid_job_then_resume_gives_the_uninterrupted_weights(workspace, 
 # The memory estimate (a GPU is not needed to compute it) ----------------------------------------------
 
 def test_memory_estimate_warns_when_the_job_would_not_fit(tiny_dir):
-    from conveyor import memory
-    from conveyor.precision import build_model
+    from conveyor.train import memory
+    from conveyor.train.precision import build_model
 
     config = Config()
     model = build_model(config, str(tiny_dir), None)

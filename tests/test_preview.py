@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ASSETS, run_cli
-from conveyor.chat import load_tokenizer
-from conveyor.formats import parse_file, tokenize_file
+
+from conveyor.data.chat import load_tokenizer
+from conveyor.data.formats import parse_file, tokenize_file
 
 
 def preview_json(ws, *args) -> list[dict]:

@@ -11,7 +11,6 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
-
 from queue_model import STATS, QueueMachine
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor import checkpoints as ck
-from conveyor import jobs, runs
-from conveyor import manifest as mf
 from conveyor.config import Config
-from conveyor.jobs import JobState
-from conveyor.plan import fresh
-from conveyor.reconcile import place
-from conveyor.workspace import Workspace
+from conveyor.data.plan import fresh
+from conveyor.store import checkpoints as ck
+from conveyor.store import jobs, runs
+from conveyor.store import manifest as mf
+from conveyor.store.jobs import JobState
+from conveyor.store.reconcile import place
+from conveyor.store.workspace import Workspace
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import adapter_weights, audit, ledger, max_abs_diff, run_cli, status, text_file
-from conveyor.plan import is_replayed, replayed_before
+
+from conveyor.data.plan import is_replayed, replayed_before
 
 SETTINGS = {"replay": {"fraction": 0.25}, "eval": {"holdout": 2},
             "training": {"batch_size": 2, "grad_accum": 2, "save_every": 2}, "adapter": {"dropout": 0.1}}

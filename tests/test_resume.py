@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, audit, ledger, max_abs_diff, status, text_file
 
 SIZES = {"a.jsonl": 60, "b.jsonl": 40, "c.jsonl": 80}  # batch 2 × grad_accum 2: 15 + 10 + 20 = 45 steps

@@ -7,12 +7,12 @@ import json
 import shutil
 
 import pytest
-
 from conftest import adapter_weights, checkpoint_steps, max_abs_diff, run_cli, status, text_file
-from conveyor import checkpoints as ck
-from conveyor import manifest as mf
+
+from conveyor.data.plan import Position
 from conveyor.fingerprint import fingerprint
-from conveyor.plan import Position
+from conveyor.store import checkpoints as ck
+from conveyor.store import manifest as mf
 
 
 def _versions(ws) -> list[dict]:
@@ -22,7 +22,7 @@ def _versions(ws) -> list[dict]:
 
 
 def _events(ws) -> str:
-    from conveyor.workspace import Workspace
+    from conveyor.store.workspace import Workspace
 
     return "\n".join(r["message"] for r in Workspace(ws).db.execute("SELECT message FROM events ORDER BY id"))
 
@@ -55,7 +55,7 @@ def test_six_jobs_with_default_retention_keep_every_versions_adapter(workspace, 
     r = run_cli(ws, "export", tmp_path / "v1-out", "--version", "v1")
     assert r.code == 0 and "exported the adapter of v1 (run-0001, global step 3, step-000003)" in r.out, r.out + r.err
     assert max_abs_diff(adapter_weights(tmp_path / "v1-out"), v1[0]) == 0.0
-    from conveyor.export import load_trained
+    from conveyor.serve.export import load_trained
 
     identity = json.loads((tmp_path / "v1-out/conveyor-export.json").read_text())["identity"]
     model = load_trained(identity, str(ws / "models/tiny"), tmp_path / "v1-out")

@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import adapter_weights, drain_with_requests, ledger, max_abs_diff, run_cli, set_setting, status, text_file
 
-from conftest import drain_with_requests, set_setting, adapter_weights, ledger, max_abs_diff, run_cli, status, text_file
-from conveyor.lock import Lock
-from conveyor.workspace import Workspace
+from conveyor.store.lock import Lock
+from conveyor.store.workspace import Workspace
 
 
 def _tree(folder: Path) -> dict:
@@ -132,7 +132,7 @@ def test_rollback_refuses_what_it_cannot_do_and_says_why(workspace, tmp_path):
 
 
 def test_a_rollback_that_cannot_copy_leaves_nothing_half_made(workspace, tmp_path, monkeypatch):
-    from conveyor import rollback
+    from conveyor.store import rollback
 
     ws = workspace()
     for tag in "ab":

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor import runs
 from conveyor.config import Config
-from conveyor.store import connect
+from conveyor.store import runs
+from conveyor.store.database import connect
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from conftest import run_cli, text_file
-from conveyor.status import bar, one_line
+
+from conveyor.serve.status import bar, one_line
 
 
 def test_watch_in_a_pipe_prints_one_line_a_frame(workspace, tmp_path):

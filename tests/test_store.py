@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
-from conveyor import store
 from conveyor.faults import DatabaseDamaged
+from conveyor.store import database as store
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import adapter_weights, audit, drain_with_requests, ledger, max_abs_diff, run_cli, status, text_file
 
 SETTINGS = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48,

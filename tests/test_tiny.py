@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, status
+
 from conveyor.config import Config
-from conveyor.models import SMALL, ensure_small
-from conveyor.workspace import Workspace
+from conveyor.data.models import SMALL, ensure_small
+from conveyor.store.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATS = [

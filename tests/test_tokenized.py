@@ -8,11 +8,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, status, text_file
-from conveyor.chat import load_tokenizer
-from conveyor.formats import parse_file, scan_file, tokenize_file
-from conveyor.tokenized import TokenizedArrays, tokenize_cached, tokens_of
+
+from conveyor.data.chat import load_tokenizer
+from conveyor.data.formats import parse_file, scan_file, tokenize_file
+from conveyor.data.tokenized import TokenizedArrays, tokenize_cached, tokens_of
 
 FILES = {
     "text.jsonl": [{"text": "the quick brown fox"}, {"text": "jumps over the lazy dog " * 5}],

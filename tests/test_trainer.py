@@ -8,7 +8,8 @@ import sqlite3
 import time
 
 from conftest import run_cli, text_file
-from conveyor import trainer
+
+from conveyor.train import trainer
 
 
 class _Clock:

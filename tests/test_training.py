@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-
 from conftest import audit, checkpoint_steps, ledger, run_cli, status, text_file
 
 

@@ -15,16 +15,18 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
+from conftest import make_workspace, run_cli, text_file
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import make_workspace, run_cli, text_file
-from conveyor import cli, dashboard
-from conveyor import generate as gen
-from conveyor.dashboard import ASK_BUSY, create_app
-from conveyor.evaluation import prompt_ids
-from conveyor.workspace import Workspace
+from conveyor import cli
+from conveyor.serve import api
+from conveyor.serve import generate as gen
+from conveyor.serve.api import ASK_BUSY
+from conveyor.serve.dashboard import create_app
+from conveyor.store.workspace import Workspace
+from conveyor.train.evaluation import prompt_ids
 
 LOCAL = "http://127.0.0.1:8750"
 TOKEN = "s3cret-token"
@@ -274,7 +276,7 @@ def test_a_lora_adapter_is_merged_into_the_base_as_peft_computes_it(chats):
     and a process that answers imports neither peft nor the training libraries."""
     import torch
 
-    from conveyor.export import load_trained
+    from conveyor.serve.export import load_trained
 
     ws = Workspace.open(chats)
     loaded = gen.load(ws, None)
@@ -283,9 +285,9 @@ def test_a_lora_adapter_is_merged_into_the_base_as_peft_computes_it(chats):
     with torch.no_grad():
         assert (loaded.model(ids).logits - reference(ids).logits).abs().max() < 1e-5
     assert not any("lora" in name for name, _ in loaded.model.named_parameters())
-    code = ("import sys; from conveyor import generate as gen; from conveyor.workspace import Workspace; "
+    code = ("import sys; from conveyor.serve import generate as gen; from conveyor.store.workspace import Workspace; "
             f"gen.answer_all(gen.load(Workspace.open({str(chats)!r}), None), ['q1'], 2); "
-            "print(sorted(m for m in ('peft', 'datasets', 'bitsandbytes', 'conveyor.worker') if m in sys.modules))")
+            "print(sorted(m for m in ('peft', 'datasets', 'bitsandbytes', 'conveyor.train.worker') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
 
@@ -342,7 +344,7 @@ def test_one_question_at_a_time(client, monkeypatch):
         await anyio.to_thread.run_sync(release.wait)
         return JSONResponse({"output": f"answer to {body.prompt}"})
 
-    monkeypatch.setattr(dashboard, "ask_in_process", held)
+    monkeypatch.setattr(api, "ask_in_process", held)
     first = threading.Thread(target=lambda: answers.append(client.post("/api/ask", json={"prompt": "first"})))
     first.start()
     try:

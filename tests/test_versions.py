@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from conftest import checkpoint_steps, run_cli, status, text_file
-from conveyor import manifest as mf
+
+from conveyor.store import manifest as mf
 
 
 def _versions(ws) -> list[dict]:

@@ -2,10 +2,11 @@
 one message with the `--help` hint (exit 2); `--debug` shows the traceback of the former.
 
 `root` holds the app and `main`; each other module adds its commands to the app when imported, in the order
-`conveyor --help` lists them.
+`conveyor --help` lists them. A command imports what it runs inside its own function (the daemon, the trainer,
+the dashboard, ...): `conveyor --help`, a usage error and a refusal stay fast and never load torch.
 """
 
-from . import training, views, model, tools  # noqa: F401  (registers the commands, in this order)
+from . import model, tools, training, views  # noqa: F401  (registers the commands, in this order)
 from .root import app, main
 
 __all__ = ["app", "main"]

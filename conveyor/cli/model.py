@@ -1,4 +1,5 @@
-"""Commands on the trained model: rollback, pin and unpin a version, generate, chat and export."""
+"""Commands on the trained model: rollback, pin and unpin a version, generate, chat and export.
+Each imports what it runs when it runs (cli/__init__.py says why)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..console import console, err
+from .console import console, err
 from .root import _print_json, _ws, app
 
 
@@ -18,7 +19,7 @@ def rollback(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Start a new run from a version (weights, optimizer, scheduler, RNG, step); the old run is kept as it is."""
-    from ..rollback import rollback as branch
+    from ..store.rollback import rollback as branch
 
     result = branch(_ws(), version, requeue)
     if as_json:
@@ -29,7 +30,7 @@ def rollback(
 @app.command()
 def pin(version: str = typer.Argument(..., help="A version name, e.g. v3 (see `conveyor versions`).")):
     """Keep a version's checkpoint from retention forever (`conveyor unpin` undoes)."""
-    from ..versions import set_pinned
+    from ..store.versions import set_pinned
 
     ws = _ws()
     console.print(set_pinned(ws.db, ws.runs, version, True), markup=False)
@@ -38,7 +39,7 @@ def pin(version: str = typer.Argument(..., help="A version name, e.g. v3 (see `c
 @app.command()
 def unpin(version: str = typer.Argument(..., help="A pinned version, e.g. v3.")):
     """Let retention treat a pinned version's checkpoint like any other again."""
-    from ..versions import set_pinned
+    from ..store.versions import set_pinned
 
     ws = _ws()
     console.print(set_pinned(ws.db, ws.runs, version, False), markup=False)
@@ -81,7 +82,7 @@ def generate(
 ):
     """Answer a prompt with the current model or a version (greedy unless --temperature; chat template for
     chat-trained runs). An answer ends at the end-of-turn or end-of-text token, or after --max-new-tokens."""
-    from ..generate import Sampling, answer_all, load, notes, read_prompts
+    from ..serve.generate import Sampling, answer_all, load, notes, read_prompts
 
     if (prompt is None) == (prompts is None):
         raise typer.BadParameter("nothing to ask: give a PROMPT or --prompts FILE" if prompt is None else
@@ -114,7 +115,7 @@ def chat(
 ):
     """Talk with the current model or a version, line by line (loaded once; greedy unless --temperature). A
     chat-trained run keeps the conversation; /reset starts over, /quit or end of input ends."""
-    from ..generate import Sampling, input_lines, talk
+    from ..serve.generate import Sampling, input_lines, talk
 
     talk(_ws(), version, max_new_tokens, input_lines(), Sampling(temperature, top_p, seed), system)
 
@@ -129,7 +130,7 @@ def export(
 ):
     """Export the newest verified checkpoint of a run (or a version), as it was trained (not as conveyor.toml says
     now)."""
-    from ..export import export as export_run
+    from ..serve.export import export as export_run
 
     message, warnings = export_run(_ws(), out, merge, run_id, version)
     for text in warnings:

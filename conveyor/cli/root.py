@@ -12,11 +12,10 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from ..console import console, err
 from ..errors import ConveyorError
 from ..faults import explain
-from ..workspace import Workspace
-
+from ..store.workspace import Workspace
+from .console import console, err
 
 _state = {"workspace": Path("."), "debug": False}
 _SHARED = ("workspace", "debug")  # the global options every subcommand takes too
@@ -103,7 +102,7 @@ def _global(
 
 def _ws() -> Workspace:
     """The workspace, with any multi-step command that was cut off (SIGKILL, power loss) finished or undone."""
-    from ..pending import recover
+    from ..store.pending import recover
 
     ws = Workspace.open(_state["workspace"])
     recover(ws)

@@ -1,4 +1,5 @@
-"""The workspace's tools: doctor (and repair), the dashboard, preview and the demo."""
+"""The workspace's tools: doctor (and repair), the dashboard, preview and the demo.
+Each imports what it runs when it runs (cli/__init__.py says why)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .. import jobs, ledger
-from ..console import console, print_ledger
 from ..errors import ConveyorError
-from ..workspace import Workspace
+from ..store import jobs, ledger
+from ..store.workspace import Workspace
+from .console import console, print_ledger
 from .root import _print_json, _state, _ws, app
 from .training import _drain, _enqueue_all
 
@@ -22,8 +23,8 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
                                        "aside (never deleted) and rebuild it from the checkpoint manifests, saying "
                                        "what could not be rebuilt; a whole, matching one is left alone.")):
     """Check the workspace (settings, database, stored data, every checkpoint, disk) and say how to fix it."""
-    from ..doctor import check
     from ..faults import DatabaseDamaged
+    from ..serve.doctor import check
 
     try:
         ws = _ws()
@@ -31,7 +32,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         ws = Workspace.open(_state["workspace"])
     report = None
     if repair:
-        from ..repair import repair as rebuild
+        from ..store.repair import repair as rebuild
 
         report = rebuild(ws)
         ws = Workspace.open(ws.root)  # the new database, not a connection to the old one
@@ -73,7 +74,7 @@ def dashboard(
                                         help="Require `Authorization: Bearer <token>`; open the page as /?token=..."),
 ):
     """Serve the live web dashboard: loss curves, queue, current job and ETA, controls."""
-    from ..dashboard import check_bind, serve
+    from ..serve.dashboard import check_bind, serve
 
     ws = _ws()
     check_bind(host, token)  # refuse before printing a URL
@@ -91,7 +92,7 @@ def preview(
 ):
     """Each example as training sees it (this workspace's model and settings, after truncation): the text with
     the trained tokens highlighted, the token count and the trainable-token count."""
-    from ..preview import describe, preview_file
+    from ..serve.preview import describe, preview_file
 
     shown = preview_file(_ws(), file, lines)
     if as_json:
@@ -104,7 +105,7 @@ def preview(
 def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
     """Make a workspace with the tiny model and two sample files (what animals do, then questions about them), train
     them one after the other, print the ledger, then ask the model questions it was never trained on."""
-    from ..demo import ask_held_out, demo_config, one_thread, write_samples
+    from ..serve.demo import ask_held_out, demo_config, one_thread, write_samples
 
     folder = folder.resolve()
     if (folder / "conveyor.toml").exists():

@@ -1,4 +1,5 @@
-"""Commands that queue and train: init, add, train, run (the daemon), its controls and the queue."""
+"""Commands that queue and train: init, add, train, run (the daemon), its controls and the queue.
+Each imports what it runs when it runs (cli/__init__.py says why)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import jobs
 from ..config import Config
-from ..console import ConsoleReporter, console, err
 from ..errors import ConveyorError
 from ..fingerprint import short
-from ..workspace import Workspace
+from ..store import jobs
+from ..store.workspace import Workspace
+from .console import ConsoleReporter, console, err
 from .root import _print_json, _state, _ws, app
 
 
@@ -43,7 +44,7 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
     """Enqueue each file, saying what became of it; False if any was rejected. `ids` collects the jobs to train;
     `settings` are `--set KEY=VALUE` items for these jobs (checked before anything is queued)."""
     from .. import overrides
-    from ..inbox import enqueue
+    from ..queue.inbox import enqueue
 
     config = ws.config()
     own = overrides.parse(settings or [], config)
@@ -86,9 +87,9 @@ def _drain(ws: Workspace, quiet: bool = False) -> bool:
 
 def _drain_code(ws: Workspace, quiet: bool = False) -> int:
     """Train everything waiting in this process; the exit code (follow.py: 0, 1, 130 for Ctrl-C, 143)."""
-    from ..daemon import Daemon
-    from ..follow import drain_code
-    from ..lock import Lock
+    from ..queue.daemon import Daemon
+    from ..store.lock import Lock
+    from .follow import drain_code
 
     reporter = ConsoleReporter(quiet)
     try:
@@ -111,9 +112,9 @@ def train(
 ):
     """Enqueue the files in order and train everything queued in this process, then exit: 0 when all trained, 1 if
     any failed or was rejected, 130 on Ctrl-C. With a daemon running, it trains them and this command follows."""
-    from ..controls import pause_text
-    from ..follow import follow
-    from ..lock import daemon_pid
+    from ..store.controls import pause_text
+    from ..store.lock import daemon_pid
+    from .follow import follow
 
     ws = _ws()
     paused = pause_text(ws.db)
@@ -150,8 +151,8 @@ def run(
     ws.config()  # refuse to start on invalid settings, naming every problem
     if drain:
         raise typer.Exit(_drain_code(ws, quiet))
-    from ..daemon import Daemon
-    from ..lock import Lock
+    from ..queue.daemon import Daemon
+    from ..store.lock import Lock
 
     with Lock(ws), _dashboard_thread(ws, dashboard, host, port, token):
         console.print(f"conveyor daemon (pid {os.getpid()}) watching {ws.inbox}; `conveyor stop` ends it")
@@ -166,7 +167,7 @@ def _dashboard_thread(ws: Workspace, enabled: bool, host: str, port: int, token:
         return
     import threading
 
-    from ..dashboard import build_server
+    from ..serve.dashboard import build_server
 
     server = build_server(ws.root, host, port, token)  # refuses a public address without a token
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
@@ -187,14 +188,14 @@ def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to tra
     Without --job it imports the training stack first and then waits for {"job": N, "claim": C, "config": {...}}
     on stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.
     """
-    from ..process import run_worker
+    from ..queue.process import run_worker
 
     raise typer.Exit(run_worker(_state["workspace"], job, claim))
 
 
 def _control(action: str, reason: Optional[str], wait: float) -> None:
-    from .. import controls
-    from ..lock import daemon_pid
+    from ..store import controls
+    from ..store.lock import daemon_pid
 
     ws = _ws()
     if daemon_pid(ws) is None:
@@ -216,8 +217,8 @@ def pause(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon 
 @app.command()
 def resume(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
     """Continue after `conveyor pause` (or after eval.gate held the queue)."""
-    from .. import controls
-    from ..lock import daemon_pid
+    from ..store import controls
+    from ..store.lock import daemon_pid
 
     ws = _ws()
     if daemon_pid(ws) is None:
@@ -268,7 +269,7 @@ def queue_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
 def queue_move(job: int = typer.Argument(..., help="Job id."),
                priority: str = typer.Option(..., help="high | normal | low")):
     """Change a waiting job's priority."""
-    from .. import queue
+    from ..queue import edits as queue
 
     console.print(queue.move(_ws(), job, _priority(priority)))
 
@@ -277,6 +278,6 @@ def queue_move(job: int = typer.Argument(..., help="Job id."),
 def queue_remove(job: int = typer.Argument(..., help="Job id."),
                  reason: str = typer.Option("removed by a person", help="Why; kept with the file.")):
     """Remove a waiting job; its file is kept in removed/ with the reason."""
-    from .. import queue
+    from ..queue import edits as queue
 
     console.print(queue.remove(_ws(), job, reason))

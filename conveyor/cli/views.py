@@ -1,4 +1,5 @@
-"""Commands that show what was trained: logs, status, history, versions and the forgetting matrix."""
+"""Commands that show what was trained: logs, status, history, versions and the forgetting matrix.
+Each imports what it runs when it runs (cli/__init__.py says why)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import ledger, runs
-from ..console import console, print_ledger
 from ..errors import ConveyorError
-from ..workspace import Workspace
+from ..store import ledger, runs
+from ..store.workspace import Workspace
+from .console import console, print_ledger
 from .root import _print_json, _ws, app
 
 
@@ -47,7 +48,7 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from ..status import one_line, render, status_data
+    from ..serve.status import one_line, render, status_data
 
     ws = _ws()
     if as_json:
@@ -110,7 +111,7 @@ def history(
 def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """The versions: the checkpoint at the end of each job (v1, v2, ...), its step and evaluation, pinned or not,
     and whether retention kept its weights and optimizer state."""
-    from ..versions import all_versions
+    from ..store.versions import all_versions
 
     ws = _ws()
     rows = all_versions(ws.db, ws.runs)
@@ -143,7 +144,7 @@ def eval_(
                                          "branched from (default: the active run)."),
 ):
     """The forgetting matrix: each version's loss on every held-out set (eval.holdout) and on eval.file."""
-    from ..versions import matrix as forgetting
+    from ..store.versions import matrix as forgetting
 
     ws = _ws()
     _check_run(ws, run_id)

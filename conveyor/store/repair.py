@@ -1,0 +1,495 @@
+"""conveyor.db against the runs on disk. The checkpoint manifests are the truth about weights and positions; the
+database records them and what nothing else holds (ledger, metrics, events). Here conveyor finds where a database
+disagrees with the runs on disk (at every open, and in full before anything trains) and rebuilds one from the
+manifests (`conveyor doctor --repair`). Nothing under runs/ or data/ is ever written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.holdout import kept_lines
+from ..data.plan import Position
+from ..faults import (
+    DatabaseDamaged,
+    database_message,
+    database_mismatch_message,
+    database_missing_message,
+    is_damaged_database,
+)
+from ..fingerprint import fingerprint, fsync_dir, short
+from . import checkpoints as ck
+from . import database, jobs, lock, runs, versions
+from . import manifest as mf
+from .database import DB_FILE
+from .upgrade import upgrade
+
+RUN_FOLDER = re.compile(r"run-\d+")  # the names runs.next_id gives; other folders in runs/ are a person's
+SHOWN = 4  # mismatches named in one message; the rest are counted
+TERMINAL = ("done", "skipped", "failed", "rejected")  # job states that never train again
+
+
+# Finding a mismatch ---------------------------------------------------------------------------------------------
+def run_folders(runs_dir: Path) -> list[Path]:
+    """conveyor's run folders under runs/, in the order their runs were made."""
+    if not runs_dir.is_dir():
+        return []
+    return sorted((p for p in runs_dir.iterdir() if p.is_dir() and RUN_FOLDER.fullmatch(p.name)),
+                  key=lambda p: int(p.name[4:]))
+
+
+def _manifests(run_dir: Path, after: int | None = None) -> list[tuple[Path, mf.Manifest]]:
+    """Readable manifests, newest first: of every checkpoint past step `after`, and at least the newest one that
+    reads (read, not hashed: this runs at every open, so it reads one or two files a run)."""
+    out: list[tuple[Path, mf.Manifest]] = []
+    for path in reversed(ck.numbered(run_dir)):
+        if out and (after is None or ck.step_of(path) <= after):
+            break
+        with contextlib.suppress(ValueError, OSError):
+            out.append((path, mf.read(path)))
+    return out
+
+
+def _unknown(folder: Path, newest: mf.Manifest) -> str:
+    return (f"runs/{folder.name} holds {len(ck.numbered(folder))} checkpoint(s) (newest step {newest.global_step}) "
+            f"that {DB_FILE} does not know")
+
+
+def missing(ws) -> list[str]:
+    """With conveyor.db gone: the run folders holding checkpoints, which a new database would train over."""
+    return [_unknown(folder, read[0][1]) for folder in run_folders(ws.runs) if (read := _manifests(folder))]
+
+
+def mismatches(ws, con: sqlite3.Connection) -> list[str]:
+    """Where conveyor.db disagrees with the runs on disk, in words; [] when it agrees.
+
+    A disagreement is a run folder with checkpoints the database does not know (it was deleted or replaced), a run
+    whose checkpoints carry another identity than the database's, a checkpoint naming a job the database does not
+    know or knows with other bytes, or a job whose end checkpoint exists while the database still has it queued (it
+    lost its last writes: the job would train twice). A database behind its newest checkpoint's step is not one: a
+    crash between a checkpoint and its database write is normal, and the manifests win (reconcile.place). Lost
+    writes are a suffix of its history, so a job's lost end lies past the step the database has: only checkpoints
+    past it are read for that (the worker records each step before its checkpoint, so normally none)."""
+    known = {run.id: run for run in runs.all_runs(con)}
+    reads = [(folder, known.get(folder.name)) for folder in run_folders(ws.runs)]
+    reads = [(folder, run, read) for folder, run in reads
+             if (read := _manifests(folder, run.global_step if run else None))]
+    named = sorted({p.job_id for _, _, read in reads for _, m in read for p in [m.job, *m.open_jobs]})
+    known = {r["id"]: (r["fingerprint"], r["state"]) for r in con.execute(  # only the jobs the manifests name:
+        f"SELECT id, fingerprint, state FROM jobs WHERE id IN ({', '.join('?' * len(named))})", named)}  # every open
+    found: list[str] = []
+    for folder, run, read in reads:
+        if run is None:
+            found.append(_unknown(folder, read[0][1]))
+            continue
+        path, newest = read[0]
+        where = f"runs/{run.id}/{ck.CHECKPOINTS}/{path.name}"
+        if newest.identity != run.identity:
+            found.append(f"{where} was trained as another model than {DB_FILE} records for {run.id} ("
+                         + "; ".join(runs.differences(run.identity, newest.identity)) + ")")
+        for pos in [newest.job, *newest.open_jobs]:
+            recorded = known.get(pos.job_id)
+            if recorded is None:
+                found.append(f"{where} trained job {pos.job_id} (data {short(pos.fingerprint)}), which {DB_FILE} "
+                             "does not know")
+            elif recorded[0] != pos.fingerprint:
+                found.append(f"{where} trained job {pos.job_id} on data {short(pos.fingerprint)}, but {DB_FILE} "
+                             f"has job {pos.job_id} with data {short(recorded[0])}")
+        for path, data in read:
+            if data.job_end and not data.branched_from and known.get(data.job.job_id, ("", ""))[1] == "queued":
+                found.append(f"runs/{run.id}/{ck.CHECKPOINTS}/{path.name} is the end of job {data.job.job_id}, "
+                             f"which {DB_FILE} still has queued")
+    found = list(dict.fromkeys(found))
+    return found[:SHOWN] + ([f"and {len(found) - SHOWN} more"] if len(found) > SHOWN else [])
+
+
+def open_checked(ws) -> sqlite3.Connection:
+    """The workspace's database, checked on open (Workspace.db): DatabaseDamaged, naming the file, what is wrong
+    and the fix, when it is damaged (database.connect), missing while runs/ holds checkpoints (no empty one is made in
+    its place), or does not match the runs on disk."""
+    path = ws.root / DB_FILE
+    if not path.exists() and (found := missing(ws)):
+        raise DatabaseDamaged(database_missing_message(path, found))
+    con = database.connect(path)
+    try:
+        upgrade(con, path)
+        found = mismatches(ws, con)
+    except BaseException:
+        con.close()
+        raise
+    if found:
+        con.close()
+        raise DatabaseDamaged(database_mismatch_message(path, found))
+    return con
+
+
+_whole: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id(workspace) -> workspace checked in full
+
+
+def refuse_to_train(ws) -> None:
+    """Before a job is placed (reconcile.place): conveyor.db is whole, every page of it (PRAGMA quick_check: it
+    reads the whole file, so once per workspace object, i.e. per connection), and agrees with the runs on disk,
+    which may have changed since it was opened. Raises DatabaseDamaged otherwise: nothing trains on it."""
+    path = ws.root / DB_FILE
+    if _whole.get(id(ws)) is not ws:
+        try:
+            problems = [row[0] for row in ws.db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as e:
+            if not is_damaged_database(e):
+                raise
+            problems = [str(e)]
+        if problems != ["ok"]:
+            raise DatabaseDamaged(database_message(path, "; ".join(problems[:3])))
+        _whole[id(ws)] = ws
+    found = mismatches(ws, ws.db)
+    if found:
+        raise DatabaseDamaged(database_mismatch_message(path, found))
+
+
+def diagnose(ws) -> str | None:
+    """What is wrong with conveyor.db, in words (None: whole, every page, and matching the runs on disk). Opens
+    its own connection; a missing database with no checkpoints on disk is not a fault (the next command makes it)."""
+    path = ws.root / DB_FILE
+    if not path.exists():
+        found = missing(ws)
+        return database_missing_message(path, found) if found else None
+    try:
+        con = database.connect(path)
+    except DatabaseDamaged as e:
+        return str(e)
+    try:
+        problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            return database_message(path, "; ".join(problems[:3]))
+        found = mismatches(ws, con)
+        return database_mismatch_message(path, found) if found else None
+    except sqlite3.DatabaseError as e:
+        if not is_damaged_database(e):
+            raise
+        return database_message(path, e)
+    finally:
+        con.close()
+
+
+# What the disk holds ----------------------------------------------------------------------------------------------
+@dataclass
+class DiskRun:
+    id: str
+    checkpoints: list[ck.Checkpoint]  # verified, oldest first
+    unusable: list[str]  # "step-000004: why"
+
+
+def scan(ws, deep: bool = False) -> list[DiskRun]:
+    """Every run folder's checkpoints, verified against their manifests (hashes recorded before are trusted when
+    size and mtime match, unless `deep`; nothing is recorded: runs/ is only read)."""
+    out = []
+    for folder in run_folders(ws.runs):
+        sha256 = fingerprint if deep else ck.HashCache(ck.checkpoints_dir(folder)).sha256
+        good, bad = [], []
+        for path in ck.numbered(folder):
+            try:
+                data = mf.verify(path, sha256)
+                if data.global_step != ck.step_of(path):
+                    raise ValueError(f"the folder says step {ck.step_of(path)}, the manifest {data.global_step}")
+                good.append(ck.Checkpoint(path, data.global_step, data))
+            except (ValueError, OSError) as e:
+                bad.append(f"{path.name}: {e}")
+        out.append(DiskRun(folder.name, good, bad))
+    return out
+
+
+def describe(disk: list[DiskRun]) -> list[tuple[str, str]]:
+    """(level, text) per run folder: what `--repair` would rebuild it from."""
+    out = []
+    for run in disk:
+        if run.checkpoints:
+            newest = run.checkpoints[-1]
+            where = "end of" if newest.manifest.job_end else "in"
+            out.append(("ok", f"runs/{run.id}: {len(run.checkpoints)} checkpoint(s) verified, newest step "
+                        f"{newest.step} ({where} job {newest.manifest.job.job_id})"))
+        for problem in run.unusable:
+            out.append(("warning", f"runs/{run.id}/{problem}"))
+    return out
+
+
+# Rebuilding -------------------------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    problem: str | None = None  # what was wrong (None: nothing, so nothing was done)
+    moved: list[str] = field(default_factory=list)  # the old files' new names
+    rebuilt: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # what could not be rebuilt, and where it still is
+
+    def to_json(self) -> dict:
+        return {"problem": self.problem, "moved": self.moved, "rebuilt": self.rebuilt, "not_rebuilt": self.lost}
+
+
+def repair(ws) -> Report:
+    """`conveyor doctor --repair`: a damaged, missing or mismatched conveyor.db is moved aside with its -wal and
+    -shm (never deleted) and a new one is built from the checkpoint manifests; a whole, matching one is left alone.
+
+    The new database is built beside the old one and put in place last: a repair cut off anywhere leaves the old
+    database where it was, or no database (which every command then reports), never a half-built one."""
+    path = ws.root / DB_FILE
+    with lock.hold(ws, lambda pid: f"a conveyor daemon (pid {pid}) is running in {ws.root} with {DB_FILE} open; "
+                   "end it first (`kill -TERM <pid>` stops it warmly), then `conveyor doctor --repair`"):
+        problem = diagnose(ws)
+        if problem is None:
+            return Report()
+        report = Report(problem=problem)
+        disk = scan(ws)
+        old = _salvage(path, disk, report)
+        tmp = path.with_name(f".{DB_FILE}.repair-{os.getpid()}")
+        _remove(tmp)
+        try:
+            con = database.connect(tmp)
+            try:
+                with database.transaction(con):
+                    _rebuild(con, ws, disk, old, report)
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                con.close()
+        except BaseException:
+            _remove(tmp)
+            raise
+        report.moved = _move_aside(path)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    return report
+
+
+def _remove(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+
+def _move_aside(path: Path) -> list[str]:
+    """conveyor.db, -wal, -shm → conveyor.db.damaged-<time>, -wal, -shm (SQLite still pairs them by name). The
+    log goes first: a cut between leaves the main file as if its log had been deleted (the checks at open catch what
+    that loses; run the repair again), never a log beside a database it does not belong to."""
+    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    while any(Path(f"{target}{s}").exists() for s in ("", "-wal", "-shm")):
+        target = target.with_name(target.name + "x")
+    moved = []
+    for suffix in ("-wal", "-shm", ""):
+        if Path(f"{path}{suffix}").exists():
+            os.rename(f"{path}{suffix}", f"{target}{suffix}")
+            moved.append(f"{target.name}{suffix}")
+    fsync_dir(path.parent)
+    return moved[::-1]
+
+
+def _salvage(path: Path, disk: list[DiskRun], report: Report) -> dict[int, dict]:
+    """Job rows of the old database, by id, where it can still be read and is this workspace's (each run it shares
+    with the disk has the checkpoints' identity). Read from a copy, so the old file stays exactly as it was."""
+    if not path.exists():
+        return {}
+    rows: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix=".repair-", dir=path.parent) as folder:
+        copy = Path(folder) / DB_FILE
+        for suffix in ("", "-wal"):
+            if Path(f"{path}{suffix}").exists():
+                shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
+        con = sqlite3.connect(copy)
+        con.row_factory = sqlite3.Row
+        try:
+            identities = {r["id"]: json.loads(r["identity"]) for r in con.execute("SELECT id, identity FROM runs")}
+            if any(identities.get(r.id, r.checkpoints[-1].manifest.identity) != r.checkpoints[-1].manifest.identity
+                   for r in disk if r.checkpoints):
+                report.lost.append(f"nothing was taken from the old {DB_FILE}: its runs were trained as other models "
+                                   "than the checkpoints in runs/ (a database of another workspace?)")
+                return {}
+            for row in con.execute("SELECT * FROM jobs ORDER BY id"):  # a damaged page ends the walk: keep the rest
+                rows[row["id"]] = dict(row)
+        except (sqlite3.Error, ValueError, TypeError) as e:
+            report.lost.append(f"the old {DB_FILE} could be read only in part ({e}): {len(rows)} job row(s) read")
+        finally:
+            con.close()
+    return rows
+
+
+def _rebuild(con: sqlite3.Connection, ws, disk: list[DiskRun], old: dict[int, dict], report: Report) -> None:
+    usable = [run for run in disk if run.checkpoints]
+    for run in disk:
+        if run.unusable:
+            report.lost.append(f"runs/{run.id}: {len(run.unusable)} checkpoint(s) fail verification and are not used "
+                               f"({'; '.join(run.unusable[:2])}); they are left as they are")
+        if not run.checkpoints:
+            report.lost.append(f"runs/{run.id}: no verified checkpoint, so no run is made of it (a new run never "
+                               "takes its name: runs.next_id skips folders that hold anything)")
+    _runs_and_versions(con, ws, usable, report)
+    named = _jobs(con, ws, usable, old, report)
+    _old_jobs(con, old, named, report)
+    _stored_without_job(con, ws, old, report)
+    report.lost.append("the ledger (which job trained which global steps), per-step metrics, evaluation losses, the "
+                       "example audit, events, pause and control requests, and versions' gated marks: no checkpoint "
+                       f"holds them; they stay in the moved-aside file ({DB_FILE}.damaged-…, readable with sqlite3 "
+                       "where it is not damaged)")
+    database.attach_log_file(ws.logs)
+    database.log_event(con, "warning", "repair", f"{DB_FILE} rebuilt by `conveyor doctor --repair` from the checkpoint "
+                    f"manifests of {len(usable)} run(s); the old one is kept beside it as {DB_FILE}.damaged-…")
+
+
+def _runs_and_versions(con: sqlite3.Connection, ws, usable: list[DiskRun], report: Report) -> None:
+    """A run per folder with a verified checkpoint (identity and global step from its newest), in number order,
+    so the last is the active one; each followed by its versions, one per job-end checkpoint it trained."""
+    version_of: dict[tuple[str, int], int] = {}
+    for run in usable:
+        newest, first = run.checkpoints[-1], run.checkpoints[0]
+        branched = first.manifest.branched_from if isinstance(first.manifest.branched_from, dict) else None
+        parent = version_of.get((branched.get("run"), branched.get("step"))) if branched else None
+        if branched and parent is None:
+            report.lost.append(f"{run.id} branched from {branched.get('run')} at step {branched.get('step')}, whose "
+                               "checkpoint is gone: its parent version is not known")
+        runs.create(con, newest.manifest.identity, f"rebuilt by `conveyor doctor --repair` from {len(run.checkpoints)}"
+                    " checkpoint(s)", run_id=run.id, step=newest.step,
+                    parent_run=branched.get("run") if branched else None, parent_version=parent)
+        pins = _pins(ws.run_dir(run.id))
+        for cp in run.checkpoints:
+            if cp.manifest.job_end and not cp.manifest.branched_from:  # a rollback's copy is its parent's version
+                # pinned as .pins.json says already (set_pinned would write that file again)
+                version_of[(run.id, cp.step)] = versions.add(con, run.id, cp.manifest.job.job_id, cp.step,
+                                                             pinned=cp.step in pins)
+        report.rebuilt.append(f"{run.id}: identity and global step {newest.step} from {newest.path.name} "
+                              f"({len(run.checkpoints)} verified checkpoint(s))"
+                              + (f", branched from {branched.get('run')} at step {branched.get('step')}" if branched
+                                 else ""))
+    if usable:
+        report.rebuilt.append(f"active run: {usable[-1].id}, the newest run folder with a verified checkpoint (a "
+                              "rollback or a new identity always starts the next run number)")
+    if version_of:
+        shown = [f"{versions.name(v)} ({run} step {step})" for (run, step), v in version_of.items()]
+        report.rebuilt.append(f"versions, one per job-end checkpoint that exists: {', '.join(shown[:12])}"
+                              + (f" and {len(shown) - 12} more" if len(shown) > 12 else "")
+                              + "; numbered anew, so a version may have another number than before")
+
+
+def _pins(run_dir: Path) -> set[int]:
+    try:
+        return {int(s) for s in json.loads((ck.checkpoints_dir(run_dir) / ck.PINS).read_text(encoding="utf-8"))}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+@dataclass
+class _Seen:
+    """What the manifests say of one job, oldest mention first: (run, step, position, whether it ends there)."""
+    mentions: list[tuple[str, int, Position, bool]] = field(default_factory=list)
+
+
+def _jobs(con: sqlite3.Connection, ws, usable: list[DiskRun], old: dict[int, dict], report: Report) -> set[int]:
+    """A job row for every job a verified manifest names: done at its newest end checkpoint; interrupted where
+    the active run's newest checkpoint has it under way (it resumes from its own position); otherwise skipped,
+    since whether it trained further is not known (`conveyor add` queues its stored copy again)."""
+    seen: dict[int, _Seen] = {}
+    for run in usable:
+        for cp in run.checkpoints:
+            m = cp.manifest
+            owner = m.branched_from.get("run", run.id) if m.branched_from else run.id  # a copy: its parent's end
+            seen.setdefault(m.job.job_id, _Seen()).mentions.append((owner, cp.step, m.job, m.job_end))
+            for pos in m.open_jobs:
+                seen.setdefault(pos.job_id, _Seen()).mentions.append((run.id, cp.step, pos, False))
+    active = usable[-1] if usable else None
+    said: dict[str, list[str]] = {}
+    for job_id in sorted(seen):
+        mentions = seen[job_id].mentions
+        ends = [m for m in mentions if m[3]]
+        under_way = active.checkpoints[-1].manifest.position_of(job_id) if active else None
+        run_id, step, pos, _ = ends[-1] if ends else mentions[-1]
+        if ends:
+            state, fields = "done", {"end_step": step, "finished_at": time.time()}
+        elif under_way is not None:
+            run_id, pos = active.id, under_way
+            state, fields = "interrupted", {"end_step": under_way.end_step}
+        else:
+            state = "skipped"
+            fields = {"end_step": None, "error": f"rebuilt by `conveyor doctor --repair`: under way in {run_id} at "
+                      f"step {step}, then no longer, and no end checkpoint of it exists, so whether it trained further "
+                      f"is not known; `conveyor add data/{pos.fingerprint}.jsonl` trains it again from its first "
+                      "example"}
+        if len({m[2].fingerprint for m in mentions}) > 1:
+            report.lost.append(f"job {job_id}: its checkpoints name different data; the newest "
+                               f"({short(pos.fingerprint)}) is recorded")
+        _insert_job(con, ws, job_id, run_id, state, pos, fields, old.get(job_id), report)
+        said.setdefault(state, []).append(str(job_id))
+    words = {"done": "done (their end checkpoints exist)", "interrupted": "interrupted where the active run's newest "
+             "checkpoint has them (each resumes from its own position)", "skipped": "skipped: under way in a "
+             "checkpoint, then no longer, with no end checkpoint (whether they trained further is not known)"}
+    for state, ids in said.items():
+        report.rebuilt.append(f"job(s) {', '.join(ids)}: {words[state]}")
+    return set(seen)
+
+
+def _insert_job(con, ws, job_id: int, run_id: str, state: str, pos: Position, fields: dict, old: dict | None,
+                report: Report) -> None:
+    stored = ws.data / f"{pos.fingerprint}.jsonl"
+    kept = old if old and old.get("fingerprint") == pos.fingerprint else {}
+    if not kept and not stored.exists():
+        report.lost.append(f"job {job_id}: its stored copy data/{stored.name} is gone and its file name is not known")
+    row = {"id": job_id, "run_id": run_id, "file": kept.get("file") or stored.name, "source": kept.get("source")
+           or str(stored), "stored": str(stored), "fingerprint": pos.fingerprint, "format": kept.get("format"),
+           "priority": kept.get("priority", 1), "state": state, "examples": pos.examples or kept.get("examples"),
+           "tokens": kept.get("tokens"), "epochs": pos.epochs or kept.get("epochs"),
+           "planned_steps": pos.planned_steps,
+           "start_step": pos.start_step or None, "steps_done": pos.steps_done, "position": pos.position,
+           "segment_start": pos.segment_start or None, "kept": kept.get("kept"), "truncated": kept.get("truncated", 0),
+           "excluded": kept.get("excluded"), "warnings": kept.get("warnings") or "[]",
+           "created_at": kept.get("created_at") or time.time(), "started_at": kept.get("started_at"),
+           "holdout": kept.get("holdout") or _held_out(ws, job_id), "requeued_from": kept.get("requeued_from"),
+           "error": None, **fields}
+    jobs.restore(con, row)
+
+
+def _held_out(ws, job_id: int) -> str:
+    """The job's held-out lines, from its kept held-out examples (holdout.save: data/holdout/job-<id>-*.json);
+    none kept: none held out (a job that did hold some out then stops with a message when it resumes, since its
+    example count differs from its manifest's, rather than train its held-out examples)."""
+    return json.dumps(kept_lines(ws.data / "holdout", job_id) or [])
+
+
+def _old_jobs(con: sqlite3.Connection, old: dict[int, dict], taken: set[int], report: Report) -> None:
+    """Jobs of the old database no manifest names that can never train again (done, skipped, failed, rejected):
+    kept as they were, for the record. Waiting ones are not queued again (they may have trained after the old
+    database's last write); _stored_without_job lists their stored copies."""
+    columns = {r["name"] for r in con.execute("PRAGMA table_info(jobs)")}
+    kept = []
+    for job_id, row in old.items():
+        if job_id in taken or row.get("state") not in TERMINAL:
+            continue
+        row = {k: v for k, v in row.items() if k in columns}
+        jobs.restore(con, row)
+        kept.append(str(job_id))
+    if kept:
+        report.rebuilt.append(f"job(s) {', '.join(kept)}: as the old {DB_FILE} had them (finished, skipped, failed or "
+                              "rejected; no checkpoint names them)")
+
+
+def _stored_without_job(con: sqlite3.Connection, ws, old: dict[int, dict], report: Report) -> None:
+    """Stored copies in data/ that no rebuilt job holds (jobs only the old database knew, e.g. queued ones), and
+    waiting jobs of the old database whose copy is gone. None is queued again: conveyor cannot tell whether it
+    trained after the old database's last write, and a job must never train twice."""
+    held = {r[0] for r in con.execute("SELECT fingerprint FROM jobs")}
+    waiting = {}
+    for job_id, row in old.items():
+        if row.get("fingerprint") not in held:
+            waiting.setdefault(row.get("fingerprint"), []).append(
+                f"job {job_id}, {row.get('file')}, {row.get('state')}")
+    for path in sorted(ws.data.glob("*.jsonl")) if ws.data.is_dir() else []:
+        if path.stem not in held:
+            was = "; ".join(waiting.pop(path.stem, [])) or "its job is not known"
+            report.lost.append(f"data/{path.name} ({was}): in no checkpoint, so not queued again; "
+                               f"`conveyor add data/{path.name}` queues it, if it never trained (conveyor cannot tell)")
+    for fp, names in waiting.items():
+        report.lost.append(f"{'; '.join(names)}: in no checkpoint, and its stored copy data/{fp}.jsonl is gone; add "
+                           "the original file again if it never trained")

@@ -1,0 +1,89 @@
+"""Evaluation loss on a fixed validation file, with exactly the training loss's masking, and sample
+generations from fixed prompts, so a person can see whether the model is learning and what it says now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.chat import stop_ids
+from ..data.formats import IGNORE
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    examples: int
+    tokens: int  # trainable tokens the loss averages over
+
+
+
+
+class Evaluator:
+    """Token-weighted mean loss over each named set's trainable tokens, as the Trainer computes it."""
+
+    def __init__(self, sets: dict, collator, batch_size: int, prompts: list[str], max_new_tokens: int, tokenizer):
+        self.sets, self.collator, self.batch_size = sets, collator, batch_size
+        self.prompts, self.max_new_tokens, self.tokenizer = prompts, max_new_tokens, tokenizer
+
+    def losses(self, trainer, model) -> dict[str, EvalResult]:
+        """Every set's loss, in the order the sets were given."""
+        return {name: self.loss(trainer, model, examples) for name, examples in self.sets.items()}
+
+    @torch.no_grad()
+    def loss(self, trainer, model, examples) -> EvalResult:
+        was_training = model.training
+        model.eval()  # no dropout: the same weights give the same number
+        total, tokens = 0.0, 0
+        try:
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start:start + self.batch_size]
+                batch = self.collator.pad([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+                n = int((batch["labels"][:, 1:] != IGNORE).sum())
+                batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+                # The Trainer's own loss with num_items_in_batch: the sum over trainable tokens / n.
+                loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(n))
+                total += float(loss) * n
+                tokens += n
+        finally:
+            model.train(was_training)
+        return EvalResult(total / max(tokens, 1), len(examples), tokens)
+
+    @torch.no_grad()
+    def samples(self, model) -> list[tuple[str, str]]:
+        """Greedy answers to the configured prompts (chat template when the tokenizer has one)."""
+        if not self.prompts:
+            return []
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            for prompt in self.prompts:
+                ids = self._prompt_ids(prompt)
+                device = next(model.parameters()).device
+                generated = model.generate(input_ids=torch.tensor([ids], device=device),
+                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                           max_new_tokens=self.max_new_tokens, do_sample=False,
+                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._ends(model))
+                out.append((prompt, self.tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True)))
+        finally:
+            model.train(was_training)
+        return out
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return prompt_ids(self.tokenizer, prompt, bool(self.tokenizer.chat_template))
+
+    def _ends(self, model) -> list[int]:
+        """Where a sample ends, as `conveyor generate` ends an answer: end of text, or the chat template's turn end."""
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        return stop_ids(self.tokenizer, eos, bool(self.tokenizer.chat_template))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """A prompt as the model is asked it: a user turn through the chat template, or plain text after BOS."""
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=False)
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
+        tokenizer.encode(prompt, add_special_tokens=False)

@@ -1,0 +1,457 @@
+"""The Hugging Face Trainer glue: trains one planned job segment (PEFT LoRA or full) from its exact position.
+
+The Trainer is the engine; conveyor owns step numbers, data order, positions and checkpoints. The callback
+only forwards the Trainer's events to small parts with one concern each: step accounting (what was fed, the
+position, the audit), metrics, checkpoints (weights, optimizer, scheduler, RNG, manifest) and controls.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from .. import testhooks
+from ..config import Config
+from ..data.chat import load_tokenizer
+from ..data.formats import IGNORE, TokenizedFile
+from ..data.holdout import EVAL_FILE
+from ..data.models import quiet_libraries
+from ..data.plan import JobOrder, Position, examples_per_step
+from ..data.replay import Layout
+from ..store import checkpoints as ck
+from ..store import manifest as mf
+from . import distributed, memory, packing, precision, sharding
+from .evaluation import Evaluator
+from .precision import build_model
+from .training_state import (
+    pruned_moments,
+    restore_optimizer,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class JobSpec:
+    """Everything the Trainer glue needs about one job segment."""
+    run_id: str
+    run_dir: Path
+    data: TokenizedFile
+    start: Position  # the job's position at the start of this segment (begin_segment already applied)
+    identity: dict
+    resume: ck.Checkpoint | None  # None: the run starts from the base model
+    open_jobs: list[Position]  # the run's other jobs stopped mid-way: every checkpoint records them
+    # Named evaluation sets (eval.file's, each job's held-out set), tokenized and masked like training data.
+    eval_sets: dict = field(default_factory=dict)
+    pool: object | None = None  # replay.Pool: earlier jobs' examples this job replays (start.replay_count of them)
+
+    @property
+    def job_id(self) -> int:
+        return self.start.job_id
+
+
+@dataclass
+class Hooks:
+    """Callbacks from the training loop to the caller (progress display, control, database)."""
+    progress: Callable[[int, int, float | None, float], None] | None = None  # (steps_done, planned, loss, ex/s)
+    flush: Callable[..., None] | None = None  # (audit, metrics, evals, samples, position)
+    # Between steps (rank 0), given the global step: "pause", a reason to stop now, or None to go on.
+    peek: Callable[[int], str | None] | None = None
+    # After a pause's checkpoint: blocks until resumed (returns None) or stopped/skipped (returns why).
+    hold: Callable[[Path], str | None] | None = None
+    checkpointed: Callable[[Position], None] | None = None  # a checkpoint of this position verified
+    say: Callable[[str, str], None] | None = None  # (level, text)
+    warn: Callable[[str], None] | None = None  # a warning about the job, kept with it (status shows it)
+
+
+@dataclass
+class Trained:
+    """What a segment did: where the job stands now, and why it stopped early (None: it reached its end)."""
+    position: Position
+    stopped: str | None = None
+    checkpoint: Path | None = None
+
+
+class PlanDataset(Dataset):
+    """The job's examples in planned order (its own and replayed ones, replay.Layout), starting at a position:
+    item i is plan position start + i (O(1)). Each item names its source as (job, file line).
+
+    With several processes the last step is padded with fully masked one-token fillers (zero loss, zero
+    gradient) up to a multiple of batch × processes, so no rank runs dry and no example is repeated (the
+    usual even_batches remedy would train the first examples twice).
+    """
+
+    def __init__(self, layout, start: int, pad_to: int = 1, pad_id: int = 0):
+        self.layout, self.start, self.pad_id = layout, start, pad_id
+        real = len(layout) - start
+        self.length = -(-real // pad_to) * pad_to if real else 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self.start + i >= len(self.layout):
+            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
+        item = self.layout[self.start + i]
+        ex = item.example
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "line": (item.job_id, ex.line)}
+
+
+class AuditingCollator:
+    """Makes a micro-batch, padding-free (packing.py) or padded (Hugging Face's DataCollatorForSeq2Seq), and
+    remembers which lines it fed, in order."""
+
+    def __init__(self, tokenizer, padding_free: bool = False, hidden: int | None = None, varlen: bool = False):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.flat = packing.flattening_collator() if padding_free else None
+        self.hidden, self.varlen = hidden, varlen  # for packing.worth_it (hidden None: always pack)
+        self.fed: deque = deque()  # (job, file line) of each example (0: a filler), in the order they were fed
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.fed.extend(f["line"] for f in features)
+        rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        # Decided by the lengths alone: the same micro-batch gets the same layout on every run and resume.
+        if self.flat and packing.worth_it([len(r["input_ids"]) for r in rows], self.hidden, self.varlen):
+            return self.flat(rows)
+        return self.pad(rows)
+
+    def take(self, n: int) -> list:
+        return [self.fed.popleft() for _ in range(n)]
+
+
+def libraries() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+class _JobCallback:
+    """Hooks into the Trainer's loop: step accounting and audit, metrics, checkpoints, RNG restore, controls."""
+
+    def __init__(self, spec: JobSpec, config: Config, collator: AuditingCollator, world_size: int, layout,
+                 padded_len: int, hooks: Hooks):
+        self.spec, self.config, self.collator, self.layout, self.hooks = spec, config, collator, layout, hooks
+        self.main = distributed.is_main()
+        self.sharded = sharding.sharded_checkpoints(config)  # every rank writes its shards of each checkpoint
+        self.padded_len = padded_len  # items in the data set including fillers
+        self.consumed = 0
+        self.eps = examples_per_step(config.training.batch_size, config.training.grad_accum, world_size)
+        self.world_size = world_size
+        self.pos = spec.start
+        self.audit: list = []
+        self.metrics: list = []
+        self.evals: list = []
+        self.samples: list = []
+        self.evaluator = None  # set by train_segment when a validation set is configured
+        self.trainer = None
+        self.pending: dict = {}
+        self.stopped: str | None = None
+        self.last_checkpoint: Path | None = None
+        # Mid-job: continue the RNG stream the checkpoint saved (dropout, etc.), as an uninterrupted run would.
+        self.restore_rng = spec.resume is not None and spec.start.steps_done > 0
+        self.t_step = time.perf_counter()
+        self.t_flush = float("-inf")  # a segment's first step is written at once (status shows it training)
+
+    # Trainer callback protocol -------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kw):
+        self.t_step = time.perf_counter()  # the first step's time starts with the loop, not the Trainer's setup
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.restore_rng:
+            restore_rng(self.spec.resume.path, distributed.rank(), self.world_size, self.hooks.say)
+            self.restore_rng = False
+
+    def on_step_end(self, args, state, control, **kw):
+        n = self.pos.next_step_examples(self.eps)
+        fed, lines, replayed, tokens = self._planned(n)
+        self._check_fed(fed)
+        self.pos = self.pos.after_step(self.eps)
+        step = self.pos.last_step
+        self.audit.append((step, self.spec.job_id, lines, replayed))
+        now = time.perf_counter()
+        self.pending = {"step": step, "job_id": self.spec.job_id, "tokens": tokens, "examples": n,
+                        "step_time": now - self.t_step}
+        self.t_step = now
+        if self.main:
+            testhooks.after_step(step)
+        last = self.pos.finished
+        every = self.config.eval.every_steps
+        # Rank 0's alone, but under fsdp on every rank (each forward gathers the shards of all; train_segment).
+        if self.evaluator is not None and (last or (every and step % every == 0)):
+            self._evaluate(step, kw["model"])
+        # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
+        action = distributed.broadcast(None if last or not self.hooks.peek else self.hooks.peek(step))
+        if action or last or step % self.config.training.save_every == 0:
+            self._checkpoint_everywhere(step, kw, last)
+        if action == "pause":
+            action = distributed.broadcast(self.hooks.hold(self.last_checkpoint) if self.hooks.hold else None)
+        if action:
+            self.stopped = action
+            control.should_training_stop = True
+        return control
+
+    def _check_fed(self, lines: list[tuple[int, int]]) -> None:
+        """What the ranks' data loaders really fed this step must be exactly the planned (job, line)s (law 2)."""
+        per_rank = min(self.eps, self.padded_len - self.consumed) // self.world_size  # fillers included
+        self.consumed += per_rank * self.world_size
+        fed = self.collator.take(per_rank)
+        everyone = distributed.gather([line for line in fed if line])  # 0 marks a filler
+        if self.main:
+            got = [line for rank_lines in everyone for line in rank_lines]
+            if sorted(got) != sorted(lines) or (self.world_size == 1 and got != lines):
+                raise RuntimeError(f"the Trainer fed lines {got} where conveyor planned {lines}; this is a bug")
+
+    def _planned(self, n: int) -> tuple[list[tuple[int, int]], list[int], list[list[int]], int]:
+        """What this optimizer step trains on all ranks, from the next n plan positions: every (job, line) in
+        order, the job's own lines, the replayed [job, line]s, and the tokens."""
+        at = self.pos.position
+        items = [self.layout[p] for p in range(at, at + n)]
+        return ([(i.job_id, i.example.line) for i in items], [i.example.line for i in items if not i.replayed],
+                [[i.job_id, i.example.line] for i in items if i.replayed],
+                sum(len(i.example.input_ids) for i in items))
+
+    def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
+        states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
+        manifest = None
+        if self.main:
+            self._flush()
+            manifest = mf.Manifest(run_id=self.spec.run_id, global_step=step, job=self.pos, job_end=last,
+                                   identity=self.spec.identity, open_jobs=self.spec.open_jobs,
+                                   hyperparameters=mf.hyperparameters(self.config, self.world_size),
+                                   libraries=libraries(),
+                                   sharded=sharding.layout(self.world_size) if self.sharded else None)
+        if self.sharded:  # every rank writes its shards; rank 0 seals
+            path = save_sharded_checkpoint(self.spec.run_dir, step, manifest, kw["model"], kw["optimizer"],
+                                           kw["lr_scheduler"], states, self.config.training)
+        elif self.main:
+            path = save_checkpoint(self.spec.run_dir, manifest, kw["model"], kw["optimizer"], kw["lr_scheduler"],
+                                   states, self.config.training)
+        if self.main:
+            self.last_checkpoint = path
+            if self.hooks.checkpointed:
+                self.hooks.checkpointed(self.pos)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not self.pending or not logs or "loss" not in logs:
+            return
+        row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm")}
+        self.pending = {}
+        self.metrics.append(row)
+        if self.hooks.progress:
+            self.hooks.progress(self.pos.steps_done, self.pos.planned_steps, row["loss"],
+                                row["examples"] / max(row["step_time"], 1e-9))
+        if time.perf_counter() - self.t_flush > 2.0:
+            self._flush()
+
+    def _evaluate(self, step: int, model) -> None:
+        for name, result in self.evaluator.losses(self.trainer, model).items():
+            row = {"step": step, "job_id": self.spec.job_id, "examples": result.examples}
+            self.evals.append({**row, "eval_loss": result.loss} if name == EVAL_FILE else
+                              {**row, "name": name, "loss": result.loss, "tokens": result.tokens})
+        self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
+
+    def _flush(self) -> None:
+        if self.hooks.flush:
+            self.hooks.flush(self.audit, self.metrics, self.evals, self.samples, self.pos)
+        self.audit, self.metrics, self.evals, self.samples = [], [], [], []
+        self.t_flush = time.perf_counter()
+
+
+def _trainer_callback(inner: _JobCallback):
+    from transformers import TrainerCallback
+
+    class Adapter(TrainerCallback):
+        # Only forwards the events conveyor uses; keeps the Trainer import out of module import time.
+        def on_train_begin(self, *a, **kw):
+            return inner.on_train_begin(*a, **kw)
+
+        def on_step_begin(self, *a, **kw):
+            return inner.on_step_begin(*a, **kw)
+
+        def on_step_end(self, *a, **kw):
+            return inner.on_step_end(*a, **kw)
+
+        def on_log(self, *a, **kw):
+            return inner.on_log(*a, **kw)
+
+    return Adapter()
+
+
+def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir: Path | None = None,
+                       job_id: int = 0):
+    from transformers import TrainingArguments
+
+    t = config.training
+    if "tensorboard" in config.report.report_to:  # transformers 5 reads the folder from the environment
+        # One TensorBoard run per job: the integrations count the Trainer's job-local steps, not global ones.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str((run_dir or output_dir) / "tensorboard" / f"job-{job_id:05d}")
+    # Without use_cpu accelerate does not shard data across CPU processes: each would train everything.
+    cpu_ranks = {"use_cpu": True, "ddp_backend": "gloo"} if distributed.active() and not torch.cuda.is_available() \
+        else {}
+    return TrainingArguments(
+        **{**precision.trainer_arguments(config, TrainingArguments), **cpu_ranks},
+        output_dir=str(output_dir), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, warmup_steps=t.warmup_steps, max_steps=max_steps, num_train_epochs=1,
+        train_sampling_strategy="sequential",  # conveyor already laid out the order; the Trainer must not reshuffle
+        ddp_timeout=int(distributed.TIMEOUT.total_seconds()), ddp_find_unused_parameters=False,
+        save_strategy="no", logging_steps=1, report_to=list(config.report.report_to) or "none", seed=t.seed,
+        disable_tqdm=True,
+        remove_unused_columns=False, dataloader_pin_memory=False, logging_nan_inf_filter=False,
+    )
+
+
+def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | None = None,
+                  world_size: int = 1) -> Trained:
+    """Train one job from spec.start to its planned end (or a requested stop); returns where it stands."""
+    from transformers import PrinterCallback, Trainer
+
+    quiet_libraries()
+    hooks = hooks or Hooks()
+    # The one tokenizer, as the worker's: data.chat_template applied (relative to the workspace, whose runs/<id> is
+    # spec.run_dir), so evaluation samples are asked as the data was rendered and as generate asks.
+    tokenizer = load_tokenizer(model_path, config.data.chat_template, spec.run_dir.parent.parent)
+    model = _model(config, model_path, spec, world_size)
+    t = config.training
+    start = spec.start
+    order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
+    layout = Layout(start, spec.data, order, spec.pool)
+    dataset = PlanDataset(layout, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
+                          pad_id=tokenizer.pad_token_id)
+    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, spec, hooks),
+                                hidden=getattr(model.config, "hidden_size", None),
+                                varlen=config.model.attn_implementation == "flash_attention_2")
+    inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
+    remaining = start.planned_steps - start.steps_done
+    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
+                                                           spec.job_id),
+                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                      callbacks=[_trainer_callback(inner)])
+    trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
+    inner.trainer = trainer
+    if sharding.sharded_training(config) and world_size > 1:  # every rank evaluates: a forward needs all shards
+        spec.eval_sets = distributed.broadcast(spec.eval_sets if distributed.is_main() else None)
+    if spec.eval_sets:
+        e = config.eval
+        inner.evaluator = Evaluator(spec.eval_sets, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
+                                    tokenizer)
+    if distributed.is_main():
+        memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
+        if sharding.sharded_checkpoints(config) and world_size == 1 and hooks.say:
+            hooks.say("info", "distributed.strategy = \"fsdp\" with one process: nothing to shard across, so the "
+                      "whole model trains here; its checkpoints are sharded (DCP) all the same, so the run goes on "
+                      "at any number of processes")
+        elif sharding.sharded_training(config) and world_size == 1 and hooks.say:
+            hooks.say("info", "distributed.strategy = \"fsdp\" with one process: nothing to shard across, so the "
+                      "whole base model is held here under the adapter")
+    if sharding.sharded_training(config):
+        sharding.reshard(model)  # the packing probe's forward left some modules gathered: the optimizer takes shards
+        if world_size > 1 and not sharding.sharded_checkpoints(config) and distributed.is_main() and hooks.say:
+            sharded, whole = sharding.held(model)
+            hooks.say("info", f"job {spec.job_id}: the base model sharded across {world_size} ranks (FSDP2, "
+                      f"{sharded} tensors), the adapter whole on every rank ({whole} tensors, its gradients "
+                      "averaged); checkpoints hold the adapter as under ddp")
+    trainer.create_optimizer()
+    trainer.lr_scheduler = restore_optimizer(config, trainer.optimizer, spec.resume.path if spec.resume else None,
+                                             spec.start, _same_optimizer(config, spec, hooks), trainer.model)
+    with _collector_spared():
+        trainer.train()
+    inner._flush()  # the last step's metrics arrive after its checkpoint
+    if inner.stopped is None and not inner.pos.finished:
+        raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
+                           f"planned {remaining}; this is a bug")
+    return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+
+
+def _model(config: Config, model_path: str, spec: JobSpec, world_size: int):
+    """The model as the checkpoint left it (or the base), held as distributed.strategy says; a checkpoint written
+    under the other strategy is converted (sharding.build)."""
+    if sharding.sharded_training(config) or (spec.resume is not None and spec.resume.manifest.sharded):
+        return sharding.build(config, model_path, spec.resume, world_size)
+    return build_model(config, model_path, spec.resume.path if spec.resume else None)
+
+
+def _padding_free(config: Config, model, spec: JobSpec, hooks: Hooks) -> bool:
+    """training.packing, if this model computes packed rows right (checked once per run and settings, not assumed;
+    packing.verdict); a fallback is said."""
+    if not config.training.packing:
+        return False
+    key = {"identity": spec.identity, "attn_implementation": config.model.attn_implementation,
+           "strategy": config.distributed.strategy, "libraries": libraries(),
+           "device": next(model.parameters()).device.type}
+    reason, now = packing.verdict(model, model.get_input_embeddings().weight.shape[0], spec.run_dir, key)
+    if reason is None and hooks.say and distributed.is_main():
+        hooks.say("info", f"job {spec.job_id}: padding-free batches (training.packing), " + (
+            "checked: the model computes packed examples exactly as alone" if now else
+            f"as checked before for this run's model and settings ({packing.VERDICTS})"))
+    if reason and distributed.is_main():
+        text = (f"training.packing: padded batches instead of padding-free ones, because {reason}; set "
+                f"training.packing = false to silence this")
+        if hooks.warn:
+            hooks.warn(text)
+        elif hooks.say:
+            hooks.say("warning", text)
+    return reason is None
+
+
+_EXIT_SPARED = False  # gc.freeze is registered to run at this process's exit
+
+
+@contextlib.contextmanager
+def _collector_spared():
+    """While training, the cyclic garbage collector leaves alone what was alive when it began (torch, transformers
+    and peft's millions of objects, the model, the data), and at the process's exit everything: accelerate's full
+    collection at the end of train(), any during it and the interpreter's at exit walked them all, about 2 CPU seconds
+    a job (benchmarks/peer.py). Reference counting still frees them, and after training any cycle among them is
+    collected as before. A process whose collector someone else froze is left as it is."""
+    global _EXIT_SPARED
+    if gc.get_freeze_count():
+        yield
+        return
+    if not _EXIT_SPARED:  # nothing runs after it: module teardown frees by reference count alone
+        atexit.register(gc.freeze)
+        _EXIT_SPARED = True
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _same_optimizer(config: Config, spec: JobSpec, hooks: Hooks) -> bool:
+    """Whether the checkpoint's optimizer state is there and fits training.optimizer; if not, the moments restart,
+    said: retention pruned it (a rollback to an older version), or training.optimizer changed."""
+    if spec.resume is None:
+        return True
+    pruned = pruned_moments(spec.resume)
+    if pruned is not None:
+        if hooks.say and distributed.is_main():
+            hooks.say("warning", pruned)
+        return False
+    before = spec.resume.manifest.hyperparameters.get("optimizer", "adamw_torch")  # older manifests: the default
+    if before == config.training.optimizer:
+        return True
+    if hooks.say and distributed.is_main():
+        hooks.say("warning", f"training.optimizer changed from {before} to {config.training.optimizer} since "
+                  f"{spec.resume.path.name}: its moments cannot carry over, so they start from zero at step "
+                  f"{spec.resume.step + 1}; weights, position and learning-rate schedule carry on")
+    return False

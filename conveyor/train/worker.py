@@ -1,0 +1,546 @@
+"""The worker: trains exactly one claimed job, as a recipe: setup → train → checkpoint → record.
+
+The daemon claims a job (compare-and-set) and hands its id and claim to a Worker, which runs the same way in
+the daemon's process (`conveyor train`, `run --drain`) and in a worker process (`conveyor run`, torchrun).
+How it ended is one Outcome, which is also the process's exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, replace
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+
+from .. import faults, overrides, testhooks
+from ..config import Config
+from ..data import holdout, replay
+from ..data.chat import load_tokenizer
+from ..data.formats import TokenizedFile, parse_file, tokenize_file
+from ..data.plan import Position, examples_per_step, fresh, require_steps
+from ..data.tokenized import prune as prune_tokenized
+from ..data.tokenized import tokens_of
+from ..errors import CheckpointError, DataError, PlanError
+from ..fingerprint import short
+from ..store import checkpoints as ck
+from ..store import controls, jobs, ledger, runs, versions
+from ..store.controls import Context, Effect
+from ..store.database import log_event, transaction
+from ..store.jobs import Conflict, Job, JobState, finished_text, started_text
+from ..store.workspace import Workspace
+from . import distributed, memory
+from .jobdata import data_key, held_out_jobs, job_data, replay_pool, replay_sources
+
+GATE = "eval.gate"  # who holds the queue after a regression (the daemon reads it)
+
+
+class Outcome(str, Enum):
+    DONE = "done"
+    STOPPED = "stopped"  # a warm stop: the job is interrupted (or back in the queue) and the daemon ends
+    SKIPPED = "skipped"
+    FAILED = "failed"  # the job cannot be trained (bad data, 0 steps); it is marked failed with the reason
+    CHECKPOINT_ERROR = "checkpoint error"  # the disk, not the job: the daemon pauses
+    OUT_OF_MEMORY = "out of memory"  # the settings, not the job: it stays at its last checkpoint, the daemon pauses
+    DISK_FULL = "disk full"  # the machine, not the job: it stays at its last checkpoint, the daemon waits for room
+    NOT_MINE = "not mine"  # the job was no longer under this worker's claim; nothing was trained
+
+    @property
+    def code(self) -> int:
+        return EXIT_CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> "Outcome | None":
+        """The outcome a worker process exited with; None if it died (a signal, a traceback)."""
+        return next((o for o, c in EXIT_CODES.items() if c == code), None)
+
+
+EXIT_CODES = {Outcome.DONE: 0, Outcome.FAILED: 3, Outcome.CHECKPOINT_ERROR: 4, Outcome.STOPPED: 5,
+              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8, Outcome.DISK_FULL: 9}
+
+
+class Reporter:
+    """Where messages and progress go; the CLI prints them, the daemon logs them."""
+
+    def message(self, level: str, text: str) -> None:
+        pass
+
+    def job_started(self, job: Job) -> None:
+        pass
+
+    def progress(self, job: Job, done: int, planned: int, loss: float | None, examples_per_s: float) -> None:
+        pass
+
+    def job_finished(self, job: Job) -> None:
+        pass
+
+
+class PrintedReporter(Reporter):
+    """A worker process's reporter: messages and job lines as plain lines on its stdout and stderr, which the
+    daemon's terminal shows (the words of the CLI's reporter, without its progress bar)."""
+
+    def message(self, level: str, text: str) -> None:
+        print(text if level == "info" else f"{level}: {text}", file=sys.stdout if level == "info" else sys.stderr,
+              flush=True)
+
+    def job_started(self, job: Job) -> None:
+        print(started_text(job), flush=True)
+
+    def job_finished(self, job: Job) -> None:
+        print(finished_text(job), flush=True)
+
+
+@dataclass
+class Setup:
+    job: Job
+    run: runs.Run
+    resume: ck.Checkpoint | None
+    data: TokenizedFile
+    start: Position
+    open_jobs: list[Position]
+    pool: object | None = None  # replay.Pool of the earlier jobs' examples this job replays
+
+
+def follow_order(setup: Setup, db) -> dict:
+    """What rank 0 tells the other ranks: the same segment, from the same checkpoint, with the database rows they
+    need (the job, the jobs it replays, the run's identity), so that they never open the database."""
+    start = setup.start
+    return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
+            "open": [p.to_json() for p in setup.open_jobs],
+            "resume": str(setup.resume.path) if setup.resume else None,
+            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
+
+
+class Worker:
+    """Trains one claimed job; `stop_reason` (set by a signal handler) makes it stop warm after the step."""
+
+    def __init__(self, ws: Workspace, config: Config, job_id: int, claim: str, reporter: Reporter | None = None):
+        self.ws, self.db, self.config = ws, ws.db, config
+        self.job_id, self.claim = job_id, claim
+        self.reporter = reporter or Reporter()
+        self.world_size = 1
+        self.stop_reason: str | None = None
+        self.request: controls.Request | None = None  # the stop or skip being acted on
+        self.model_path = ws.model_path(config.model.name)
+        self._planned_pool: tuple[tuple[int, ...], object] | None = None  # (sources, pool) _replay_plan built
+
+    @cached_property
+    def tokenizer(self):
+        """The model's tokenizer with data.chat_template applied: loaded once for the job's data, its held-out
+        sets, the earlier jobs it replays and eval.file."""
+        return load_tokenizer(self.model_path, self.config.data.chat_template, self.ws.root)
+
+    def run(self) -> Outcome:
+        """Train the job to its planned end or a requested stop, record what happened; never raises for the job."""
+        self.world_size = distributed.world()  # torchrun decides; planning and the manifest follow it
+        released = False
+        try:
+            setup = self.setup()
+            if isinstance(setup, Outcome):
+                return setup
+            distributed.broadcast(follow_order(setup, self.db))  # the other ranks (if any) set up the same segment
+            released = True
+            return self.record(setup, self.train(setup))
+        except (DataError, PlanError) as e:
+            return self._fail(str(e))
+        except CheckpointError as e:
+            if faults.is_disk_full(e):
+                return self._disk_full(e)
+            self.say("error", f"job {self.job_id} stopped: {e}", self.job_id)
+            return Outcome.CHECKPOINT_ERROR
+        except Conflict as e:
+            self.say("warning", f"worker for job {self.job_id}: {e}", self.job_id)
+            return Outcome.NOT_MINE
+        except Exception as e:
+            if faults.is_disk_full(e):  # a tokenized array, the database, the log: wherever the write was
+                return self._disk_full(e)
+            if not memory.is_oom(e):
+                raise
+            text = memory.oom_message(self.config, self.job_id, e)
+        finally:
+            if not released:
+                distributed.broadcast(None)  # nothing to train: the other ranks (if any) exit
+        # Out of memory. Outside the except block the failed step's frames (model, activations) are unreferenced.
+        # The job stays as the database has it (running, under this claim); the daemon puts it back at its
+        # newest checkpoint, as after a death, but does not retry it.
+        memory.release()
+        self.say("error", text, self.job_id)
+        return Outcome.OUT_OF_MEMORY
+
+    def _disk_full(self, e: BaseException) -> Outcome:
+        """The disk filled up: the job stays as the database has it (running, under this claim) and the daemon
+        puts it back at its newest checkpoint once there is room. Said where it can be (the database may be full)."""
+        text = f"job {self.job_id} stopped: " + (str(e) if isinstance(e, CheckpointError) else
+                                                  faults.disk_full_message(self.ws.root, f"a write ({e})"))
+        self.reporter.message("error", text)
+        with contextlib.suppress(Exception):
+            log_event(self.db, "error", "disk", text, self.job_id)
+        return Outcome.DISK_FULL
+
+    # setup ---------------------------------------------------------------------------------------
+    def setup(self) -> Setup | Outcome:
+        job = jobs.get(self.db, self.job_id)
+        if job.state != JobState.RUNNING or job.claim != self.claim:
+            raise Conflict(f"job {job.id} is {job.state.value}, not running under this worker's claim")
+        if job.overrides:  # `conveyor add --set`: this job's own settings, kept with it (a resume keeps them)
+            self.config = overrides.apply(self.config, job.overrides)
+            self.say("info", f"job {job.id} trains with {overrides.describe(job.overrides)} (set for this job; "
+                     "conveyor.toml's for the others)", job.id)
+        run = runs.active(self.db)
+        resume, _ = ck.newest_verified(self.ws.run_dir(run.id))  # the daemon set unusable ones aside
+        if resume is not None and resume.step != run.global_step:
+            raise Conflict(f"{run.id} is at step {run.global_step} but its newest checkpoint is {resume.path.name}; "
+                           "the daemon reconciles before the next claim")
+        data = self.held_out(job, run, resume, self.prepare(job))
+        start = self.position(job, run, resume, data)
+        if start.steps_done == 0 and self._duplicate(job, run):
+            return Outcome.SKIPPED
+        # A job failed mid-way (e.g. its stored copy no longer verified) keeps its position too: adding its file
+        # again puts it back, and it resumes there (law 2).
+        open_jobs = [p for p in (resume.manifest.under_way() if resume else []) if p.job_id != job.id
+                     and jobs.get(self.db, p.job_id).state in (JobState.INTERRUPTED, JobState.FAILED)]
+        for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
+            ledger.close_overtaken(self.db, run.id, p)
+        job = self.plan(job, run, start, data)
+        return Setup(job, run, resume, data, start, open_jobs, self.pool(start))
+
+    def prepare(self, job: Job) -> TokenizedFile:
+        """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
+        config = self.config
+        data = job_data(self.ws, job, config, self.model_path, self.tokenizer)
+        if data.truncated:
+            text = (f"{data.truncated} example(s) longer than training.max_length="
+                    f"{config.training.max_length} tokens (lines {_lines(data.truncated_lines, data.truncated)})")
+            if config.data.too_long == "reject":
+                raise DataError(f"{job.file}: {text}; data.too_long = \"reject\". Shorten them or raise max_length")
+            self._warn(job, f"{text} were truncated")
+        if data.excluded_lines:
+            self._warn(job, f"{len(data.excluded_lines)} example(s) lost their whole trainable part to truncation "
+                       f"and are not trained (lines {_lines(data.excluded_lines)}); raise training.max_length "
+                       "to keep them")
+        return data
+
+    def held_out(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> TokenizedFile:
+        """The job's trained examples: all but its held-out set, chosen at its first plan and kept with the job.
+
+        A job already under way when it has no recorded set keeps training all its examples (moving examples out
+        of a job in progress would change what its positions mean)."""
+        lines = job.holdout
+        if lines is None:
+            under_way = resume is not None and resume.manifest.position_of(job.id) is not None
+            k = 0 if under_way else holdout.count(self.config.eval.holdout, len(data.examples))
+            lines = holdout.choose(self.config.training.seed, job.fingerprint, data, k)
+            jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, holdout=lines)
+            job.holdout = lines
+            if lines:
+                self.say("info", f"job {job.id}: {len(lines)} example(s) held out, never trained, scored at every "
+                         f"evaluation as set \"{holdout.set_name(job.id)}\" (lines {_lines(lines)})", job.id)
+        parts = holdout.split(data, lines)
+        if lines:
+            holdout.save(self.ws.data / "holdout", job.id,
+                         data_key(self.ws, job, self.config, self.model_path, self.tokenizer), parts.held)
+        return parts.trained
+
+    def position(self, job: Job, run: runs.Run, resume: ck.Checkpoint | None, data: TokenizedFile) -> Position:
+        """Where the job continues (law 2): its own position in the newest checkpoint's manifest, whatever ran
+        since it stopped; a job the manifest does not know has not trained a step."""
+        t = self.config.training
+        eps = examples_per_step(t.batch_size, t.grad_accum, self.world_size)
+        epochs = job.epochs or t.epochs
+        known = resume.manifest.position_of(job.id) if resume else None
+        if known is None:
+            sources, count = self._replay_plan(job, run, len(data.examples) * epochs)
+            start = fresh(job.id, job.fingerprint, len(data.examples), epochs, sources, count).begin_segment(
+                run.global_step, eps)
+        else:
+            if known.fingerprint != job.fingerprint or known.examples not in (0, len(data.examples)):
+                raise PlanError(f"job {job.id}: {resume.path.name} places it in data {short(known.fingerprint)} "
+                                f"with {known.examples} examples, but its file is {short(job.fingerprint)} with "
+                                f"{len(data.examples)}; remove the job and add the file again")
+            known = replace(known, examples=len(data.examples), epochs=known.epochs or epochs)
+            resumed_here = resume.manifest.job.job_id == job.id
+            if resumed_here and not ledger.segment_closed(self.db, run.id, job.id, resume.step):
+                start = known.replan(eps)  # the same segment goes on
+            else:
+                start = known.begin_segment(run.global_step, eps)
+            self.say("info", f"job {job.id} resumes at global step {run.global_step + 1} from {resume.path.name} "
+                     f"(its step {known.steps_done + 1}; epoch {known.epoch + 1}, example {known.position_in_epoch} "
+                     "of that epoch's order)", job.id)
+        require_steps(start.planned_steps - start.steps_done, len(data.examples), epochs, job.file)
+        return start
+
+    def _replay_plan(self, job: Job, run: runs.Run, own_total: int) -> tuple[tuple[int, ...], int]:
+        """replay.fraction for a job's first plan: the earlier jobs it draws from and how many it replays."""
+        fraction = self.config.replay.fraction
+        if fraction <= 0:
+            return (), 0
+        sources = tuple(replay_sources(self.db, run.id, job.id))
+        pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint, self.tokenizer)
+        self._planned_pool = (sources, pool)
+        count = replay.count(fraction, own_total, pool.size if pool else 0)
+        if count:
+            self.say("info", f"job {job.id} replays {count} example(s) from job(s) {', '.join(map(str, sources))} "
+                     f"({pool.size} trained examples) between its own {own_total} (replay.fraction = {fraction})",
+                     job.id)
+        else:
+            self.say("info", f"job {job.id}: nothing to replay yet (no earlier job of {run.id} is done)", job.id)
+        return (sources, count) if count else ((), 0)
+
+    def pool(self, start: Position):
+        """The pool the job replays from: the one its first plan just built, or rebuilt from its position's sources."""
+        if not start.replay_count:
+            return None
+        if self._planned_pool and self._planned_pool[0] == start.replay_sources:
+            return self._planned_pool[1]
+        return replay_pool(self.ws, self.config, self.model_path, start.replay_sources, start.fingerprint,
+                           self.tokenizer)
+
+    def plan(self, job: Job, run: runs.Run, start: Position, data: TokenizedFile) -> Job:
+        """Record the job's step range (law 1) under this worker's claim."""
+        jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, run_id=run.id, epochs=start.epochs,
+                    examples=start.examples, planned_steps=start.planned_steps, start_step=start.start_step,
+                    end_step=start.end_step, steps_done=start.steps_done, position=start.position,
+                    segment_start=start.segment_start, tokens=data.tokens, truncated=data.truncated,
+                    excluded=data.excluded_lines)
+        replayed = f" + {start.replay_count} replayed" if start.replay_count else ""
+        log_event(self.db, "info", "planned", f"job {job.id}: {start.examples} examples × {start.epochs} epoch(s)"
+                  f"{replayed} = "
+                  f"{start.planned_steps} steps; steps {start.steps_done + 1}–{start.planned_steps} at global steps "
+                  f"{start.last_step + 1}–{start.end_step}", job.id)
+        return jobs.get(self.db, job.id)
+
+    def _duplicate(self, job: Job, run: runs.Run) -> bool:
+        row = self.db.execute(
+            "SELECT id, file, start_step, end_step FROM jobs WHERE run_id = ? AND fingerprint = ? AND state = 'done'"
+            " AND id != ? ORDER BY id LIMIT 1", (run.id, job.fingerprint, job.id)).fetchone()
+        if row is None:
+            return False
+        earlier = (f"same bytes ({short(job.fingerprint)}) as job {row['id']} ({row['file']}), "
+                   f"trained at steps {row['start_step']}–{row['end_step']} of {run.id}")
+        if self.config.data.skip_duplicates:
+            reason = f"skipped: {earlier}; data.skip_duplicates = true"
+            jobs.transition(self.db, job.id, JobState.SKIPPED, expect=JobState.RUNNING, owner=self.claim,
+                            run_id=run.id, error=reason, claim=None)
+            self.say("warning", f"job {job.id} ({job.file}) {reason}", job.id)
+            return True
+        self._warn(job, f"trained again: {earlier} (set data.skip_duplicates = true to skip repeats)")
+        return False
+
+    # train ---------------------------------------------------------------------------------------
+    def train(self, setup: Setup):
+        from .trainer import Hooks, JobSpec, train_segment  # transformers and peft: when a job trains, not before
+
+        spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
+                       start=setup.start, identity=setup.run.identity, resume=setup.resume,
+                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool)
+        job = setup.job
+        self.reporter.job_started(job)
+        if self.stop_reason:  # a warm stop that came during setup: no step is started
+            from .trainer import Trained  # as above
+
+            return Trained(setup.start, self.stop_reason)
+        hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
+                      flush=lambda *rows: self._flush(setup, *rows), peek=self._peek,
+                      hold=lambda checkpoint: self._hold(job, checkpoint), say=self.say,
+                      warn=lambda text: self._warn(job, text))
+        return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
+
+    def _flush(self, setup: Setup, audit, metrics, evals, samples, pos: Position) -> None:
+        testhooks.fill_disk("db", pos.last_step, self.ws.root / "conveyor.db")
+        ledger.write_steps(self.db, setup.run.id, audit, metrics, evals, samples)
+        jobs.update(self.db, setup.job.id, expect=JobState.RUNNING, owner=self.claim, steps_done=pos.steps_done,
+                    position=pos.position)
+        runs.set_step(self.db, setup.run.id, pos.last_step)
+
+    # record --------------------------------------------------------------------------------------
+    def record(self, setup: Setup, trained) -> Outcome:
+        """One transaction: the segment's ledger row, the run's step and the job's new state; then answer."""
+        pos, job, run = trained.position, setup.job, setup.run
+        tokens = tokens_of(setup.data, ledger.segment_counts(self.db, run.id, job.id, pos.segment_start,
+                                                            pos.last_step)[1])
+        skip = self.request is not None and self.request.action == controls.Action.SKIP
+        if pos.finished:
+            state, outcome = JobState.DONE, Outcome.DONE
+        elif skip:
+            state, outcome = JobState.SKIPPED, Outcome.SKIPPED
+        else:
+            state, outcome = (JobState.INTERRUPTED if pos.steps_done else JobState.QUEUED), Outcome.STOPPED
+        extra = {"error": self._skip_reason(job, pos)} if state == JobState.SKIPPED else {}
+        if state == JobState.QUEUED:  # stopped before its first step: nothing to record
+            jobs.transition(self.db, job.id, state, expect=JobState.RUNNING, owner=self.claim, claim=None,
+                            steps_done=0, position=0, start_step=None, end_step=None, segment_start=None)
+        else:
+            ledger.close_segment(self.db, run.id, job.id, state, pos, expect=JobState.RUNNING, owner=self.claim,
+                                 tokens=tokens, **extra)
+        self._announce(jobs.get(self.db, job.id), pos, trained, extra.get("error"))
+        if state == JobState.DONE:
+            self._gate(job, run, pos.last_step)
+        if state in (JobState.DONE, JobState.SKIPPED):
+            self._prune_tokenized()
+        return outcome
+
+    def _gate(self, job: Job, run: runs.Run, step: int) -> None:
+        """eval.gate: if the job raised an earlier held-out set's loss by more than the gate against the version
+        before it, the version is marked gated and the queue held (nothing is deleted)."""
+        gate = self.config.eval.gate
+        version = versions.at_step(self.db, run.id, step)
+        if gate <= 0 or version is None:
+            return
+        rises = versions.rises(self.db, version, exclude=holdout.set_name(job.id))
+        over = [r for r in rises if r["change"] > gate]
+        if not over:
+            return
+        name, before = versions.name(version), versions.name(over[0]["before_version"])
+        sets = "; ".join(f"{r['set']} ({r['file']}) {r['before']:.4f} → {r['after']:.4f} ({r['change']:+.1%})"
+                         for r in over)
+        text = (f"eval.gate: {name} (job {job.id}, {job.file}) raised the held-out loss of {sets}, more than "
+                f"eval.gate = {gate:.0%} against {before}. The queue is paused and {name} marked gated; nothing is "
+                f"deleted. `conveyor resume` accepts {name} and goes on; `conveyor rollback {before}` undoes job "
+                f"{job.id} (add --requeue to train it again later)")
+        with transaction(self.db):
+            versions.set_gated(self.db, version, text)
+            controls.hold(self.db, GATE, text)
+        log_event(self.db, "warning", "gate", text, job.id)
+        self.reporter.message("warning", text)
+
+    def _prune_tokenized(self) -> None:
+        """Tokenized data of jobs that will not train again goes (it is derived; the stored JSONL stays)."""
+        waiting = (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED)
+        # With replay on, done jobs' examples are drawn again by later jobs: their tokenized data stays.
+        kept = (JobState.DONE,) if self.config.replay.fraction > 0 else ()
+        needed = {j.fingerprint for j in jobs.all_jobs(self.db) if j.state in waiting + kept}
+        removed = prune_tokenized(self.ws.data / "tokenized", needed)
+        if removed:
+            log_event(self.db, "info", "message", f"removed tokenized data of {len(removed)} finished job(s)")
+
+    def _announce(self, job: Job, pos: Position, trained, skip_reason: str | None) -> None:
+        if job.state == JobState.DONE:
+            log_event(self.db, "info", "done", f"job {job.id}: steps {job.start_step}–{job.end_step}", job.id)
+            self.reporter.job_finished(job)
+            return
+        if job.state == JobState.SKIPPED:
+            text = f"job {job.id} {skip_reason}"
+            level = "warning"
+        elif pos.steps_done:
+            where = f" from {trained.checkpoint.name}" if trained.checkpoint else ""
+            text = (f"stopped ({trained.stopped}) after global step {pos.last_step}; job {job.id} resumes at step "
+                    f"{pos.last_step + 1} (its step {pos.steps_done + 1} of {pos.planned_steps}){where} on the next "
+                    "start, before other jobs of its priority (a higher-priority job may go first; it then resumes "
+                    "from its own position after that)")
+            level = "info"
+        else:
+            text = f"stopped ({trained.stopped}) before job {job.id} trained a step; it stays queued"
+            level = "info"
+        self.say(level, text, job.id)
+        if self.request is not None:
+            controls.answer(self.db, self.request.id, text, Effect(self.request.action.value))
+
+    def _skip_reason(self, job: Job, pos: Position) -> str:
+        req = self.request
+        return (f"skipped by {req.who}" + (f": {req.reason}" if req.reason else "")
+                + f" after {pos.steps_done} of {pos.planned_steps} steps (global {job.start_step}–{pos.last_step})")
+
+    # controls between optimizer steps ------------------------------------------------------------
+    def _peek(self, step: int) -> str | None:
+        """Between steps: "pause", a reason to stop now (stop, skip, a signal), or None to go on."""
+        for action in testhooks.requests_due(step):
+            controls.ask(self.db, controls.Action(action), who=f"test hook at step {step}")
+        while self.stop_reason is None:
+            req = controls.take(self.db, f"worker of job {self.job_id}")
+            if req is None:
+                return None
+            effect = req.effect(Context.BETWEEN_STEPS)
+            if effect == Effect.HOLD:
+                self.request = req
+                return "pause"
+            if effect == Effect.NOTHING:
+                controls.answer(self.db, req.id, req.why_nothing(Context.BETWEEN_STEPS))
+                continue
+            self.request = req
+            return f"{req.action.value} requested by {req.who}"
+        return self.stop_reason
+
+    def _hold(self, job: Job, checkpoint: Path) -> str | None:
+        """Paused after `checkpoint`: wait for resume (None), stop or skip (the reason)."""
+        step = ck.step_of(checkpoint)
+        pause, self.request = self.request, None
+        controls.answer(self.db, pause.id, f"paused job {job.id} at global step {step} (checkpoint "
+                        f"{checkpoint.name}); `conveyor resume` continues", Effect.HOLD)
+        self.say("info", f"paused by {pause.who} at step {step}", job.id)
+        while self.stop_reason is None:
+            req = controls.take(self.db, f"worker of job {self.job_id}")
+            if req is None:
+                time.sleep(0.1)
+                continue
+            effect = req.effect(Context.PAUSED_IN_JOB)
+            if effect == Effect.NOTHING:
+                controls.answer(self.db, req.id, req.why_nothing(Context.PAUSED_IN_JOB))
+            elif effect == Effect.GO_ON:
+                text = f"resumed job {job.id} at step {step + 1}"
+                controls.answer(self.db, req.id, text, Effect.GO_ON)
+                self.say("info", f"{text} ({req.who})", job.id)
+                return None
+            else:
+                self.request = req
+                return f"{req.action.value} requested by {req.who}"
+        return self.stop_reason
+
+    # messages ------------------------------------------------------------------------------------
+    def say(self, level: str, text: str, job_id: int | None = None, kind: str = "message") -> None:
+        log_event(self.db, level, kind, text, job_id)
+        self.reporter.message(level, text)
+
+    def _warn(self, job: Job, text: str) -> None:
+        jobs.add_warning(self.db, job, text)
+        self.say("warning", f"job {job.id} ({job.file}): {text}", job.id)
+
+    def _fail(self, reason: str) -> Outcome:
+        jobs.transition(self.db, self.job_id, JobState.FAILED, expect=JobState.RUNNING, owner=self.claim,
+                        error=reason, claim=None)
+        self.say("error", f"job {self.job_id} failed: {reason}", self.job_id, kind="failed")
+        return Outcome.FAILED
+
+    def _eval_sets(self, run: runs.Run) -> dict:
+        """The sets scored at each evaluation: eval.file's (if set), then every held-out set of the run's jobs
+        that have started, in the order they started; each cut to eval.max_examples."""
+        limit = self.config.eval.max_examples
+        sets = {}
+        validation = self._eval_file()
+        if validation is not None:
+            sets[holdout.EVAL_FILE] = validation.examples[:limit]
+        for job in held_out_jobs(self.db, run.id):
+            key = data_key(self.ws, job, self.config, self.model_path, self.tokenizer)
+            try:
+                held = holdout.load(self.ws.data / "holdout", job.id, key)
+            except holdout.AlteredHoldout as e:
+                self.say("warning", f"job {job.id}'s held-out set: data/holdout/{e}; it is rebuilt from the job's "
+                         "stored copy, so its scores stay those of the examples held out", job.id)
+                held = None
+            if held is None:  # kept examples missing or changed: rebuilt from the stored file
+                held = holdout.split(job_data(self.ws, job, self.config, self.model_path, self.tokenizer),
+                                     job.holdout).held
+                holdout.save(self.ws.data / "holdout", job.id, key, held)
+            sets[holdout.set_name(job.id)] = held[:limit]
+        return sets
+
+    def _eval_file(self) -> TokenizedFile | None:
+        """The validation set, tokenized and masked exactly like training data; None if not configured."""
+        config = self.config
+        if not config.eval.file:
+            return None
+        path = Path(config.eval.file)
+        path = path if path.is_absolute() else self.ws.root / path
+        try:
+            return tokenize_file(parse_file(path, f"eval.file {path.name}"), self.tokenizer, config.training.max_length,
+                                 f"eval.file {path.name}")
+        except (DataError, OSError) as e:
+            self.say("warning", f"no evaluation loss: {e}")
+            return None
+
+
+def _lines(lines: list[int], total: int | None = None) -> str:
+    total = len(lines) if total is None else total
+    more = f" and {total - 20} more" if total > 20 else ""
+    return ", ".join(map(str, lines[:20])) + more
