@@ -9,7 +9,7 @@ read along its lineage: the parent's steps up to BRANCH_AT, then its own.
 For each endpoint (and the event stream's per-second snapshot) it prints the rows returned, the best of --tries
 calls after a warm-up one in ms (a busy machine slows some calls, not all), and the response size. Target (issue
 "Throughput and scale"): every endpoint under 100 ms on a quiet machine. What does not depend on the machine
-(rows read, query plans, response sizes, exact extremes) is asserted in tests/test_dashboard_scale.py, which
+(rows read, query plans, response sizes, exact extremes) is asserted in tests/serve/test_dashboard_scale.py, which
 builds the same workspace with `build`.
 
     python benchmarks/dashboard_scale.py [--tries 5] [--keep DIR]

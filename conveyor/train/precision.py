@@ -47,7 +47,7 @@ def _keep_4bit_layout(model) -> None:
     """Keep bitsandbytes from repacking 4-bit weights for CPU inference. On a CPU with AVX512-BF16, the first
     forward in eval mode without gradients (an evaluation, a sample, the packing probe) converts each layer's
     weights in place to an inference-only layout, after which training computes no gradient at all, silently
-    (bitsandbytes 0.50; found by a resume test, see tests/test_precision.py)."""
+    (bitsandbytes 0.50; found by a resume test, see tests/train/test_precision.py)."""
     import bitsandbytes as bnb
 
     for module in model.modules():

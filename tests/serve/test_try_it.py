@@ -444,7 +444,7 @@ def test_ask_box_and_forgetting_in_chromium(plain):
         page.fill("#ask-tokens", "0")
         page.click("#btn-ask")
         sync_api.expect(page.locator("#ask-status")).to_contain_text("max_new_tokens: Input should be greater")
-        artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+        artifacts = Path(__file__).resolve().parents[2] / "test-artifacts"
         artifacts.mkdir(exist_ok=True)
         page.locator("#btn-ask").scroll_into_view_if_needed()
         page.screenshot(path=str(artifacts / "dashboard-ask.png"), full_page=True)

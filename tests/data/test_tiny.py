@@ -17,7 +17,7 @@ from conveyor.config import Config
 from conveyor.data.models import SMALL, ensure_small
 from conveyor.store.workspace import Workspace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHATS = [
     [{"role": "system", "content": "You answer in one short sentence."},
      {"role": "user", "content": "What colour is the sky?"},

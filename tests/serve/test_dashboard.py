@@ -27,7 +27,7 @@ from conveyor.store.lock import LOCK_FILE
 
 LOCAL = "http://127.0.0.1:8750"
 TOKEN = "s3cret-token"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import adapter_weights, audit, max_abs_diff, run_cli, status, text_file
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from hf_baseline import Settings, train_plain  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from conveyor.store import ledger, series
 from conveyor.store.upgrade import upgrade
 from conveyor.store.workspace import Workspace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import dashboard_scale as scale  # noqa: E402  (the workspace it measures is the one tested here)
 from dashboard_scale import (  # noqa: E402
     BRANCH,
