@@ -183,7 +183,7 @@ def _dashboard_thread(ws: Workspace, enabled: bool, host: str, port: int, token:
 @app.command(hidden=True)
 def worker(job: Optional[int] = typer.Option(None, "--job", help="The job to train; without it, read it from stdin."),
            claim: Optional[str] = typer.Option(None, "--claim", help="The daemon's claim on the job.")):
-    """Internal: a worker process trains one claimed job and exits with its outcome (worker.EXIT_CODES).
+    """Internal: a worker process trains one claimed job and exits with its outcome (report.EXIT_CODES).
 
     Without --job it imports the training stack first and then waits for {"job": N, "claim": C, "config": {...}}
     on stdin: the daemon keeps one such warm worker ready, so a new file starts training in about a second.

@@ -128,7 +128,7 @@ def _beat(folder: Path, nonce: str, rank: int, period: float) -> None:
 
 
 def record_outcome(code: int) -> None:
-    """Rank 0 of an attempt: how the job ended (worker.EXIT_CODES), for the daemon (torchrun's own exit code
+    """Rank 0 of an attempt: how the job ended (report.EXIT_CODES), for the daemon (torchrun's own exit code
     says only that some rank did not exit 0)."""
     folder = os.environ.get(ATTEMPT_ENV)
     if folder and os.environ.get("RANK", "0") == "0":

@@ -25,7 +25,8 @@ from ..store.database import DB_FILE, log_event
 from ..store.jobs import Job, JobState
 from ..store.reconcile import place
 from ..store.workspace import Workspace
-from ..train.worker import GATE, Outcome, Reporter, Worker
+from ..train.report import Outcome, Reporter
+from ..train.worker import GATE, Worker
 from . import launch, process
 from .attempt import clear_attempts
 from .inbox import Inbox, file_finished

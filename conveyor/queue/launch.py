@@ -236,7 +236,7 @@ class Launch:
         return len(self.agents) * self.nproc
 
     def poll(self) -> int | None:
-        """None while the attempt runs; else rank 0's exit code (worker.EXIT_CODES), or 1 if it was lost."""
+        """None while the attempt runs; else rank 0's exit code (report.EXIT_CODES), or 1 if it was lost."""
         if self.returncode is None:
             lost = self._check(time.monotonic())
             if lost is not None:

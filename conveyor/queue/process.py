@@ -109,7 +109,7 @@ def spawn_warm(workspace: str) -> WorkerProcess:
 
 # The worker process's side ---------------------------------------------------------------------------------
 def run_worker(root: Path, job: int | None, claim: str | None) -> int:
-    """Train one claimed job in this process and return its exit code (worker.EXIT_CODES).
+    """Train one claimed job in this process and return its exit code (report.EXIT_CODES).
 
     Without a job: a warm worker, which imports the training stack first and then reads {"job": N, "claim": C,
     "config": {...}} on stdin. Under torchrun (launch.py), ranks other than 0 follow rank 0's broadcast orders and
@@ -143,7 +143,8 @@ def run_worker(root: Path, job: int | None, claim: str | None) -> int:
 
 
 def _train_as_rank_0(ws, config, job: int, claim: str, stopped: list[str]) -> int:
-    from ..train.worker import PrintedReporter, Worker  # the training stack: the worker process's alone
+    from ..train.report import PrintedReporter
+    from ..train.worker import Worker  # the training stack: the worker process's alone
 
     w = Worker(ws, config, job, claim, PrintedReporter())
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "stop_reason", "SIGTERM"))

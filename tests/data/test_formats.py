@@ -19,7 +19,7 @@ from conveyor.errors import DataError
 try:
     from conveyor.data.chat import load_tokenizer
 except ImportError:  # its home before the training code was split into trainer.py and worker.py
-    from conveyor.train.worker import load_tokenizer
+    from conveyor.data.chat import load_tokenizer
 
 
 @pytest.fixture(scope="module")

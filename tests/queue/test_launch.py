@@ -193,7 +193,7 @@ def test_a_silent_rank_or_a_stalled_step_ends_the_attempt_but_a_pause_does_not(t
 
 def test_rank_0s_outcome_is_the_attempts_code(tmp_path):
     w = _Watch(tmp_path, nodes=1)
-    (w.attempt.folder / "outcome").write_text("5")  # worker.Outcome.STOPPED
+    (w.attempt.folder / "outcome").write_text("5")  # report.Outcome.STOPPED
     os.kill(w.launch.agents[0].popen.pid, signal.SIGKILL)  # torchrun's own code says only "a rank failed"
     assert w.run(1.0) == 5 and w.launch.ended == "exit code 5"
 
