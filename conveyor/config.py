@@ -19,7 +19,9 @@ CONFIG_FILE = "conveyor.toml"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: an inf or nan setting (weight_decay = inf) would train a run to NaN; refused on load.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -317,7 +319,15 @@ def _describe(error: dict) -> str:
         return error["msg"]
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {error['input']!r}); remove it or check its spelling"
+    if error["type"] == "finite_number":  # inf or nan: training would only produce NaN weights
+        return f"{key}: must be a finite number (found {error['input']!r}); the default is {_default(error['loc'])!r}"
     return f"{key}: {error['msg']} (found {error['input']!r})"
+
+
+def _default(loc: tuple):
+    """The default of the setting at `loc` (section, key), for messages."""
+    section = Config.model_fields[loc[0]].default_factory()
+    return getattr(section, str(loc[1])) if len(loc) > 1 and hasattr(section, str(loc[1])) else None
 
 
 def parse_config(data: dict, source: str = CONFIG_FILE) -> Config:

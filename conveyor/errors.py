@@ -25,6 +25,15 @@ class CheckpointError(ConveyorError):
     """A checkpoint cannot be written, read or verified."""
 
 
+class NonFiniteError(ConveyorError):
+    """Training produced a loss, gradient norm or weight that is inf or nan: the job stops at its last good
+    checkpoint (nothing non-finite is ever checkpointed), as when it runs out of memory."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class StoredDataError(DataError):
     """A job's stored copy (data/<sha256>.jsonl) is missing or no longer holds the bytes the job was added with;
     the job does not train until the original is added again."""

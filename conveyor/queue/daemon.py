@@ -275,12 +275,13 @@ class Daemon:
             return True
         if outcome == Outcome.CHECKPOINT_ERROR:  # the disk, not the job: the job keeps its place
             return self._hold("a checkpoint could not be written (see above)")
-        if outcome == Outcome.OUT_OF_MEMORY:  # the settings, not the job: the same step would fail again
+        if outcome in (Outcome.OUT_OF_MEMORY, Outcome.NOT_FINITE):  # the settings: the same step would fail again
             self.reconcile()  # back to its newest checkpoint, as after a death, but with no retry
             now = jobs.get(self.db, job.id)
             where = (f"interrupted at its step {now.steps_done} of {now.planned_steps}" if now.steps_done
                      else "queued, before its first step")
-            return self._hold(f"job {job.id} ran out of memory (see above); it stays {where}")
+            what = "ran out of memory" if outcome == Outcome.OUT_OF_MEMORY else "trained to inf or nan"
+            return self._hold(f"job {job.id} {what} (see above); it stays {where}")
         if outcome == Outcome.NOT_MINE:
             return True
         return self._died(job)

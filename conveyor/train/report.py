@@ -16,6 +16,7 @@ class Outcome(str, Enum):
     FAILED = "failed"  # the job cannot be trained (bad data, 0 steps); it is marked failed with the reason
     CHECKPOINT_ERROR = "checkpoint error"  # the disk, not the job: the daemon pauses
     OUT_OF_MEMORY = "out of memory"  # the settings, not the job: it stays at its last checkpoint, the daemon pauses
+    NOT_FINITE = "not finite"  # the settings, not the job: a nan/inf loss; it stays at its last checkpoint, pauses
     DISK_FULL = "disk full"  # the machine, not the job: it stays at its last checkpoint, the daemon waits for room
     NOT_MINE = "not mine"  # the job was no longer under this worker's claim; nothing was trained
 
@@ -30,7 +31,8 @@ class Outcome(str, Enum):
 
 
 EXIT_CODES = {Outcome.DONE: 0, Outcome.FAILED: 3, Outcome.CHECKPOINT_ERROR: 4, Outcome.STOPPED: 5,
-              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8, Outcome.DISK_FULL: 9}
+              Outcome.SKIPPED: 6, Outcome.NOT_MINE: 7, Outcome.OUT_OF_MEMORY: 8, Outcome.DISK_FULL: 9,
+              Outcome.NOT_FINITE: 10}
 
 
 class Reporter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import math
 import os
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from ..data.holdout import EVAL_FILE
 from ..data.models import quiet_libraries
 from ..data.plan import JobOrder, Position, examples_per_step
 from ..data.replay import Layout
+from ..errors import NonFiniteError
 from ..store import checkpoints as ck
 from ..store import manifest as mf
 from . import distributed, memory, packing, precision, sharding
@@ -165,6 +167,7 @@ class _JobCallback:
         self.pending: dict = {}
         self.stopped: str | None = None
         self.last_checkpoint: Path | None = None
+        self.non_finite: str | None = None  # what the last logged step showed that is inf or nan (on_log)
         # Mid-job: continue the RNG stream the checkpoint saved (dropout, etc.), as an uninterrupted run would.
         self.restore_rng = spec.resume is not None and spec.start.steps_done > 0
         self.t_step = time.perf_counter()
@@ -199,7 +202,9 @@ class _JobCallback:
             self._evaluate(step, kw["model"])
         # Decided on rank 0, the same on every rank: what a person asked for, then whether to checkpoint.
         action = distributed.broadcast(None if last or not self.hooks.peek else self.hooks.peek(step))
-        if action or last or step % self.config.training.save_every == 0:
+        checkpoint = bool(action or last or step % self.config.training.save_every == 0)
+        self._refuse_non_finite(step, kw["model"] if checkpoint else None)
+        if checkpoint:
             self._checkpoint_everywhere(step, kw, last)
         if action == "pause":
             action = distributed.broadcast(self.hooks.hold(self.last_checkpoint) if self.hooks.hold else None)
@@ -207,6 +212,27 @@ class _JobCallback:
             self.stopped = action
             control.should_training_stop = True
         return control
+
+    def _refuse_non_finite(self, step: int, model) -> None:
+        """Stop before anything non-finite is kept: a step whose logged loss or gradient norm was inf or nan (the
+        one before this, logged after its step ended), or, before a checkpoint (`model` given), a trainable weight
+        that is. Every rank raises alike (a sharded model's weights are checked on every rank)."""
+        problem = self.non_finite
+        if problem is None and model is not None:
+            local = non_finite_weights(model)
+            seen = distributed.gather(local)
+            problem = distributed.broadcast(next((p for p in seen if p), None) if self.main else None)
+        if problem is None:
+            return
+        kept = self.last_checkpoint or (self.spec.resume.path if self.spec.resume else None)
+        raise NonFiniteError(
+            f"job {self.spec.job_id} stopped at global step {step}: {problem}. Training on would only spread nan "
+            f"through the weights, so nothing after {'checkpoint ' + kept.name if kept else 'the start'} is kept "
+            f"and the job resumes from there. Settings to look at: training.learning_rate "
+            f"({self.config.training.learning_rate:g}), training.weight_decay ({self.config.training.weight_decay:g}),"
+            f" training.max_grad_norm ({self.config.training.max_grad_norm:g}), training.mixed_precision "
+            f"({self.config.training.mixed_precision}); change them (`conveyor add --set` or conveyor.toml), then "
+            "`conveyor resume` (a running daemon) or `conveyor run --drain` / `conveyor train`", step)
 
     def _check_fed(self, lines: list[tuple[int, int]]) -> None:
         """What the ranks' data loaders really fed this step must be exactly the planned (job, line)s (law 2)."""
@@ -254,6 +280,10 @@ class _JobCallback:
             return
         row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
                "grad_norm": logs.get("grad_norm")}
+        bad = [f"its {name} was {row[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
+               if isinstance(row[key], float) and not math.isfinite(row[key])]
+        if bad and self.non_finite is None:
+            self.non_finite = f"step {row['step']}: " + " and ".join(bad)
         self.pending = {}
         self.metrics.append(row)
         if self.hooks.progress:
@@ -274,6 +304,16 @@ class _JobCallback:
             self.hooks.flush(self.audit, self.metrics, self.evals, self.samples, self.pos)
         self.audit, self.metrics, self.evals, self.samples = [], [], [], []
         self.t_flush = time.perf_counter()
+
+
+def non_finite_weights(model) -> str | None:
+    """The first trainable weight holding inf or nan, in words (None: all finite). Trainable only: a frozen base
+    does not change."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor: this rank's shard
+        if param.requires_grad and not bool(torch.isfinite(local.detach()).all()):
+            return f"the weight {name} holds inf or nan after the step"
+    return None
 
 
 def _trainer_callback(inner: _JobCallback):

@@ -193,10 +193,15 @@ def restore_optimizer(config: Config, optimizer, resume: Path | None, start: Pos
     t = config.training
     scheduler = make_scheduler(config, optimizer, start.planned_steps)
     if resume is not None:
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         if moments and (sharding.sharded_checkpoints(config) or sharding.is_sharded(resume)):
             sharding.restore_optimizer(model, optimizer, resume)
         elif moments:
             optimizer.load_state_dict(torch.load(resume / mf.OPTIMIZER, weights_only=False))
+        # The saved param_groups carry the settings of the job that saved them (weight_decay, betas, eps): put the
+        # configured ones back, so that a setting changed between jobs applies. The LR is the scheduler's, below.
+        for group, now in zip(optimizer.param_groups, configured):
+            group.update({k: v for k, v in now.items() if k not in ("lr", "initial_lr")})
         if t.schedule == "cosine":
             scheduler = make_scheduler(config, optimizer, start.planned_steps)
             with warnings.catch_warnings():  # stepping a schedule without optimizer steps is what we mean here

@@ -21,7 +21,7 @@ from ..data.formats import TokenizedFile, parse_file, tokenize_file
 from ..data.plan import Position, examples_per_step, fresh, require_steps
 from ..data.tokenized import prune as prune_tokenized
 from ..data.tokenized import tokens_of
-from ..errors import CheckpointError, DataError, PlanError
+from ..errors import CheckpointError, DataError, NonFiniteError, PlanError
 from ..fingerprint import short
 from ..store import checkpoints as ck
 from ..store import controls, jobs, ledger, runs, versions
@@ -97,6 +97,9 @@ class Worker:
         except Conflict as e:
             self.say("warning", f"worker for job {self.job_id}: {e}", self.job_id)
             return Outcome.NOT_MINE
+        except NonFiniteError as e:  # the settings, not the job: the job stays as the database has it, as for OOM
+            self.say("error", str(e), self.job_id)
+            return Outcome.NOT_FINITE
         except Exception as e:
             if faults.is_disk_full(e):  # a tokenized array, the database, the log: wherever the write was
                 return self._disk_full(e)
