@@ -259,6 +259,11 @@ def _post(settings: NotifyConfig, body: bytes, timeout: float) -> None:
         _Try(urllib.request.Request(settings.webhook, data=body, headers=headers, method="POST"), timeout).run()
     except urllib.error.HTTPError as e:
         e.close()
+        if 300 <= e.code < 400:  # _NoRedirects: not followed
+            to = _where(e.headers.get("Location") or "") or "an address it did not give"
+            raise Undeliverable(f"HTTP {e.code} {e.reason}, a redirect to {to}: conveyor does not follow a webhook's "
+                                "redirects (the event and notify.secret_header would go where conveyor.toml does not "
+                                "say); set notify.webhook to the address it redirects to") from None
         if 400 <= e.code < 500 and e.code not in (408, 429):
             raise Undeliverable(f"HTTP {e.code} {e.reason}") from None
         raise
@@ -293,7 +298,8 @@ class _Try:
 
     def _request(self) -> None:
         try:
-            with urllib.request.build_opener(_KeepSockets(self._keep)).open(self.request, timeout=self.timeout) as r:
+            opener = urllib.request.build_opener(_KeepSockets(self._keep), _NoRedirects())
+            with opener.open(self.request, timeout=self.timeout) as r:
                 r.read(1 << 16)
         except Exception as e:  # handed to run(); nobody reads it once the try was abandoned
             self._error = e
@@ -303,6 +309,14 @@ class _Try:
             if self._abandoned:  # connected just after the deadline: do not send
                 raise TimeoutError("out of time")
             self._sockets.append(sock)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an HTTPError, not a request elsewhere: urllib's handler would send the headers, the secret
+    one included, to whatever origin the answer names (as a GET, the event itself dropped)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class _KeepSockets(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
