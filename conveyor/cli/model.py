@@ -52,9 +52,16 @@ _SYSTEM = ("A system prompt before the conversation, through the chat template (
            "ignores it, with a note).")
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # below, the logits divided by it overflow to inf (nan draws)
+MAX_SEED = 2**63 - 1  # torch's generator takes a 64-bit seed
+
+
 def _temperature(value: float) -> float:
     if not value >= 0:
         raise typer.BadParameter(f"{value} is below 0; give 0 for greedy decoding or more to sample, e.g. 0.7")
+    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise typer.BadParameter(f"{value:g} is outside {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}; give 0 for greedy "
+                                 "decoding (what a tiny temperature approaches) or e.g. 0.7 to sample")
     return value
 
 
@@ -76,7 +83,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096),
     temperature: float = typer.Option(0.0, "--temperature", callback=_temperature, help=_TEMPERATURE),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=_SEED),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help=_SEED),
     system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -110,7 +117,7 @@ def chat(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, max=4096, help="Per answer."),
     temperature: float = typer.Option(0.0, "--temperature", callback=_temperature, help=_TEMPERATURE),
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=_SEED),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help=_SEED),
     system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM + " /reset keeps it."),
 ):
     """Talk with the current model or a version, line by line (loaded once; greedy unless --temperature). A

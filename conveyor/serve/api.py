@@ -225,7 +225,7 @@ def runs_(app: App) -> list[dict]:
 
 
 @router.get("/api/jobs")
-def jobs_(app: App, offset: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> dict:
+def jobs_(app: App, offset: int = Query(0, ge=0, le=END), limit: int = Query(200, ge=1, le=1000)) -> dict:
     """A page of the jobs, newest first, and the head of the queue (the running job, then training order)."""
     with open_workspace(app.root) as ws:
         return jobs_page(ws.db, offset, limit)
@@ -258,7 +258,7 @@ def samples(app: App, run: Optional[str] = None, limit: int = Query(20, ge=1, le
 
 
 @router.get("/api/ledger")
-def ledger_(app: App, run: Optional[str] = None, offset: int = Query(0, ge=0),
+def ledger_(app: App, run: Optional[str] = None, offset: int = Query(0, ge=0, le=END),
             limit: int = Query(200, ge=1, le=1000)) -> dict:
     """A page of the run's ledger rows, newest first, with how many there are."""
     def read(con: sqlite3.Connection, run_id: str) -> dict:
@@ -275,7 +275,7 @@ def set_evals(app: App, run: Optional[str] = None) -> dict:
 
 
 @router.get("/api/events")
-def events(app: App, after_id: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:
+def events(app: App, after_id: int = Query(0, ge=0, le=END), limit: int = Query(200, ge=1, le=1000)) -> list[dict]:
     """Events with an id above `after_id`: the newest `limit` of them, oldest first."""
     with open_workspace(app.root) as ws:
         return events_after(ws.db, after_id, limit)

@@ -116,6 +116,9 @@ def test_events_after_id(client, trained):
     ("/api/samples?run=x", 404), ("/api/metrics?since_step=abc", 422), ("/api/metrics?since_step=-1", 422),
     ("/api/events?after_id=abc", 422), ("/api/samples?limit=0", 422), ("/api/metrics?points=0", 422),
     ("/api/metrics?points=5001", 422), ("/api/jobs?limit=1001", 422), ("/api/ledger?offset=-1", 422),
+    # numbers past SQLite's 64-bit integers: a 422 naming the bound, not a 500 (OverflowError)
+    ("/api/jobs?offset=" + "9" * 400, 422), ("/api/events?after_id=" + "9" * 400, 422),
+    ("/api/ledger?offset=" + "9" * 400, 422), ("/api/metrics?start=" + "9" * 400, 422),
 ])
 def test_bad_requests(client, path, code):
     r = client.get(path)
