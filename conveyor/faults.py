@@ -48,13 +48,16 @@ def is_disk_full(e: BaseException) -> bool:
     return False
 
 
+# A lock, a constraint a race broke (two commands inserting the same id), a misuse: the file itself is whole.
+_NOT_DAMAGE = (sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
+
 def is_damaged_database(e: BaseException) -> bool:
     """Whether `e` says the database file itself is damaged (not a lock or a full disk)."""
     for x in _causes(e):
         if isinstance(x, DatabaseDamaged):
             return True
-        if isinstance(x, sqlite3.DatabaseError) and not isinstance(x, sqlite3.OperationalError) \
-                and not is_disk_full(x):
+        if isinstance(x, sqlite3.DatabaseError) and not isinstance(x, _NOT_DAMAGE) and not is_disk_full(x):
             return True  # DatabaseError proper: "file is not a database", "database disk image is malformed"
         if isinstance(x, sqlite3.Error) and getattr(x, "sqlite_errorcode", None) in _DAMAGED_SQLITE:
             return True

@@ -8,6 +8,8 @@ CONVEYOR_TEST_STEP_SECONDS="<seconds>" makes every optimizer step last at least 
 that a test killing processes from outside can land between steps of the tiny model, whose steps take ~20 ms.
 CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, resume, stop, skip) right
 after that global step, as `conveyor <action>` would.
+CONVEYOR_TEST_HOLD="<name>:<step>:<file>" holds this process at that failpoint: it writes <file>.reached, then waits
+(60 s at most) until <file> exists; so a test can start a second command while the first is mid-way.
 CONVEYOR_TEST_NOT_SHARED="<node rank>" makes that node's agent miss the attempt's nonce (launch.py), as a host that
 does not mount the workspace would.
 """
@@ -38,6 +40,13 @@ def _due(name: str, step: int) -> bool:
 def failpoint(name: str, step: int) -> None:
     if _due(name, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    hold = os.environ.get("CONVEYOR_TEST_HOLD", "").split(":", 2)
+    if hold[:2] == [name, str(step)] and len(hold) == 3:
+        release = Path(hold[2])
+        Path(f"{release}.reached").write_text(f"{os.getpid()}\n")
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def after_step(step: int) -> None:

@@ -85,5 +85,17 @@ def hold(ws, refusal: Callable[[str], str]):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def serial(ws, name: str):
+    """One command of a kind at a time in the workspace (`rollback`): a second one waits here until the first has
+    finished (the OS frees the lock of one that died)."""
+    fd = os.open(ws.root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _holder(fd: int) -> str:
     return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

@@ -24,13 +24,20 @@ from . import controls, jobs, ledger, pending, runs
 from . import manifest as mf
 from .database import log_event, transaction
 from .jobs import Job, JobState
-from .lock import daemon_pid
+from .lock import daemon_pid, serial
 from .reconcile import FRESH, rewind
 from .versions import checkpoint, find, name
 from .workspace import Workspace
 
 
 def rollback(ws: Workspace, version: str, requeue: bool) -> dict:
+    """Branch a new active run from `version`, one rollback at a time (a second one started meanwhile waits, then
+    finds the run branched: nothing to do); see _rollback."""
+    with serial(ws, "rollback"):
+        return _rollback(ws, version, requeue)
+
+
+def _rollback(ws: Workspace, version: str, requeue: bool) -> dict:
     """Branch a new active run from `version`; returns what was done (run, step, jobs listed and requeued).
 
     Crash-atomic: the version's checkpoint is copied into a temporary run folder; one transaction records the

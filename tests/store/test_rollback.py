@@ -156,3 +156,37 @@ def test_a_rollback_says_when_the_settings_no_longer_match_the_version(workspace
     set_setting(ws, "adapter", "r", "4")
     r = run_cli(ws, "rollback", "v1")
     assert r.code == 0 and "does not match v1's identity (adapter.r: 8 → 4)" in r.out, r.out + r.err
+
+
+def test_two_rollbacks_at_once_make_one_run_and_leave_nothing_behind(workspace, tmp_path):
+    """The first rollback is held right after copying its checkpoint while a second one to the same version
+    starts: the second waits for the first, then finds the run branched (nothing to do). One new run, no
+    temporary folder, no `damaged` message, and the database whole (doctor exit 0)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ws = workspace()
+    assert run_cli(ws, "train", *[text_file(tmp_path / f"{t}.jsonl", 16, t) for t in "ab"], "-q").code == 0
+    release = tmp_path / "release"
+    argv = [sys.executable, "-m", "conveyor", "-w", str(ws), "rollback", "v1"]
+    first = subprocess.Popen(argv, env={**os.environ, "CONVEYOR_TEST_HOLD": f"rollback-copied:2:{release}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not Path(f"{release}.reached").exists():
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.02)
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        second.wait(1.0)  # waiting for the first (without the lock it took run-0002 meanwhile)
+    release.write_text("go\n")
+    out1, err1 = first.communicate(timeout=60)
+    out2, err2 = second.communicate(timeout=60)
+    assert first.returncode == 0 and "run-0002 branches from v1" in out1, out1 + err1
+    assert second.returncode == 0 and "run-0002 already branches from v1" in out2 and "nothing to do" in out2, \
+        out2 + err2
+    assert "damaged" not in err1 + err2
+    assert sorted(p.name for p in (ws / "runs").iterdir()) == ["run-0001", "run-0002"]
+    assert [r["id"] for r in status(ws)["runs"]] == ["run-0001", "run-0002"]
+    assert run_cli(ws, "doctor").code == 0
