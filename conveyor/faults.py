@@ -7,6 +7,7 @@ the command with the file named and the fix.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -111,4 +112,40 @@ def explain(e: BaseException, root: Path) -> ConveyorError | None:
         return DiskFull(disk_full_message(root))
     if is_damaged_database(e):
         return DatabaseDamaged(database_message(root / "conveyor.db", e))
+    if is_locked(e):
+        return DatabaseLocked(locked_message(root / "conveyor.db"))
     return None
+
+
+class DatabaseLocked(ConveyorError):
+    """Another process held a write on conveyor.db longer than a command waits (30 s)."""
+
+
+def is_locked(e: BaseException) -> bool:
+    return any(isinstance(x, sqlite3.OperationalError) and "locked" in str(x) for x in _causes(e))
+
+
+def locked_message(db: Path) -> str:
+    holders = [f"pid {pid} ({command})" for pid, command in holding(db)]
+    who = ("; it is open in " + ", ".join(holders[:5]) + (f" and {len(holders) - 5} more" if len(holders) > 5 else "")
+           ) if holders else ""
+    return (f"{db} stayed locked by another process's write longer than conveyor waits (30 s), so this command "
+            f"changed nothing{who}. Wait for that "
+            "process to finish (a conveyor command holds a write for well under a second; a longer one is another "
+            "program, or a `sqlite3` shell left inside a transaction), then run the command again")
+
+
+def holding(path: Path) -> list[tuple[int, str]]:
+    """The processes (but this one) that have `path` open, from /proc (Linux; elsewhere none are named)."""
+    target, found = os.path.realpath(path), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(os.path.realpath(fd) == target for fd in (proc / "fd").iterdir()):
+                command = " ".join((proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+                found.append((pid, command[:80] or "?"))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found

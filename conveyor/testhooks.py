@@ -10,6 +10,7 @@ CONVEYOR_TEST_REQUESTS="<action>@<step>[,...]" files a control request (pause, r
 after that global step, as `conveyor <action>` would.
 CONVEYOR_TEST_HOLD="<name>:<step>:<file>" holds this process at that failpoint: it writes <file>.reached, then waits
 (60 s at most) until <file> exists; so a test can start a second command while the first is mid-way.
+CONVEYOR_TEST_LOCK_WAIT="<seconds>" shortens how long a command waits on a database another process is writing.
 CONVEYOR_TEST_NOT_SHARED="<node rank>" makes that node's agent miss the attempt's nonce (launch.py), as a host that
 does not mount the workspace would.
 """
@@ -61,6 +62,11 @@ def after_step(step: int) -> None:
         raise oom(f"CUDA out of memory. Tried to allocate 2.00 GiB (test failpoint oom:{step})")
     if _due("host-oom", step):
         raise MemoryError(f"test failpoint host-oom:{step}")
+
+
+def lock_wait(seconds: float) -> float:
+    """How long a database statement waits for another's write: CONVEYOR_TEST_LOCK_WAIT seconds in tests."""
+    return float(os.environ.get("CONVEYOR_TEST_LOCK_WAIT", seconds))
 
 
 def requests_due(step: int) -> list[str]:

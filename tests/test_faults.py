@@ -33,3 +33,35 @@ def test_a_lock_is_not_damage_and_a_malformed_file_is(tmp_path):
         sqlite3.connect(path).execute("SELECT * FROM sqlite_master")
     assert is_damaged_database(e.value)
     assert is_damaged_database(DatabaseDamaged("named"))
+
+
+def test_a_database_held_by_another_write_ends_in_one_line_naming_the_holder(workspace, tmp_path):
+    """Another process holds a write transaction on conveyor.db: `conveyor add` waits (here 1 s, 30 s by default),
+    then exits 1 with one line that names the holder's pid and what to do; no traceback, nothing queued."""
+    import subprocess
+    import sys
+
+    from conftest import run_cli, status, text_file
+
+    ws = workspace()
+    assert run_cli(ws, "status").code == 0
+    release = tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time, pathlib\n"
+        f"con = sqlite3.connect({str(ws / 'conveyor.db')!r}, isolation_level=None)\n"
+        "con.execute('BEGIN IMMEDIATE'); con.execute(\"INSERT INTO events (ts, level, kind, message) VALUES "
+        "(0, 'info', 'message', 'held')\")\n"
+        "print('holding', flush=True)\n"
+        f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.02)\n"
+        "con.execute('ROLLBACK')\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        r = run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 8), subprocess_=True,
+                    env={"CONVEYOR_TEST_LOCK_WAIT": "1"})
+        assert r.code == 1, r.out + r.err
+        assert "stayed locked by another process's write" in r.err and f"pid {holder.pid} (" in r.err, r.err
+        assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    finally:
+        release.write_text("go\n")
+        holder.wait(30)
+    assert status(ws)["queue"] == []

@@ -12,9 +12,11 @@ import weakref
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
+from .. import testhooks
 from ..faults import DatabaseDamaged, database_message, is_damaged_database
 
 DB_FILE = "conveyor.db"  # in the workspace's folder
+LOCK_WAIT = 30.0  # seconds a statement waits for another process's write before "database is locked"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -230,7 +232,7 @@ def connect(path: Path) -> sqlite3.Connection:
     live = _LIVE.setdefault(os.path.realpath(path), weakref.WeakSet())
     if not live:  # see _LIVE: read the file itself only while this process holds no lock on it
         _check_file(Path(path))
-    con = sqlite3.connect(path, timeout=30, isolation_level=None, factory=_Connection)
+    con = sqlite3.connect(path, timeout=testhooks.lock_wait(LOCK_WAIT), isolation_level=None, factory=_Connection)
     live.add(con)
     try:
         con.row_factory = sqlite3.Row
