@@ -173,14 +173,17 @@ def test_two_rollbacks_at_once_make_one_run_and_leave_nothing_behind(workspace, 
     argv = [sys.executable, "-m", "conveyor", "-w", str(ws), "rollback", "v1"]
     first = subprocess.Popen(argv, env={**os.environ, "CONVEYOR_TEST_HOLD": f"rollback-copied:2:{release}"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not Path(f"{release}.reached").exists():
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.02)
-    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with pytest.raises(subprocess.TimeoutExpired):
-        second.wait(1.0)  # waiting for the first (without the lock it took run-0002 meanwhile)
-    release.write_text("go\n")
+    second = None
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{release}.reached").exists():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.02)
+        second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            second.wait(1.0)  # waiting for the first (without the lock it took run-0002 meanwhile)
+    finally:
+        release.write_text("go\n")  # never leave the first one held
     out1, err1 = first.communicate(timeout=60)
     out2, err2 = second.communicate(timeout=60)
     assert first.returncode == 0 and "run-0002 branches from v1" in out1, out1 + err1
