@@ -51,6 +51,8 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
 
 def _print_repair(report) -> None:
+    if report.finished:
+        console.print(report.finished, markup=False)
     if not report.problem:
         console.print("nothing to repair: conveyor.db is whole and matches the runs on disk")
         return

@@ -68,6 +68,8 @@ def recover(ws) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its command is still running
+            if os.fstat(fd).st_nlink == 0:
+                continue  # its command finished between our open and our lock: it removed the file, then unlocked
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):

@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import testhooks
 from ..data.holdout import kept_lines
 from ..data.plan import Position
 from ..faults import (
@@ -37,6 +38,9 @@ from .upgrade import upgrade
 RUN_FOLDER = re.compile(r"run-\d+")  # the names runs.next_id gives; other folders in runs/ are a person's
 SHOWN = 4  # mismatches named in one message; the rest are counted
 TERMINAL = ("done", "skipped", "failed", "rejected")  # job states that never train again
+# A repair's files beside conveyor.db: the new database while it is built, the same once built (renaming it is the
+# repair's commit), and the name the old database is moved aside to (written before the commit).
+BUILDING, BUILT, INTENT = f".{DB_FILE}.repair", f".{DB_FILE}.repaired", f".{DB_FILE}.repair.json"
 
 
 # Finding a mismatch ---------------------------------------------------------------------------------------------
@@ -79,7 +83,11 @@ def mismatches(ws, con: sqlite3.Connection) -> list[str]:
     lost its last writes: the job would train twice). A database behind its newest checkpoint's step is not one: a
     crash between a checkpoint and its database write is normal, and the manifests win (reconcile.place). Lost
     writes are a suffix of its history, so a job's lost end lies past the step the database has: only checkpoints
-    past it are read for that (the worker records each step before its checkpoint, so normally none)."""
+    past it are read for that (the worker records each step before its checkpoint, so normally none).
+
+    The step-by-step history (the audit) is never behind: a step is recorded before any checkpoint holds it. A
+    history that ends before the newest checkpoint's step is a database put back from an older copy (or one that
+    lost its last writes): the steps between are named, and nothing trains on it until it is put back or rebuilt."""
     known = {run.id: run for run in runs.all_runs(con)}
     reads = [(folder, known.get(folder.name)) for folder in run_folders(ws.runs)]
     reads = [(folder, run, read) for folder, run in reads
@@ -105,6 +113,9 @@ def mismatches(ws, con: sqlite3.Connection) -> list[str]:
             elif recorded[0] != pos.fingerprint:
                 found.append(f"{where} trained job {pos.job_id} on data {short(pos.fingerprint)}, but {DB_FILE} "
                              f"has job {pos.job_id} with data {short(recorded[0])}")
+        behind = _history_behind(con, run.id, read)
+        if behind:
+            found.append(behind)
         for path, data in read:
             if data.job_end and not data.branched_from and known.get(data.job.job_id, ("", ""))[1] == "queued":
                 found.append(f"runs/{run.id}/{ck.CHECKPOINTS}/{path.name} is the end of job {data.job.job_id}, "
@@ -113,11 +124,29 @@ def mismatches(ws, con: sqlite3.Connection) -> list[str]:
     return found[:SHOWN] + ([f"and {len(found) - SHOWN} more"] if len(found) > SHOWN else [])
 
 
+def _history_behind(con: sqlite3.Connection, run_id: str, read: list[tuple[Path, mf.Manifest]]) -> str | None:
+    """The run's newest checkpoint holds steps its recorded history lacks: in words, with the jobs that trained them.
+    A run with no history of its own (rebuilt by a repair, or a rollback's copy not trained on) has none to lack."""
+    last = con.execute("SELECT MAX(step) FROM audit WHERE run_id = ?", (run_id,)).fetchone()[0]
+    path, newest = read[0]
+    if last is None or newest.global_step <= last:
+        return None
+    jobs = sorted({m.job.job_id for _, m in read if m.global_step > last} | {newest.job.job_id})
+    return (f"its history of {run_id} ends at step {last}, but runs/{run_id}/{ck.CHECKPOINTS}/{path.name} holds step "
+            f"{newest.global_step}: steps {last + 1}–{newest.global_step} (job {', '.join(map(str, jobs))}) are "
+            f"missing from its history, as in an older copy of {DB_FILE} put back; if you have the newer one, put it "
+            "back (with its -wal file)")
+
+
 def open_checked(ws) -> sqlite3.Connection:
     """The workspace's database, checked on open (Workspace.db): DatabaseDamaged, naming the file, what is wrong
     and the fix, when it is damaged (database.connect), missing while runs/ holds checkpoints (no empty one is made in
     its place), or does not match the runs on disk."""
     path = ws.root / DB_FILE
+    if not path.exists() and (ws.root / BUILT).exists():
+        raise DatabaseDamaged(f"the state database {path} is missing: a `conveyor doctor --repair` was cut off just "
+                              f"after it had built the new one ({BUILT}); run `conveyor doctor --repair` again to "
+                              "put it in place")
     if not path.exists() and (found := missing(ws)):
         raise DatabaseDamaged(database_missing_message(path, found))
     con = database.connect(path)
@@ -226,46 +255,100 @@ def describe(disk: list[DiskRun]) -> list[tuple[str, str]]:
 @dataclass
 class Report:
     problem: str | None = None  # what was wrong (None: nothing, so nothing was done)
+    finished: str | None = None  # what became of a repair cut off before this one
     moved: list[str] = field(default_factory=list)  # the old files' new names
     rebuilt: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)  # what could not be rebuilt, and where it still is
 
     def to_json(self) -> dict:
-        return {"problem": self.problem, "moved": self.moved, "rebuilt": self.rebuilt, "not_rebuilt": self.lost}
+        return {"problem": self.problem, "moved": self.moved, "rebuilt": self.rebuilt, "not_rebuilt": self.lost,
+                "finished": self.finished}
 
 
 def repair(ws) -> Report:
     """`conveyor doctor --repair`: a damaged, missing or mismatched conveyor.db is moved aside with its -wal and
     -shm (never deleted) and a new one is built from the checkpoint manifests; a whole, matching one is left alone.
 
-    The new database is built beside the old one and put in place last: a repair cut off anywhere leaves the old
-    database where it was, or no database (which every command then reports), never a half-built one."""
+    Crash-atomic: the new database is built beside the old one (BUILDING), the old one's aside name recorded
+    (INTENT), and renaming the build to BUILT commits the repair; then the old files move aside and BUILT takes
+    their place. A repair cut off before the commit leaves the old database as it was (the next repair removes the
+    build); one cut off after it is finished by the next (`finish_cut_off`), with the rows it had already read."""
     path = ws.root / DB_FILE
     with lock.hold(ws, lambda pid: f"a conveyor daemon (pid {pid}) is running in {ws.root} with {DB_FILE} open; "
                    "end it first (`kill -TERM <pid>` stops it warmly), then `conveyor doctor --repair`"):
+        finished = finish_cut_off(ws)
         problem = diagnose(ws)
         if problem is None:
-            return Report()
-        report = Report(problem=problem)
+            return Report(finished=finished)
+        report = Report(problem=problem, finished=finished)
         disk = scan(ws)
         old = _salvage(path, disk, report)
-        tmp = path.with_name(f".{DB_FILE}.repair-{os.getpid()}")
-        _remove(tmp)
+        building = ws.root / BUILDING
         try:
-            con = database.connect(tmp)
+            con = database.connect(building)
             try:
                 with database.transaction(con):
                     _rebuild(con, ws, disk, old, report)
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 con.close()
+            testhooks.failpoint("repair-built", 0)
+            _write_intent(ws.root / INTENT, {"aside": _aside_name(path).name})
+            testhooks.failpoint("repair-intent", 0)
         except BaseException:
-            _remove(tmp)
+            _remove(building)
             raise
-        report.moved = _move_aside(path)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
+        os.rename(building, ws.root / BUILT)  # the commit
+        fsync_dir(ws.root)
+        testhooks.failpoint("repair-committed", 0)
+        report.moved = _put_in_place(ws)
     return report
+
+
+def finish_cut_off(ws) -> str | None:
+    """A repair cut off (SIGKILL, power loss): finished if it committed (its database put in place, the old one
+    moved aside as it said), its leftovers removed if it did not; what was done, in words (None: nothing)."""
+    root = ws.root
+    if (root / BUILT).exists():
+        moved = _put_in_place(ws)
+        return (f"a `conveyor doctor --repair` cut off after it had built the new {DB_FILE} is finished: the new one "
+                f"is in place" + (f", the old one moved aside as {', '.join(moved)}" if moved else ""))
+    (root / INTENT).unlink(missing_ok=True)  # alone, it outlived a finished repair by an instant
+    leftovers = [p for p in root.glob(f".{DB_FILE}.repair*") if p.is_file()]  # the build, or an older one's
+    for p in leftovers:
+        p.unlink()
+    if leftovers:
+        fsync_dir(root)
+        return (f"a `conveyor doctor --repair` cut off before it had built the new {DB_FILE} left "
+                f"{', '.join(sorted(p.name for p in leftovers))}, now removed; {DB_FILE} is as it was")
+    return None
+
+
+def _put_in_place(ws) -> list[str]:
+    """The committed repair's last steps, each safe to repeat: the old database's parts aside, BUILT in its place,
+    the intent gone."""
+    root, path = ws.root, ws.root / DB_FILE
+    try:
+        aside = root / json.loads((root / INTENT).read_text(encoding="utf-8"))["aside"]
+    except (OSError, ValueError, KeyError):  # written before the commit; unreadable only if tampered with
+        aside = _aside_name(path)
+    moved = _move_aside(path, aside)
+    testhooks.failpoint("repair-moved", 0)
+    os.rename(root / BUILT, path)
+    fsync_dir(root)
+    (root / INTENT).unlink(missing_ok=True)
+    fsync_dir(root)
+    return moved
+
+
+def _write_intent(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _remove(db: Path) -> None:
@@ -273,21 +356,25 @@ def _remove(db: Path) -> None:
         Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
-
-def _move_aside(path: Path) -> list[str]:
-    """conveyor.db, -wal, -shm → conveyor.db.damaged-<time>, -wal, -shm (SQLite still pairs them by name). The
-    log goes first: a cut between leaves the main file as if its log had been deleted (the checks at open catch what
-    that loses; run the repair again), never a log beside a database it does not belong to."""
+def _aside_name(path: Path) -> Path:
     target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     while any(Path(f"{target}{s}").exists() for s in ("", "-wal", "-shm")):
         target = target.with_name(target.name + "x")
+    return target
+
+
+def _move_aside(path: Path, target: Path) -> list[str]:
+    """conveyor.db, -wal, -shm → conveyor.db.damaged-<time>, -wal, -shm (SQLite still pairs them by name). The
+    log goes first: a cut between leaves the main file as if its log had been deleted, never a log beside a
+    database it does not belong to; the repair's new database replaces the main file anyway."""
     moved = []
     for suffix in ("-wal", "-shm", ""):
         if Path(f"{path}{suffix}").exists():
             os.rename(f"{path}{suffix}", f"{target}{suffix}")
             moved.append(f"{target.name}{suffix}")
+            testhooks.failpoint(f"repair-aside{suffix or '-db'}", 0)
     fsync_dir(path.parent)
-    return moved[::-1]
+    return sorted(moved)
 
 
 def _salvage(path: Path, disk: list[DiskRun], report: Report) -> dict[int, dict]:
