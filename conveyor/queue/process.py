@@ -172,9 +172,9 @@ def wait_for_job() -> dict | None:
 def _guard_and_exec(argv: list[str]) -> None:
     """`python -m conveyor.queue.process PARENT_PID -- argv...`: die with the parent, then become argv (the guard
     survives exec); torchrun's ranks in turn guard themselves against torchrun."""
-    parent, sep, *command = argv
-    if sep != "--" or not command:
+    if len(argv) < 3 or argv[1] != "--":
         sys.exit("usage: python -m conveyor.queue.process PARENT_PID -- COMMAND...")
+    parent, _, *command = argv
     os.environ[PARENT_ENV] = parent
     die_with_parent()
     os.environ[PARENT_ENV] = str(os.getpid())  # the ranks' parent is this process, once it has exec'd

@@ -121,7 +121,7 @@ def data_key(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer
     """What the job's tokenized examples depend on: its content, the tokenizer and chat template, max_length."""
     tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
     key = f"{job.fingerprint}:{tokenizer_hash(model_path) or model_path}"  # a hub id stands for its tokenizer
-    return f"{key}:{template_id(tokenizer)}"
+    return f"{key}:{template_id(tokenizer)}:{config.training.max_length}"  # kept held-out sets are truncated too
 
 
 def _load_tokenizer(ws: Workspace, config: Config, model_path: str):
