@@ -40,10 +40,26 @@ def short(fp: str) -> str:
     return fp[:12]
 
 
+def hash_entry(st: os.stat_result, digest: str) -> list:
+    """What a hash cache records of a file hashed: its size, modification time, the digest, its change time and
+    inode. A later stat that matches all of them trusts the digest (see trusted)."""
+    return [st.st_size, st.st_mtime_ns, digest, st.st_ctime_ns, st.st_ino]
+
+
+def trusted(entry, st: os.stat_result) -> str | None:
+    """The recorded digest, if the file is the one hashed and unchanged since: the same size, modification time,
+    change time and inode. An edit that sets the modification time back (os.utime, `touch -d`) cannot set the change
+    time back, and a file replaced by another is another inode. An entry of an older conveyor (no change time) is
+    not trusted: the file is hashed again, once."""
+    if isinstance(entry, list) and len(entry) == 5 and entry[:2] == [st.st_size, st.st_mtime_ns] \
+            and entry[3:] == [st.st_ctime_ns, st.st_ino]:
+        return entry[2]
+    return None
+
+
 class FileHashes:
-    """sha256 of the files under a folder, each hashed once: a file whose size and mtime are those recorded when it
-    was hashed (at its write, or at an earlier check) is trusted, a stat; any other is hashed again. A file changed
-    in place with its size and mtime kept is only found by hashing everything (`conveyor doctor --deep`).
+    """sha256 of the files under a folder, each hashed once: a file as it was when hashed (at its write, or at an
+    earlier check; `trusted`) costs a stat; any other is hashed again. `conveyor doctor --deep` hashes everything.
 
     Kept in <root>/.hashes.json; several processes may use one (the daemon stores files, a worker checks them):
     save() merges, and a lost write only costs a re-hash. The same idea as checkpoints.HashCache, for any folder."""
@@ -71,9 +87,9 @@ class FileHashes:
     def sha256(self, path: Path) -> str:
         """The file's sha256; FileNotFoundError (an OSError) if it is gone."""
         st = path.stat()  # before hashing: a change while it is read gives another mtime, so no false trust
-        entry = self.entries.get(self.key(path))
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return entry[2]
+        known = trusted(self.entries.get(self.key(path)), st)
+        if known is not None:
+            return known
         digest = fingerprint(path)
         self.record(path, digest, st)
         return digest
@@ -82,7 +98,7 @@ class FileHashes:
         """Remember a hash taken of the file as it is now (e.g. while writing it)."""
         st = st or path.stat()
         key = self.key(path)
-        self.entries[key] = self.changed[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.entries[key] = self.changed[key] = hash_entry(st, digest)
 
     def save(self) -> None:
         """Write what was hashed here over what is recorded now (another process may have saved meanwhile),

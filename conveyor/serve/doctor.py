@@ -81,9 +81,10 @@ def _on_disk(ws: Workspace, deep: bool) -> list[Finding]:
 
 
 def _stored_data(ws: Workspace, deep: bool = False) -> list[Finding]:
-    """Stored copies against their jobs' fingerprints (those still to train: errors; done ones, which replay,
-    held-out sets and rollbacks read again: warnings) and tokenized arrays against their hashes. Hashes taken
-    before are trusted when size and mtime match; `deep` hashes every file again. Nothing is recorded."""
+    """Stored copies against their jobs' fingerprints (those still to train, and done ones, which replay, held-out
+    sets and rollbacks read again: errors) and tokenized arrays against their hashes. Hashes taken before are
+    trusted when the file is as it was when hashed (fingerprint.trusted); `deep` hashes every file again. Nothing
+    is recorded."""
     import shlex
 
 
@@ -106,7 +107,7 @@ def _stored_data(ws: Workspace, deep: bool = False) -> list[Finding]:
                    + "; otherwise it stops when it starts, and nothing is trained from it")
         else:
             fix = f"{add}; a later job that replays job {job.id} or scores its held-out set stops until then"
-        findings.append(Finding("error" if job.state in waiting else "warning",
+        findings.append(Finding("error",  # a done job's copy is read again by replay, held-out sets, rollbacks
                                 f"job {job.id} ({job.file}, {job.state.value}): its stored copy data/{path.name} "
                                 f"{found[path]}", fix))
     tokenized = ws.data / "tokenized"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CheckpointError
-from ..fingerprint import fingerprint, fsync_dir
+from ..fingerprint import fingerprint, fsync_dir, hash_entry, trusted
 from ..testhooks import failpoint, fill_disk
 from . import manifest as mf
 
@@ -60,9 +60,8 @@ def step_of(path: Path) -> int | None:
 
 
 class HashCache:
-    """sha256 of checkpoint files, each hashed once: a file whose size and mtime are those recorded when it was
-    hashed (at its write, or at an earlier verification) is trusted; any other is hashed again. A file changed in
-    place with its size and mtime kept is only found by `conveyor doctor --deep`, which hashes everything."""
+    """sha256 of checkpoint files, each hashed once: a file as it was when hashed (at its write, or at an earlier
+    verification; fingerprint.trusted) costs a stat; any other is hashed again. `doctor --deep` hashes everything."""
 
     def __init__(self, root: Path):
         self.root, self.dirty = root, False
@@ -74,15 +73,15 @@ class HashCache:
 
     def sha256(self, path: Path) -> str:
         st, key = path.stat(), _key(self.root, path)
-        entry = self.entries.get(key)
-        if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return entry[2]
+        known = trusted(self.entries.get(key), st)
+        if known is not None:
+            return known
         digest = fingerprint(path)
         self.record(key, st, digest)
         return digest
 
     def record(self, key: str, st: os.stat_result, digest: str) -> None:
-        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.entries[key] = hash_entry(st, digest)
         self.dirty = True
 
     def save(self) -> None:

@@ -230,15 +230,17 @@ ARRAYS = ["ids.bin", pytest.param("mask.bin", marks=pytest.mark.slow), pytest.pa
 
 
 @pytest.mark.parametrize("array", ARRAYS)
-@pytest.mark.parametrize("how", ["changed", "deleted"])
+@pytest.mark.parametrize("how", ["changed", "changed, mtime kept", "deleted"])
 def test_a_tokenized_array_changed_while_stopped_is_rebuilt_from_the_verified_copy(
         workspace, tmp_path, a_alone, array, how):
+    """An interrupted job's array edited (even with its mtime put back by os.utime) or deleted: rebuilt from the
+    verified stored copy, and the job ends with an uninterrupted run's weights."""
     ws, folder = _stopped_mid_way(workspace, tmp_path)
     target = folder / array
-    _alter(target) if how == "changed" else target.unlink()
+    _alter(target, keep_mtime=how.endswith("kept")) if how.startswith("changed") else target.unlink()
     r = run_cli(ws, "run", "--drain", "-q")
     assert r.code == 0, r.out + r.err
-    problem = {"changed": f"{array} no longer matches its sha256", "deleted": f"{array} is missing"}[how]
+    problem = f"{array} is missing" if how == "deleted" else f"{array} no longer matches its sha256"
     warning = (f"data/tokenized/{folder.name}/{problem}")
     job = _job(ws, 1)
     assert [w for w in job["warnings"] if w.startswith(warning) and "rebuilt from the stored copy" in w], job
@@ -249,15 +251,16 @@ def test_a_tokenized_array_changed_while_stopped_is_rebuilt_from_the_verified_co
 
 
 @pytest.mark.parametrize("array", ARRAYS)
-def test_an_array_changed_with_size_and_mtime_kept_is_found_by_doctor_deep(workspace, tmp_path, a_alone, array):
-    """A stat cannot see it (the documented limit of the size/mtime check); `doctor --deep` names it, and its fix
-    (delete the derived folder) gives the run an uninterrupted run's weights."""
+def test_an_array_changed_with_size_and_mtime_kept_is_found_by_doctor(workspace, tmp_path, a_alone, array):
+    """Its change time is not the one recorded with its hash, so the cheap check hashes it again and names it, as
+    `doctor --deep` does; the fix (delete the derived folder) gives the run an uninterrupted run's weights."""
     ws, folder = _stopped_mid_way(workspace, tmp_path)
     _alter(folder / array, keep_mtime=True)
     quick = run_cli(ws, "doctor", "--json")
-    assert not [f for f in json.loads(quick.out) if "data/tokenized" in f["what"]]
     deep = run_cli(ws, "doctor", "--json", "--deep")
-    assert deep.code == 1
+    assert quick.code == deep.code == 1
+    assert [f for f in json.loads(quick.out) if f["level"] == "error"] == \
+        [f for f in json.loads(deep.out) if f["level"] == "error"]
     [found] = [f for f in json.loads(deep.out) if f["level"] == "error"]
     assert found["what"].startswith(f"data/tokenized/{folder.name}/{array} no longer matches its sha256")
     assert found["fix"].startswith(f"delete data/tokenized/{folder.name}: it is derived data, rebuilt")
@@ -267,15 +270,16 @@ def test_an_array_changed_with_size_and_mtime_kept_is_found_by_doctor_deep(works
     assert max_abs_diff(_weights(ws, 6), a_alone) <= 1e-6
 
 
-def test_doctor_deep_names_an_altered_stored_copy_and_an_altered_tokenized_array(workspace, tmp_path):
+@pytest.mark.parametrize("deep", [False, True])
+def test_doctor_names_an_altered_stored_copy_and_an_altered_tokenized_array(workspace, tmp_path, deep):
+    """Edits that keep size and modification time (os.utime) are found by the cheap check too (the change time
+    and inode are recorded with each hash), and by --deep; both are errors (exit 1)."""
     ws, folder = _stopped_mid_way(workspace, tmp_path)
     fp = _job(ws, 1)["fingerprint"]
     copy = ws / "data" / f"{fp}.jsonl"
     _alter(copy, keep_mtime=True)
     _alter(folder / "ids.bin", keep_mtime=True)
-    r = run_cli(ws, "doctor", "--json")
-    assert r.code == 0, r.out  # size and mtime as hashed: trusted without reading (the cheap check)
-    r = run_cli(ws, "doctor", "--json", "--deep")
+    r = run_cli(ws, "doctor", "--json", *(["--deep"] if deep else []))
     assert r.code == 1
     errors = [f for f in json.loads(r.out) if f["level"] == "error"]
     assert [f["what"].split(" now holds")[0] for f in errors[:1]] == \
@@ -285,9 +289,6 @@ def test_doctor_deep_names_an_altered_stored_copy_and_an_altered_tokenized_array
     assert "`conveyor queue remove 1`" in errors[0]["fix"]
     assert errors[1]["what"].startswith(f"data/tokenized/{folder.name}/ids.bin no longer matches its sha256")
     assert len(errors) == 2
-    os.utime(copy)  # the mtime moves on: the cheap check sees it too
-    r = run_cli(ws, "doctor", "--json")
-    assert [f["what"] for f in json.loads(r.out) if f["level"] == "error"] == [errors[0]["what"]]
     assert (folder / "ids.bin").exists()  # doctor only reads
 
 
@@ -332,3 +333,20 @@ def test_a_kept_held_out_set_changed_behind_conveyors_back_is_rebuilt_not_scored
     assert runs["changed"] == runs["untouched"] and len(runs["changed"]) >= 2
     kept_now = json.loads(next((ws / "data" / "holdout").glob("job-1-*.json")).read_text())
     assert kept_now["examples"][0]["input_ids"] != data["examples"][0]["input_ids"]  # written again, as held out
+
+
+def test_a_done_jobs_copy_edited_with_its_mtime_put_back_is_not_trained_again_after_a_rollback(workspace, tmp_path):
+    """a then b trained; b's stored copy edited in place with size and mtime kept (os.utime); `rollback v1
+    --requeue` queues b again: it fails naming the copy rather than train the altered bytes."""
+    ws = workspace(**SETTINGS)
+    a, b = _files(tmp_path / "in")
+    assert run_cli(ws, "train", a, b, "-q").code == 0
+    copy = _stored(ws, 2)
+    _alter(copy, keep_mtime=True)
+    assert run_cli(ws, "rollback", "v1", "--requeue").code == 0
+    r = run_cli(ws, "run", "--drain", "-q")
+    assert r.code == 1, r.out + r.err
+    fp = _job(ws, 2)["fingerprint"]
+    assert f"the stored copy data/{fp}.jsonl of job 3 (b.jsonl) now holds" in r.out + r.err
+    assert _job(ws, 3)["state"] == "failed" and _job(ws, 3)["steps_done"] == 0
+    assert not (ws / "runs" / "run-0002" / "checkpoints" / "step-000007").exists()

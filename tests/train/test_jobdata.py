@@ -196,8 +196,9 @@ def test_copy_problem_says_what_is_wrong_or_nothing():
     assert jobdata.copy_problem(here, "f" * 64, unreadable) == "cannot be read (Permission denied)"
 
 
-def test_a_change_that_keeps_size_and_mtime_is_trusted_by_the_cache_and_found_by_a_full_hash(queued):
-    """FileHashes trusts an unchanged stat (a stat, not a hash); copy_problem with a full hash still finds it."""
+def test_a_change_that_keeps_size_and_mtime_is_found_by_the_cache_and_by_a_full_hash(queued):
+    """FileHashes records the change time and inode with each hash: an edit with its mtime put back is hashed
+    again and refused (StoredDataError), as copy_problem's full hash finds it."""
     ws, job, _ = queued
     stored = Path(job.stored)
     hashes = FileHashes(ws.data)
@@ -206,7 +207,8 @@ def test_a_change_that_keeps_size_and_mtime_is_trusted_by_the_cache_and_found_by
     st = stored.stat()
     stored.write_bytes(stored.read_bytes().replace(b"a 3: the quick", b"a 3: the quack"))
     os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert jobdata.verified_copy(job, FileHashes(ws.data)) == stored
+    with pytest.raises(StoredDataError):
+        jobdata.verified_copy(job, FileHashes(ws.data))
     assert jobdata.copy_problem(stored, job.fingerprint, fingerprint).startswith(f"now holds {st.st_size} bytes")
 
 
