@@ -11,7 +11,13 @@
 2. Idle CPU: queue empty, CPU seconds of the daemon and its children (the warm worker) over --idle-seconds,
    as a percentage of one core. Target: < 1 %.
 
+3. --burst N: N one-line files written into inbox/ at once while the queue is paused (so only taking files in is
+   measured): files/s over the first thousand claimed and over the last thousand (with N - 1000 already queued),
+   then how long `conveyor stop` takes to end the daemon with files still arriving. Target: the rate does not
+   fall as the queue grows; the stop within a few seconds.
+
     python benchmarks/inbox.py [--files N] [--idle-seconds S] [--settle S]
+    python benchmarks/inbox.py --burst 10000
 """
 
 import argparse
@@ -134,12 +140,56 @@ def report(rows: list[dict], settle: float, cpu: float, nprocs: int, seconds: fl
     console.print(table, summary, f"daemon exit code after SIGTERM: {code}")
 
 
+def burst(n: int, settle: float) -> None:
+    """Take in n files written at once (queue paused: no training), then stop the daemon with more arriving."""
+    from conveyor.store import controls
+
+    with tempfile.TemporaryDirectory(prefix="conveyor-burst-") as tmp:
+        ws = Path(tmp) / "ws"
+        make_workspace(ws, settle)
+        controls.hold(Workspace.open(ws).db, "benchmark", "paused by benchmarks/inbox.py --burst")
+        for i in range(n + 200):  # 200 more, written while it stops
+            (ws / ("spare" if i >= n else "inbox")).mkdir(exist_ok=True)
+            folder = ws / ("spare" if i >= n else "inbox")
+            (folder / f"b{i:05d}.jsonl").write_text(json.dumps({"text": f"burst file {i}"}) + "\n")
+        con = sqlite3.connect(ws / "conveyor.db", timeout=30)
+        count = lambda: con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]  # noqa: E731
+        with open(ws / "daemon.out", "w") as log:
+            daemon = subprocess.Popen([sys.executable, "-m", "conveyor", "-w", str(ws), "run"], stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            marks: dict[int, float] = {}
+            try:
+                start = time.monotonic()
+                for mark in sorted({min(1000, n), max(n - 1000, 0), n}):
+                    wait_for(lambda: count() >= mark, 3600, f"{mark} files taken in", every=0.05)
+                    marks[mark] = time.monotonic()
+                for path in (ws / "spare").iterdir():  # more arrive; then `conveyor stop`
+                    path.rename(ws / "inbox" / path.name)
+                asked = time.monotonic()
+                subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "stop"], capture_output=True)
+                daemon.wait(timeout=120)
+                stopped = time.monotonic() - asked
+            finally:
+                stop(daemon)
+        first, last = min(1000, n), n - max(n - 1000, 0)
+        table = Table("measure", Column("value", justify="right"), title=f"{n} files at once (settle {settle:g} s)")
+        table.add_row("files/s, the first 1000", f"{first / (marks[min(1000, n)] - start):.1f}")
+        table.add_row(f"files/s, the last 1000 ({max(n - 1000, 0)} already queued)",
+                      f"{last / (marks[n] - marks[max(n - 1000, 0)]):.1f}")
+        table.add_row(f"all {n}, s", f"{marks[n] - start:.1f}")
+        table.add_row("`conveyor stop` → daemon ended, s (200 more files arriving)", f"{stopped:.2f}")
+        Console(width=110).print(table, f"daemon exit code: {daemon.returncode}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=5)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--settle", type=float, default=1.0, help="[inbox] settle_seconds")
+    parser.add_argument("--burst", type=int, default=0, help="take in this many files at once instead (see 3.)")
     args = parser.parse_args()
+    if args.burst:
+        return burst(args.burst, args.settle)
     with tempfile.TemporaryDirectory(prefix="conveyor-inbox-") as tmp:
         ws = Path(tmp) / "ws"
         make_workspace(ws, args.settle)

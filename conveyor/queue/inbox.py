@@ -37,9 +37,10 @@ class Enqueued:
     new: bool = True  # False: the file is the same dataset as `job`, which existed already
 
 
-def store(ws: Workspace, source: Path) -> tuple[str, Path, str | None]:
+def store(ws: Workspace, source: Path, hashes: FileHashes | None = None) -> tuple[str, Path, str | None]:
     """Fingerprint the file and keep its bytes in data/<sha256>.jsonl (once per content), verified. The third
-    value says what was wrong with a copy that jobs had and that this one restores (None: there was none)."""
+    value says what was wrong with a copy that jobs had and that this one restores (None: there was none).
+    `hashes`: where the copy's hash is recorded, saved by the caller (the inbox: once a scan); else here."""
     ws.data.mkdir(exist_ok=True)
     fp = fingerprint(source)
     target = ws.data / f"{fp}.jsonl"
@@ -60,9 +61,11 @@ def store(ws: Workspace, source: Path) -> tuple[str, Path, str | None]:
     finally:
         if tmp.exists():  # a failed copy (changed, disk full) leaves nothing behind
             tmp.unlink()
-    hashes = FileHashes(ws.data)  # hashed as copied: the check when its job starts is a stat
+    own = hashes is None
+    hashes = FileHashes(ws.data) if own else hashes  # hashed as copied: the check when its job starts is a stat
     hashes.record(target, fp)
-    hashes.save()
+    if own:
+        hashes.save()
     return fp, target, restores
 
 
@@ -123,11 +126,10 @@ def enqueue_stored(ws: Workspace, source: Path, fp: str, stored: Path, priority:
     for text in restored:
         log_event(ws.db, "warning", "restored", text)
     # Failed because the copy of these bytes was missing or altered (their own, or one they replay or evaluate).
-    stopped = [j for j in jobs.all_jobs(ws.db) if j.state == JobState.FAILED
-               and StoredDataError.names(fp) in (j.error or "")]
+    stopped = jobs.failed_mentioning(ws.db, StoredDataError.names(fp))
     if stopped:
         return _back_in_queue(ws, name, fp, stopped, restored)
-    same = [j for j in jobs.all_jobs(ws.db) if j.fingerprint == fp]
+    same = jobs.of_data(ws.db, fp)
     joined = [j for j in same if j.state in CARRIES_ON or ((join_queued or restores) and j.state == JobState.QUEUED)]
     if joined:
         found = _same_dataset(ws, name, joined[0])
@@ -182,6 +184,7 @@ def _same_dataset(ws: Workspace, name: str, job: Job) -> Enqueued:
 PRIORITY_FOLDERS = {"high": jobs.PRIORITIES["high"], "low": jobs.PRIORITIES["low"]}
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 RETRY_SECONDS = 60.0  # a file that could not be claimed is tried again when it changes, or after this long
+CLAIMS_PER_SCAN = 32  # files claimed in one scan: a burst of thousands never keeps the daemon from its controls
 
 
 class Inbox:
@@ -201,6 +204,7 @@ class Inbox:
         self._failed: dict[Path, tuple[tuple, float]] = {}  # not claimed: (signature, when to try again)
         self._last_epochs = 1  # the last valid training.epochs
         self._observer = None
+        self._hashes: FileHashes | None = None  # the scan's, saved at its end
 
     def start(self) -> None:
         self.ws.inbox.mkdir(exist_ok=True)
@@ -236,11 +240,13 @@ class Inbox:
         return bool(self._seen)
 
     def scan(self) -> list[Enqueued]:
-        """Claim every settled file; report (once) entries that cannot be claimed."""
+        """Claim settled files, CLAIMS_PER_SCAN at most (the daemon acts on controls and starts training between
+        scans, however many files arrive at once); report (once) entries that cannot be claimed."""
         self.changed.clear()
         now = time.monotonic()
         claimed = []
         present = list(self._entries())
+        self._hashes = FileHashes(self.ws.data)  # the copies' hashes, saved once a scan (not once a file)
         for path, priority in present:
             signature = self._signature(path)
             if signature is None or self._waiting_to_retry(path, signature, now):
@@ -249,10 +255,12 @@ class Inbox:
             if previous is None or previous[0] != signature:
                 self._seen[path] = (signature, now)
                 continue
-            if now - previous[1] >= self.settle:
+            if now - previous[1] >= self.settle and len(claimed) < CLAIMS_PER_SCAN:
                 result = self._claim(path, priority, signature)
                 if result:
                     claimed.append(result)
+        if self._hashes.changed:
+            self._hashes.save()
         paths = {path for path, _ in present}
         for gone in set(self._seen) - paths:
             del self._seen[gone]  # deleted or renamed before it settled: nothing to do
@@ -368,7 +376,7 @@ class Inbox:
     def _enqueue(self, path: Path, priority: int, signature: tuple) -> Enqueued | None:
         epochs = self._epochs_now()
         try:
-            fp, stored, restores = store(self.ws, path)
+            fp, stored, restores = store(self.ws, path, self._hashes)
         except (OSError, DataError) as e:  # vanished, unreadable, or still changing: it stays where it is
             problem = f"not claimed yet: the disk is full ({e}); retried once there is room" \
                 if faults.is_disk_full(e) else f"cannot be read ({e})"

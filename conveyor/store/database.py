@@ -183,6 +183,7 @@ CREATE TABLE IF NOT EXISTS metrics_rollup (
 -- The dashboard counts jobs by state, pages the ledger, sums a page of jobs' replayed examples and reads a run's
 -- newest samples every second.
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_fingerprint ON jobs (fingerprint);
 CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run_id, id);
 CREATE INDEX IF NOT EXISTS ledger_by_job ON ledger (job_id);
 CREATE INDEX IF NOT EXISTS samples_by_run ON samples (run_id, id);

@@ -148,6 +148,19 @@ def waiting(con: sqlite3.Connection) -> list[Job]:
     return [Job.from_row(r) for r in rows]
 
 
+def of_data(con: sqlite3.Connection, fingerprint: str) -> list[Job]:
+    """The jobs of these bytes, oldest first (an index seek: the cost of taking in a file never grows with the
+    number of jobs)."""
+    rows = con.execute("SELECT * FROM jobs WHERE fingerprint = ? ORDER BY id", (fingerprint,))
+    return [Job.from_row(r) for r in rows]
+
+
+def failed_mentioning(con: sqlite3.Connection, text: str) -> list[Job]:
+    """Failed jobs whose reason mentions `text` (e.g. a stored copy they stopped for), oldest first."""
+    rows = con.execute("SELECT * FROM jobs WHERE state = 'failed' AND instr(error, ?) > 0 ORDER BY id", (text,))
+    return [Job.from_row(r) for r in rows]
+
+
 def restore(con: sqlite3.Connection, row: dict) -> None:
     """Put a job row back as it was, its id kept (doctor --repair rebuilding the table from the checkpoint
     manifests and the old database): the columns given, the others at their defaults."""

@@ -11,6 +11,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli
 from service import running, write_jsonl
 
 from conveyor.data.kept import NAME_MAX, REASON, kept_path, printable
@@ -321,3 +322,36 @@ def test_scanning_survives_entries_that_cannot_be_examined(workspace, tmp_path):
         "inbox: left pipe.jsonl in place: not a regular file (a pipe, socket or device); copy the data into a "
         ".jsonl file",
     ])
+
+
+def test_taking_in_a_file_costs_the_same_whatever_the_queue_holds(workspace):
+    """A burst of 120 files: the statements each claim runs are the same for the first files and the last (index
+    seeks, no scan of the jobs table), the hashes file is written once a scan, and a scan claims CLAIMS_PER_SCAN
+    files at most, so the daemon acts on controls between scans. (The rate itself: benchmarks/inbox.py --burst.)"""
+    import re
+
+    from conveyor.fingerprint import FileHashes
+    from conveyor.queue.inbox import CLAIMS_PER_SCAN
+
+    inbox, _ = _inbox(workspace())
+    for i in range(120):
+        (inbox.ws.inbox / f"f{i:04d}.jsonl").write_text(json.dumps({"text": f"file {i}"}) + "\n")
+    statements: list[str] = []
+    inbox.ws.db.set_trace_callback(statements.append)
+    saves = []
+    original = FileHashes.save
+    FileHashes.save = lambda self: (saves.append(1), original(self))[1]
+    try:
+        assert inbox.scan() == []  # first sight of each file
+        batches, per_claim = [], []
+        while len(batches) < 10 and (claimed := (statements.clear(), inbox.scan())[1]):
+            batches.append(len(claimed))
+            per_claim.append(len(statements) / len(claimed))
+    finally:
+        FileHashes.save = original
+        inbox.ws.db.set_trace_callback(None)
+    assert batches == [CLAIMS_PER_SCAN] * 3 + [120 - 3 * CLAIMS_PER_SCAN]
+    assert len(saves) == len(batches)  # once a scan, not once a file
+    assert per_claim[0] == per_claim[1] == per_claim[2], per_claim  # full batches: the same statements per file
+    assert not [s for s in statements if re.search(r"FROM jobs( ORDER BY|$)", s)]  # never every job
+    assert len(json.loads(run_cli(inbox.ws.root, "status", "--json").out)["queue"]) == 120
