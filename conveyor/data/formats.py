@@ -340,8 +340,29 @@ class TokenizedFile:
         return len(self.truncated_lines) if self.truncated_count is None else self.truncated_count
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+# A long text is tokenized a prefix at a time (bounded): this many characters a wanted token first, doubled until
+# the prefix holds SLACK tokens more than wanted (a merge at the cut cannot reach that far back), or is the text.
+CHARS_PER_TOKEN = 8
+SLACK = 64
+
+
+def bounded(encode, text: str, limit: int | None):
+    """encode(prefix) of the shortest prefix of `text` (growing) whose first `limit` tokens are the whole text's,
+    with more than `limit` tokens if the text has more: so a 50 MB line costs what its first tokens cost, not
+    gigabytes. `encode` returns a sequence (or a dict whose "input_ids" is one); limit None: the whole text."""
+    chars = max(limit or 0, 1) * CHARS_PER_TOKEN
+    while True:
+        if limit is None or chars >= len(text):
+            return encode(text)
+        out = encode(text[:chars])
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        if len(ids) > limit + SLACK:
+            return out
+        chars *= 2
+
+
+def _encode(tokenizer, text: str, limit: int | None = None) -> list[int]:
+    return bounded(lambda t: tokenizer.encode(t, add_special_tokens=False), text, limit)
 
 
 def _segments(tokenizer, record: dict, fmt: str) -> list[tuple[str, bool]]:
@@ -353,11 +374,12 @@ def _segments(tokenizer, record: dict, fmt: str) -> list[tuple[str, bool]]:
     return [(bos + record["prompt"], False), (record["completion"] + eos, True)]
 
 
-def encode_chat(tokenizer, rendered: RenderedChat) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, rendered: RenderedChat, limit: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the whole rendering (what the model sees at inference); a token is trainable when any of
-    its characters is in a trainable span (return_offsets_mapping)."""
+    its characters is in a trainable span (return_offsets_mapping). `limit`: only that many are wanted (bounded)."""
     try:
-        encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = bounded(lambda t: tokenizer(t, add_special_tokens=False, return_offsets_mapping=True),
+                          rendered.text, limit)
     except NotImplementedError:  # slow (Python) tokenizers have no offsets
         raise ChatError("the model's tokenizer cannot map tokens to characters (it is not a fast tokenizer)",
                         "give model.name a folder with a tokenizer.json") from None
@@ -368,13 +390,17 @@ def encode_chat(tokenizer, rendered: RenderedChat) -> tuple[list[int], list[int]
     return ids, labels
 
 
-def _ids_and_labels(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[int]]:
+def _ids_and_labels(tokenizer, record: dict, fmt: str, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """The example's ids and labels: all of them, or (limit) at least the first `limit` and whether there are
+    more (more than `limit` then), without tokenizing the rest of a long text."""
     if fmt == CHAT:
-        return encode_chat(tokenizer, render_chat(tokenizer, record["messages"]))
+        return encode_chat(tokenizer, render_chat(tokenizer, record["messages"]), limit)
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in _segments(tokenizer, record, fmt):
-        piece = _encode(tokenizer, text)
+        if limit is not None and len(ids) > limit:
+            break  # truncated already: what follows is cut anyway
+        piece = _encode(tokenizer, text, None if limit is None else limit - len(ids))
         ids += piece
         labels += piece if trainable else [IGNORE] * len(piece)
     return ids, labels
@@ -382,7 +408,7 @@ def _ids_and_labels(tokenizer, record: dict, fmt: str) -> tuple[list[int], list[
 
 def tokenize_example(tokenizer, example: Example, fmt: str, max_length: int) -> Tokenized:
     """One example as training sees it: ids and labels, truncated to max_length. ChatError: see chat.py."""
-    ids, labels = _ids_and_labels(tokenizer, example.record, fmt)
+    ids, labels = _ids_and_labels(tokenizer, example.record, fmt, max_length)
     return Tokenized(example.line, ids[:max_length], labels[:max_length], len(ids) > max_length)
 
 

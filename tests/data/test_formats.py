@@ -287,3 +287,29 @@ def test_preview_in_a_pipe_marks_the_trained_text(workspace, tmp_path):
     out = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "preview", str(data)],
                          capture_output=True, text=True, timeout=120).stdout
     assert "⟦trained⟧ / context" in out and "Q: hi\n⟦A: yo<|eos|>⟧" in out, out
+
+
+@pytest.mark.parametrize("fmt, record", [
+    ("text", {"text": "the quick brown fox jumps. " * 16_000}),
+    ("prompt_completion", {"prompt": "q " * 10, "completion": "a long answer, " * 30_000}),
+    ("prompt_completion", {"prompt": "a long question " * 30_000, "completion": "short"}),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes " * 100_000}]}),
+])
+def test_a_huge_line_is_tokenized_only_as_far_as_it_trains(tok, fmt, record):
+    """A 400 KB example with max_length 64: the same ids and labels as tokenizing it whole and cutting, while the
+    tokenizer is handed a prefix of a few kilobytes, not the line (a 50 MB line took 9.8 GB and 82 s before)."""
+    from conveyor.data.formats import Example, _ids_and_labels, tokenize_example
+
+    fmt = {"text": TEXT, "prompt_completion": PROMPT, "chat": CHAT}[fmt]
+    whole_ids, whole_labels = _ids_and_labels(tok, record, fmt)
+    seen: list[int] = []
+    encode, call = tok.encode, type(tok).__call__
+    tok.encode = lambda text, **kw: (seen.append(len(text)), encode(text, **kw))[1]
+    try:
+        type(tok).__call__ = lambda self, text, **kw: (seen.append(len(text)), call(self, text, **kw))[1]
+        got = tokenize_example(tok, Example(1, record), fmt, 64)
+    finally:
+        del tok.encode
+        type(tok).__call__ = call
+    assert (got.input_ids, got.labels, got.truncated) == (whole_ids[:64], whole_labels[:64], True)
+    assert max(seen) <= 64 * 64, seen  # a prefix: SLACK tokens past the cut at most a few doublings away
