@@ -194,9 +194,10 @@ def test_scan_verifies_each_run_folders_checkpoints_and_records_nothing(two_runs
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # changed in place, its size and mtime kept
-    assert [c.step for c in repair.scan(ws)[1].checkpoints] == [2, 4]  # trusted by size and mtime
+    quick = repair.scan(ws)[1]  # its change time is not the recorded one: hashed again, refused
     deep = repair.scan(ws, deep=True)[1]
-    assert [c.step for c in deep.checkpoints] == [2]
+    assert [c.step for c in quick.checkpoints] == [c.step for c in deep.checkpoints] == [2]
+    assert quick.unusable == deep.unusable
     assert deep.unusable == ["step-000004: adapter_model.safetensors does not match its sha256 in the manifest "
                              "(changed or truncated)", "step-000005: the folder says step 5, the manifest 4"]
     assert {run: (ws.runs / run / "checkpoints" / ".hashes.json").read_bytes() for run in hashes} == hashes
