@@ -44,9 +44,11 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
     """Enqueue each file, saying what became of it; False if any was rejected. `ids` collects the jobs to train;
     `settings` are `--set KEY=VALUE` items for these jobs (checked before anything is queued)."""
     from .. import overrides
+    from ..data.models import check
     from ..queue.inbox import enqueue
 
     config = ws.config()
+    check(config.model.name)  # a typo in model.name is said now, before anything is queued or a run is made
     own = overrides.parse(settings or [], config)
     epochs = epochs or own.get("training.epochs") or config.training.epochs
     ok = True

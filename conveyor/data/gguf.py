@@ -62,6 +62,9 @@ def ensure_converted(gguf: Path, folder: Path) -> Path:
                                 "reads the Llama, Mistral, Qwen2/3, Gemma, Phi-3 and a few other families, in "
                                 "F32/F16/BF16/Q8_0/Q4_K-style types; convert it with llama.cpp's tools or give "
                                 "model.name a Hugging Face model folder") from None
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # the tensors are dequantized already; the marker only forbids saving them
+            quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": str(gguf.resolve()), "file": gguf.name,

@@ -17,6 +17,7 @@ import uuid
 
 from .. import faults
 from ..config import Config
+from ..data import models
 from ..errors import ConveyorError
 from ..store import checkpoints as ck
 from ..store import controls, jobs, runs
@@ -167,6 +168,7 @@ class Daemon:
             config = self.ws.config()
             if problem := launch.hosts_problem(config.distributed):  # the host, not the file: checked here
                 raise ConveyorError(problem)
+            models.check(config.model.name)  # a model that cannot be had never starts a run
             self.config = config
             self._said.discard("config")
         except ConveyorError as e:

@@ -51,7 +51,11 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
                 for pos in resume.manifest.under_way() if resume else []:
                     ledger.close_overtaken(ws.db, run.id, pos)  # every open segment gets its row
                 testhooks.failpoint("new-run", run.global_step)
-                return Placement(new_run(ws, run, recorded, ident, say), None)
+                earlier = _earlier_run(ws, run, ident)
+                if earlier is None:
+                    return Placement(new_run(ws, run, recorded, ident, say), None)
+                run, resume, problems = earlier
+                _back_to(ws, run, recorded, ident, resume, say)
         tidy(ws, run, resume, problems, say)
     if run is None:
         run = runs.create(ws.db, ident)
@@ -78,6 +82,35 @@ def tidy(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, problems: l
             f"kept for inspection in {kept.relative_to(ws.root)}")
     if problems and resume:
         say("warning", f"using the newest verified checkpoint, {resume.path.name}")
+
+
+def _earlier_run(ws: Workspace, left: runs.Run, ident: dict):
+    """The newest other run whose newest verified checkpoint (or, with none, whose record) has this identity, with
+    that checkpoint and what failed verification; None when the identity was never trained."""
+    for run in reversed(runs.all_runs(ws.db)):
+        if run.id == left.id:
+            continue
+        resume, problems = ck.newest_verified(ws.run_dir(run.id), save=False)
+        if (resume.manifest.identity if resume else run.identity) == ident:
+            return run, resume, problems
+    return None
+
+
+def _back_to(ws: Workspace, run: runs.Run, recorded: dict, ident: dict, resume, say: Say) -> None:
+    """Continue `run` (the settings are its identity again): it becomes active; jobs under way in the run left
+    start over in it, as for a new run."""
+    changes = runs.differences(recorded, ident)
+    left = runs.active(ws.db)
+    runs.activate(ws.db, run.id)
+    where = f"its newest checkpoint, {resume.path.name}" if resume else "the base model (it has no checkpoint)"
+    say("warning", f"the configuration does not match {left.id}'s checkpoints in {len(changes)} field(s):\n  "
+        + "\n  ".join(changes) + f"\nit matches {run.id}, which continues from {where}; {left.id} is kept "
+        "untouched.")
+    for job in jobs.all_jobs(ws.db):
+        if job.state in (JobState.RUNNING, JobState.INTERRUPTED) and job.run_id != run.id:
+            jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, **FRESH)
+            say("warning", f"job {job.id} ({job.file}) had trained {job.steps_done} step(s) in {job.run_id}; "
+                f"it starts from its first example in {run.id}")
 
 
 def new_run(ws: Workspace, old: runs.Run, recorded: dict, ident: dict, say: Say) -> runs.Run:

@@ -141,6 +141,14 @@ def create(con: sqlite3.Connection, ident: dict, note: str | None = None, *, run
         return active(con)
 
 
+def activate(con: sqlite3.Connection, run_id: str) -> Run:
+    """Make an earlier run the active one again (the settings are its identity once more); the others stay."""
+    with transaction(con):
+        con.execute("UPDATE runs SET active = 0")
+        con.execute("UPDATE runs SET active = 1 WHERE id = ?", (run_id,))
+        return active(con)
+
+
 def set_step(con: sqlite3.Connection, run_id: str, step: int) -> None:
     con.execute("UPDATE runs SET global_step = ? WHERE id = ?", (step, run_id))
 

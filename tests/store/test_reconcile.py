@@ -5,6 +5,7 @@ job that finished after it reopens, and a changed identity starts a new run with
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli, set_setting, status, text_file
 
 from conveyor.config import Config
 from conveyor.data.plan import fresh
@@ -97,3 +98,22 @@ def test_a_changed_identity_starts_a_new_run_and_leaves_the_old_one_untouched(ws
     assert (a.state, a.steps_done, a.run_id) == (JobState.QUEUED, 0, None)
     assert any("adapter.r: 8 → 4" in text for _, text in said)
     assert [(r.id, r.active) for r in runs.all_runs(ws.db)] == [("run-0001", False), ("run-0002", True)]
+
+
+def test_settings_changed_back_continue_the_run_they_trained_not_a_new_one(workspace, tmp_path):
+    """float32 trains a (run-0001, steps 1–2); bfloat16 starts run-0002 for b; float32 again: c continues run-0001
+    from its newest checkpoint (steps 3–4), saying so; no third run."""
+    ws = workspace()
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0
+    set_setting(ws, "model", "precision", '"bfloat16"')
+    assert run_cli(ws, "train", text_file(tmp_path / "b.jsonl", 16, "b"), "-q").code == 0
+    set_setting(ws, "model", "precision", '"float32"')
+    r = run_cli(ws, "train", text_file(tmp_path / "c.jsonl", 16, "c"))
+    assert r.code == 0, r.out + r.err
+    assert "it matches run-0001, which continues from its newest checkpoint, step-000002; run-0002 is kept" \
+        in r.out + r.err
+    now = status(ws)
+    assert [(x["id"], x["global_step"]) for x in now["runs"]] == [("run-0001", 4), ("run-0002", 2)]
+    assert now["run"]["id"] == "run-0001"
+    assert [(j["file"], j["run_id"], j["start_step"], j["end_step"]) for j in now["jobs"]] == \
+        [("a.jsonl", "run-0001", 1, 2), ("b.jsonl", "run-0002", 1, 2), ("c.jsonl", "run-0001", 3, 4)]
