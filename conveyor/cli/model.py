@@ -48,6 +48,8 @@ def unpin(version: str = typer.Argument(..., help="A pinned version, e.g. v3."))
 _TEMPERATURE = "0: greedy (the default; the same prompt, the same answer). Above 0: sample, higher is more varied."
 _TOP_P = "With --temperature: sample from the likeliest tokens that together hold this probability (0 < P <= 1)."
 _SEED = "With --temperature: the seed of each answer's draw, so sampled answers repeat (default: a random one)."
+_CHAT = ("Ask through the model's chat template (--chat) or the prompt alone (--raw); default: as the version was "
+         "trained along its lineage (chats: the template; text: the prompt alone; nothing yet: the template if any).")
 _SYSTEM = ("A system prompt before the conversation, through the chat template (chat-trained runs; a plain-text run "
            "ignores it, with a note).")
 
@@ -85,6 +87,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help=_SEED),
     system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help=_CHAT),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Answer a prompt with the current model or a version (greedy unless --temperature; chat template for
@@ -96,7 +99,7 @@ def generate(
                                  "give a PROMPT or --prompts FILE, not both", ctx=ctx, param_hint="PROMPT")
     asked = [prompt] if prompts is None else read_prompts(prompts)
     sampling = Sampling(temperature, top_p, seed)
-    loaded = load(_ws(), version)
+    loaded = load(_ws(), version, chat)
     used = sampling.seeded()
     for note in notes(loaded, sampling, used, system):
         err.print(f"note: {note}", markup=False)
@@ -119,12 +122,13 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", callback=_top_p, help=_TOP_P),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=MAX_SEED, help=_SEED),
     system: Optional[str] = typer.Option(None, "--system", help=_SYSTEM + " /reset keeps it."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--raw", help=_CHAT),
 ):
     """Talk with the current model or a version, line by line (loaded once; greedy unless --temperature). A
     chat-trained run keeps the conversation; /reset starts over, /quit or end of input ends."""
     from ..serve.generate import Sampling, input_lines, talk
 
-    talk(_ws(), version, max_new_tokens, input_lines(), Sampling(temperature, top_p, seed), system)
+    talk(_ws(), version, max_new_tokens, input_lines(), Sampling(temperature, top_p, seed), system, chat)
 
 
 @app.command()

@@ -113,18 +113,34 @@ class Loaded:
         return stop_ids(self.tokenizer, self.model.generation_config.eos_token_id, self.chat)
 
 
-def load(ws: Workspace, version: str | None) -> Loaded:
-    """The version's checkpoint, or the active run's newest verified one, with its tokenizer."""
+def load(ws: Workspace, version: str | None, chat: bool | None = None) -> Loaded:
+    """The version's checkpoint, or the active run's newest verified one, with its tokenizer. `chat`: ask through
+    the chat template (True) or the prompt alone (False); None: as the checkpoint was trained (asked_as)."""
     run, checkpoint, name = _checkpoint(ws, version)  # a refusal comes before torch and transformers are imported
 
     quiet_libraries()
     model_path = _base_model(ws, run, "the base weights and the tokenizer")
-    chat = ws.db.execute("SELECT 1 FROM jobs WHERE run_id = ? AND format = 'messages' LIMIT 1",
-                         (run.id,)).fetchone() is not None
     tokenizer = load_tokenizer(model_path, _chat_template(ws), ws.root)
+    chat = asked_as(ws.db, run.id, checkpoint.step, bool(tokenizer.chat_template)) if chat is None else chat
     model = rebuild(run.identity, model_path, checkpoint.path).eval()
     context = getattr(model.config, "max_position_embeddings", None)
     return Loaded(run, checkpoint, name, chat, tokenizer, model, context, _threads(model))
+
+
+def asked_as(con, run_id: str, step: int, has_template: bool) -> bool:
+    """Whether a checkpoint is asked through the chat template: the formats trained along its lineage up to its step
+    (a rollback's run inherits its parent's up to the version it branched from) decide; chats trained: yes; only
+    text or prompt/completion: no (the prompt alone, as trained); nothing yet: as the base model, an instruct model
+    through its template."""
+    formats = set()
+    for lineage_run, bound in runs.ancestry(con, run_id):
+        last = step if bound is None else min(step, bound)
+        formats |= {r["format"] for r in con.execute(
+            "SELECT DISTINCT format FROM jobs WHERE run_id = ? AND start_step IS NOT NULL AND start_step <= ?",
+            (lineage_run, last))}
+    if "messages" in formats:
+        return True
+    return has_template if not formats else False
 
 
 # Below this many parameters a model answers on one CPU thread: a token's matrix-vector products are too small to
@@ -155,9 +171,9 @@ def torch_threads(count: int | None):
 
 
 def generate(ws: Workspace, prompt: str, version: str | None, max_new_tokens: int, sampling: Sampling = GREEDY,
-             system: str | None = None) -> dict:
+             system: str | None = None, chat: bool | None = None) -> dict:
     """One prompt answered: the run, step and version that answered, the prompt as the model saw it, the answer."""
-    return answer_all(load(ws, version), [prompt], max_new_tokens, sampling, system)[0]
+    return answer_all(load(ws, version, chat), [prompt], max_new_tokens, sampling, system)[0]
 
 
 def answer_all(loaded: Loaded, prompts: list[str], max_new_tokens: int, sampling: Sampling = GREEDY,
@@ -276,9 +292,9 @@ def header(loaded: Loaded, keeps_history: bool, sampling: Sampling = GREEDY, sys
 
 
 def talk(ws: Workspace, version: str | None, max_new_tokens: int, lines: Iterable[str], sampling: Sampling = GREEDY,
-         system: str | None = None) -> None:
+         system: str | None = None, chat: bool | None = None) -> None:
     """`conveyor chat`: load the model once, then answer line after line on stdout; notes go to stderr."""
-    loaded = load(ws, version)
+    loaded = load(ws, version, chat)
     used = sampling.seeded()
     for note in notes(loaded, sampling, used, system):
         _note(f"note: {note}")

@@ -327,7 +327,7 @@ def test_talk_with_a_chat_run_clears_and_says_when_it_drops_exchanges(chats, cha
     first = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"}]
     context = len(gen.conversation_ids(tok, first, "q2", True)) + 4 - 1  # q1's exchange and q2 do not fit
     monkeypatch.setattr(chat_model, "context", context)
-    monkeypatch.setattr(gen, "load", lambda ws, version: chat_model)
+    monkeypatch.setattr(gen, "load", lambda ws, version, chat=None: chat_model)
     gen.talk(Workspace.open(chats), None, 4, ["q1", "q2", "/reset", "q3"])
     out, err = capsys.readouterr()
     assert out.splitlines() == ["v1 answers: run run-0001, step 1; chat template, the conversation is kept (/reset "
@@ -430,3 +430,30 @@ def test_torch_threads_sets_the_count_meanwhile_and_restores_it():
     assert torch.get_num_threads() == before
     with gen.torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_after_a_rollback_a_version_is_asked_as_its_lineage_trained_it(workspace, tmp_path):
+    """chats (v1), then plain text (v2): v2's newest run asks through the template (its lineage trained chats);
+    a rollback to v1 inherits that; a run that trained only text asks the prompt alone; --raw/--chat choose."""
+    ws = workspace()
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(8)))
+    assert run_cli(ws, "train", chats, text_file(tmp_path / "t.jsonl", 8), "-q").code == 0
+    assert run_cli(ws, "rollback", "v1").code == 0
+
+    def asked(*args) -> bool:
+        r = run_cli(ws, "generate", "hello", "--json", "--max-new-tokens", "2", *args)
+        assert r.code == 0, r.out + r.err
+        return json.loads(r.out)["chat"]
+
+    assert asked() is True  # run-0002 trained nothing yet; it branches from v1, trained on chats
+    assert asked("--version", "v2") is True  # v2's lineage holds the chats of v1
+    assert asked("--raw") is False and asked("--version", "v2", "--raw") is False
+    other = workspace("text-only")
+    assert run_cli(other, "train", text_file(tmp_path / "u.jsonl", 8), "-q").code == 0
+    r = run_cli(other, "generate", "hello", "--json", "--max-new-tokens", "2")
+    assert json.loads(r.out)["chat"] is False
+    r = run_cli(other, "generate", "hello", "--json", "--max-new-tokens", "2", "--chat")
+    assert json.loads(r.out)["chat"] is True

@@ -87,7 +87,7 @@ def test_chat_answers_piped_lines_as_generate_does(plain):
 def test_chat_with_a_version_loads_once_and_says_what_it_cannot_do(plain, monkeypatch):
     loads = []
     real = gen.load
-    monkeypatch.setattr(gen, "load", lambda ws, version: loads.append(version) or real(ws, version))
+    monkeypatch.setattr(gen, "load", lambda ws, version, chat=None: loads.append(version) or real(ws, version, chat))
     expected = _generate(plain, "the quick", "--version", "v1", "--max-new-tokens", "5")
     loads.clear()
     r = _chat(plain, "the quick\n/rset\nthe quick\n", "--version", "v1", "--max-new-tokens", "5")  # EOF ends it
@@ -226,7 +226,7 @@ def test_a_file_of_prompts_is_answered_by_one_model(plain, tmp_path, monkeypatch
     jsonl.write_text('{"prompt": "hello"}\n\n{"prompt": "the quick", "note": "kept apart"}\n')
     loads = []
     real = gen.load
-    monkeypatch.setattr(gen, "load", lambda ws, version: loads.append(version) or real(ws, version))
+    monkeypatch.setattr(gen, "load", lambda ws, version, chat=None: loads.append(version) or real(ws, version, chat))
     for path in (lines, jsonl):
         r = run_cli(plain, "generate", "--prompts", path, "--max-new-tokens", "6", "--json")
         assert r.code == 0, r.err
