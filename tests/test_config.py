@@ -58,8 +58,8 @@ def test_bad_command_arguments(workspace, tmp_path):
     r = run_cli(ws, "add", tmp_path / "missing.jsonl")
     assert r.code == 1 and "no such file" in r.out + r.err
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
-    r = run_cli(ws, "add", tmp_path / "a.jsonl", "--priority", "urgent")
-    assert r.code == 1 and "'urgent' is not one of high, normal, low" in r.out + r.err
+    r = run_cli(ws, "add", tmp_path / "a.jsonl", "--priority", "urgent", subprocess_=True)
+    assert r.code == 2 and "'urgent' is not one of high, normal, low" in r.out + r.err  # a usage error
     r = run_cli(ws, "add", tmp_path)
     assert r.code == 1 and "is a folder; pass the JSONL files in it" in r.out + r.err
     r = run_cli(ws, "history", "--run", "run-9999")

@@ -30,13 +30,13 @@ def test_keys_of_the_run_identity_and_bad_values_are_refused_before_anything_is_
     ws = workspace()
     a = text_file(tmp_path / "a.jsonl", 8, "a")
     r = run_cli(ws, "add", a, "--set", "adapter.r=4", "--set", "training.seed=7", "--set", "daemon.max_attempts=1",
-                "--set", "nonsense")
-    assert r.code == 1
+                "--set", "nonsense", subprocess_=True)  # the real command line: the usage message unboxed
+    assert r.code == 2  # a usage error, as a bad --epochs is
     assert "--set adapter.r: part of the run's identity (law 5)" in r.err
     assert "--set training.seed: not a per-job setting" in r.err and "--set daemon.max_attempts" in r.err
     assert "--set 'nonsense': write it as KEY=VALUE" in r.err
-    r = run_cli(ws, "add", a, "--set", "training.batch_size=0")
-    assert r.code == 1 and "training.batch_size: Input should be greater than or equal to 1" in r.err
+    r = run_cli(ws, "add", a, "--set", "training.batch_size=0", subprocess_=True)
+    assert r.code == 2 and "training.batch_size: Input should be greater than or equal to 1" in r.err
     assert status(ws)["jobs"] == []
 
 

@@ -79,7 +79,7 @@ def dashboard(
     from ..serve.dashboard import check_bind, serve
 
     ws = _ws()
-    check_bind(host, token)  # refuse before printing a URL
+    check_bind(host, token, port)  # refuse before printing a URL
     shown = f"[{host}]" if ":" in host else host
     console.print(f"dashboard for {ws.root}: http://{shown}:{port}/" + ("?token=<your token>" if token else "")
                   + "  (Ctrl+C stops it)")

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..config import Config
-from ..errors import ConveyorError
+from ..errors import ConfigError, ConveyorError
 from ..fingerprint import short
 from ..store import jobs
 from ..store.workspace import Workspace
@@ -33,10 +33,11 @@ def init(
     console.print(f"workspace ready at {ws.root}\n  settings: {ws.config_path}\n  drop JSONL files into: {ws.inbox}")
 
 
-def _priority(value: str) -> int:
+def _priority(value: str) -> str:
+    """A usage error (exit 2) for a priority that is not one."""
     if value not in jobs.PRIORITIES:
-        raise ConveyorError(f"--priority {value!r} is not one of {', '.join(jobs.PRIORITIES)}")
-    return jobs.PRIORITIES[value]
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(jobs.PRIORITIES)}")
+    return value
 
 
 def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | None = None,
@@ -49,7 +50,10 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
 
     config = ws.config()
     check(config.model.name)  # a typo in model.name is said now, before anything is queued or a run is made
-    own = overrides.parse(settings or [], config)
+    try:
+        own = overrides.parse(settings or [], config)
+    except ConfigError as e:  # a bad --set is a usage error (exit 2), as a bad --epochs is
+        raise typer.BadParameter(str(e), param_hint="--set") from None
     epochs = epochs or own.get("training.epochs") or config.training.epochs
     ok = True
     for file in files:
@@ -72,14 +76,14 @@ def _enqueue_all(ws: Workspace, files: list[Path], priority: int, epochs: int | 
 @app.command()
 def add(
     files: list[Path] = typer.Argument(..., help="JSONL files, enqueued in the order given."),
-    priority: str = typer.Option("normal", help="high | normal | low"),
+    priority: str = typer.Option("normal", callback=_priority, help="high | normal | low"),
     epochs: Optional[int] = typer.Option(None, min=1, help="Passes over these files (default: training.epochs)."),
     settings: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
                                                  help="A setting for these files' jobs only, e.g. "
                                                  "training.learning_rate=1e-4 (repeatable; not model.* or adapter.*)."),
 ):
     """Validate and enqueue files without training them."""
-    ok = _enqueue_all(_ws(), files, _priority(priority), epochs, settings=settings)
+    ok = _enqueue_all(_ws(), files, jobs.PRIORITIES[priority], epochs, settings=settings)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -269,11 +273,11 @@ def queue_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
 
 @queue_app.command("move")
 def queue_move(job: int = typer.Argument(..., help="Job id."),
-               priority: str = typer.Option(..., help="high | normal | low")):
+               priority: str = typer.Option(..., callback=_priority, help="high | normal | low")):
     """Change a waiting job's priority."""
     from ..queue import edits as queue
 
-    console.print(queue.move(_ws(), job, _priority(priority)))
+    console.print(queue.move(_ws(), job, jobs.PRIORITIES[priority]))
 
 
 @queue_app.command("remove")

@@ -20,14 +20,15 @@ from .root import _print_json, _ws, app
 
 @app.command()
 def logs(follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-         lines: int = typer.Option(50, "-n", help="Lines to show first.")):
+         lines: int = typer.Option(50, "-n", min=0, help="Lines to show first (0: none, then --follow).")):
     """The workspace log (one JSON object a line)."""
     ws = _ws()
     path = ws.logs / "conveyor.log"
     if not path.exists():
         raise ConveyorError(f"no log yet at {path}")
     with open(path, encoding="utf-8") as f:
-        for line in f.readlines()[-lines:]:
+        shown = f.readlines()  # read to the end either way: --follow goes on from there
+        for line in shown[-lines:] if lines else []:
             sys.stdout.write(line)
         while follow:
             line = f.readline()

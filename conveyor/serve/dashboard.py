@@ -119,11 +119,23 @@ def page() -> HTMLResponse:
     return HTMLResponse(page_html(), headers=PAGE_HEADERS)
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse to serve beyond this machine without a token."""
+def check_bind(host: str, token: str | None, port: int | None = None) -> None:
+    """Refuse to serve beyond this machine without a token, or on a port something else holds."""
     if token is None and not is_loopback(host):
         raise ConveyorError(f"refusing to serve the dashboard on {host} without a token: anyone who can reach it "
                             "could stop training. Pass --token <secret>, or bind --host 127.0.0.1")
+    if port is None:
+        return
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConveyorError(f"cannot serve the dashboard on {host}:{port}: {e.strerror or e} (another dashboard "
+                                "or program holds it?); pick another with --port") from None
 
 
 def build_server(ws_root: Path, host: str = "127.0.0.1", port: int = 8750, token: str | None = None,

@@ -257,7 +257,7 @@ def started_text(job: Job) -> str:
     where = (f"global {job.start_step}–{job.end_step}" if not job.steps_done else
              f"its steps {job.steps_done + 1}–{job.planned_steps} at global {job.segment_start}–{job.end_step}")
     return (f"job {job.id} {job.file} ({short(job.fingerprint)}): {job.examples} examples × {job.epochs} epoch(s) "
-            f"→ {job.planned_steps} steps, {where}")
+            f"→ {job.planned_steps} step{'s' if job.planned_steps != 1 else ''}, {where}")
 
 
 def finished_text(job: Job) -> str:

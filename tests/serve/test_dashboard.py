@@ -445,3 +445,17 @@ def test_pause_and_resume_a_real_worker_from_the_page(tmp_path, tiny_dir):
             browser.close()
     finally:
         svc.stop()
+
+
+def test_a_taken_port_is_one_line_and_exit_1(workspace):
+    """Another program holds the port: the command says so and which option to change (not uvicorn's Errno)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        r = run_cli(workspace(), "dashboard", "--port", str(port), subprocess_=True)
+    assert r.code == 1, r.out + r.err
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in r.err and "pick another with --port" in r.err
+    assert "Traceback" not in r.err

@@ -59,8 +59,9 @@ def test_non_finite_settings_are_refused_where_they_are_read(workspace, tmp_path
     """inf and nan in conveyor.toml or --set name the key and the default; nothing is queued."""
     ws = workspace()
     data = text_file(tmp_path / "a.jsonl", 16)
-    r = run_cli(ws, "add", data, "--set", f"training.weight_decay={value}", "--set", f"eval.holdout={value}")
-    assert r.code != 0
+    r = run_cli(ws, "add", data, "--set", f"training.weight_decay={value}", "--set", f"eval.holdout={value}",
+                subprocess_=True)  # the real command line: its usage message unboxed
+    assert r.code == 2
     assert f"training.weight_decay: must be a finite number (found {float(value)!r}); the default is 0.0" in r.err
     assert f"eval.holdout: must be a finite number (found {float(value)!r}); the default is 0" in r.err
     set_setting(ws, "training", "weight_decay", value)
