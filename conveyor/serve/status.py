@@ -217,9 +217,13 @@ def render(data: dict):
     cur = data["current"]
     if cur:
         loss = f"{cur['loss']:.4f}" if cur["loss"] is not None else "-"
-        parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "
-                          f"(global {cur['start_step']}–{cur['end_step']}), loss {loss}, ETA {_duration(cur['eta_seconds'])}"))
-        parts.append(Text(bar(cur["steps_done"], cur["planned_steps"] or 1)))  # text: a pipe keeps it, and its line
+        if cur["planned_steps"] is None:  # claimed, not planned yet: validating, tokenizing or loading the model
+            parts.append(Text(f"job {cur['id']} {cur['file']}: starting (tokenizing its data and loading the model)"))
+        else:
+            parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "
+                              f"(global {cur['start_step']}–{cur['end_step']}), loss {loss}, "
+                              f"ETA {_duration(cur['eta_seconds'])}"))
+            parts.append(Text(bar(cur["steps_done"], cur["planned_steps"])))  # text: a pipe keeps it, and its line
     queue = Table("job", "file", "priority", "state", "examples", "steps", title="queue", title_justify="left")
     for j in data["queue"]:
         queue.add_row(str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
@@ -255,7 +259,8 @@ def one_line(data: dict) -> str:
     if cur:
         loss = f" loss {cur['loss']:.4f}" if cur["loss"] is not None else ""
         eta = f" ETA {_duration(cur['eta_seconds'])}" if cur["eta_seconds"] is not None else ""
-        parts.append(f"job {cur['id']} {cur['file']} {cur['steps_done']}/{cur['planned_steps']}{loss}{eta}")
+        steps = f"{cur['steps_done']}/{cur['planned_steps']}" if cur["planned_steps"] is not None else "starting"
+        parts.append(f"job {cur['id']} {cur['file']} {steps}{loss}{eta}")
     parts.append(f"waiting {data['queue_total'] - (1 if cur else 0)}")
     if d.get("disk"):
         parts.append("waiting for disk space")

@@ -9,6 +9,8 @@ import sys
 from conftest import run_cli, text_file
 
 from conveyor.serve.status import bar, one_line
+from conveyor.store import jobs
+from conveyor.store.workspace import Workspace
 
 
 def test_watch_in_a_pipe_prints_one_line_a_frame(workspace, tmp_path):
@@ -45,3 +47,12 @@ def test_help_shows_no_value_for_flags():
         assert r.code == 0 and "<bool>" not in r.out and "--json" in r.out or command == "train", r.out
     assert "[default: True]" not in cli(None, "eval", "--help").out
     assert '"small"' in cli(None, "init", "--help").out
+
+
+def test_a_job_claimed_but_not_yet_planned_shows_as_starting(workspace, tmp_path):
+    """Right after a claim (no plan yet): `starting`, not `step 0/None (global None–None)`."""
+    ws = workspace()
+    assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 8)).code == 0
+    assert jobs.claim_next(Workspace.open(ws).db, claim="test").planned_steps is None
+    out = run_cli(ws, "status").out
+    assert "job 1 a.jsonl: starting (tokenizing its data and loading the model)" in out and "None" not in out, out
