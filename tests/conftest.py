@@ -98,6 +98,15 @@ def text_file(path: Path, n: int, tag: str = "ex") -> Path:
     return path
 
 
+def chat_file(path: Path, n: int) -> Path:
+    """A `messages` JSONL file of n one-exchange conversations: "q<k>" answered "a<k>" (k from 0)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(n)), encoding="utf-8")
+    return path
+
+
 def status(ws: Path) -> dict:
     r = run_cli(ws, "status", "--json")
     assert r.code == 0, r.out + r.err

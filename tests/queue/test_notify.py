@@ -433,28 +433,14 @@ def test_a_failing_webhook_logs_neither_its_query_nor_its_path(db):
     assert "abc" not in warning and "token" not in warning and "pathsecret" not in warning
 
 
-class Redirector:
-    """A webhook that answers every POST with `code` and `Location: <to>`."""
+class Served:
+    """A handler class served on 127.0.0.1 from a thread of its own; `url` names `host` and ends with `path`."""
 
-    def __init__(self, code: int, to: str):
-        self.got: list[dict] = []
-        redirector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                redirector.got.append(dict(self.headers))
-                self.send_response(code)
-                self.send_header("Location", to)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, handler, host: str = "127.0.0.1", path: str = "/hook"):
+        handler.log_message = lambda *args: None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.url = f"http://{host}:{self.server.server_address[1]}{path}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self) -> None:
@@ -462,33 +448,32 @@ class Redirector:
         self.server.server_close()
 
 
-class Listener:
-    """Another origin: records every request of any method, with its headers."""
+def redirector(code: int, to: str, got: list) -> Served:
+    """A webhook that answers every POST with `code` and `Location: <to>`, keeping each request's headers."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(dict(self.headers))
+            self.send_response(code)
+            self.send_header("Location", to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
-    def __init__(self):
-        self.got: list[tuple[str, dict]] = []
-        listener = self
+    return Served(Handler)
 
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self):
-                listener.got.append((self.command, dict(self.headers)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
 
-            do_GET = do_POST = do_PUT = _any
+def listener(got: list) -> Served:
+    """Another origin (localhost, not 127.0.0.1): records every request of any method, with its headers."""
+    class Handler(BaseHTTPRequestHandler):
+        def _any(self):
+            got.append((self.command, dict(self.headers)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
-            def log_message(self, *args):
-                pass
+        do_GET = do_POST = do_PUT = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://localhost:{self.server.server_address[1]}/elsewhere?token=t0p"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return Served(Handler, host="localhost", path="/elsewhere?token=t0p")
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
@@ -496,16 +481,17 @@ def test_a_redirect_is_not_followed_and_the_secret_never_reaches_another_origin(
     """The webhook answers 30x with Location on another origin: nothing reaches that origin (no GET, no secret),
     the try is not repeated, and the log names the redirect's host only and what to do."""
     path, con = db
-    other = Listener()
-    hook = Redirector(code, other.url)
+    reached, asked = [], []
+    other = listener(reached)
+    hook = redirector(code, other.url, asked)
     try:
         n = _notifier(path, webhook=hook.url, secret_header="Authorization: Bearer s3cret", retries=3,
                       timeout_seconds=2.0)
         log_event(con, "info", "done", "job 1: steps 1–2", 1)
         n.close(5.0)
         warning = con.execute("SELECT message FROM events WHERE kind = 'notify'").fetchone()["message"]
-        assert other.got == []
-        assert len(hook.got) == 1 and hook.got[0]["Authorization"] == "Bearer s3cret"  # sent where it was told
+        assert reached == []
+        assert len(asked) == 1 and asked[0]["Authorization"] == "Bearer s3cret"  # sent where it was told
         host = other.url.split("/")[2]
         assert f"a redirect to {host}: conveyor does not follow a webhook's redirects" in warning, warning
         assert "not retried" in warning and "t0p" not in warning and "elsewhere" not in warning

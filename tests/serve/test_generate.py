@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from conftest import drain_with_requests, make_workspace, run_cli, text_file
+from conftest import chat_file, drain_with_requests, make_workspace, run_cli, text_file
 
 from conveyor.errors import ConveyorError
 from conveyor.serve import generate as gen
@@ -41,11 +41,7 @@ def chats(tmp_path_factory, tiny_dir) -> Path:
     """One `messages` file of 8 conversations: v1 at step 1."""
     root = tmp_path_factory.mktemp("chats")
     ws = make_workspace(root / "ws", tiny_dir, **SETTINGS)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                            for i in range(8)))
-    r = run_cli(ws, "train", data, "-q")
+    r = run_cli(ws, "train", chat_file(root / "chat.jsonl", 8), "-q")
     assert r.code == 0, r.out + r.err
     return ws
 
@@ -436,11 +432,7 @@ def test_after_a_rollback_a_version_is_asked_as_its_lineage_trained_it(workspace
     """chats (v1), then plain text (v2): v2's newest run asks through the template (its lineage trained chats);
     a rollback to v1 inherits that; a run that trained only text asks the prompt alone; --raw/--chat choose."""
     ws = workspace()
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                             for i in range(8)))
-    assert run_cli(ws, "train", chats, text_file(tmp_path / "t.jsonl", 8), "-q").code == 0
+    assert run_cli(ws, "train", chat_file(tmp_path / "chats.jsonl", 8), text_file(tmp_path / "t.jsonl", 8), "-q").code == 0
     assert run_cli(ws, "rollback", "v1").code == 0
 
     def asked(*args) -> bool:

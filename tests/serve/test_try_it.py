@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from conftest import make_workspace, run_cli, text_file
+from conftest import chat_file, make_workspace, run_cli, text_file
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -48,11 +48,7 @@ def chats(tmp_path_factory, tiny_dir) -> Path:
     """One `messages` file of 8 conversations: v1 at step 1."""
     root = tmp_path_factory.mktemp("chats")
     ws = make_workspace(root / "ws", tiny_dir, **SETTINGS)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                            for i in range(8)))
-    r = run_cli(ws, "train", data, "-q")
+    r = run_cli(ws, "train", chat_file(root / "chat.jsonl", 8), "-q")
     assert r.code == 0, r.out + r.err
     return ws
 
