@@ -16,8 +16,8 @@ from ..fingerprint import FileHashes, fingerprint
 from ..store import checkpoints as ck
 from ..store import jobs, runs
 from ..store import manifest as mf
+from ..store.consistency import describe, scan
 from ..store.database import DB_FILE
-from ..store.repair import describe, scan
 from ..store.workspace import Workspace
 from ..train.jobdata import copy_problem
 

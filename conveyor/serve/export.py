@@ -125,9 +125,14 @@ def _base_model(ws: Workspace, run: runs.Run, needed_for: str) -> str:
     name = run.identity.get("model.name")
     if not name:
         raise ConveyorError(f"{run.id}'s identity names no base model (model.name), which holds {needed_for}")
-    path = ws.model_path(name)
     # The identity hashes config.json only for a local folder; a hub id has none to hash.
-    was_local = run.identity.get("model.config_hash") is not None or os.path.isabs(path)
+    was_local = run.identity.get("model.config_hash") is not None or os.path.isabs(name)
+    try:
+        path = ws.model_path(name)
+    except ConveyorError:
+        if not was_local:
+            raise
+        path = name  # said below, as what the run was trained on
     if was_local and not Path(path).is_dir():
         raise ConveyorError(f"{run.id} was trained on the base model at {path}, which is missing; it holds "
                             f"{needed_for}, so put the model folder back there and export again")

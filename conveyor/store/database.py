@@ -218,7 +218,7 @@ ADDED_COLUMNS = [
 
 # Tables that decide what trains and what a person sees first. They grow with the jobs, not the steps, so every
 # connect checks their pages (PRAGMA quick_check of one table: about a millisecond). The per-step tables (metrics,
-# audit, rollups, events, ...) are checked by `conveyor doctor` and once before training (repair.refuse_to_train);
+# audit, rollups, events, ...) are checked by `conveyor doctor` and once before training (consistency.refuse_to_train);
 # elsewhere a damaged page of theirs raises DatabaseError when read, which the CLI reports as one line.
 STATE_TABLES = ("runs", "jobs", "versions", "ledger", "controls", "sqlite_sequence")
 _HEADER = b"SQLite format 3\x00"

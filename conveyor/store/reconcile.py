@@ -14,9 +14,9 @@ from ..config import Config
 from . import checkpoints as ck
 from . import jobs, ledger, pending, runs
 from . import manifest as mf
+from .consistency import refuse_to_train
 from .database import transaction
 from .jobs import Job, JobState
-from .repair import refuse_to_train
 from .workspace import Workspace
 
 Say = Callable[[str, str], None]

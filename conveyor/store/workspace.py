@@ -11,7 +11,7 @@ from ..config import CONFIG_FILE, Config, load_config, render_config
 from ..data.models import model_path
 from ..errors import WorkspaceError
 from . import database
-from .repair import open_checked
+from .consistency import open_checked
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Workspace:
     @cached_property
     def db(self):
         """The state database, checked on open: faults.DatabaseDamaged names the file, what is wrong and the fix
-        when it is damaged, missing while runs/ holds checkpoints, or does not match the runs on disk (repair.py)."""
+        when it is damaged, missing while runs/ holds checkpoints, or does not match the runs on disk (consistency.py)."""
         database.attach_log_file(self.logs)
         return open_checked(self)
 

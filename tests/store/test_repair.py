@@ -17,7 +17,7 @@ from conftest import drain_with_requests, make_workspace, run_cli, set_setting, 
 from conveyor.errors import ConveyorError
 from conveyor.faults import database_message, database_mismatch_message, database_missing_message
 from conveyor.fingerprint import short
-from conveyor.store import jobs, lock, repair
+from conveyor.store import consistency, jobs, lock, repair
 from conveyor.store import manifest as mf
 from conveyor.store.jobs import JobState
 from conveyor.store.workspace import Workspace
@@ -134,7 +134,7 @@ def test_a_whole_matching_database_needs_no_repair_and_is_left_alone(two_runs, t
     """diagnose finds nothing; repair returns an empty Report and moves, writes and rebuilds nothing."""
     ws = copy_of(two_runs, tmp_path)
     before = (ws.root / "conveyor.db").read_bytes()
-    assert repair.diagnose(ws) is None
+    assert consistency.diagnose(ws) is None
     report = repair.repair(ws)
     assert report == repair.Report()
     assert {key: report.to_json()[key] for key in REPORTED} == {"problem": None, "moved": [], "rebuilt": [],
@@ -147,7 +147,7 @@ def test_a_workspace_without_database_or_checkpoints_needs_no_repair(tmp_path, t
     """A missing database is no fault while runs/ holds no checkpoint: the next command makes it; repair makes none."""
     ws = Workspace.open(make_workspace(tmp_path / "ws", tiny_dir))
     (ws.runs / "run-0001" / "checkpoints").mkdir(parents=True)
-    assert repair.diagnose(ws) is None
+    assert consistency.diagnose(ws) is None
     assert repair.repair(ws) == repair.Report()
     assert not (ws.root / "conveyor.db").exists()
 
@@ -159,14 +159,14 @@ def test_diagnose_names_a_missing_a_damaged_and_a_mismatched_database(two_runs, 
     good = path.read_bytes()
     fp = fingerprints(two_runs)
     edit_database(ws, "DELETE FROM jobs WHERE id = 4")
-    assert repair.diagnose(ws) == database_mismatch_message(path, [
+    assert consistency.diagnose(ws) == database_mismatch_message(path, [
         f"runs/run-0002/checkpoints/step-000004 trained job 4 (data {short(fp['d'])}), which conveyor.db does not "
         "know"])
     path.write_bytes(b"\0" * 4096 + good[4096:])
-    assert repair.diagnose(ws) == database_message(path, f"its {len(good)} bytes do not start with an SQLite header: "
+    assert consistency.diagnose(ws) == database_message(path, f"its {len(good)} bytes do not start with an SQLite header: "
                                                          "not a database, or cut short")
     delete_database(ws)
-    assert repair.diagnose(ws) == database_missing_message(path, [
+    assert consistency.diagnose(ws) == database_missing_message(path, [
         "runs/run-0001 holds 2 checkpoint(s) (newest step 3) that conveyor.db does not know",
         "runs/run-0002 holds 2 checkpoint(s) (newest step 4) that conveyor.db does not know"])
     assert not path.exists()  # diagnose makes no database
@@ -181,7 +181,7 @@ def test_scan_verifies_each_run_folders_checkpoints_and_records_nothing(two_runs
     copied = ws.runs / "run-0002" / "checkpoints" / "step-000005"
     shutil.copytree(copied.with_name("step-000004"), copied)  # a folder whose name is not its manifest's step
     hashes = {run: (ws.runs / run / "checkpoints" / ".hashes.json").read_bytes() for run in ("run-0001", "run-0002")}
-    disk = repair.scan(ws)
+    disk = consistency.scan(ws)
     assert [(r.id, [c.step for c in r.checkpoints], r.unusable) for r in disk] == [
         ("run-0001", [2, 3], []),
         ("run-0002", [2, 4], ["step-000005: the folder says step 5, the manifest 4"]),
@@ -194,8 +194,8 @@ def test_scan_verifies_each_run_folders_checkpoints_and_records_nothing(two_runs
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # changed in place, its size and mtime kept
-    quick = repair.scan(ws)[1]  # its change time is not the recorded one: hashed again, refused
-    deep = repair.scan(ws, deep=True)[1]
+    quick = consistency.scan(ws)[1]  # its change time is not the recorded one: hashed again, refused
+    deep = consistency.scan(ws, deep=True)[1]
     assert [c.step for c in quick.checkpoints] == [c.step for c in deep.checkpoints] == [2]
     assert quick.unusable == deep.unusable
     assert deep.unusable == ["step-000004: adapter_model.safetensors does not match its sha256 in the manifest "
@@ -207,19 +207,19 @@ def test_describe_says_what_each_run_would_be_rebuilt_from(two_runs, tmp_path):
     """One `ok` line a run folder with its newest verified checkpoint (in or at the end of a job), a warning for each
     unusable checkpoint."""
     ws = copy_of(two_runs, tmp_path)
-    assert repair.describe(repair.scan(ws)) == [
+    assert consistency.describe(consistency.scan(ws)) == [
         ("ok", "runs/run-0001: 2 checkpoint(s) verified, newest step 3 (in job 2)"),
         ("ok", "runs/run-0002: 2 checkpoint(s) verified, newest step 4 (in job 4)")]
     with open(ws.runs / "run-0002" / "checkpoints" / "step-000004" / "optimizer.pt", "ab") as f:
         f.write(b"more")
     (ws.runs / "run-0003" / "checkpoints" / "step-000001").mkdir(parents=True)
-    assert repair.describe(repair.scan(ws)) == [
+    assert consistency.describe(consistency.scan(ws)) == [
         ("ok", "runs/run-0001: 2 checkpoint(s) verified, newest step 3 (in job 2)"),
         ("ok", "runs/run-0002: 1 checkpoint(s) verified, newest step 2 (end of job 3)"),
         ("warning", "runs/run-0002/step-000004: optimizer.pt does not match its sha256 in the manifest (changed or "
                     "truncated)"),
         ("warning", "runs/run-0003/step-000001: no manifest.json (not written by conveyor, or the write was cut off)")]
-    assert repair.describe([]) == []
+    assert consistency.describe([]) == []
 
 
 # Rebuilding ----------------------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_a_deleted_database_is_rebuilt_from_the_checkpoint_manifests(two_runs, t
     """Runs with their identity and step, versions per job end with the pins of .pins.json, jobs with their states."""
     ws = copy_of(two_runs, tmp_path)
     delete_database(ws)
-    problem = repair.diagnose(ws)
+    problem = consistency.diagnose(ws)
     runs_before = tree(ws.runs)
     report = repair.repair(ws)
     assert report.problem == problem and report.moved == []
@@ -265,7 +265,7 @@ def test_a_deleted_database_is_rebuilt_from_the_checkpoint_manifests(two_runs, t
         "of 2 run(s); the old one is kept beside it as conveyor.db.damaged-…")]
     for table in ("ledger", "audit", "metrics", "controls"):
         assert rows(ws, f"SELECT COUNT(*) FROM {table}") == [(0,)], table
-    assert repair.diagnose(ws) is None and repair.repair(ws) == repair.Report()  # whole now: a second repair is idle
+    assert consistency.diagnose(ws) is None and repair.repair(ws) == repair.Report()  # whole now: a second repair is idle
 
 
 def test_a_damaged_database_is_moved_aside_never_deleted(two_runs, tmp_path):
@@ -284,7 +284,7 @@ def test_a_damaged_database_is_moved_aside_never_deleted(two_runs, tmp_path):
     [partly, ledger_lost] = report.lost  # how many job rows a cut-short file still yields depends on its pages
     assert partly.startswith("the old conveyor.db could be read only in part (") and ledger_lost == LEDGER_LOST
     assert [(r[0], r[3]) for r in job_rows(ws)] == [(1, "done"), (2, "skipped"), (3, "done"), (4, "interrupted")]
-    assert repair.diagnose(ws) is None
+    assert consistency.diagnose(ws) is None
 
 
 def test_jobs_only_the_old_database_knew_are_kept_when_finished_and_listed_when_waiting(two_runs, tmp_path):

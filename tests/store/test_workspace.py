@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli, set_setting, text_file
 
 from conveyor.config import CONFIG_FILE, Config, render_config
-from conveyor.errors import ConfigError, WorkspaceError
+from conveyor.errors import ConfigError, ConveyorError, WorkspaceError
 from conveyor.faults import DatabaseDamaged, database_message, database_mismatch_message, database_missing_message
 from conveyor.store import workspace as workspace_module
 from conveyor.store.database import VERSIONS_VERSION
@@ -112,14 +112,20 @@ def test_the_built_in_tiny_model_is_made_under_models_once(tmp_path, tiny_dir):
     assert {name: (ws.models / "tiny" / name).stat().st_mtime_ns for name in names(tiny_dir)} == made
 
 
-def test_another_model_name_is_used_as_it_is(tmp_path):
-    """A hub id or a local folder is returned unchanged, and nothing is made under models/."""
+def test_another_model_name_is_used_as_it_is(tmp_path, monkeypatch):
+    """A hub id (where conveyor may download: HF_HUB_OFFLINE=0) or a local model folder is returned unchanged, and
+    nothing is made under models/; offline, a hub id that is not cached is refused by name."""
     ws = Workspace.create(tmp_path / "ws", Config())
     local = tmp_path / "my-model"
     local.mkdir()
+    (local / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert ws.model_path("org/some-model") == "org/some-model"
     assert ws.model_path(str(local)) == str(local)
-    assert not ws.models.exists() and names(local) == []
+    assert not ws.models.exists() and names(local) == ["config.json"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConveyorError, match="model.name = 'org/some-model': no such file or folder, nor a model"):
+        ws.model_path("org/some-model")
 
 
 def test_the_database_is_opened_once_per_workspace_object(tmp_path):
