@@ -66,8 +66,8 @@ def test_bad_command_arguments(workspace, tmp_path):
     assert r.code == 1 and "--run 'run-9999': no such run; the runs are none yet" in r.out + r.err
     r = run_cli(ws, "queue", "move", "42", "--priority", "high")
     assert r.code == 1 and "no job 42" in r.out + r.err
-    r = run_cli(ws, "pause")
-    assert r.code == 1 and "no conveyor daemon is running" in r.out + r.err
+    r = run_cli(ws, "rollback", "2")
+    assert r.code == 1 and "no version '2' (did you mean v2?)" in r.out + r.err
     r = run_cli(ws, "export", tmp_path / "out")
     assert r.code == 1 and "nothing trained yet" in r.out + r.err
 

@@ -216,8 +216,19 @@ def _control(action: str, reason: Optional[str], wait: float) -> None:
 
 @app.command()
 def pause(wait: float = typer.Option(60.0, help="Seconds to wait for the daemon to act.")):
-    """Checkpoint and hold training after the current optimizer step."""
-    _control("pause", None, wait)
+    """Checkpoint and hold training after the current optimizer step (with no daemon: the queue starts paused)."""
+    from ..store import controls
+    from ..store.lock import daemon_pid
+
+    ws = _ws()
+    if daemon_pid(ws) is not None:
+        return _control("pause", None, wait)
+    if controls.paused(ws.db):  # a pause holds across stops and restarts: nothing to add
+        console.print(f"already paused: {controls.pause_text(ws.db)}", markup=False)
+        return
+    controls.hold(ws.db, f"cli (pid {os.getpid()})", "paused by `conveyor pause` while no daemon ran")
+    console.print("paused: no daemon runs now, so `conveyor run`, `run --drain` and `train` start paused until "
+                  "`conveyor resume`", markup=False)
 
 
 @app.command()

@@ -217,7 +217,11 @@ def render(data: dict):
     cur = data["current"]
     if cur:
         loss = f"{cur['loss']:.4f}" if cur["loss"] is not None else "-"
-        if cur["planned_steps"] is None:  # claimed, not planned yet: validating, tokenizing or loading the model
+        if not data["daemon"]["running"]:  # `running` with no process to train it: a crash's (or SIGKILL's) leftover
+            parts.append(Text(f"job {cur['id']} {cur['file']}: its training process ended without a word (a crash "
+                              f"or SIGKILL) after step {cur['steps_done']} of {cur['planned_steps'] or '?'}; it "
+                              "resumes from its newest checkpoint when training starts (`conveyor run` or `train`)"))
+        elif cur["planned_steps"] is None:  # claimed, not planned yet: validating, tokenizing or loading the model
             parts.append(Text(f"job {cur['id']} {cur['file']}: starting (tokenizing its data and loading the model)"))
         else:
             parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "

@@ -144,7 +144,8 @@ def find(con: sqlite3.Connection, version: str) -> sqlite3.Row:
         if match else None
     if row is None:
         known = ", ".join(v["version"] for v in all_versions(con)) or "none yet (a version is made when a job ends)"
-        raise ConveyorError(f"no version {version!r}; versions: {known}. See `conveyor versions`")
+        meant = f" (did you mean v{version.strip()}?)" if version.strip().isdigit() else ""
+        raise ConveyorError(f"no version {version!r}{meant}; versions: {known}. See `conveyor versions`")
     return row
 
 

@@ -56,3 +56,18 @@ def test_pause_in_a_job_then_skip_keeps_the_queue_paused_until_resume_and_outliv
     assert [(x["job"], x["outcome"]) for x in rows][-2:] == [(2, "done"), (3, "done")]
     assert rows[-1]["end_step"] == rows[-1]["start_step"] + 3  # c.jsonl: 4 examples, one per step
     assert json.loads(run_cli(ws, "status", "--json").out)["daemon"]["paused"] is False
+
+
+def test_pause_without_a_daemon_holds_the_next_start_until_resume(workspace, tmp_path):
+    """A pause is a state of the queue: given with no daemon running, it is recorded (not refused); `train` then
+    refuses before queuing anything, naming the pause; `resume` lifts it and training goes on."""
+    ws = workspace()
+    r = run_cli(ws, "pause")
+    assert r.code == 0 and "paused: no daemon runs now" in r.out, r.out + r.err
+    assert run_cli(ws, "pause").out.startswith("already paused:")
+    data = text_file(tmp_path / "a.jsonl", 16)
+    r = run_cli(ws, "train", data, "-q")
+    assert r.code == 1 and "paused by `conveyor pause` while no daemon ran" in r.out + r.err, r.out + r.err
+    assert status(ws)["queue"] == []
+    assert run_cli(ws, "resume").code == 0
+    assert run_cli(ws, "train", data, "-q").code == 0

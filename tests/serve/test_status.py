@@ -10,6 +10,7 @@ from conftest import run_cli, text_file
 
 from conveyor.serve.status import bar, one_line
 from conveyor.store import jobs
+from conveyor.store.lock import Lock
 from conveyor.store.workspace import Workspace
 
 
@@ -54,5 +55,17 @@ def test_a_job_claimed_but_not_yet_planned_shows_as_starting(workspace, tmp_path
     ws = workspace()
     assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 8)).code == 0
     assert jobs.claim_next(Workspace.open(ws).db, claim="test").planned_steps is None
-    out = run_cli(ws, "status").out
+    with Lock(Workspace.open(ws)):  # as a daemon that has just claimed it
+        out = run_cli(ws, "status").out
     assert "job 1 a.jsonl: starting (tokenizing its data and loading the model)" in out and "None" not in out, out
+
+
+def test_a_job_left_running_by_a_killed_process_says_so(workspace, tmp_path):
+    """No daemon holds the lock, yet a job is `running` (its process was SIGKILLed): status says what happened and
+    what resumes it, not a live progress bar."""
+    ws = workspace()
+    assert run_cli(ws, "add", text_file(tmp_path / "a.jsonl", 8)).code == 0
+    jobs.claim_next(Workspace.open(ws).db, claim="killed")
+    out = run_cli(ws, "status").out
+    assert "job 1 a.jsonl: its training process ended without a word (a crash or SIGKILL) after step 0 of ?" in out
+    assert "resumes from its newest checkpoint when training starts" in out
