@@ -355,7 +355,7 @@ def bounded(encode, text: str, limit: int | None):
         if limit is None or chars >= len(text):
             return encode(text)
         out = encode(text[:chars])
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # a tokenizer's dict-like encoding, or ids
         if len(ids) > limit + SLACK:
             return out
         chars *= 2

