@@ -138,12 +138,21 @@ def export(
     run_id: Optional[str] = typer.Option(None, "--run", help="Run id (default: the active run)."),
     version: Optional[str] = typer.Option(None, "--version", help="Export this version (see `conveyor versions`) "
                                           "instead of the newest checkpoint."),
+    gguf: bool = typer.Option(False, "--gguf", help="One GGUF file for llama.cpp, Ollama, LM Studio (merged), "
+                              "read back and compared before it is reported done, beside an Ollama Modelfile."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="With --gguf: f16 (default), bf16, q8_0 or f32."),
 ):
     """Export the newest verified checkpoint of a run (or a version), as it was trained (not as conveyor.toml says
     now)."""
     from ..serve.export import export as export_run
+    from ..serve.gguf_export import DEFAULT_QUANT, QUANTS
 
-    message, warnings = export_run(_ws(), out, merge, run_id, version)
+    if quant is not None and not gguf:
+        raise typer.BadParameter("--quant chooses the GGUF tensor type; add --gguf", param_hint="--quant")
+    if quant is not None and quant not in QUANTS:
+        raise typer.BadParameter(f"{quant!r}: choose one of {', '.join(QUANTS)}", param_hint="--quant")
+    kind = (quant or DEFAULT_QUANT) if gguf else None
+    message, warnings = export_run(_ws(), out, merge, run_id, version, kind)
     for text in warnings:
         err.print(f"warning: {text}", style="yellow", markup=False)
     console.print(message, markup=False)

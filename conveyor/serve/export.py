@@ -16,6 +16,7 @@ from ..store import checkpoints as ck
 from ..store import pending, runs
 from ..store.versions import checkpoint
 from ..store.workspace import Workspace
+from . import gguf_export
 
 EXPORT_FILE = "conveyor-export.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -61,8 +62,9 @@ def _load(make, where):
 
 
 def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
-           version: str | None = None) -> tuple[str, list[str]]:
-    """Write a version's checkpoint, or the newest verified checkpoint of a run (default: the active one), to `out`.
+           version: str | None = None, gguf: str | None = None) -> tuple[str, list[str]]:
+    """Write a version's checkpoint, or the newest verified checkpoint of a run (default: the active one), to `out`:
+    as a model folder, or with `gguf` (a quant type) as one GGUF file and an Ollama Modelfile.
 
     Returns the message to show and the warnings (skipped checkpoints, --merge on a full run, a changed base).
     """
@@ -89,15 +91,24 @@ def export(ws: Workspace, out: Path, merge: bool, run_id: str | None,
     warnings += _base_changes(identity, model_path, lora)
     if merge and not lora:
         warnings.append(f"{run.id} is a full fine-tune: its checkpoint is already a full model, nothing to merge")
-    merged = merge and lora
+    merged = (merge or gguf is not None) and lora  # a GGUF file holds one plain model
+    if gguf is not None:
+        gguf_export.check_mappable(Path(model_path) if lora else found.path, gguf)
 
     quiet_libraries()
     model = load_trained(identity, model_path, found.path)
     if merged:
         model = model.merge_and_unload()
-    _write(ws, out, model, load_tokenizer(model_path), {
-        "run": run.id, "global_step": found.step, "checkpoint": found.path.name, "merged": merged,
-        "identity": identity, **({"version": version} if version else {})})
+    tokenizer = load_tokenizer(model_path)
+    record = {"run": run.id, "global_step": found.step, "checkpoint": found.path.name, "merged": merged,
+              "identity": identity, **({"version": version} if version else {})}
+    if gguf is not None:
+        written = _write(ws, out, record, lambda tmp: _gguf(tmp, model, tokenizer, Path(model_path), gguf, out.name))
+        what = f"{version} ({run.id}, global step {found.step})" if version else f"{run.id} at global step {found.step}"
+        return (f"exported {what} as {out / written.file.name} ({gguf}, read back: largest logit difference "
+                f"{written.max_logit_difference:.3g}, same top token at {written.top1_agreement:.1%} of probe "
+                f"positions) with an Ollama Modelfile: `ollama create NAME -f {out / 'Modelfile'}`"), warnings
+    _write(ws, out, record, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     kind = "merged model" if merged else "adapter" if lora else "model"
     if version:
         return (f"exported the {kind} of {version} ({run.id}, global step {found.step}, {found.path.name}) to {out}",
@@ -153,15 +164,25 @@ def _base_changes(identity: dict, model_path: str, lora: bool) -> list[str]:
 
 
 
-def _write(ws: Workspace, out: Path, model, tokenizer, record: dict) -> None:
-    """Write into a temporary sibling folder and rename it into place: a failed export leaves no half OUT, and one
-    cut off (SIGKILL, power loss) leaves its temporary folder only until the next conveyor command (pending)."""
+def _gguf(tmp: Path, model, tokenizer, model_folder: Path, quant: str, name: str) -> gguf_export.Written:
+    written = gguf_export.write(model, tokenizer, model_folder, tmp, quant, name)
+    (tmp / "Modelfile").write_text(gguf_export.modelfile(tokenizer, written.file.name), encoding="utf-8")
+    return written
+
+
+def _write(ws: Workspace, out: Path, record: dict, fill):
+    """Write into a temporary sibling folder (`fill(tmp)` writes the model; its result, when it has a `record()`,
+    joins the export's record) and rename it into place: a failed export leaves no half OUT, and one cut off
+    (SIGKILL, power loss) leaves its temporary folder only until the next conveyor command (pending)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with pending.intent(ws, pending.EXPORT, tmp=str(tmp.resolve()), out=str(out.resolve())):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tmp.mkdir()
+        made = fill(tmp)  # a raise (a read-back that does not match, a full disk) is undone by the intent
+        if hasattr(made, "record"):
+            record = {**record, "gguf": made.record()}
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         testhooks.failpoint("export-written", record["global_step"])
         os.rename(tmp, out)
+    return made

@@ -58,3 +58,45 @@ def test_generate_asks_through_its_chat_template(trained):
     answer = json.loads(r.out)
     assert (answer["chat"], answer["version"]) == (True, "v1")
     assert "Paris" in answer["output"]  # what the base model knew, kept after 6 small steps
+
+
+def _greedy(model, tokenizer, question: str, tokens: int = 12) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_the_merged_export_and_its_gguf_answer_as_generate_does(trained, tmp_path):
+    """GGUF in (the package's Q4_1 file), trained, GGUF out: the exported file loads back in plain transformers and
+    answers as `conveyor generate` does; f16 within its stated logit tolerance of the merged model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conveyor.serve.gguf_export import AGREEMENT, TOLERANCE
+
+    ws, _ = trained
+    question = FACTS[1][0]
+    r = run_cli(ws, "generate", question, "--json", "--max-new-tokens", "12")
+    assert r.code == 0, r.out + r.err
+    said = json.loads(r.out)["output"]
+
+    merged = tmp_path / "merged"
+    assert run_cli(ws, "export", merged, "--merge").code == 0
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert _greedy(plain, tokenizer, question).strip() == said.strip()  # one CPU, one model: the same greedy path
+
+    out = tmp_path / "smollm2-trained"
+    r = run_cli(ws, "export", out, "--gguf", "--quant", "f16")
+    assert r.code == 0, r.out + r.err
+    shown = json.loads((out / "conveyor-export.json").read_text())["gguf"]
+    assert shown["max_logit_difference"] <= TOLERANCE["f16"] and shown["top1_agreement"] >= AGREEMENT["f16"]
+    assert shown["tokenizer_identical_on_probe"] and shown["tensors"] == 272  # tied: no separate output.weight
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="smollm2-trained-f16.gguf")
+    back_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="smollm2-trained-f16.gguf")
+    assert "Paris" in _greedy(back, back_tokenizer, "What is the capital of France?")  # far from any edge
+    modelfile = (out / "Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "SYSTEM \"\"\"You are a helpful AI assistant" in modelfile
