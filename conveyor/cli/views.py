@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from ..errors import ConveyorError
 from ..store import ledger, runs
@@ -118,22 +118,40 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
     rows = all_versions(ws.db, ws.runs)
     if as_json:
         return _print_json(rows)
-    table = Table("version", "run", "job", "file", "step", "eval loss", "held-out sets", "pinned", "gated",
-                  "weights", "optimizer")
-    for v in rows:
-        loss = v["eval"].get("eval.file")
-        held = [x for k, x in v["eval"].items() if k != "eval.file"]
-        table.add_row(v["version"], v["run"], str(v["job"]), v["file"], str(v["step"]),
-                      f"{loss:.4f}" if loss is not None else "-",
-                      f"{len(held)}, mean {sum(held) / len(held):.4f}" if held else "-",
-                      "yes" if v["pinned"] else "", "yes" if v["gated"] else "", v["weights"], v["optimizer"])
-    console.print(table if rows else "no versions yet: a version is made when a job ends")
+    if not rows:
+        return console.print("no versions yet: a version is made when a job ends")
+    console.print(versions_table(rows))
     if any(v["weights"] == "kept" and v["optimizer"] == "pruned" for v in rows):
-        console.print("optimizer pruned: retention (training.keep_job_ends) kept the weights only; a rollback to "
-                      "such a version starts the optimizer moments from zero")
+        console.print("weights only: retention (training.keep_job_ends) pruned the optimizer state and kept the "
+                      "weights; a rollback to such a version starts the optimizer moments from zero")
     if any(v["weights"] == "pruned" for v in rows):
-        console.print("weights pruned: by retention (training.prune_version_weights); such a version can no longer "
-                      "be exported, tried or rolled back to")
+        console.print("pruned: retention (training.prune_version_weights) deleted the weights; such a version can no "
+                      "longer be exported, tried or rolled back to")
+
+
+CHECKPOINT = {("kept", "kept"): "kept", ("kept", "pruned"): "weights only", ("pruned", "pruned"): "pruned"}
+
+
+def versions_table(rows: list[dict]) -> Table:
+    """The versions, readable in 80 columns: ids, runs, jobs and steps are never cut (a long file name folds
+    instead), pinned and gated are said under the version, and a column the same for every version (the run, when
+    there is one; eval loss and held-out sets, when none has them) is said once or left out."""
+    losses = [v["eval"].get("eval.file") for v in rows]
+    held = [[x for k, x in v["eval"].items() if k != "eval.file"] for v in rows]
+    one_run = len({v["run"] for v in rows}) == 1
+    show_loss, show_held = any(x is not None for x in losses), any(held)
+    table = Table(Column("version", width=7), *([] if one_run else [Column("run", no_wrap=True)]),
+                  Column("job", no_wrap=True), Column("file", overflow="fold"), Column("step", no_wrap=True),
+                  *([Column("eval loss", width=6)] if show_loss else []),
+                  *([Column("held-out sets", width=8)] if show_held else []), Column("checkpoint", no_wrap=True),
+                  title=f"versions of {rows[0]['run']}" if one_run else None, title_justify="left")
+    for v, loss, sets in zip(rows, losses, held):
+        marks = ", ".join(mark for mark, on in (("pinned", v["pinned"]), ("gated", v["gated"])) if on)
+        table.add_row(f"{v['version']} {marks}".strip(), *([] if one_run else [v["run"]]), str(v["job"]), v["file"],
+                      str(v["step"]), *([f"{loss:.4f}" if loss is not None else "-"] if show_loss else []),
+                      *([f"{len(sets)}, mean {sum(sets) / len(sets):.4f}" if sets else "-"] if show_held else []),
+                      CHECKPOINT.get((v["weights"], v["optimizer"]), v["weights"]))
+    return table
 
 
 @app.command("eval")

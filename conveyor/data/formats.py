@@ -116,11 +116,12 @@ def _check_record(record) -> str:
     return fmt
 
 
-def parse_file(path: Path, name: str | None = None) -> ParsedFile:
+def parse_file(path: Path, name: str | None = None, preview: bool = False) -> ParsedFile:
     """Read and validate a whole JSONL file into memory (preview, evaluation: small files); raise DataError
-    listing every bad line (under `name`). Training streams the file instead (scan_file, stream_examples)."""
+    listing every bad line (under `name`; worded for `conveyor preview` when `preview`). Training streams the file
+    instead (scan_file, stream_examples)."""
     examples: list[Example] = []
-    fmt = _validated(path, name or path.name, lambda example, _: examples.append(example))
+    fmt = _validated(path, name or path.name, lambda example, _: examples.append(example), preview)
     return ParsedFile(fmt, examples)
 
 
@@ -148,12 +149,12 @@ def stream_examples(path: Path, name: str | None = None) -> Iterator[tuple[Examp
                 yield Example(number, parsed[0]), parsed[1]
 
 
-def _validated(path: Path, name: str, each) -> str:
+def _validated(path: Path, name: str, each, preview: bool = False) -> str:
     """Check every line, calling each(example, format) for the good ones; the file's format, or DataError."""
     with open(path, "rb") as f:
         kind = what_it_is(f.read(SNIFF_BYTES))
         if kind:
-            raise DataError(describe_problems(name, [(0, kind)]))
+            raise DataError(describe_problems(name, [(0, kind)], preview=preview))
         f.seek(0)
         problems, total, formats = _parse_lines(f, max_line_bytes(), each)
     if len(formats) > 1:
@@ -164,7 +165,7 @@ def _validated(path: Path, name: str, each) -> str:
         problems.append((0, "the file has no examples"))
         total += 1
     if problems:
-        raise DataError(describe_problems(name, problems, total))
+        raise DataError(describe_problems(name, problems, total, preview))
     return next(iter(formats))
 
 
@@ -307,16 +308,23 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def describe_problems(name: str, problems: list[tuple[int, str]], total: int | None = None) -> str:
-    """Plain-language report: the first MAX_REPORTED problems by line and a count of the rest (of `total`)."""
+def describe_problems(name: str, problems: list[tuple[int, str]], total: int | None = None,
+                      preview: bool = False) -> str:
+    """Plain-language report: the first MAX_REPORTED problems by line and a count of the rest (of `total`). The
+    inbox rejects the file; `conveyor preview` (`preview`), which never adds or trains it, says it would be."""
     total = len(problems) if total is None else total
     shown = problems[:MAX_REPORTED]
     lines = [f"  line {n}: {msg}" if n else f"  {msg}" for n, msg in shown]
     if total > len(shown):
         lines.append(f"  ... and {total - len(shown)} more problem(s)")
-    fix = "Fix the lines above and add the file again." if any(n for n, _ in problems) else (
-        "Fix the file and add it again.")
-    return f"{name}: rejected, nothing trained from it ({total} problem(s)):\n" + "\n".join(lines) + "\n" + fix
+    by_line = any(n for n, _ in problems)
+    if preview:
+        head = f"{name} would be rejected"
+        fix = "Fix the lines above, then add the file." if by_line else "Fix the file, then add it."
+    else:
+        head = f"{name}: rejected, nothing trained from it"
+        fix = "Fix the lines above and add the file again." if by_line else "Fix the file and add it again."
+    return f"{head} ({total} problem(s)):\n" + "\n".join(lines) + "\n" + fix
 
 
 @dataclass

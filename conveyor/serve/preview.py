@@ -51,7 +51,7 @@ def preview_file(ws: Workspace, file: Path, lines: str | None = None) -> Preview
     """Tokenize the file (or the examples on `lines`, "A-B") exactly as a job of this workspace would."""
     first, last = parse_lines(lines) if lines else (1, None)
     config = ws.config()
-    parsed = parse_file(_readable(file))
+    parsed = parse_file(_readable(file), preview=True)
     selected = [e for e in parsed.examples if e.line >= first and (last is None or e.line <= last)]
     if not selected:
         raise ConveyorError(f"--lines {lines}: {file} has no examples there (its examples are on lines "

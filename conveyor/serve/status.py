@@ -179,7 +179,7 @@ def _duration(seconds: float | None) -> str:
 def render(data: dict):
     """The status as rich renderables (one screen)."""
     from rich.console import Group
-    from rich.table import Table
+    from rich.table import Column, Table
     from rich.text import Text
 
     parts = []
@@ -233,18 +233,32 @@ def render(data: dict):
         queue.add_row(str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
                       f"{j['steps_done']}/{j['planned_steps']}" if j["planned_steps"] else "-")
     parts.append(queue if data["queue"] else Text("queue: empty"))
-    done = Table("job", "file", "state", "global steps", "notes", title="jobs", title_justify="left")
-    for j in data["jobs"]:
-        if j["state"] in ("queued", "running", "interrupted"):
-            continue
+    done = Table(Column("job", no_wrap=True), Column("file", overflow="fold"), Column("state", no_wrap=True),
+                 Column("global\nsteps", no_wrap=True), Column("notes", overflow="fold"), title="jobs",
+                 title_justify="left")  # only a name, or a word longer than the notes' width, is folded
+    ended = [j for j in data["jobs"] if j["state"] not in ("queued", "running", "interrupted")]
+    for j in ended:
         span = f"{j['start_step']}–{j['end_step']}" if j["start_step"] else "-"
-        held = [f"{len(j['held_out'])} held out"] if j.get("held_out") else []
-        done.add_row(str(j["id"]), j["file"], j["state"], span,
-                     (j["error"] or "; ".join(held + j["warnings"]))[:100])
+        done.add_row(str(j["id"]), Text(j["file"]), j["state"], span, Text(note(j)))  # Text: no markup in a name
+    if any(note(j).endswith(MORE) for j in ended):
+        done.caption = (f"{MORE.strip()} the reason goes on: `conveyor status --json` shows it whole (and rejected/ "
+                        "keeps a rejected file's beside it)")
     if done.row_count:
         parts.append(done)
     parts.append(Text(f"free disk: {data['free_disk_bytes'] / 1e9:.1f} GB"))
     return Group(*parts)
+
+
+MORE = " …"  # after the first line of a reason that goes on
+
+
+def note(job: dict) -> str:
+    """A job's notes in the jobs table: its warnings, or the first line of its error (without the file name the
+    table shows beside it), whole: a table cuts no word of it, and MORE marks a reason that goes on."""
+    if not job["error"]:
+        return "; ".join(([f"{len(job['held_out'])} held out"] if job.get("held_out") else []) + job["warnings"])
+    first, _, rest = job["error"].strip().partition("\n")
+    return first.removeprefix(f"{job['file']}: ") + (MORE if rest.strip() else "")
 
 
 def bar(done: int, total: int, width: int = 40) -> str:

@@ -53,6 +53,17 @@ def test_many_bad_lines_show_first_20_and_a_count():
     assert "... and 10 more problem(s)" in message
 
 
+def test_preview_says_a_bad_file_would_be_rejected():
+    with pytest.raises(DataError) as e:
+        parse_file(ASSETS / "empty.jsonl", preview=True)
+    assert str(e.value).split("\n") == ["empty.jsonl would be rejected (1 problem(s)):", "  the file has no examples",
+                                        "Fix the file, then add it."]
+    with pytest.raises(DataError) as e:
+        parse_file(ASSETS / "empty.jsonl")  # the inbox's words
+    assert str(e.value).split("\n") == ["empty.jsonl: rejected, nothing trained from it (1 problem(s)):",
+                                        "  the file has no examples", "Fix the file and add it again."]
+
+
 def _problems(path) -> list[str]:
     """The problem lines of a rejection, without the indentation, header and advice."""
     with pytest.raises(DataError) as e:

@@ -91,3 +91,21 @@ def test_a_template_problem_names_data_chat_template(workspace):
     assert r.code == 1
     assert "chat_multi.jsonl: the chat template cannot render or mask 2 example(s)" in r.out + r.err
     assert 'To fix: set data.chat_template = "path/to/template.jinja"' in r.out + r.err
+
+
+def test_a_bad_file_would_be_rejected_in_preview_and_is_rejected_by_add(workspace):
+    """Preview trains nothing, so it says what adding the file would do; `add` keeps its wording. Both list the
+    same problems."""
+    ws = workspace()
+    name = "bad_json_and_fields.jsonl"
+    previewed = run_cli(ws, "preview", ASSETS / name)
+    assert previewed.code == 1
+    said = (previewed.out + previewed.err).removeprefix("error: ").strip().splitlines()
+    assert said[0] == f"{name} would be rejected (4 problem(s)):"
+    assert said[-1] == "Fix the lines above, then add the file."
+    assert "nothing trained" not in previewed.out + previewed.err
+    added = run_cli(ws, "add", ASSETS / name)
+    told = [line for line in (added.out + added.err).splitlines() if line.startswith((name, "  ", "Fix"))]
+    assert told[0] == f"{name}: rejected, nothing trained from it (4 problem(s)):"
+    assert told[-1] == "Fix the lines above and add the file again."
+    assert told[1:-1] == said[1:-1] and len(said) == 6

@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import run_cli, text_file
+from conftest import ASSETS, run_cli, status, text_file
 
-from conveyor.serve.status import bar, one_line
+from conveyor.serve.status import MORE, bar, note, one_line
 from conveyor.store import jobs
 from conveyor.store.lock import Lock
 from conveyor.store.workspace import Workspace
@@ -69,3 +69,37 @@ def test_a_job_left_running_by_a_killed_process_says_so(workspace, tmp_path):
     out = run_cli(ws, "status").out
     assert "job 1 a.jsonl: its training process ended without a word (a crash or SIGKILL) after step 0 of ?" in out
     assert "resumes from its newest checkpoint when training starts" in out
+
+
+def test_a_rejection_in_the_jobs_table_is_cut_at_no_word(workspace):
+    """At 80 columns the jobs table shows the first line of a reason whole, wrapped between words, marks that it
+    goes on, and says where the rest is."""
+    ws = workspace()
+    for name in ("bad_json_and_fields.jsonl", "many_bad.jsonl"):
+        run_cli(ws, "add", ASSETS / name)
+    reasons = {j["id"]: j["error"] for j in status(ws)["jobs"]}
+    r = run_cli(ws, "status", env={"COLUMNS": "80"})
+    assert r.code == 0, r.out + r.err
+    table = r.out.split("\njobs\n")[1]
+    assert max(len(line) for line in table.splitlines() if line[:1] in "┏┃┡│└") <= 80, table
+    notes: dict[int, list[str]] = {}
+    for line in table.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            if cells[0]:
+                job = int(cells[0])
+            notes.setdefault(job, []).append(cells[-1])
+    assert set(notes) == set(reasons) == {1, 2}
+    for job, pieces in notes.items():
+        shown = " ".join(pieces).split()
+        first = reasons[job].splitlines()[0]
+        assert shown[-1] == MORE.strip() and " ".join(shown[:-1]) == first.split(": ", 1)[1], (shown, first)
+        assert all(word in first.split() for word in shown[:-1])  # each word shown is a whole word of the reason
+    assert "… the reason goes on: `conveyor status --json` shows it whole" in " ".join(table.split())
+
+
+def test_notes_are_the_warnings_whole_or_the_reason_without_the_file_name():
+    job = {"file": "a.jsonl", "error": None, "held_out": [3, 5], "warnings": ["x " * 80, "y"]}
+    assert note(job) == "2 held out; " + "x " * 80 + "; y"
+    assert note({**job, "error": "a.jsonl: failed: out of memory\n"}) == "failed: out of memory"
+    assert note({**job, "error": "a.jsonl: rejected (2 problem(s)):\n  line 1: x"}) == "rejected (2 problem(s)):" + MORE
