@@ -153,6 +153,12 @@ class EvalConfig(_Section):
     """Length limit of each sample answer."""
     holdout: float = Field(0, ge=0)
     """Examples of each job set aside and never trained (a count, or a fraction below 1), scored at every evaluation."""
+    answers: int = Field(16, ge=0, le=10_000)
+    """Held-out examples per set (prompt/completion or chat) whose greedy answers are scored against the reference
+    (exact match, token F1) at each evaluation, beside the loss; 0: loss only."""
+    answer_budget: int = Field(20_000, ge=0)
+    """At most this many tokens generated to score answers per evaluation (answers x sets x max_new_tokens); an
+    evaluation that would need more scores losses only and says so."""
     gate: float = Field(0.0, ge=0.0)
     """Pause the queue when a job raises an earlier held-out set's loss by more than this fraction (0.1 = 10%); 0: off."""
 

@@ -20,7 +20,7 @@ from ..errors import ConveyorError
 QUANTS = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_QUANT = "f16"
 # The largest difference between a logit of the model and of its GGUF read back that passes, per type, on the probe
-# below. Measured on SmolLM2-135M-Instruct (README: Export): f32 0, f16 0.04, bf16 0.28, q8_0 1.32 (its top token
+# below. Measured on SmolLM2-135M-Instruct (docs/models.md, Export): f32 0, f16 0.04, bf16 0.28, q8_0 1.32 (its top token
 # the same at 98.6% of positions); the bounds leave room for other models' logit scales. f32 is exact: any
 # difference there is a mapping fault.
 TOLERANCE = {"f32": 1e-4, "f16": 0.25, "bf16": 1.5, "q8_0": 3.0}

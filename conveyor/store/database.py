@@ -212,6 +212,9 @@ ADDED_COLUMNS = [
     ("jobs", "requeued_from", "INTEGER"),
     ("audit", "replay", "TEXT"),
     ("ledger", "replayed", "INTEGER NOT NULL DEFAULT 0"),
+    ("set_evals", "exact", "REAL"),  # the share of scored answers that matched exactly (NULL: not scored)
+    ("set_evals", "f1", "REAL"),  # their mean token F1
+    ("set_evals", "answered", "INTEGER"),  # how many answers were scored
     ("jobs", "overrides", "TEXT"),  # per-job settings (`conveyor add --set`), JSON {"training.learning_rate": 1e-4}  # replayed examples the segment trained  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
 ]
 

@@ -40,9 +40,11 @@ def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
     con.executemany("INSERT OR REPLACE INTO evals (run_id, step, job_id, eval_loss, examples, created_at)"
                     " VALUES (:run_id, :step, :job_id, :eval_loss, :examples, :created_at)",
                     [{"run_id": run_id, "created_at": now, **e} for e in evals if "name" not in e])
-    con.executemany("INSERT OR REPLACE INTO set_evals (run_id, step, name, job_id, loss, examples, tokens,"
-                    " created_at) VALUES (:run_id, :step, :name, :job_id, :loss, :examples, :tokens, :created_at)",
-                    [{"run_id": run_id, "created_at": now, **e} for e in evals if "name" in e])
+    con.executemany("INSERT OR REPLACE INTO set_evals (run_id, step, name, job_id, loss, examples, tokens, exact, f1,"
+                    " answered, created_at) VALUES (:run_id, :step, :name, :job_id, :loss, :examples, :tokens, :exact,"
+                    " :f1, :answered, :created_at)",
+                    [{"run_id": run_id, "created_at": now, "exact": None, "f1": None, "answered": None, **e}
+                     for e in evals if "name" in e])
     con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at)"
                     " VALUES (:run_id, :step, :prompt, :output, :created_at)",
                     [{"run_id": run_id, "created_at": now, **x} for x in samples])

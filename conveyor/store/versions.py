@@ -40,7 +40,8 @@ def all_versions(con: sqlite3.Connection, runs_dir: Path | None = None) -> list[
     rows = con.execute("SELECT v.*, j.file FROM versions v JOIN jobs j ON j.id = v.job_id WHERE v.lost = 0"
                        " ORDER BY v.id").fetchall()
     return [{"version": name(r["id"]), "run": r["run_id"], "job": r["job_id"], "file": r["file"],
-             "step": r["step"], "eval": losses_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
+             "step": r["step"], "eval": losses_at(con, r["run_id"], r["step"]),
+             "answers": answers_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
              "gated": r["gated"], **(kept_state(runs_dir, r["run_id"], r["step"]) if runs_dir else {})}
             for r in rows]
 
@@ -95,6 +96,13 @@ def losses_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, floa
     return out
 
 
+def answers_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, dict]:
+    """Each held-out set's scored answers at a step ({"exact", "f1", "answered"}), for the sets that had them."""
+    return {r["name"]: {"exact": r["exact"], "f1": r["f1"], "answered": r["answered"]} for r in con.execute(
+        "SELECT name, exact, f1, answered FROM set_evals WHERE run_id = ? AND step = ? AND answered IS NOT NULL",
+        (run_id, step))}
+
+
 def lineage(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
     """The versions that led to a run (default: the active one): for a rollback's run, its parent's up to the
     version it branched from (and so on up), then its own; oldest first."""
@@ -127,7 +135,9 @@ def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
         sets.append({"name": n, "job": job["id"] if job else None, "file": job["file"] if job else EVAL_FILE,
                      "examples": _examples(con, n)})
     return {"sets": sets, "rows": [{"version": v["version"], "run": v["run"], "job": v["job"], "step": v["step"],
-                                    "loss": {n: v["eval"].get(n) for n in names}, "gated": v["gated"]}
+                                    "loss": {n: v["eval"].get(n) for n in names},
+                                    "answers": {n: v["answers"][n] for n in names if n in v["answers"]},
+                                    "gated": v["gated"]}
                                    for v in rows]}
 
 

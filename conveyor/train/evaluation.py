@@ -9,6 +9,7 @@ import torch
 
 from ..data.chat import stop_ids
 from ..data.formats import IGNORE
+from ..data.scoring import Scores, score
 
 
 @dataclass
@@ -23,9 +24,11 @@ class EvalResult:
 class Evaluator:
     """Token-weighted mean loss over each named set's trainable tokens, as the Trainer computes it."""
 
-    def __init__(self, sets: dict, collator, batch_size: int, prompts: list[str], max_new_tokens: int, tokenizer):
+    def __init__(self, sets: dict, collator, batch_size: int, prompts: list[str], max_new_tokens: int, tokenizer,
+                 answer_examples: int = 0):
         self.sets, self.collator, self.batch_size = sets, collator, batch_size
         self.prompts, self.max_new_tokens, self.tokenizer = prompts, max_new_tokens, tokenizer
+        self.answer_examples = answer_examples
 
     def losses(self, trainer, model) -> dict[str, EvalResult]:
         """Every set's loss, in the order the sets were given."""
@@ -50,6 +53,34 @@ class Evaluator:
             model.train(was_training)
         return EvalResult(total / max(tokens, 1), len(examples), tokens)
 
+    def answer_tokens(self, names) -> int:
+        """The most tokens scoring these sets' answers generates: what `eval.answer_budget` bounds."""
+        return sum(min(len(self.sets[n]), self.answer_examples) for n in names) * self.max_new_tokens
+
+    @torch.no_grad()
+    def answers(self, model, examples) -> Scores | None:
+        """The greedy answers to the first `answer_examples` examples that have a prompt (prompt/completion and chat:
+        everything before the first trained token), each scored against what the example trains there (its first
+        reply, without the end marker); None when none has a prompt (text)."""
+        asked = [a for a in (split_reply(e, self.tokenizer) for e in examples[:self.answer_examples]) if a]
+        if not asked:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            pairs = [(self._generate(model, prompt), reference) for prompt, reference in asked]
+        finally:
+            model.train(was_training)
+        return score(pairs)
+
+    def _generate(self, model, ids: list[int]) -> str:
+        device = next(model.parameters()).device
+        generated = model.generate(input_ids=torch.tensor([ids], device=device),
+                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                   max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._ends(model))
+        return self.tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True)
+
     @torch.no_grad()
     def samples(self, model) -> list[tuple[str, str]]:
         """Greedy answers to the configured prompts (chat template when the tokenizer has one)."""
@@ -60,13 +91,7 @@ class Evaluator:
         out = []
         try:
             for prompt in self.prompts:
-                ids = self._prompt_ids(prompt)
-                device = next(model.parameters()).device
-                generated = model.generate(input_ids=torch.tensor([ids], device=device),
-                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                           max_new_tokens=self.max_new_tokens, do_sample=False,
-                                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._ends(model))
-                out.append((prompt, self.tokenizer.decode(generated[0][len(ids):], skip_special_tokens=True)))
+                out.append((prompt, self._generate(model, self._prompt_ids(prompt))))
         finally:
             model.train(was_training)
         return out
@@ -87,3 +112,18 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
                                              add_generation_prompt=True, return_dict=False)
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + \
         tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def split_reply(example, tokenizer) -> tuple[list[int], str] | None:
+    """An example as a question and its answer: the tokens before its first trained one, and the text of that first
+    trained span (special tokens such as the end marker left out). None when nothing precedes the trained tokens but
+    special ones (a text example trains from its start) or the span holds no text."""
+    labels, ids = list(example.labels), list(example.input_ids)
+    start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+    if not start:
+        return None
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+    if not tokenizer.decode(ids[:start], skip_special_tokens=True).strip():
+        return None
+    reference = tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()
+    return (ids[:start], reference) if reference else None

@@ -10,8 +10,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import inspect
 import math
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -138,6 +140,48 @@ class AuditingCollator:
         return [self.fed.popleft() for _ in range(n)]
 
 
+def labelled_only(inputs: dict) -> dict:
+    """The micro-batch with its logits asked for only at positions whose next token carries loss: the output layer
+    (vocabulary × hidden, a fifth of SmolLM2-135M) and the cross-entropy skip the prompt's positions, which a
+    prompt/completion or chat example mostly is. The loss is the same sum over the same tokens with the same
+    normalization: the model takes the shifted labels of the kept positions (`shift_labels`) in place of shifting
+    `labels` itself, and the positions left out are those the loss ignored anyway."""
+    labels = inputs.get("labels")
+    if labels is None:
+        return inputs
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
+    keep = shifted != IGNORE
+    if not bool(keep.any()):  # nothing to learn (a filler's step): the plain forward, the same zero gradients
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
+def computes_labelled_only(model) -> bool:
+    """Whether `labelled_only` fits the model: its forward slices hidden states by a boolean `logits_to_keep`
+    (transformers' shared slice_logits_to_keep, which a family's own slicing may not do) and takes the standard
+    causal-LM loss, which reads `shift_labels`. Any other model computes every position's logits, as before."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules.get(getattr(base.forward, "__module__", ""))
+    return ("logits_to_keep" in inspect.signature(base.forward).parameters
+            and getattr(module, "slice_logits_to_keep", None) is not None
+            and getattr(base, "loss_function", None) is LOSS_MAPPING.get("ForCausalLM"))
+
+
+def _trainer(model, **kw):
+    """The Hugging Face Trainer, computing logits only where labels are (`labelled_only`) when the model can."""
+    from transformers import Trainer
+
+    class LabelledOnly(Trainer):
+        def compute_loss(self, model, inputs, *a, **kwargs):
+            if self.label_smoother is None and self.compute_loss_func is None:  # both would read all the logits
+                inputs = labelled_only(inputs)
+            return super().compute_loss(model, inputs, *a, **kwargs)
+
+    return (LabelledOnly if computes_labelled_only(model) else Trainer)(model=model, **kw)
+
+
 def libraries() -> dict:
     import peft
     import transformers
@@ -163,6 +207,7 @@ class _JobCallback:
         self.evals: list = []
         self.samples: list = []
         self.evaluator = None  # set by train_segment when a validation set is configured
+        self.said_over_budget = False  # answer scoring skipped for its budget: said once per segment
         self.trainer = None
         self.pending: dict = {}
         self.stopped: str | None = None
@@ -293,10 +338,24 @@ class _JobCallback:
             self._flush()
 
     def _evaluate(self, step: int, model) -> None:
+        held = [name for name in self.evaluator.sets if name != EVAL_FILE]
+        needed = self.evaluator.answer_tokens(held)
+        answering = needed <= self.config.eval.answer_budget
+        if not answering and not self.said_over_budget and self.hooks.say:
+            self.said_over_budget = True
+            self.hooks.say("warning", f"answers not scored: {len(held)} held-out set(s) × eval.answers = "
+                           f"{self.config.eval.answers} × eval.max_new_tokens = {self.config.eval.max_new_tokens} "
+                           f"could generate {needed} tokens per evaluation, above eval.answer_budget = "
+                           f"{self.config.eval.answer_budget}; losses are scored. Lower eval.answers or raise "
+                           "eval.answer_budget")
         for name, result in self.evaluator.losses(self.trainer, model).items():
             row = {"step": step, "job_id": self.spec.job_id, "examples": result.examples}
-            self.evals.append({**row, "eval_loss": result.loss} if name == EVAL_FILE else
-                              {**row, "name": name, "loss": result.loss, "tokens": result.tokens})
+            if name == EVAL_FILE:
+                self.evals.append({**row, "eval_loss": result.loss})
+                continue
+            scores = self.evaluator.answers(model, self.evaluator.sets[name]) if answering else None
+            self.evals.append({**row, "name": name, "loss": result.loss, "tokens": result.tokens,
+                               **(scores.record() if scores else {})})
         self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
 
     def _flush(self) -> None:
@@ -363,7 +422,7 @@ def training_arguments(config: Config, output_dir: Path, max_steps: int, run_dir
 def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks | None = None,
                   world_size: int = 1) -> Trained:
     """Train one job from spec.start to its planned end (or a requested stop); returns where it stands."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
 
     quiet_libraries()
     hooks = hooks or Hooks()
@@ -382,7 +441,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                                 varlen=config.model.attn_implementation == "flash_attention_2")
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
     remaining = start.planned_steps - start.steps_done
-    trainer = Trainer(model=model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
+    trainer = _trainer(model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
                                                            spec.job_id),
                       train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
                       callbacks=[_trainer_callback(inner)])
@@ -393,7 +452,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     if spec.eval_sets:
         e = config.eval
         inner.evaluator = Evaluator(spec.eval_sets, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
-                                    tokenizer)
+                                    tokenizer, e.answers)
     if distributed.is_main():
         memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
         if sharding.sharded_checkpoints(config) and world_size == 1 and hooks.say:
