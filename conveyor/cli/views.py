@@ -149,9 +149,17 @@ def versions_table(rows: list[dict]) -> Table:
         marks = ", ".join(mark for mark, on in (("pinned", v["pinned"]), ("gated", v["gated"])) if on)
         table.add_row(f"{v['version']} {marks}".strip(), *([] if one_run else [v["run"]]), str(v["job"]), v["file"],
                       str(v["step"]), *([f"{loss:.4f}" if loss is not None else "-"] if show_loss else []),
-                      *([f"{len(sets)}, mean {sum(sets) / len(sets):.4f}" if sets else "-"] if show_held else []),
+                      *([_held_cell(sets, v.get("answers") or {})] if show_held else []),
                       CHECKPOINT.get((v["weights"], v["optimizer"]), v["weights"]))
     return table
+
+
+def _held_cell(losses: list[float], answers: dict[str, dict]) -> str:
+    """The held-out sets of a version: how many, their mean loss and, where answers were scored, their mean F1."""
+    if not losses:
+        return "-"
+    f1 = [a["f1"] for a in answers.values()]
+    return f"{len(losses)}, mean {sum(losses) / len(losses):.4f}" + (f", F1 {sum(f1) / len(f1):.2f}" if f1 else "")
 
 
 @app.command("eval")
@@ -182,7 +190,7 @@ def eval_(
         named = "eval.file"
     table = Table("version", "step", *[f"{s['name']}\n{s['file'] if s['job'] is not None else named}"
                                        for s in data["sets"]],
-                  title="loss per evaluation set (change since the set's first score)")
+                  title="loss per evaluation set (change since the set's first score), answers scored")
     first: dict[str, float] = {}
     for row in data["rows"]:
         cells = []
@@ -192,6 +200,11 @@ def eval_(
                 cells.append("-")
                 continue
             base = first.setdefault(s["name"], loss)
-            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.1%})" if base and loss != base else ""))
+            answers = row["answers"].get(s["name"])
+            cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.1%})" if base and loss != base else "") +
+                         (f"\nF1 {answers['f1']:.2f} · EM {answers['exact']:.0%}" if answers else ""))
         table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
     console.print(table)
+    if any(row["answers"] for row in data["rows"]):
+        console.print("F1 · EM: the held-out questions' greedy answers against the references (token F1, exact "
+                      "match; eval.answers per set)")

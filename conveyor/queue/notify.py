@@ -47,6 +47,7 @@ from pathlib import Path
 
 from ..config import NotifyConfig
 from ..store.database import connect, log_event
+from ..store.versions import answers_at
 
 KINDS = ("done", "failed", "rejected", "gate", "disk", "stopped")
 POLL_SECONDS = 0.2  # how often the events table is read for new rows
@@ -382,6 +383,9 @@ def event(con: sqlite3.Connection, row: sqlite3.Row, workspace: str) -> dict:
     evals = _evals(con, job["run_id"], job["end_step"]) if job["run_id"] and job["end_step"] else {}
     if evals:
         ev["eval"] = evals
+        answers = answers_at(con, job["run_id"], job["end_step"])
+        if answers:
+            ev["answers"] = answers
     return ev
 
 

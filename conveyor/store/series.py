@@ -218,7 +218,7 @@ def _pieces(run_id: str, first: int, last: int, levels: tuple[int, ...]) -> list
 def set_eval_rows(con: sqlite3.Connection, run_id: str) -> list[dict]:
     """The held-out sets' losses at every evaluation of a run's lineage, by step then set name."""
     return [_marked(r, run_id) for s in lineage(con, run_id) for r in con.execute(
-        "SELECT step, run_id AS run, name, job_id, loss, examples, tokens, created_at FROM set_evals"
+        "SELECT step, run_id AS run, name, job_id, loss, examples, tokens, exact, f1, answered, created_at FROM set_evals"
         " WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, name", s.where())]
 
 

@@ -99,3 +99,16 @@ def test_answers_beyond_the_budget_are_not_scored_and_that_is_said(workspace, tm
     assert m["rows"][0]["answers"] == {} and m["rows"][0]["loss"]["job 1"] > 0
     logs = run_cli(ws, "logs", "-n", "500").out
     assert "could generate 32 tokens per evaluation, above eval.answer_budget = 31" in logs
+
+
+def test_a_done_notification_carries_the_answers(workspace, tmp_path):
+    from conveyor.queue.notify import event
+    from conveyor.store.workspace import Workspace
+
+    ws = workspace(eval={"holdout": 4, "answers": 2, "max_new_tokens": 4})
+    assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 12), "-q").code == 0
+    con = Workspace.open(ws).db
+    row = con.execute("SELECT * FROM events WHERE kind = 'done'").fetchone()
+    ev = event(con, row, str(ws))
+    assert set(ev["answers"]) == {"job 1"} and ev["answers"]["job 1"]["answered"] == 2
+    assert set(ev["eval"]) == {"job 1"}
