@@ -153,6 +153,10 @@ class EvalConfig(_Section):
     """Length limit of each sample answer."""
     holdout: float = Field(0, ge=0)
     """Examples of each job set aside and never trained (a count, or a fraction below 1), scored at every evaluation."""
+    probe: str = "auto"
+    """What the base model knew, measured per version (retention): a JSONL file of {"prompt": ...} lines, "general"
+    (the built-in set of everyday questions), "auto" (that set for a model with a chat template, except the
+    random-weight built-ins tiny and small) or "" (none)."""
     answers: int = Field(16, ge=0, le=10_000)
     """Held-out examples per set (prompt/completion or chat) whose greedy answers are scored against the reference
     (exact match, token F1) at each evaluation, beside the loss; 0: loss only."""

@@ -137,19 +137,23 @@ def versions_table(rows: list[dict]) -> Table:
     instead), pinned and gated are said under the version, and a column the same for every version (the run, when
     there is one; eval loss and held-out sets, when none has them) is said once or left out."""
     losses = [v["eval"].get("eval.file") for v in rows]
-    held = [[x for k, x in v["eval"].items() if k != "eval.file"] for v in rows]
+    held = [[x for k, x in v["eval"].items() if k not in ("eval.file", "retention")] for v in rows]
+    kept = [(v.get("answers") or {}).get("retention") for v in rows]
     one_run = len({v["run"] for v in rows}) == 1
-    show_loss, show_held = any(x is not None for x in losses), any(held)
+    show_loss, show_held, show_kept = any(x is not None for x in losses), any(held), any(kept)
     table = Table(Column("version", width=7), *([] if one_run else [Column("run", no_wrap=True)]),
                   Column("job", no_wrap=True), Column("file", overflow="fold"), Column("step", no_wrap=True),
                   *([Column("eval loss", width=6)] if show_loss else []),
-                  *([Column("held-out sets", width=8)] if show_held else []), Column("checkpoint", no_wrap=True),
+                  *([Column("held-out sets", width=8)] if show_held else []),
+                  *([Column("retention", no_wrap=True)] if show_kept else []), Column("checkpoint", no_wrap=True),
                   title=f"versions of {rows[0]['run']}" if one_run else None, title_justify="left")
-    for v, loss, sets in zip(rows, losses, held):
+    for v, loss, sets, base in zip(rows, losses, held, kept):
         marks = ", ".join(mark for mark, on in (("pinned", v["pinned"]), ("gated", v["gated"])) if on)
         table.add_row(f"{v['version']} {marks}".strip(), *([] if one_run else [v["run"]]), str(v["job"]), v["file"],
                       str(v["step"]), *([f"{loss:.4f}" if loss is not None else "-"] if show_loss else []),
-                      *([_held_cell(sets, v.get("answers") or {})] if show_held else []),
+                      *([_held_cell(sets, {k: a for k, a in (v.get("answers") or {}).items() if k != "retention"})]
+                        if show_held else []),
+                      *([f"F1 {base['f1']:.0%}" if base else "-"] if show_kept else []),
                       CHECKPOINT.get((v["weights"], v["optimizer"]), v["weights"]))
     return table
 
@@ -188,7 +192,7 @@ def eval_(
         named = Path(ws.config().eval.file or "eval.file").name  # eval.file's set is named by the file it reads
     except ConveyorError:
         named = "eval.file"
-    table = Table("version", "step", *[f"{s['name']}\n{s['file'] if s['job'] is not None else named}"
+    table = Table("version", "step", *[f"{s['name']}\n{named if s['file'] == 'eval.file' else s['file']}"
                                        for s in data["sets"]],
                   title="loss per evaluation set (change since the set's first score), answers scored")
     first: dict[str, float] = {}
@@ -207,4 +211,5 @@ def eval_(
     console.print(table)
     if any(row["answers"] for row in data["rows"]):
         console.print("F1 · EM: the held-out questions' greedy answers against the references (token F1, exact "
-                      "match; eval.answers per set)")
+                      "match; eval.answers per set); retention: the probe's answers against the base model's own "
+                      "(eval.probe)")

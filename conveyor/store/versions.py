@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..data.holdout import EVAL_FILE, job_of
+from ..data.probe import RETENTION
 from ..errors import ConveyorError
 from . import checkpoints as ck
 from . import manifest as mf
@@ -22,6 +23,7 @@ from . import runs
 from .runs import ancestry
 
 NAME = re.compile(r"v(\d+)")
+BASE = "base"  # the matrix's row of the base model (step 0), where the probe was scored on it
 
 
 def name(version_id: int) -> str:
@@ -122,17 +124,25 @@ def lineage(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
 
 def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     """Versions × evaluation sets: each version's loss on every set scored at its step (None where a set did not
-    exist yet). The sets are the held-out sets in the order their jobs began, and eval.file's when it was scored.
-    The versions are those of a run's lineage (default: the active run's; see `lineage`)."""
+    exist yet), and its scored answers where there were some. The sets are eval.file's when it was scored, the probe's
+    (retention: the base model's answers) and the held-out sets in the order their jobs began. The versions are those
+    of a run's lineage (default: the active run's; see `lineage`), after the base model's own row (`base`, step 0)
+    where the probe's base answers were scored."""
     rows = lineage(con, run_id)
+    if rows:
+        first = rows[0]["run"]
+        base = {"version": BASE, "run": first, "job": None, "step": 0, "eval": losses_at(con, first, 0),
+                "answers": answers_at(con, first, 0), "gated": None}
+        rows = ([base] if base["eval"] else []) + rows
     names: list[str] = []
     for v in rows:
         names += [n for n in v["eval"] if n not in names]
-    names.sort(key=lambda n: n != EVAL_FILE)  # eval.file first, held-out sets after in their order
+    names.sort(key=lambda n: (n != EVAL_FILE, n != RETENTION))  # eval.file, retention, then held-out sets in order
     sets = []
     for n in names:
         job = con.execute("SELECT id, file FROM jobs WHERE id = ?", (job_of(n),)).fetchone()
-        sets.append({"name": n, "job": job["id"] if job else None, "file": job["file"] if job else EVAL_FILE,
+        sets.append({"name": n, "job": job["id"] if job else None,
+                     "file": job["file"] if job else "base answers" if n == RETENTION else EVAL_FILE,
                      "examples": _examples(con, n)})
     return {"sets": sets, "rows": [{"version": v["version"], "run": v["run"], "job": v["job"], "step": v["step"],
                                     "loss": {n: v["eval"].get(n) for n in names},

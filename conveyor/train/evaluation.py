@@ -3,10 +3,12 @@ generations from fixed prompts, so a person can see whether the model is learnin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from ..data import probe as probes
 from ..data.chat import stop_ids
 from ..data.formats import IGNORE
 from ..data.scoring import Scores, score
@@ -58,11 +60,12 @@ class Evaluator:
         return sum(min(len(self.sets[n]), self.answer_examples) for n in names) * self.max_new_tokens
 
     @torch.no_grad()
-    def answers(self, model, examples) -> Scores | None:
-        """The greedy answers to the first `answer_examples` examples that have a prompt (prompt/completion and chat:
+    def answers(self, model, examples, every: bool = False) -> Scores | None:
+        """The greedy answers to the first `answer_examples` examples (`every`: all) that have a prompt (prompt/completion and chat:
         everything before the first trained token), each scored against what the example trains there (its first
         reply, without the end marker); None when none has a prompt (text)."""
-        asked = [a for a in (split_reply(e, self.tokenizer) for e in examples[:self.answer_examples]) if a]
+        chosen = examples if every else examples[:self.answer_examples]  # every: the probe's
+        asked = [a for a in (split_reply(e, self.tokenizer) for e in chosen) if a]
         if not asked:
             return None
         was_training = model.training
@@ -127,3 +130,45 @@ def split_reply(example, tokenizer) -> tuple[list[int], str] | None:
         return None
     reference = tokenizer.decode(ids[start:end], skip_special_tokens=True).strip()
     return (ids[:start], reference) if reference else None
+
+
+def add_retention(evaluator: Evaluator, trainer, model, spec, max_length: int, warn) -> dict | None:
+    """Make the probe a set the evaluator scores ("retention": the base's answers as references). Its base answers
+    are recorded first if none are kept: by the model as it is before a run's first step, or with LoRA by the
+    model with its adapter off (the base). Returns the base's own row (step 0) when they were recorded now."""
+    probe = spec.probe
+    recorded = probe.answers is None
+    if recorded:
+        base = _as_base(model, spec)
+        if base is None:
+            if warn:
+                warn(f"retention not measured: the base model's answers to the probe ({probe.source}) are recorded "
+                     "before a full fine-tune's first step, and this run had trained before eval.probe was set")
+            return None
+        with base, torch.no_grad():
+            was_training = model.training
+            model.eval()
+            chat = bool(evaluator.tokenizer.chat_template)
+            answers = [evaluator._generate(model, prompt_ids(evaluator.tokenizer, p, chat)).strip()
+                       for p in probe.prompts]
+            model.train(was_training)
+        probes.save(probe, answers)
+    examples = probes.examples(evaluator.tokenizer, probe.prompts, probe.answers, max_length)
+    evaluator.sets[probes.RETENTION] = examples
+    if not recorded:
+        return None
+    with _as_base(model, spec):
+        result = evaluator.loss(trainer, model, examples)
+    asked = sum(split_reply(e, evaluator.tokenizer) is not None for e in examples)
+    return {"step": 0, "job_id": spec.job_id, "name": probes.RETENTION, "loss": result.loss,
+            "examples": result.examples, "tokens": result.tokens, "exact": 1.0, "f1": 1.0, "answered": asked}
+
+
+def _as_base(model, spec):
+    """A context in which `model` is the base model, or None where that cannot be had (a full fine-tune that has
+    trained): LoRA's adapter off, or the untrained model before a run's first step."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    if spec.resume is None:  # no checkpoint to start from: the model loaded is the base
+        return contextlib.nullcontext()
+    return None

@@ -30,12 +30,13 @@ from ..data.formats import IGNORE, TokenizedFile
 from ..data.holdout import EVAL_FILE
 from ..data.models import quiet_libraries
 from ..data.plan import JobOrder, Position, examples_per_step
+from ..data.probe import RETENTION
 from ..data.replay import Layout
 from ..errors import NonFiniteError
 from ..store import checkpoints as ck
 from ..store import manifest as mf
 from . import distributed, memory, packing, precision, sharding
-from .evaluation import Evaluator
+from .evaluation import Evaluator, add_retention
 from .precision import build_model
 from .training_state import (
     pruned_moments,
@@ -63,6 +64,7 @@ class JobSpec:
     # Named evaluation sets (eval.file's, each job's held-out set), tokenized and masked like training data.
     eval_sets: dict = field(default_factory=dict)
     pool: object | None = None  # replay.Pool: earlier jobs' examples this job replays (start.replay_count of them)
+    probe: object | None = None  # probe.Probe: what the base model knew (its answers None until recorded)
 
     @property
     def job_id(self) -> int:
@@ -160,7 +162,7 @@ def computes_labelled_only(model) -> bool:
     """Whether `labelled_only` fits the model: its forward slices hidden states by a boolean `logits_to_keep`
     (transformers' shared slice_logits_to_keep, which a family's own slicing may not do) and takes the standard
     causal-LM loss, which reads `shift_labels`. Any other model computes every position's logits, as before."""
-    from transformers.loss.loss_utils import LOSS_MAPPING
+    from transformers.loss.loss_utils import LOSS_MAPPING  # here: this module imports without transformers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     module = sys.modules.get(getattr(base.forward, "__module__", ""))
@@ -171,7 +173,7 @@ def computes_labelled_only(model) -> bool:
 
 def _trainer(model, **kw):
     """The Hugging Face Trainer, computing logits only where labels are (`labelled_only`) when the model can."""
-    from transformers import Trainer
+    from transformers import Trainer  # seconds to import: only when a job trains
 
     class LabelledOnly(Trainer):
         def compute_loss(self, model, inputs, *a, **kwargs):
@@ -339,7 +341,8 @@ class _JobCallback:
 
     def _evaluate(self, step: int, model) -> None:
         held = [name for name in self.evaluator.sets if name != EVAL_FILE]
-        needed = self.evaluator.answer_tokens(held)
+        needed = self.evaluator.answer_tokens([n for n in held if n != RETENTION]) + \
+            len(self.evaluator.sets.get(RETENTION, ())) * self.config.eval.max_new_tokens
         answering = needed <= self.config.eval.answer_budget
         if not answering and not self.said_over_budget and self.hooks.say:
             self.said_over_budget = True
@@ -353,7 +356,8 @@ class _JobCallback:
             if name == EVAL_FILE:
                 self.evals.append({**row, "eval_loss": result.loss})
                 continue
-            scores = self.evaluator.answers(model, self.evaluator.sets[name]) if answering else None
+            scores = self.evaluator.answers(model, self.evaluator.sets[name], every=name == RETENTION) \
+                if answering else None
             self.evals.append({**row, "name": name, "loss": result.loss, "tokens": result.tokens,
                                **(scores.record() if scores else {})})
         self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
@@ -442,17 +446,26 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
     remaining = start.planned_steps - start.steps_done
     trainer = _trainer(model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
-                                                           spec.job_id),
-                      train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[_trainer_callback(inner)])
+                                                      spec.job_id),
+                       train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
+                       callbacks=[_trainer_callback(inner)])
     trainer.remove_callback(PrinterCallback)  # conveyor shows progress itself
     inner.trainer = trainer
     if sharding.sharded_training(config) and world_size > 1:  # every rank evaluates: a forward needs all shards
         spec.eval_sets = distributed.broadcast(spec.eval_sets if distributed.is_main() else None)
-    if spec.eval_sets:
+    if spec.probe is not None and sharding.sharded_training(config):
+        if hooks.warn and distributed.is_main():
+            hooks.warn("retention (eval.probe) is not measured with distributed.strategy = \"fsdp\": the base "
+                       "answers and each version's would be generated across shards; measure it under ddp")
+        spec.probe = None
+    if spec.eval_sets or spec.probe is not None:
         e = config.eval
         inner.evaluator = Evaluator(spec.eval_sets, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
                                     tokenizer, e.answers)
+        if spec.probe is not None and distributed.is_main():
+            base_row = add_retention(inner.evaluator, trainer, model, spec, t.max_length, hooks.warn)
+            if base_row is not None:
+                inner.evals.append(base_row)
     if distributed.is_main():
         memory.check_fits(config, model, spec.job_id, hooks.say)  # on a GPU only
         if sharding.sharded_checkpoints(config) and world_size == 1 and hooks.say:

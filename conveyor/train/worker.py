@@ -16,12 +16,13 @@ from pathlib import Path
 from .. import faults, overrides, testhooks
 from ..config import Config
 from ..data import holdout, replay
+from ..data import probe as probes
 from ..data.chat import load_tokenizer
 from ..data.formats import TokenizedFile, parse_file, tokenize_file
 from ..data.plan import Position, examples_per_step, fresh, require_steps
 from ..data.tokenized import prune as prune_tokenized
 from ..data.tokenized import tokens_of
-from ..errors import CheckpointError, DataError, NonFiniteError, PlanError
+from ..errors import CheckpointError, ConveyorError, DataError, NonFiniteError, PlanError
 from ..fingerprint import short
 from ..store import checkpoints as ck
 from ..store import controls, jobs, ledger, runs, versions
@@ -281,7 +282,8 @@ class Worker:
 
         spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
                        start=setup.start, identity=setup.run.identity, resume=setup.resume,
-                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool)
+                       open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
+                       probe=self._probe(setup))
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -471,6 +473,28 @@ class Worker:
                 holdout.save(self.ws.data / "holdout", job.id, key, held)
             sets[holdout.set_name(job.id)] = held[:limit]
         return sets
+
+    def _probe(self, setup: Setup) -> probes.Probe | None:
+        """The run's probe (eval.probe) with its kept base answers, verified; a probe the setting cannot give, or
+        kept answers that were changed, is said on the job (changed answers are recorded again where possible)."""
+        config = self.config
+        try:
+            chosen = probes.choose(config.eval.probe, self.ws.root, config.model.name,
+                                   bool(self.tokenizer.chat_template))
+        except ConveyorError as e:
+            self._warn(setup.job, f"retention not measured: {e}")
+            return None
+        if chosen is None:
+            return None
+        prompts, source = chosen
+        probe = probes.Probe(prompts, source, probes.key(prompts, setup.run.identity, config.eval.max_new_tokens),
+                             self.ws.data / "probe")
+        try:
+            probe.answers = probes.load(probe)
+        except probes.AlteredProbe as e:
+            self._warn(setup.job, f"the probe's kept base answers, data/probe/{e}; they are not used, and are "
+                       "recorded again from the base model where it is at hand")
+        return probe
 
     def _eval_file(self) -> TokenizedFile | None:
         """The validation set, tokenized and masked exactly like training data; None if not configured."""
