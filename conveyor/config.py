@@ -165,6 +165,12 @@ class EvalConfig(_Section):
     evaluation that would need more scores losses only and says so."""
     gate: float = Field(0.0, ge=0.0)
     """Pause the queue when a job raises an earlier held-out set's loss by more than this fraction (0.1 = 10%); 0: off."""
+    gate_answers: float = Field(0.0, ge=0.0, le=1.0)
+    """Pause the queue when a job lowers an earlier held-out set's answer F1 by more than this (0.2: from 0.9 to
+    below 0.7); 0: off. Needs eval.holdout and eval.answers."""
+    gate_retention: float = Field(0.0, ge=0.0, le=1.0)
+    """Pause the queue when a version keeps less than this share of the base model's answers to the probe (F1;
+    0.9 = 90%); 0: off. Needs eval.probe."""
 
     @field_validator("holdout")
     @classmethod
@@ -306,6 +312,16 @@ class Config(_Section):
                                       "model.quantization = \"{q}\" holds them in 4-bit blocks that FSDP2 cannot "
                                       "shard; set model.quantization = \"none\" or distributed.strategy = \"ddp\"",
                                       {"q": self.model.quantization})
+        if self.eval.gate_answers > 0 and not (self.eval.holdout and self.eval.answers):
+            raise PydanticCustomError("conflict", "eval.gate_answers = {g} compares each job's held-out answers before "
+                                      "and after later jobs, but eval.holdout or eval.answers is 0; set both (e.g. "
+                                      "eval.holdout = 20, eval.answers = 16) or eval.gate_answers = 0",
+                                      {"g": self.eval.gate_answers})
+        if self.eval.gate_retention > 0 and not self.eval.probe:
+            raise PydanticCustomError("conflict", "eval.gate_retention = {g} compares each version's answers to the "
+                                      "probe with the base model's, but eval.probe is \"\" (none); set eval.probe "
+                                      "(\"general\" or a file) or eval.gate_retention = 0",
+                                      {"g": self.eval.gate_retention})
         if self.eval.gate > 0 and not self.eval.holdout:
             raise PydanticCustomError("conflict", "eval.gate = {g} compares each job's held-out loss before and after "
                                       "later jobs, but eval.holdout = 0 holds none out; set eval.holdout (e.g. 0.05 "

@@ -211,20 +211,32 @@ def _write_pins(con: sqlite3.Connection, runs_dir: Path, run_id: str) -> None:
 
 def rises(con: sqlite3.Connection, version_id: int, exclude: str | None = None) -> list[dict]:
     """How each held-out set scored at both this version and the version before it (in its run's lineage)
-    changed: [{"set", "file", "before", "after", "change", "before_version"}], largest relative rise first."""
+    changed: [{"set", "file", "before", "after", "change", "before_version"}], largest relative rise first; and
+    where answers were scored at both, their F1 ("f1_before", "f1_after"). The probe (retention) is not a held-out
+    set: `retention` measures it."""
     row = con.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
     previous = _previous(con, row)
     if previous is None:
         return []
     after, before = losses_at(con, row["run_id"], row["step"]), losses_at(con, previous["run_id"], previous["step"])
+    answered = answers_at(con, row["run_id"], row["step"])
+    answered_before = answers_at(con, previous["run_id"], previous["step"])
     out = []
     for set_name, loss in after.items():
-        if set_name in (EVAL_FILE, exclude) or before.get(set_name) is None or not before[set_name]:
+        if set_name in (EVAL_FILE, RETENTION, exclude) or before.get(set_name) is None or not before[set_name]:
             continue
         job = con.execute("SELECT file FROM jobs WHERE id = ?", (job_of(set_name),)).fetchone()
+        f1 = {} if set_name not in answered or set_name not in answered_before else {
+            "f1_before": answered_before[set_name]["f1"], "f1_after": answered[set_name]["f1"]}
         out.append({"set": set_name, "file": job["file"] if job else "?", "before": before[set_name], "after": loss,
-                    "change": (loss - before[set_name]) / before[set_name], "before_version": previous["id"]})
+                    "change": (loss - before[set_name]) / before[set_name], "before_version": previous["id"], **f1})
     return sorted(out, key=lambda r: -r["change"])
+
+
+def retention(con: sqlite3.Connection, version_id: int) -> dict | None:
+    """The version's answers to the probe against the base's ({"exact", "f1", "answered"}), if scored."""
+    row = con.execute("SELECT run_id, step FROM versions WHERE id = ?", (version_id,)).fetchone()
+    return answers_at(con, row["run_id"], row["step"]).get(RETENTION) if row else None
 
 
 def _previous(con: sqlite3.Connection, row: sqlite3.Row) -> sqlite3.Row | None:

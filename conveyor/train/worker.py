@@ -331,23 +331,44 @@ class Worker:
         return outcome
 
     def _gate(self, job: Job, run: runs.Run, step: int) -> None:
-        """eval.gate: if the job raised an earlier held-out set's loss by more than the gate against the version
-        before it, the version is marked gated and the queue held (nothing is deleted)."""
-        gate = self.config.eval.gate
+        """eval.gate and its kin: if the job raised an earlier held-out set's loss by more than eval.gate, lowered
+        its answers' F1 by more than eval.gate_answers, or left the version's retention (its probe answers' F1
+        against the base's) below eval.gate_retention, the version is marked gated and the queue held (nothing is
+        deleted)."""
+        e = self.config.eval
         version = versions.at_step(self.db, run.id, step)
-        if gate <= 0 or version is None:
+        if version is None or not (e.gate > 0 or e.gate_answers > 0 or e.gate_retention > 0):
             return
         rises = versions.rises(self.db, version, exclude=holdout.set_name(job.id))
-        over = [r for r in rises if r["change"] > gate]
-        if not over:
+        name = versions.name(version)
+        reasons = []
+        over = [r for r in rises if r["change"] > e.gate] if e.gate > 0 else []
+        if over:
+            reasons.append("raised the held-out loss of " + "; ".join(
+                f"{r['set']} ({r['file']}) {r['before']:.4f} → {r['after']:.4f} ({r['change']:+.1%})" for r in over) +
+                f", more than eval.gate = {e.gate:.0%}")
+        dropped = [r for r in rises if "f1_after" in r and r["f1_before"] - r["f1_after"] > e.gate_answers] \
+            if e.gate_answers > 0 else []
+        if dropped:
+            reasons.append("lowered the held-out answers' F1 of " + "; ".join(
+                f"{r['set']} ({r['file']}) {r['f1_before']:.2f} → {r['f1_after']:.2f}" for r in dropped) +
+                f", by more than eval.gate_answers = {e.gate_answers:.2f}")
+        kept = versions.retention(self.db, version) if e.gate_retention > 0 else None
+        if e.gate_retention > 0 and kept is None:
+            self._warn(job, f"eval.gate_retention = {e.gate_retention:.0%} could not judge {name}: its retention was "
+                       f"not measured (eval.probe = {e.probe!r}; \"auto\" measures chat models other than tiny and "
+                       "small, so set eval.probe = \"general\" or a file)")
+        if kept is not None and kept["f1"] < e.gate_retention:
+            reasons.append(f"kept {kept['f1']:.0%} of the base model's answers to the probe (F1), below "
+                           f"eval.gate_retention = {e.gate_retention:.0%}")
+        if not reasons:
             return
-        name, before = versions.name(version), versions.name(over[0]["before_version"])
-        sets = "; ".join(f"{r['set']} ({r['file']}) {r['before']:.4f} → {r['after']:.4f} ({r['change']:+.1%})"
-                         for r in over)
-        text = (f"eval.gate: {name} (job {job.id}, {job.file}) raised the held-out loss of {sets}, more than "
-                f"eval.gate = {gate:.0%} against {before}. The queue is paused and {name} marked gated; nothing is "
-                f"deleted. `conveyor resume` accepts {name} and goes on; `conveyor rollback {before}` undoes job "
-                f"{job.id} (add --requeue to train it again later)")
+        earlier = (over or dropped or rises or [{}])[0].get("before_version")
+        undo = (f"; `conveyor rollback {versions.name(earlier)}` undoes job {job.id} (add --requeue to train it "
+                "again later)") if earlier else ""
+        text = (f"eval.gate: {name} (job {job.id}, {job.file}) " + "; and ".join(reasons) + f". The queue is "
+                f"paused and {name} marked gated; nothing is deleted. `conveyor resume` accepts {name} and goes on"
+                + undo)
         with transaction(self.db):
             versions.set_gated(self.db, version, text)
             controls.hold(self.db, GATE, text)

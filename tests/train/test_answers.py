@@ -112,3 +112,37 @@ def test_a_done_notification_carries_the_answers(workspace, tmp_path):
     ev = event(con, row, str(ws))
     assert set(ev["answers"]) == {"job 1"} and ev["answers"]["job 1"]["answered"] == 2
     assert set(ev["eval"]) == {"job 1"}
+
+
+def test_the_answers_gate_holds_the_queue_when_an_earlier_sets_f1_drops(workspace, tmp_path):
+    """v1's answers on job 1's held-out set are recorded as perfect (tiny cannot learn them in a few steps), so the
+    next job's version drops them by about 1.0, more than eval.gate_answers."""
+    import re
+    import sqlite3
+
+    ws = workspace(eval={"holdout": 4, "answers": 2, "max_new_tokens": 4, "gate_answers": 0.5})
+    assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 20), "-q").code == 0
+    con = sqlite3.connect(ws / "conveyor.db")
+    with con:
+        assert con.execute("UPDATE set_evals SET f1 = 1.0, exact = 1.0 WHERE name = 'job 1'").rowcount == 1
+    con.close()
+    r = run_cli(ws, "train", chat_file(tmp_path / "b.jsonl", 12), "-q")
+    said = " ".join((r.out + r.err).split())
+    assert r.code == 1 and re.search(r"eval\.gate: v2 \(job 2, b\.jsonl\) lowered the held-out answers' F1 of job 1 "
+                                     r"\(a\.jsonl\) 1\.00 → 0\.\d\d, by more than eval\.gate_answers = 0\.50\. The "
+                                     r"queue is paused and v2 marked gated; nothing is deleted\. `conveyor resume` "
+                                     r"accepts v2 and goes on; `conveyor rollback v1` undoes job 2", said), said
+
+
+def test_answer_and_retention_gates_need_what_they_compare(workspace):
+    from conftest import set_setting
+
+    ws = workspace()
+    set_setting(ws, "eval", "gate_answers", "0.2")
+    r = run_cli(ws, "status")  # status shows a settings problem; train refuses
+    assert "eval.gate_answers = 0.2 compares each job's held-out answers" in " ".join(r.out.split())
+    set_setting(ws, "eval", "gate_answers", "0.0")
+    set_setting(ws, "eval", "probe", '""')
+    set_setting(ws, "eval", "gate_retention", "0.9")
+    r = run_cli(ws, "status")
+    assert "but eval.probe is \"\" (none)" in " ".join(r.out.split())

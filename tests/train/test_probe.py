@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from conftest import chat_file, run_cli, status, text_file
 
@@ -90,3 +91,24 @@ def test_a_full_fine_tune_that_trained_before_the_probe_was_set_says_it_cannot(w
     [warning] = _warnings(ws)
     assert "retention not measured: the base model's answers to the probe (the built-in general set) are recorded " \
         "before a full fine-tune's first step" in warning
+
+
+def test_the_retention_gate_holds_the_queue_and_says_why(workspace, tmp_path):
+    ws = workspace(eval={"probe": "general", "max_new_tokens": 8, "gate_retention": 0.9},
+                   training={"learning_rate": 3e-3})
+    r = run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 16), chat_file(tmp_path / "b.jsonl", 8), "-q")
+    assert r.code == 1, r.out + r.err  # the gate ended the drain
+    said = " ".join((r.out + r.err).split())
+    assert re.search(r"eval\.gate: v1 \(job 1, a\.jsonl\) kept \d+% of the base model's answers to the probe \(F1\), "
+                     r"below eval\.gate_retention = 90%\. The queue is paused and v1 marked gated", said), said
+    assert [j["state"] for j in status(ws)["jobs"]] == ["done", "queued"]
+    versions = json.loads(run_cli(ws, "versions", "--json").out)
+    assert versions[0]["gated"].startswith("eval.gate: v1")
+
+
+def test_a_retention_gate_without_a_probe_says_it_cannot_judge(workspace, tmp_path):
+    ws = workspace(eval={"gate_retention": 0.9})  # probe "auto": nothing measured on tiny
+    assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 8), "-q").code == 0
+    [warning] = _warnings(ws)
+    assert "eval.gate_retention = 90% could not judge v1: its retention was not measured (eval.probe = 'auto'" \
+        in warning
