@@ -184,6 +184,17 @@ class EvalConfig(_Section):
 class ReplayConfig(_Section):
     fraction: float = Field(0.0, ge=0.0, le=0.5)
     """About this fraction of each step's examples are replayed from earlier jobs of the run (0 to 0.5; 0: off)."""
+    rehearsal: float = Field(0.0, ge=0.0, le=0.5)
+    """Self-rehearsal: about this fraction of each step's examples are the probe's prompts answered by the base
+    model (eval.probe; recorded once), so that the model keeps what it knew (0 to 0.5, with fraction at most 0.5)."""
+
+    @model_validator(mode="after")
+    def _at_most_half(self) -> "ReplayConfig":
+        if self.fraction + self.rehearsal > 0.5:
+            raise PydanticCustomError("replay", "replay.fraction + replay.rehearsal = {t} leaves less than half of "
+                                      "each step to the job's own examples; keep the two at most 0.5 together",
+                                      {"t": round(self.fraction + self.rehearsal, 6)})
+        return self
 
 
 class NotifyConfig(_Section):

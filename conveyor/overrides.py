@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 # Keys a job may set for itself: how it trains, evaluates and replays. training.seed fixes the run's example order
 # and the other sections are the run's or the workspace's.
-PER_JOB = ("training.", "eval.holdout", "eval.every_steps", "replay.fraction")
+PER_JOB = ("training.", "eval.holdout", "eval.every_steps", "replay.fraction", "replay.rehearsal")
 RUN_WIDE = {"training.seed": "the run's example order is fixed by it (law 2)",
             "training.keep_checkpoints": "retention is the run's", "training.keep_job_ends": "retention is the run's",
             "training.prune_version_weights": "retention is the run's"}
@@ -37,7 +37,7 @@ def parse(items: list[str], config: Config) -> dict:
             problems.append(f"--set {key}: not a per-job setting ({RUN_WIDE[key]}); change it in conveyor.toml")
         elif not key.startswith(PER_JOB):
             problems.append(f"--set {key}: not a per-job setting; a job may set training.*, eval.holdout, "
-                            "eval.every_steps and replay.fraction")
+                            "eval.every_steps, replay.fraction and replay.rehearsal")
         else:
             found[key] = _value(raw.strip())
     if not problems:

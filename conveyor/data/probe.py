@@ -38,6 +38,7 @@ class Probe:
     key: str  # names the kept answers: prompts, base identity, answer length
     folder: Path  # data/probe
     answers: list[str] | None = None  # the base model's, once recorded
+    fresh: bool = False  # recorded for this job (its base row, step 0, is scored with it)
 
     @property
     def path(self) -> Path:

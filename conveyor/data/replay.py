@@ -9,6 +9,11 @@ The job's positions interleave its own examples (in the order law 2 fixes) with 
 (plan.is_replayed). The r-th replayed example is draw r of the pool, the sources' trained examples end to end:
 a permutation fixed by (seed, job fingerprint, cycle) walked without repetition, a new one each time the pool
 is used up. Every lookup is O(1) in the position (one permutation per cycle is kept).
+
+Self-rehearsal (`replay.rehearsal`) adds the probe's prompts answered by the base model to the pool, as the source
+PROBE (0, a job id never given): it appears in the sources k times, k fixed at the first plan so that about
+rehearsal / (fraction + rehearsal) of the draws are the probe's (the pool walks its parts end to end), and in the
+audit as replay of "job 0", line n being the probe's n-th prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ import numpy as np
 
 from .formats import Tokenized, TokenizedFile
 from .plan import JobOrder, Position, is_replayed, replayed_before
+
+PROBE = 0  # the source id of the probe's base answers in a pool (self-rehearsal)
+
+
+def probe_copies(rehearsal: float, fraction: float, earlier: int, probe: int) -> int:
+    """How many times the probe's examples (`probe` of them) join a pool of `earlier` replayable examples so that
+    about rehearsal / (fraction + rehearsal) of its draws are the probe's; 0 without rehearsal."""
+    if rehearsal <= 0 or probe == 0:
+        return 0
+    if fraction <= 0 or earlier == 0:
+        return 1
+    share = rehearsal / (fraction + rehearsal)
+    return max(1, round(share * earlier / ((1 - share) * probe)))
 
 
 def count(fraction: float, own_total: int, pool: int) -> int:
@@ -50,6 +68,13 @@ class Pool:
         part = int(np.searchsorted(self.starts, i, side="right")) - 1
         job_id, data = self.parts[part]
         return job_id, data.examples[i - int(self.starts[part])]
+
+
+def pool_of(sources, part, seed: int, fingerprint: str) -> Pool | None:
+    """The pool of a job's replay sources in their order (`part(source)` gives a source's examples: an earlier job's
+    trained ones, or the probe's); None if it holds nothing."""
+    pool = Pool([(source, part(source)) for source in sources], seed, fingerprint)
+    return pool if pool.size else None
 
 
 @dataclass

@@ -132,36 +132,55 @@ def split_reply(example, tokenizer) -> tuple[list[int], str] | None:
     return (ids[:start], reference) if reference else None
 
 
-def add_retention(evaluator: Evaluator, trainer, model, spec, max_length: int, warn) -> dict | None:
+def add_retention(evaluator: Evaluator, trainer, model, spec, max_length: int, model_path: str, say) -> dict | None:
     """Make the probe a set the evaluator scores ("retention": the base's answers as references). Its base answers
-    are recorded first if none are kept: by the model as it is before a run's first step, or with LoRA by the
-    model with its adapter off (the base). Returns the base's own row (step 0) when they were recorded now."""
+    are recorded first if none are kept: by the model as it is before a run's first step, or with LoRA by the model
+    with its adapter off; a full fine-tune that has trained loads the base from its folder for it. Returns the
+    base's own row (step 0) when they were recorded for this job and the base is at hand to score them."""
     probe = spec.probe
-    recorded = probe.answers is None
-    if recorded:
-        base = _as_base(model, spec)
+    base = _as_base(model, spec)
+    if probe.answers is None:
         if base is None:
-            if warn:
-                warn(f"retention not measured: the base model's answers to the probe ({probe.source}) are recorded "
-                     "before a full fine-tune's first step, and this run had trained before eval.probe was set")
-            return None
-        with base, torch.no_grad():
-            was_training = model.training
-            model.eval()
-            chat = bool(evaluator.tokenizer.chat_template)
-            answers = [evaluator._generate(model, prompt_ids(evaluator.tokenizer, p, chat)).strip()
-                       for p in probe.prompts]
-            model.train(was_training)
+            if say:
+                say("info", f"job {spec.job_id}: recording the base model's answers to the probe ({probe.source}) "
+                    f"from {model_path}, once for the run")
+            answers = base_answers(evaluator, lambda: _load_base(model, model_path), probe.prompts)
+        else:
+            with base:
+                answers = base_answers(evaluator, lambda: model, probe.prompts)
+            base = _as_base(model, spec)  # a context is used once
         probes.save(probe, answers)
+        probe.fresh = True
     examples = probes.examples(evaluator.tokenizer, probe.prompts, probe.answers, max_length)
     evaluator.sets[probes.RETENTION] = examples
-    if not recorded:
+    if not probe.fresh or base is None:
         return None
-    with _as_base(model, spec):
+    with base:
         result = evaluator.loss(trainer, model, examples)
     asked = sum(split_reply(e, evaluator.tokenizer) is not None for e in examples)
     return {"step": 0, "job_id": spec.job_id, "name": probes.RETENTION, "loss": result.loss,
             "examples": result.examples, "tokens": result.tokens, "exact": 1.0, "f1": 1.0, "answered": asked}
+
+
+@torch.no_grad()
+def base_answers(evaluator: Evaluator, load, prompts: list[str]) -> list[str]:
+    """The greedy answers of the model `load()` gives to the prompts, asked as `generate` asks (through the chat
+    template where there is one), each up to eval.max_new_tokens."""
+    model = load()
+    was_training = model.training
+    model.eval()
+    try:
+        chat = bool(evaluator.tokenizer.chat_template)
+        return [evaluator._generate(model, prompt_ids(evaluator.tokenizer, p, chat)).strip() for p in prompts]
+    finally:
+        model.train(was_training)
+
+
+def _load_base(model, model_path: str):
+    """The base model from its folder, in the dtype `model` trains in, on the CPU (once per run)."""
+    from transformers import AutoModelForCausalLM  # loaded already by the caller's process; imported where used
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=next(model.parameters()).dtype)
 
 
 def _as_base(model, spec):

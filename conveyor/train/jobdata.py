@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import Config
-from ..data import holdout
+from ..data import holdout, replay
 from ..data.chat import load_tokenizer, template_id
 from ..data.formats import TokenizedFile
-from ..data.replay import Pool
 from ..data.tokenized import tokenize_cached
-from ..errors import StoredDataError
+from ..errors import PlanError, StoredDataError
 from ..fingerprint import FileHashes, short
 from ..store import jobs
 from ..store.database import log_event
@@ -57,12 +56,24 @@ def replay_sources(con, run_id: str, job_id: int) -> list[int]:
     return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True) if j.id != job_id]
 
 
-def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str, tokenizer=None):
-    """The trained examples (held-out ones excluded) of the source jobs, as a replay.Pool; None if empty."""
+def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str, tokenizer=None,
+                probe: TokenizedFile | None = None):
+    """The trained examples (held-out ones excluded) of the source jobs, and the probe's base answers where the
+    sources name it (replay.PROBE), as a replay.Pool; None if empty."""
     tokenizer = tokenizer or _load_tokenizer(ws, config, model_path)
-    parts = [(job_id, trained_data(ws, jobs.get(ws.db, job_id), config, model_path, tokenizer)) for job_id in sources]
-    pool = Pool(parts, config.training.seed, fingerprint)
-    return pool if pool.size else None
+    if replay.PROBE in sources and probe is None:
+        raise PlanError("the job rehearses the probe's base answers (replay.rehearsal), which are not at hand: "
+                        "they are recorded from the base model, in data/probe/; see the job's warnings")
+    parts = {}
+
+    def part(source: int) -> TokenizedFile:
+        if source == replay.PROBE:
+            return probe
+        if source not in parts:
+            parts[source] = trained_data(ws, jobs.get(ws.db, source), config, model_path, tokenizer)
+        return parts[source]
+
+    return replay.pool_of(sources, part, config.training.seed, fingerprint)
 
 
 def trained_data(ws: Workspace, job: Job, config: Config, model_path: str, tokenizer=None) -> TokenizedFile:

@@ -10,7 +10,7 @@ from .. import overrides
 from ..config import Config
 from ..data.chat import load_tokenizer
 from ..data.plan import Position
-from ..data.replay import Pool
+from ..data.replay import PROBE, pool_of
 from ..store import checkpoints as ck
 from ..store import manifest as mf
 from ..store.workspace import Workspace
@@ -45,10 +45,10 @@ def follow(root: Path, config: Config, world_size: int) -> None:
     tokenizer = load_tokenizer(model_path, config.data.chat_template, ws.root)
     start = Position.from_json(order["start"])
     pool = None
-    if order["replayed"]:  # as jobdata.replay_pool builds it, from the rows rank 0 sent
-        pool = Pool([(j.id, trained_data(ws, j, config, model_path, tokenizer)) for j in order["replayed"]],
-                    config.training.seed, start.fingerprint)
-        pool = pool if pool.size else None
+    if start.replay_count:  # as jobdata.replay_pool builds it, from the rows (and the probe) rank 0 sent
+        parts = {j.id: trained_data(ws, j, config, model_path, tokenizer) for j in order["replayed"]}
+        parts[PROBE] = order.get("probe")
+        pool = pool_of(start.replay_sources, parts.__getitem__, config.training.seed, start.fingerprint)
     spec = JobSpec(run_id=run_id, run_dir=ws.run_dir(run_id),
                    data=trained_data(ws, job, config, model_path, tokenizer),
                    start=start, identity=order["identity"], resume=resume,

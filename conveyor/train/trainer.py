@@ -465,7 +465,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
         inner.evaluator = Evaluator(spec.eval_sets, collator, e.batch_size, e.sample_prompts, e.max_new_tokens,
                                     tokenizer, e.answers)
         if spec.probe is not None and distributed.is_main():
-            base_row = add_retention(inner.evaluator, trainer, model, spec, t.max_length, hooks.warn)
+            base_row = add_retention(inner.evaluator, trainer, model, spec, t.max_length, model_path, hooks.say)
             if base_row is not None:
                 inner.evals.append(base_row)
     if distributed.is_main():

@@ -55,7 +55,11 @@ def follow_order(setup: Setup, db) -> dict:
     return {"job": setup.job, "run": setup.run.id, "identity": setup.run.identity, "start": start.to_json(),
             "open": [p.to_json() for p in setup.open_jobs],
             "resume": str(setup.resume.path) if setup.resume else None,
-            "replayed": [jobs.get(db, j) for j in start.replay_sources] if start.replay_count else []}
+            "replayed": [jobs.get(db, j) for j in dict.fromkeys(start.replay_sources) if j != replay.PROBE]
+            if start.replay_count else [],
+            # The probe's base answers, tokenized, where the job rehearses them: the other ranks cannot record them.
+            "probe": next((part for source, part in setup.pool.parts if source == replay.PROBE), None)
+            if setup.pool is not None else None}
 
 
 class Worker:
@@ -70,6 +74,7 @@ class Worker:
         self.request: controls.Request | None = None  # the stop or skip being acted on
         self.model_path = ws.model_path(config.model.name)
         self._planned_pool: tuple[tuple[int, ...], object] | None = None  # (sources, pool) _replay_plan built
+        self._probe_found: tuple[int, object] | None = None  # (job id, its probe): looked up and said once
 
     @cached_property
     def tokenizer(self):
@@ -152,7 +157,7 @@ class Worker:
         for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
             ledger.close_overtaken(self.db, run.id, p)
         job = self.plan(job, run, start, data)
-        return Setup(job, run, resume, data, start, open_jobs, self.pool(start))
+        return Setup(job, run, resume, data, start, open_jobs, self.pool(start, job, run))
 
     def prepare(self, job: Job) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
@@ -220,30 +225,68 @@ class Worker:
         return start
 
     def _replay_plan(self, job: Job, run: runs.Run, own_total: int) -> tuple[tuple[int, ...], int]:
-        """replay.fraction for a job's first plan: the earlier jobs it draws from and how many it replays."""
-        fraction = self.config.replay.fraction
-        if fraction <= 0:
+        """replay.fraction and replay.rehearsal for a job's first plan: the earlier jobs it draws from (and the
+        probe, replay.PROBE, as many times as its share needs) and how many examples it replays."""
+        fraction, rehearsal = self.config.replay.fraction, self.config.replay.rehearsal
+        if fraction <= 0 and rehearsal <= 0:
             return (), 0
-        sources = tuple(replay_sources(self.db, run.id, job.id))
-        pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint, self.tokenizer)
+        earlier = tuple(replay_sources(self.db, run.id, job.id)) if fraction > 0 else ()
+        probe = self._rehearsed(job, run) if rehearsal > 0 else None
+        pool = replay_pool(self.ws, self.config, self.model_path, earlier, job.fingerprint, self.tokenizer) \
+            if earlier else None
+        copies = replay.probe_copies(rehearsal, fraction, pool.size if pool else 0,
+                                     len(probe.examples) if probe else 0)
+        sources = earlier + (replay.PROBE,) * copies
+        if copies:
+            pool = replay_pool(self.ws, self.config, self.model_path, sources, job.fingerprint, self.tokenizer,
+                               probe=probe)
         self._planned_pool = (sources, pool)
-        count = replay.count(fraction, own_total, pool.size if pool else 0)
+        share = (fraction if earlier and pool else 0) + (rehearsal if copies else 0)
+        count = replay.count(share, own_total, pool.size if pool else 0)
         if count:
-            self.say("info", f"job {job.id} replays {count} example(s) from job(s) {', '.join(map(str, sources))} "
-                     f"({pool.size} trained examples) between its own {own_total} (replay.fraction = {fraction})",
-                     job.id)
+            drawn = [f"job(s) {', '.join(map(str, earlier))}"] if earlier else []
+            drawn += ["the probe's base answers (self-rehearsal, shown as job 0)"] if copies else []
+            self.say("info", f"job {job.id} replays {count} example(s) from {' and '.join(drawn)} ({pool.size} in "
+                     f"the pool) between its own {own_total} (replay.fraction = {fraction}, replay.rehearsal = "
+                     f"{rehearsal})", job.id)
         else:
             self.say("info", f"job {job.id}: nothing to replay yet (no earlier job of {run.id} is done)", job.id)
         return (sources, count) if count else ((), 0)
 
-    def pool(self, start: Position):
+    def pool(self, start: Position, job: Job, run: runs.Run):
         """The pool the job replays from: the one its first plan just built, or rebuilt from its position's sources."""
         if not start.replay_count:
             return None
         if self._planned_pool and self._planned_pool[0] == start.replay_sources:
             return self._planned_pool[1]
+        probe = self._rehearsed(job, run) if replay.PROBE in start.replay_sources else None
         return replay_pool(self.ws, self.config, self.model_path, start.replay_sources, start.fingerprint,
-                           self.tokenizer)
+                           self.tokenizer, probe=probe)
+
+    def _rehearsed(self, job: Job, run: runs.Run) -> TokenizedFile | None:
+        """The probe's prompts answered by the base model, as examples (self-rehearsal); the answers are recorded
+        here, from the base model's folder, if none are kept yet. None (said on the job) without a probe."""
+        probe = self._probe(job, run)
+        if probe is None:
+            self._warn(job, "replay.rehearsal needs a probe to rehearse (eval.probe, \"auto\" on a model other than "
+                       "a chat model or the random-weight tiny and small): nothing is rehearsed; set eval.probe = "
+                       "\"general\" or a file")
+            return None
+        if probe.answers is None:
+            from .evaluation import Evaluator, base_answers  # torch: only when answers are recorded here
+            from .precision import DTYPES  # as above
+
+            def load():
+                from transformers import AutoModelForCausalLM  # as above
+
+                return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=DTYPES[self.config.model.precision])
+
+            self.say("info", f"job {job.id}: recording the base model's answers to the probe ({probe.source}), once "
+                     "for the run", job.id)
+            evaluator = Evaluator({}, None, 1, [], self.config.eval.max_new_tokens, self.tokenizer)
+            probes.save(probe, base_answers(evaluator, load, probe.prompts))
+        examples = probes.examples(self.tokenizer, probe.prompts, probe.answers, self.config.training.max_length)
+        return TokenizedFile(examples)
 
     def plan(self, job: Job, run: runs.Run, start: Position, data: TokenizedFile) -> Job:
         """Record the job's step range (law 1) under this worker's claim."""
@@ -283,7 +326,7 @@ class Worker:
         spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
                        start=setup.start, identity=setup.run.identity, resume=setup.resume,
                        open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
-                       probe=self._probe(setup))
+                       probe=self._probe(setup.job, setup.run))
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -495,25 +538,31 @@ class Worker:
             sets[holdout.set_name(job.id)] = held[:limit]
         return sets
 
-    def _probe(self, setup: Setup) -> probes.Probe | None:
+    def _probe(self, job: Job, run: runs.Run) -> probes.Probe | None:
         """The run's probe (eval.probe) with its kept base answers, verified; a probe the setting cannot give, or
-        kept answers that were changed, is said on the job (changed answers are recorded again where possible)."""
+        kept answers that were changed, is said on the job (changed answers are recorded again where possible).
+        Looked up once per job (rehearsal and retention share it)."""
+        if self._probe_found is None or self._probe_found[0] != job.id:
+            self._probe_found = (job.id, self._find_probe(job, run))
+        return self._probe_found[1]
+
+    def _find_probe(self, job: Job, run: runs.Run) -> probes.Probe | None:
         config = self.config
         try:
             chosen = probes.choose(config.eval.probe, self.ws.root, config.model.name,
                                    bool(self.tokenizer.chat_template))
         except ConveyorError as e:
-            self._warn(setup.job, f"retention not measured: {e}")
+            self._warn(job, f"retention not measured: {e}")
             return None
         if chosen is None:
             return None
         prompts, source = chosen
-        probe = probes.Probe(prompts, source, probes.key(prompts, setup.run.identity, config.eval.max_new_tokens),
+        probe = probes.Probe(prompts, source, probes.key(prompts, run.identity, config.eval.max_new_tokens),
                              self.ws.data / "probe")
         try:
             probe.answers = probes.load(probe)
         except probes.AlteredProbe as e:
-            self._warn(setup.job, f"the probe's kept base answers, data/probe/{e}; they are not used, and are "
+            self._warn(job, f"the probe's kept base answers, data/probe/{e}; they are not used, and are "
                        "recorded again from the base model where it is at hand")
         return probe
 

@@ -81,16 +81,20 @@ def test_auto_measures_nothing_on_the_random_weight_built_ins(workspace, tmp_pat
     assert not (ws / "data" / "probe").exists() and _matrix(ws)["sets"] == []
 
 
-def test_a_full_fine_tune_that_trained_before_the_probe_was_set_says_it_cannot(workspace, tmp_path):
+def test_a_full_fine_tune_that_trained_before_the_probe_was_set_records_the_base_from_its_folder(workspace,
+                                                                                                   tmp_path):
     from conftest import set_setting
 
-    ws = workspace(adapter={"method": "full"})
+    ws = workspace(adapter={"method": "full"}, eval={"max_new_tokens": 4})
     assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 8), "-q").code == 0
     set_setting(ws, "eval", "probe", '"general"')
-    assert run_cli(ws, "train", chat_file(tmp_path / "b.jsonl", 12), "-q").code == 0
-    [warning] = _warnings(ws)
-    assert "retention not measured: the base model's answers to the probe (the built-in general set) are recorded " \
-        "before a full fine-tune's first step" in warning
+    r = run_cli(ws, "train", chat_file(tmp_path / "b.jsonl", 12), "-q")
+    assert r.code == 0 and "job 2: recording the base model's answers to the probe (the built-in general set) " \
+        "from" in " ".join(r.out.split()), r.out + r.err
+    assert not _warnings(ws)
+    rows = _matrix(ws)["rows"]  # no base row: the base is not in memory to score its own answers' loss
+    assert [r["version"] for r in rows] == ["v1", "v2"] and rows[0]["answers"] == {}
+    assert rows[1]["answers"]["retention"]["answered"] == 36
 
 
 def test_the_retention_gate_holds_the_queue_and_says_why(workspace, tmp_path):
