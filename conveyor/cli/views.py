@@ -173,15 +173,35 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     run_id: Optional[str] = typer.Option(None, "--run", help="This run's versions, after those of the versions it "
                                          "branched from (default: the active run)."),
+    last: Optional[int] = typer.Option(None, "--last", min=0, show_default=False,
+                                       help="The newest N versions (0: all; default 20, and all with --json)."),
+    sets: int = typer.Option(8, "--sets", min=0, help="The newest N held-out sets as columns, beside eval.file and "
+                             "retention (0: all; --json has all)."),
 ):
-    """The forgetting matrix: each version's loss on every held-out set (eval.holdout) and on eval.file."""
+    """The forgetting matrix: each version's loss (and scored answers) on every held-out set (eval.holdout), on
+    eval.file and on the probe (retention)."""
     from ..store.versions import matrix as forgetting
 
     ws = _ws()
     _check_run(ws, run_id)
     data = forgetting(ws.db, run_id)
     if as_json:
+        if last:
+            data["rows"] = data["rows"][-last:]
         return _print_json(data)
+    last = 20 if last is None else last
+    shown_rows = data["rows"][-last:] if last else data["rows"]
+    held = [s for s in data["sets"] if s["job"] is not None]
+    shown_sets = [s for s in data["sets"] if s["job"] is None] + (held[-sets:] if sets else held)
+    left_out = []
+    if len(shown_rows) < len(data["rows"]):
+        left_out.append(f"the newest {len(shown_rows)} of {len(data['rows'])} versions (--last 0 shows all)")
+    if len(shown_sets) < len(data["sets"]):
+        left_out.append(f"the newest {len(shown_sets) - (len(data['sets']) - len(held))} of {len(held)} held-out sets "
+                        "(--sets 0 shows all)")
+    first_scores = {s["name"]: next((r["loss"][s["name"]] for r in data["rows"] if r["loss"][s["name"]] is not None),
+                                    None) for s in data["sets"]}
+    data = {"sets": shown_sets, "rows": shown_rows}
     if not data["rows"]:
         console.print("no versions yet: a version is made when a job ends")
         return
@@ -195,7 +215,7 @@ def eval_(
     table = Table("version", "step", *[f"{s['name']}\n{named if s['file'] == 'eval.file' else s['file']}"
                                        for s in data["sets"]],
                   title="loss per evaluation set (change since the set's first score), answers scored")
-    first: dict[str, float] = {}
+    first: dict[str, float] = {k: v for k, v in first_scores.items() if v is not None}
     for row in data["rows"]:
         cells = []
         for s in data["sets"]:
@@ -209,6 +229,8 @@ def eval_(
                          (f"\nF1 {answers['f1']:.2f} · EM {answers['exact']:.0%}" if answers else ""))
         table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
     console.print(table)
+    if left_out:
+        console.print("shown: " + "; ".join(left_out))
     if any(row["answers"] for row in data["rows"]):
         console.print("F1 · EM: the held-out questions' greedy answers against the references (token F1, exact "
                       "match; eval.answers per set); retention: the probe's answers against the base model's own "

@@ -146,3 +146,20 @@ def test_answer_and_retention_gates_need_what_they_compare(workspace):
     set_setting(ws, "eval", "gate_retention", "0.9")
     r = run_cli(ws, "status")
     assert "but eval.probe is \"\" (none)" in " ".join(r.out.split())
+
+
+def test_the_matrix_shows_the_newest_versions_and_sets_and_says_what_it_left_out(workspace, tmp_path):
+    ws = workspace(eval={"holdout": 2, "answers": 0})
+    files = [text_file(tmp_path / f"{name}.jsonl", 10, name) for name in "abcd"]
+    assert run_cli(ws, "train", *files, "-q").code == 0
+    r = run_cli(ws, "eval", "--last", "2", "--sets", "1")
+    assert r.code == 0, r.out + r.err
+    shown = " ".join(r.out.split())
+    assert "v3" in shown and "v4" in shown and "v1 " not in shown and "v2 " not in shown
+    assert "job 4" in shown and "job 3" not in shown
+    assert "shown: the newest 2 of 4 versions (--last 0 shows all); the newest 1 of 4 held-out sets (--sets 0 " \
+        "shows all)" in shown
+    assert len(json.loads(run_cli(ws, "eval", "--json").out)["rows"]) == 4  # --json: all by default
+    assert len(json.loads(run_cli(ws, "eval", "--json", "--last", "3").out)["rows"]) == 3
+    full = " ".join(run_cli(ws, "eval").out.split())
+    assert "shown:" not in full and "job 1" in full
