@@ -45,10 +45,11 @@ France?" (Paris kept), and retention: `eval --matrix --json`'s "retention" set a
 match of its answers to the 36 everyday questions of eval.probe = "general" against the base model's own).
 
     python benchmarks/forgetting.py --model smollm2-135m-instruct [--configs plain replay rehearsal both gentle]
-                                    [--facts 8] [--epochs 6] [--lr 2e-3] [--lora-r 16] [--smoke]
+                                    [--facts 8] [--epochs 6] [--lr 2e-3] [--lora-r 16] [--parallel 1] [--smoke]
 
 Most of a configuration's time on a CPU is the probe's answers (36 questions, 32 tokens each, for the base and each
-version), not its few dozen training steps.
+version), not its few dozen training steps; on a machine busy with other work, --parallel runs several
+configurations at once (each then has a smaller share of the CPU, which its seconds show).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LETTERS = "abcdefgh"
@@ -334,8 +336,6 @@ CONFIGS = {
     "gentle": {"training.learning_rate": 5e-4, "training.epochs": 12},
     # Tried after the five above missed the issue's target (6 of 8 facts, 90% retention): more rehearsal, gentler.
     "rehearsal-0.3-lr-1e-3": {"replay.rehearsal": 0.3, "training.learning_rate": 1e-3, "training.epochs": 8},
-    "gentle-both": {"replay.fraction": 0.2, "replay.rehearsal": 0.3, "training.learning_rate": 5e-4,
-                    "training.epochs": 12},
 }
 FIVE = ["plain", "replay", "rehearsal", "both", "gentle"]  # the issue's configurations, run by default
 
@@ -346,8 +346,8 @@ def write_facts(root: Path, facts: list[tuple]) -> tuple[list[Path], list[list[t
     half = len(facts) // 2
     files, asks = [], []
     for i, part in enumerate((facts[:half], facts[half:]), start=1):
-        lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                 for i_q in range(4) for _, a, qs in part for q in [qs[i_q]]]
+        lines = [json.dumps({"messages": [{"role": "user", "content": qs[w]}, {"role": "assistant", "content": a}]})
+                 for w in range(4) for _, a, qs in part]
         files.append(root / f"facts-{i}.jsonl")
         files[-1].write_text("\n".join(lines) + "\n", encoding="utf-8")
         asks.append([(key, qs[4]) for key, _, qs in part])
@@ -403,7 +403,8 @@ def facts_table(results: dict, args, seconds: float) -> None:
           f"{facts} invented facts, half in each of 2 chat files (4 wordings a fact), trained one after the other; "
           f"batch {args.batch}, AdamW lr {args.lr:g} constant, no warmup, {args.epochs} epochs a file, max_length "
           f"128, seed 42; eval.probe general (36 everyday questions, the base's answers); asked in a 5th wording, "
-          f"greedy, 32 tokens; {args.threads} torch thread(s) a process, {os.cpu_count()} CPU(s), load avg "
+          f"greedy, 32 tokens; {args.threads} torch thread(s) a process, {args.parallel} configuration(s) at a "
+          f"time, {os.cpu_count()} CPU(s), load avg "
           f"{os.getloadavg()[0]:.2f}.\n")
     print("| config | unseen facts right (last file) | earlier file's facts kept | retention F1 / EM | Paris kept "
           "| steps | seconds |")
@@ -431,9 +432,15 @@ def facts_main(args) -> None:
         subprocess.run([sys.executable, "-c", make + "(Path(sys.argv[1]))", str(model_dir)], check=True,
                        capture_output=True, env=env)
         files, asks = write_facts(root, FACTS[:args.facts])
-        for name in args.configs:
+
+        def one(name: str) -> None:
             results[name] = facts_config(root / name, args, CONFIGS[name], model_dir, files, asks, env)
             print(f"{name}: {results[name]} load avg {os.getloadavg()[0]:.2f}", flush=True)
+
+        # Threads only wait for `conveyor` processes; each configuration has its own workspace.
+        with ThreadPoolExecutor(args.parallel) as pool:
+            list(pool.map(one, args.configs))
+    results = {name: results[name] for name in args.configs}
     facts_table(results, args, time.perf_counter() - started)
 
 
@@ -458,6 +465,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="a few steps per job and one seed, to check the script runs")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=FIVE,
                    help=f"{REAL}: the configurations to run, each in a fresh workspace")
+    p.add_argument("--parallel", type=int, default=1, help=f"{REAL}: configurations run at the same time (their "
+                   "seconds then share the CPU)")
     p.add_argument("--facts", type=int, default=len(FACTS), help=f"{REAL}: invented facts, half in each file")
     args = p.parse_args(argv)
     if args.model == REAL:
