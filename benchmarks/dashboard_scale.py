@@ -123,7 +123,8 @@ def build(con, now: float, branch_steps: int = BRANCH_STEPS) -> None:
                          for s in range(100, STEPS + 1, 100)])
         con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at) VALUES (?, ?, 'p', 'o', ?)",
                         [(RUN, s, now) for s in range(10_000, STEPS + 1, 10_000)])
-        con.executemany("INSERT INTO set_evals VALUES (?, ?, 'job 1', 1, ?, 16, 500, ?)",
+        con.executemany("INSERT INTO set_evals (run_id, step, name, job_id, loss, examples, tokens, created_at)"
+                        " VALUES (?, ?, 'job 1', 1, ?, 16, 500, ?)",
                         [(RUN, s, 3 + s / STEPS, now) for s in range(100_000, STEPS + 1, 100_000)])
         con.executemany("INSERT INTO events (ts, level, kind, job_id, message) VALUES (?, 'info', 'done', ?, ?)",
                         [(now, k, f"job {k} done") for k in range(1, 2 * JOBS)])
@@ -148,7 +149,8 @@ def _branch(con, now: float, steps: int) -> None:
                      for s in range(BRANCH_AT + 100, last + 1, 100)])
     con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at) VALUES (?, ?, 'p', 'b', ?)",
                     [(BRANCH, s, now) for s in range(BRANCH_AT + 10_000, last + 1, 10_000)])
-    con.executemany("INSERT INTO set_evals VALUES (?, ?, 'job 1', 1, ?, 16, 500, ?)",
+    con.executemany("INSERT INTO set_evals (run_id, step, name, job_id, loss, examples, tokens, created_at)"
+                        " VALUES (?, ?, 'job 1', 1, ?, 16, 500, ?)",
                     [(BRANCH, s, 2 + s / STEPS, now) for s in range(BRANCH_AT + 100_000, last + 1, 100_000)])
 
 
