@@ -186,8 +186,8 @@ def real_config() -> Config:
     """Chosen by trials (issue 22), each the whole demo on 2 busy cores; facts right after / general answers kept,
     of 8 each: learning rate 1e-3 with rehearsal 5 / 5 (the cut rehearsal answers then held non-answers to sums,
     since replaced by prompts the base model answers in full); 2e-3 with rehearsal 7 / 7 (twice, the same
-    answers); 2e-3 without it 7 / 3
-    ("The capital of France is Toulineu."). LoRA r16 on every linear layer, 4 epochs of each file at batch 8,
+    answers); 2e-3 without it 7 / 3 ("The capital of France is
+    Toulineu."). LoRA r16 on every linear layer, 4 epochs of each file at batch 8,
     decaying (cosine) within each file."""
     config = Config()
     config.model.name = SMOLLM2
