@@ -35,7 +35,7 @@ def test_the_demo_teaches_smollm2_facts_and_it_keeps_what_it_knew(tmp_path):
     assert paris.count("Paris") == 2, paris  # before and after
     r = run_cli(tmp_path / "demo", "generate", score.group(6), "--json", "--max-new-tokens", "32")
     assert r.code == 0, r.err
-    [answer] = json.loads(r.out)
+    answer = json.loads(r.out)
     assert (answer["version"], answer["chat"]) == ("v2", True)
     key = next(f.key for f in demo.REAL_FACTS if f.asked == score.group(6))  # the first fact it answered right
     assert key in answer["output"], answer  # the demo's own answer, asked as `generate` asks it
