@@ -134,3 +134,11 @@ def test_permute_pairs_each_heads_rotary_halves():
     # 2 heads of 4 rows: [a0 a1 | b0 b1] per head becomes [a0 b0 a1 b1]
     rows = np.arange(8).reshape(8, 1)
     assert gguf_export._permute(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_without_the_gguf_package_it_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(ConveyorError, match=r"--gguf needs the gguf package: pip install gguf"):
+        gguf_export.check_mappable(_folder(tmp_path, {}), "f16")
