@@ -336,6 +336,8 @@ CONFIGS = {
     "gentle": {"training.learning_rate": 5e-4, "training.epochs": 12},
     # Tried after the five above missed the target (6 of 8 facts, 90% retention): more rehearsal, gentler.
     "rehearsal-0.3-lr-1e-3": {"replay.rehearsal": 0.3, "training.learning_rate": 1e-3, "training.epochs": 8},
+    "both-0.2-0.3-lr-1e-3": {"replay.fraction": 0.2, "replay.rehearsal": 0.3, "training.learning_rate": 1e-3,
+                             "training.epochs": 8},
 }
 FIVE = ["plain", "replay", "rehearsal", "both", "gentle"]  # the configurations, run by default
 
