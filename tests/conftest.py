@@ -55,8 +55,12 @@ def run_cli(ws: Path | None, *args: str, subprocess_: bool = False, env: dict | 
 
 
 def make_workspace(root: Path, tiny_dir: Path, **sections) -> Path:
-    """A workspace with the tiny model copied in and the given settings, e.g. training={"batch_size": 4}."""
+    """A workspace with the tiny model copied in and the given settings, e.g. training={"batch_size": 4}.
+
+    Held-out answers are not scored (eval.answers = 0) unless a test sets it: generating them costs more than the
+    rest of an evaluation on tiny, and only the tests of answer scoring look at them."""
     config = Config()
+    config.eval.answers = 0
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)

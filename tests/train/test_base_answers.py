@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import pytest
 from conftest import chat_file, run_cli, status, text_file
 
 
@@ -38,6 +39,7 @@ def test_unrelated_training_lowers_retention_below_the_base(workspace, tmp_path)
     assert len(data["answers"]) == 36 and data["source"] == "the built-in general set"
 
 
+@pytest.mark.slow
 def test_the_base_answers_are_recorded_once_and_kept(workspace, tmp_path):
     ws = workspace(eval={"probe": "general", "max_new_tokens": 4})
     assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 8), "-q").code == 0
@@ -50,6 +52,7 @@ def test_the_base_answers_are_recorded_once_and_kept(workspace, tmp_path):
     assert not _warnings(ws)
 
 
+@pytest.mark.slow
 def test_changed_base_answers_are_named_and_recorded_again_from_the_base(workspace, tmp_path):
     ws = workspace(eval={"probe": "general", "max_new_tokens": 4})
     assert run_cli(ws, "train", chat_file(tmp_path / "a.jsonl", 8), "-q").code == 0
@@ -97,6 +100,7 @@ def test_a_full_fine_tune_that_trained_before_the_probe_was_set_records_the_base
     assert rows[1]["answers"]["retention"]["answered"] == 36
 
 
+@pytest.mark.slow
 def test_the_retention_gate_holds_the_queue_and_says_why(workspace, tmp_path):
     ws = workspace(eval={"probe": "general", "max_new_tokens": 8, "gate_retention": 0.9},
                    training={"learning_rate": 3e-3})

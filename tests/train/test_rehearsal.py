@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import adapter_weights, audit, chat_file, ledger, max_abs_diff, run_cli, status
 
 SETTINGS = {"replay": {"fraction": 0.25, "rehearsal": 0.25}, "eval": {"probe": "general", "max_new_tokens": 4},
@@ -43,6 +44,7 @@ def _check(ws: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_rehearsal_is_replay_of_the_probe_and_a_killed_job_rehearses_the_same(workspace, tmp_path):
     straight = workspace("straight", **SETTINGS)
     for f in _files(tmp_path / "data"):
