@@ -144,7 +144,7 @@ def add_retention(evaluator: Evaluator, trainer, model, spec, max_length: int, m
             if say:
                 say("info", f"job {spec.job_id}: recording the base model's answers to the probe ({probe.source}) "
                     f"from {model_path}, once for the run")
-            answers = base_answers(evaluator, lambda: _load_base(model, model_path), probe.prompts)
+            answers = base_answers(evaluator, lambda: load_base(model_path, next(model.parameters()).dtype), probe.prompts)
         else:
             with base:
                 answers = base_answers(evaluator, lambda: model, probe.prompts)
@@ -176,11 +176,11 @@ def base_answers(evaluator: Evaluator, load, prompts: list[str]) -> list[str]:
         model.train(was_training)
 
 
-def _load_base(model, model_path: str):
-    """The base model from its folder, in the dtype `model` trains in, on the CPU (once per run)."""
+def load_base(model_path: str, dtype):
+    """The base model from its folder, on the CPU, to record its answers (once per run)."""
     from transformers import AutoModelForCausalLM  # loaded already by the caller's process; imported where used
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=next(model.parameters()).dtype)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
 
 def _as_base(model, spec):

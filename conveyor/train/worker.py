@@ -268,23 +268,19 @@ class Worker:
         here, from the base model's folder, if none are kept yet. None (said on the job) without a probe."""
         probe = self._probe(job, run)
         if probe is None:
-            self._warn(job, "replay.rehearsal needs a probe to rehearse (eval.probe, \"auto\" on a model other than "
-                       "a chat model or the random-weight tiny and small): nothing is rehearsed; set eval.probe = "
-                       "\"general\" or a file")
+            self._warn(job, "replay.rehearsal needs a probe to rehearse (eval.probe; \"auto\" gives none for the "
+                       "random-weight tiny and small, or for a model without a chat template): nothing is rehearsed; "
+                       "set eval.probe = \"general\" or a file")
             return None
         if probe.answers is None:
-            from .evaluation import Evaluator, base_answers  # torch: only when answers are recorded here
+            from .evaluation import Evaluator, base_answers, load_base  # torch: only when answers are recorded here
             from .precision import DTYPES  # as above
-
-            def load():
-                from transformers import AutoModelForCausalLM  # as above
-
-                return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=DTYPES[self.config.model.precision])
 
             self.say("info", f"job {job.id}: recording the base model's answers to the probe ({probe.source}), once "
                      "for the run", job.id)
             evaluator = Evaluator({}, None, 1, [], self.config.eval.max_new_tokens, self.tokenizer)
-            probes.save(probe, base_answers(evaluator, load, probe.prompts))
+            dtype = DTYPES[self.config.model.precision]
+            probes.save(probe, base_answers(evaluator, lambda: load_base(self.model_path, dtype), probe.prompts))
         examples = probes.examples(self.tokenizer, probe.prompts, probe.answers, self.config.training.max_length)
         return TokenizedFile(examples)
 
