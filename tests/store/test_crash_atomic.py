@@ -108,6 +108,21 @@ def test_export_killed_leaves_no_hidden_folder_and_the_retry_works(workspace, tm
     assert (out / "conveyor-export.json").exists() and _leftovers(ws) == []
 
 
+def test_a_gguf_export_killed_after_writing_leaves_only_its_temporary_folder_then_redoes(workspace, tmp_path,
+                                                                                         monkeypatch):
+    pytest.importorskip("gguf")
+    ws = workspace()
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), "-q").code == 0
+    out = tmp_path / "exports" / "model"
+    _killed(ws, monkeypatch, "export-written:2", "export", str(out), "--gguf", "--quant", "f32")
+    [left] = out.parent.iterdir()
+    assert left.name.startswith(".model.tmp-") and (left / "model-f32.gguf").exists()  # written, read back, not moved
+    r = run_cli(ws, "export", str(out), "--gguf", "--quant", "f32")
+    assert r.code == 0, r.out + r.err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"] and _leftovers(ws) == []
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "conveyor-export.json", "model-f32.gguf"]
+
+
 def test_a_new_run_after_an_identity_change_killed_mid_way_leaves_the_old_run_active(workspace, tmp_path,
                                                                                      monkeypatch):
     ws = workspace()
