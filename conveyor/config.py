@@ -105,6 +105,14 @@ class TrainingConfig(_Section):
     """Padding-free micro-batches (examples end to end, attention kept within each); padded where the model cannot."""
     deterministic: bool = False
     """Deterministic kernels only (GPU): a resumed run then ends with the uninterrupted run's weights; slower. CPU needs no flag."""
+    preference: Literal["dpo", "ipo", "orpo"] = "dpo"
+    """How preference-pair files train: dpo (sigmoid loss), ipo (squared, length-normalized) or orpo (no reference)."""
+    beta: float = Field(0.1, gt=0.0, le=100.0)
+    """Preference and feedback jobs: DPO/IPO/KTO's beta (how far from the reference), ORPO's lambda; TRL's 0.1."""
+    desirable_weight: float = Field(1.0, gt=0.0, le=100.0)
+    """Feedback (KTO) jobs: the weight of answers labelled true (TRL's 1.0)."""
+    undesirable_weight: float = Field(1.0, gt=0.0, le=100.0)
+    """Feedback (KTO) jobs: the weight of answers labelled false (TRL's 1.0)."""
 
     @field_validator("mixed_precision")
     @classmethod

@@ -4,6 +4,11 @@ Formats, detected per file: `text`; `messages` (chat, loss on every assistant re
 marker; how a conversation is rendered and masked is chat.py's job); `prompt` + `completion` (loss on the
 completion only). ShareGPT files (`conversations` of `from`/`value`) are read as `messages`, Alpaca files
 (`instruction`, `input`, `output`) as `prompt` + `completion`.
+
+Preference pairs (`prompt`, `chosen`, `rejected`) and unpaired feedback (`prompt`, `completion`, `label`) are
+TRL's formats: strings, or conversations (the prompt a list of messages, each answer the assistant message(s)
+after it); a pair of two whole conversations sharing their first messages (TRL's implicit prompt) has that shared
+start as its prompt. A pair is one example: both answers, each tokenized after the prompt with loss on the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from ..errors import DataError
 from .chat import ChatError, RenderedChat, render_chat
 
 TEXT, CHAT, PROMPT = "text", "messages", "prompt_completion"
+PAIR, FEEDBACK = "preference", "feedback"  # trained with a preference loss (training.preference) and with KTO
+PREFERENCE_FORMATS = (PAIR, FEEDBACK)
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20
 IGNORE = -100  # label id that the loss skips (Hugging Face convention)
@@ -62,9 +69,17 @@ def _format_of(record: dict) -> str:
         return CHAT
     if keys == {"prompt", "completion"}:
         return PROMPT
+    if keys == {"prompt", "chosen", "rejected"}:
+        return PAIR
+    if keys == {"prompt", "completion", "label"}:
+        return FEEDBACK
+    if keys == {"chosen", "rejected"}:
+        raise ValueError('"chosen" and "rejected" without "prompt": give the question as "prompt" (or both as whole '
+                         "conversations, lists of messages sharing their first messages)")
     raise ValueError(
         f"keys {sorted(keys)} match no format; use {{\"text\"}}, {{\"messages\"}} or {{\"prompt\", \"completion\"}} "
-        "(or ShareGPT {\"conversations\"}, Alpaca {\"instruction\", \"input\", \"output\"})"
+        "(or ShareGPT {\"conversations\"}, Alpaca {\"instruction\", \"input\", \"output\"}), preference pairs "
+        "{\"prompt\", \"chosen\", \"rejected\"} or feedback {\"prompt\", \"completion\", \"label\"}"
     )
 
 
@@ -87,19 +102,50 @@ def _encodable(value: str, where: str) -> None:
                          f"{e.start + 1}, which is not text; remove it, or write the character itself") from None
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages, key: str = "messages", answer: bool = True) -> None:
     if not isinstance(messages, list) or not messages:
-        raise ValueError('"messages" must be a non-empty list')
+        raise ValueError(f'"{key}" must be a non-empty list')
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise ValueError(f'messages[{i}] must be an object with exactly "role" and "content"')
+            raise ValueError(f'{key}[{i}] must be an object with exactly "role" and "content"')
         if message["role"] not in ROLES:
-            raise ValueError(f'messages[{i}].role {message["role"]!r} is unknown; use one of {", ".join(ROLES)}')
+            raise ValueError(f'{key}[{i}].role {message["role"]!r} is unknown; use one of {", ".join(ROLES)}')
         if not isinstance(message["content"], str) or not message["content"].strip():
-            raise ValueError(f"messages[{i}].content must be a non-empty string")
-        _encodable(message["content"], f"messages[{i}].content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("no assistant turn, so nothing to train on")
+            raise ValueError(f"{key}[{i}].content must be a non-empty string")
+        _encodable(message["content"], f"{key}[{i}].content")
+    if answer and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn, so nothing to train on" if key == "messages" else
+                         f'"{key}" has no assistant message, so it is no answer')
+
+
+def _check_answers(record: dict, keys: tuple[str, ...]) -> None:
+    """A prompt and its answer(s) (`keys`), all strings or all conversations: the prompt a list of messages, each
+    answer the message(s) after it, ending with the assistant's."""
+    if isinstance(record["prompt"], list):
+        _check_messages(record["prompt"], "prompt", answer=False)
+        for key in keys:
+            if not isinstance(record[key], list):
+                raise ValueError(f'"prompt" is a conversation, so "{key}" must be one too (a list of messages), '
+                                 f"found {type(record[key]).__name__}")
+            _check_messages(record[key], key)
+            if record[key][-1]["role"] != "assistant":
+                raise ValueError(f'"{key}" must end with the assistant\'s message, the answer that trains')
+        return
+    _nonempty_str(record, "prompt")
+    for key in keys:
+        _nonempty_str(record, key)
+
+
+def _check_pair(record: dict) -> None:
+    _check_answers(record, ("chosen", "rejected"))
+    if record["chosen"] == record["rejected"]:
+        raise ValueError('"chosen" and "rejected" are the same answer: there is nothing to prefer')
+
+
+def _check_feedback(record: dict) -> None:
+    _check_answers(record, ("completion",))
+    if not isinstance(record["label"], bool):
+        raise ValueError(f'"label" must be true (a good answer) or false (a bad one), found {record["label"]!r}')
 
 
 def _check_record(record) -> str:
@@ -111,6 +157,10 @@ def _check_record(record) -> str:
     elif fmt == PROMPT:
         _nonempty_str(record, "prompt")
         _nonempty_str(record, "completion")
+    elif fmt == PAIR:
+        _check_pair(record)
+    elif fmt == FEEDBACK:
+        _check_feedback(record)
     else:
         _check_messages(record["messages"])
     return fmt
@@ -151,12 +201,26 @@ def stream_examples(path: Path, name: str | None = None) -> Iterator[tuple[Examp
 
 def _validated(path: Path, name: str, each, preview: bool = False) -> str:
     """Check every line, calling each(example, format) for the good ones; the file's format, or DataError."""
+    labels: dict[bool, int] = {}  # feedback: how many answers of each kind
+
+    def counted(example: Example, fmt: str) -> None:
+        if fmt == FEEDBACK:
+            labels[example.record["label"]] = labels.get(example.record["label"], 0) + 1
+        each(example, fmt)
+
     with open(path, "rb") as f:
         kind = what_it_is(f.read(SNIFF_BYTES))
         if kind:
             raise DataError(describe_problems(name, [(0, kind)], preview=preview))
         f.seek(0)
-        problems, total, formats = _parse_lines(f, max_line_bytes(), each)
+        problems, total, formats = _parse_lines(f, max_line_bytes(), counted)
+    if len(labels) == 1 and len(formats) == 1:
+        kind, count = next(iter(labels.items()))
+        problems.append((0, f"every one of the {count} feedback answers is labelled {str(kind).lower()}: KTO learns "
+                            "from the difference between good and bad answers, so a file needs both (true and false); "
+                            + ("train good answers alone as {\"prompt\", \"completion\"} (supervised)" if kind else
+                               "add answers labelled true")))
+        total += 1
     if len(formats) > 1:
         first = ", ".join(f"{fmt} (first on line {line})" for fmt, line in formats.items())
         problems.append((0, f"the file mixes formats: {first}; one file must use one format"))
@@ -240,6 +304,8 @@ def _canonical(record):
     if not isinstance(record, dict):
         return record
     keys = set(record)
+    if keys == {"chosen", "rejected"} and isinstance(record["chosen"], list) and isinstance(record["rejected"], list):
+        return _implicit_prompt(record)
     if "conversations" in keys and keys <= {"conversations", "system"}:
         return {"messages": _sharegpt_messages(record)}
     if {"instruction", "output"} <= keys and keys <= {"instruction", "input", "output"}:
@@ -251,6 +317,19 @@ def _canonical(record):
         return {"prompt": prompt if record["instruction"].strip() else record["instruction"],
                 "completion": record["output"]}
     return record
+
+
+def _implicit_prompt(record: dict) -> dict:
+    """Two whole conversations as a pair: the messages they share from the start are the prompt (TRL's implicit
+    prompt), the rest of each its answer."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise ValueError('"chosen" and "rejected" share no first message, so there is no prompt; give it as '
+                         '"prompt" (a list of messages) and the answers after it')
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def _sharegpt_messages(record: dict) -> list[dict]:
@@ -330,9 +409,16 @@ def describe_problems(name: str, problems: list[tuple[int, str]], total: int | N
 @dataclass
 class Tokenized:
     line: int
-    input_ids: list[int]
+    input_ids: list[int]  # a pair's chosen answer after its prompt
     labels: list[int]
     truncated: bool = False
+    rejected_ids: list[int] | None = None  # a preference pair's rejected answer after its prompt
+    rejected_labels: list[int] | None = None
+    label: bool | None = None  # feedback: a good (True) or bad (False) answer
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids) + len(self.rejected_ids or ())
 
 
 @dataclass
@@ -398,11 +484,26 @@ def encode_chat(tokenizer, rendered: RenderedChat, limit: int | None = None) -> 
     return ids, labels
 
 
+def _answer(tokenizer, prompt, answer, limit: int | None) -> tuple[list[int], list[int]]:
+    """Ids and labels of a prompt and one answer (a pair's side, a feedback example), loss on the answer only: a
+    string after BOS and the prompt, or the assistant turn(s) a conversation ends with (not the prompt's)."""
+    if isinstance(prompt, list):
+        rendered = render_chat(tokenizer, prompt + answer)
+        replies = sum(m["role"] == "assistant" for m in answer)
+        rendered.spans = rendered.spans[-replies:]
+        return encode_chat(tokenizer, rendered, limit)
+    return _ids_and_labels(tokenizer, {"prompt": prompt, "completion": answer}, PROMPT, limit)
+
+
 def _ids_and_labels(tokenizer, record: dict, fmt: str, limit: int | None = None) -> tuple[list[int], list[int]]:
     """The example's ids and labels: all of them, or (limit) at least the first `limit` and whether there are
     more (more than `limit` then), without tokenizing the rest of a long text."""
     if fmt == CHAT:
         return encode_chat(tokenizer, render_chat(tokenizer, record["messages"]), limit)
+    if fmt == FEEDBACK:
+        return _answer(tokenizer, record["prompt"], record["completion"], limit)
+    if fmt == PAIR:
+        return _answer(tokenizer, record["prompt"], record["chosen"], limit)
     ids: list[int] = []
     labels: list[int] = []
     for text, trainable in _segments(tokenizer, record, fmt):
@@ -417,12 +518,26 @@ def _ids_and_labels(tokenizer, record: dict, fmt: str, limit: int | None = None)
 def tokenize_example(tokenizer, example: Example, fmt: str, max_length: int) -> Tokenized:
     """One example as training sees it: ids and labels, truncated to max_length. ChatError: see chat.py."""
     ids, labels = _ids_and_labels(tokenizer, example.record, fmt, max_length)
-    return Tokenized(example.line, ids[:max_length], labels[:max_length], len(ids) > max_length)
+    out = Tokenized(example.line, ids[:max_length], labels[:max_length], len(ids) > max_length)
+    if fmt == PAIR:
+        ids, labels = _answer(tokenizer, example.record["prompt"], example.record["rejected"], max_length)
+        out.rejected_ids, out.rejected_labels = ids[:max_length], labels[:max_length]
+        out.truncated = out.truncated or len(ids) > max_length
+    elif fmt == FEEDBACK:
+        out.label = example.record["label"]
+    return out
 
 
 def trainable_positions(example: Tokenized) -> list[bool]:
     """Which tokens the loss counts: a causal LM predicts token t from tokens < t, so position 0 never counts."""
     return [k > 0 and label != IGNORE for k, label in enumerate(example.labels)]
+
+
+def trainable(example: Tokenized) -> bool:
+    """Whether the example has tokens the loss counts (a pair: in both answers)."""
+    return any(trainable_positions(example)) and (
+        example.rejected_labels is None or any(k > 0 and label != IGNORE
+                                               for k, label in enumerate(example.rejected_labels)))
 
 
 def tokenize_file(parsed: ParsedFile, tokenizer, max_length: int, name: str = "the file") -> TokenizedFile:
@@ -438,11 +553,11 @@ def tokenize_file(parsed: ParsedFile, tokenizer, max_length: int, name: str = "t
             continue
         if tokenized.truncated:
             out.truncated_lines.append(example.line)
-        if not any(trainable_positions(tokenized)):
+        if not trainable(tokenized):
             out.excluded_lines.append(example.line)
             continue
         out.examples.append(tokenized)
-        out.tokens += len(tokenized.input_ids)
+        out.tokens += tokenized.tokens
     if problems:
         raise DataError(describe_template_problems(name, problems))
     return out

@@ -64,7 +64,7 @@ class Subset:
     def tokens_of(self, lines: list[int]) -> int:
         if hasattr(self.base, "tokens_of"):
             return self.base.tokens_of(lines)
-        length = {e.line: len(e.input_ids) for e in self.base}
+        length = {e.line: e.tokens for e in self.base}
         return sum(length[line] for line in lines)
 
 
@@ -84,7 +84,7 @@ def split(data: TokenizedFile, lines: list[int]) -> Split:
     keep = np.flatnonzero(~held_mask)
     held = [data.examples[int(i)] for i in np.flatnonzero(held_mask)]
     trained = TokenizedFile(Subset(data.examples, keep), data.truncated_lines, data.excluded_lines,
-                            data.tokens - sum(len(e.input_ids) for e in held), data.truncated_count)
+                            data.tokens - sum(e.tokens for e in held), data.truncated_count)
     return Split(trained, held)
 
 
@@ -112,10 +112,29 @@ def save(folder: Path, job_id: int, key: str, held: list[Tokenized]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = _path(folder, job_id, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    rows = [{"line": e.line, "input_ids": list(map(int, e.input_ids)), "labels": list(map(int, e.labels))}
-            for e in held]
+    rows = [_row(e) for e in held]
     tmp.write_text(json.dumps({"sha256": _digest(rows), "examples": rows}), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _row(e: Tokenized) -> dict:
+    row = {"line": e.line, "input_ids": list(map(int, e.input_ids)), "labels": list(map(int, e.labels))}
+    if e.rejected_ids is not None:
+        row["rejected_ids"], row["rejected_labels"] = list(map(int, e.rejected_ids)), list(map(int, e.rejected_labels))
+    if e.label is not None:
+        row["label"] = bool(e.label)
+    return row
+
+
+def _example(r: dict) -> Tokenized:
+    """A kept row as an example; only numbers (and a feedback label) are read back."""
+    out = Tokenized(int(r["line"]), [int(t) for t in r["input_ids"]], [int(t) for t in r["labels"]])
+    if "rejected_ids" in r:
+        out.rejected_ids = [int(t) for t in r["rejected_ids"]]
+        out.rejected_labels = [int(t) for t in r["rejected_labels"]]
+    if "label" in r:
+        out.label = r["label"] is True
+    return out
 
 
 def _rows(path: Path) -> list:
@@ -135,8 +154,7 @@ def load(folder: Path, job_id: int, key: str) -> list[Tokenized] | None:
     AlteredHoldout if they were changed since they were written (rebuilt too, and said)."""
     try:
         rows = _rows(_path(folder, job_id, key))
-        return [Tokenized(int(r["line"]), [int(t) for t in r["input_ids"]], [int(t) for t in r["labels"]])
-                for r in rows]
+        return [_example(r) for r in rows]
     except AlteredHoldout:
         raise
     except (OSError, ValueError, KeyError, TypeError):

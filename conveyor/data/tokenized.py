@@ -3,7 +3,8 @@ worker's memory does not grow with the file and the resume skip stays O(1) (item
 
 One folder per (content fingerprint, tokenizer and chat template, max_length) under data/tokenized/:
 ids.bin (uint16 or uint32 token ids, end to end), mask.bin (uint8: 1 where the token carries loss), index.bin
-(int64 rows of offset, length, file line) and meta.json (counts, truncated and excluded lines, and the size and
+(int64 rows of offset, length, file line, rejected length, feedback label; a pair's rejected answer follows its
+chosen one in ids.bin) and meta.json (counts, truncated and excluded lines, and the size and
 sha256 of each array as written). It is derived data: written into a temporary folder and renamed, rebuilt when
 missing, unreadable or when an array no longer matches its hash (law 4: never trained), and only numbers are
 loaded from the workspace (no pickle: nothing in data/ can execute code). The arrays are checked at every load
@@ -33,10 +34,12 @@ from .formats import (
     describe_template_problems,
     stream_examples,
     tokenize_example,
-    trainable_positions,
+    trainable,
 )
 
-VERSION = 4  # 4: meta.json records each array's size and sha256 (3: memory-mapped arrays; 2: a pickle)
+VERSION = 5  # 5: pairs and feedback labels; 4: meta.json records each array's size and sha256 (3: memory-mapped
+# arrays; 2: a pickle)
+NO_LABEL = -1  # index column 4 of an example without a feedback label
 META = "meta.json"
 ARRAYS = ("ids.bin", "mask.bin", "index.bin")
 TRUNCATED_KEPT = 100  # truncated lines named (all are counted)
@@ -48,7 +51,7 @@ class TokenizedArrays:
 
     def __init__(self, folder: Path, meta: dict):
         n, tokens = meta["examples"], meta["tokens"]
-        self.index = _map(folder / "index.bin", np.int64, (n, 3))
+        self.index = _map(folder / "index.bin", np.int64, (n, 5))
         self.ids = _map(folder / "ids.bin", np.dtype(meta["dtype"]), (tokens,))
         self.mask = _map(folder / "mask.bin", np.uint8, (tokens,))
 
@@ -58,10 +61,15 @@ class TokenizedArrays:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        offset, length, line = (int(v) for v in self.index[i])
+        offset, length, line, rejected, label = (int(v) for v in self.index[i])
+        example = Tokenized(line, *self._sequence(offset, length), label=None if label == NO_LABEL else bool(label))
+        if rejected:
+            example.rejected_ids, example.rejected_labels = self._sequence(offset + length, rejected)
+        return example
+
+    def _sequence(self, offset: int, length: int) -> tuple[list[int], list[int]]:
         ids = self.ids[offset:offset + length].astype(np.int64)
-        labels = np.where(self.mask[offset:offset + length] == 1, ids, IGNORE)
-        return Tokenized(line, ids.tolist(), labels.tolist())
+        return ids.tolist(), np.where(self.mask[offset:offset + length] == 1, ids, IGNORE).tolist()
 
     def __iter__(self) -> Iterator[Tokenized]:
         return (self[i] for i in range(len(self)))
@@ -69,7 +77,7 @@ class TokenizedArrays:
     def tokens_of(self, lines: list[int]) -> int:
         """Tokens of the examples at these file lines (each counted as often as it is named)."""
         at = np.searchsorted(self.index[:, 2], np.asarray(lines, dtype=np.int64))  # lines ascend in the index
-        return int(self.index[at, 1].sum())
+        return int(self.index[at, 1].sum() + self.index[at, 3].sum())
 
 
 def _map(path: Path, dtype, shape: tuple) -> np.ndarray:
@@ -82,7 +90,7 @@ def tokens_of(data: TokenizedFile, lines: list[int]) -> int:
     """Tokens of the examples at these file lines, for in-memory and memory-mapped data alike."""
     if isinstance(data.examples, TokenizedArrays):
         return data.examples.tokens_of(lines)
-    length = {e.line: len(e.input_ids) for e in data.examples}
+    length = {e.line: e.tokens for e in data.examples}
     return sum(length[line] for line in lines)
 
 
@@ -214,15 +222,16 @@ def _write(folder: Path, examples: Iterator[tuple[Example, str]], tokenizer, max
                 meta["truncated"] += 1
                 if len(meta["truncated_lines"]) < TRUNCATED_KEPT:
                     meta["truncated_lines"].append(example.line)
-            trainable = trainable_positions(t)
-            if not any(trainable):
+            if not trainable(t):
                 meta["excluded_lines"].append(example.line)
                 continue
-            ids.write(np.asarray(t.input_ids, dtype=dtype).tobytes())
-            mask.write(np.asarray([label != IGNORE for label in t.labels], dtype=np.uint8).tobytes())
-            index.write(np.asarray([meta["tokens"], len(t.input_ids), example.line], dtype=np.int64).tobytes())
+            for seq, labels in ((t.input_ids, t.labels), (t.rejected_ids or [], t.rejected_labels or [])):
+                ids.write(np.asarray(seq, dtype=dtype).tobytes())
+                mask.write(np.asarray([label != IGNORE for label in labels], dtype=np.uint8).tobytes())
+            index.write(np.asarray([meta["tokens"], len(t.input_ids), example.line, len(t.rejected_ids or ()),
+                                    NO_LABEL if t.label is None else int(t.label)], dtype=np.int64).tobytes())
             meta["examples"] += 1
-            meta["tokens"] += len(t.input_ids)
+            meta["tokens"] += t.tokens
     if problems:
         raise DataError(describe_template_problems(name, problems))
     meta["files"] = {f.path.name: [f.size, f.digest.hexdigest()] for f in (ids, mask, index)}

@@ -216,6 +216,12 @@ ADDED_COLUMNS = [
     ("set_evals", "f1", "REAL"),  # their mean token F1
     ("set_evals", "answered", "INTEGER"),  # how many answers were scored
     ("jobs", "overrides", "TEXT"),  # per-job settings (`conveyor add --set`), JSON {"training.learning_rate": 1e-4}  # replayed examples the segment trained  # replayed examples of the step: JSON [[job, line], ...] (NULL: none)  # the job of an earlier run this one trains again after a rollback
+    ("jobs", "reference", "TEXT"),  # a preference job's reference (JSON: kind, step, weights, sha256), at its start
+    ("ledger", "method", "TEXT"),  # how the segment trained: sft, dpo, ipo, orpo or kto (NULL: before there was a choice)
+    ("ledger", "reference", "TEXT"),  # the preference job's reference (JSON), as on the job
+    ("metrics", "margin", "REAL"),  # preference and feedback steps: mean reward margin
+    ("metrics", "accuracy", "REAL"),  # preference steps: share of pairs with the chosen answer's reward above
+    ("set_evals", "preference", "REAL"),  # held-out pairs: share with the chosen answer more likely than the rejected
 ]
 
 

@@ -90,6 +90,7 @@ class Job:
     error: str | None
     holdout: list[int] | None = None  # file lines held out (never trained); None: not chosen yet
     overrides: dict | None = None  # settings this job trains with instead of conveyor.toml's (`add --set`)
+    reference: dict | None = None  # a preference job's reference, recorded when its first step started
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -104,6 +105,7 @@ class Job:
             warnings=json.loads(row["warnings"]), error=row["error"],
             holdout=json.loads(row["holdout"]) if row["holdout"] is not None else None,
             overrides=json.loads(row["overrides"]) if row["overrides"] else None,
+            reference=json.loads(row["reference"]) if "reference" in row.keys() and row["reference"] else None,
         )
 
     def to_json(self) -> dict:
@@ -115,7 +117,7 @@ class Job:
             "steps_done": self.steps_done, "position": self.position, "attempts": self.attempts,
             "deaths": self.deaths, "kept": self.kept, "truncated": self.truncated, "excluded_lines": self.excluded,
             "warnings": self.warnings, "error": self.error, "held_out": self.holdout or [],
-            "overrides": self.overrides or {},
+            "overrides": self.overrides or {}, **({"reference": self.reference} if self.reference else {}),
         }
 
 
@@ -241,7 +243,7 @@ def update(con: sqlite3.Connection, job_id: int, *, expect: JobState | tuple[Job
 
 
 def _encode(fields: dict) -> dict:
-    for key in ("warnings", "excluded", "holdout", "overrides"):
+    for key in ("warnings", "excluded", "holdout", "overrides", "reference"):
         if key in fields and not isinstance(fields[key], str):
             fields[key] = json.dumps(fields[key])
     return fields

@@ -32,18 +32,19 @@ def _write_steps(con, run_id, now, audit, metrics, evals, samples) -> None:
                       else None) for row in audit])
     con.executemany(
         "INSERT OR REPLACE INTO metrics (run_id, step, job_id, loss, learning_rate, grad_norm, tokens, examples,"
-        " step_time, created_at) VALUES (:run_id, :step, :job_id, :loss, :learning_rate, :grad_norm, :tokens,"
-        " :examples, :step_time, :created_at)",
-        [{"run_id": run_id, "created_at": now, **m} for m in metrics],
+        " step_time, margin, accuracy, created_at) VALUES (:run_id, :step, :job_id, :loss, :learning_rate, :grad_norm,"
+        " :tokens, :examples, :step_time, :margin, :accuracy, :created_at)",
+        [{"run_id": run_id, "created_at": now, "margin": None, "accuracy": None, **m} for m in metrics],
     )
     roll_up(con, run_id, [m["step"] for m in metrics])
     con.executemany("INSERT OR REPLACE INTO evals (run_id, step, job_id, eval_loss, examples, created_at)"
                     " VALUES (:run_id, :step, :job_id, :eval_loss, :examples, :created_at)",
                     [{"run_id": run_id, "created_at": now, **e} for e in evals if "name" not in e])
     con.executemany("INSERT OR REPLACE INTO set_evals (run_id, step, name, job_id, loss, examples, tokens, exact, f1,"
-                    " answered, created_at) VALUES (:run_id, :step, :name, :job_id, :loss, :examples, :tokens, :exact,"
-                    " :f1, :answered, :created_at)",
-                    [{"run_id": run_id, "created_at": now, "exact": None, "f1": None, "answered": None, **e}
+                    " answered, preference, created_at) VALUES (:run_id, :step, :name, :job_id, :loss, :examples,"
+                    " :tokens, :exact, :f1, :answered, :preference, :created_at)",
+                    [{"run_id": run_id, "created_at": now, "exact": None, "f1": None, "answered": None,
+                      "preference": None, **e}
                      for e in evals if "name" in e])
     con.executemany("INSERT INTO samples (run_id, step, prompt, output, created_at)"
                     " VALUES (:run_id, :step, :prompt, :output, :created_at)",
@@ -94,7 +95,8 @@ def segment_tokens(con: sqlite3.Connection, run_id: str, job_id: int, first: int
 
 
 def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos, *, expect, tokens: int,
-                  owner: str | None = None, **fields) -> None:
+                  owner: str | None = None, method: str | None = None, reference: dict | None = None,
+                  **fields) -> None:
     """End a job's segment in one transaction: its ledger row, the run's global step and the job's new state.
 
     `pos` is the job's position after the segment's last step; a segment of no steps writes no ledger row."""
@@ -103,7 +105,8 @@ def close_segment(con: sqlite3.Connection, run_id: str, job_id: int, state, pos,
         if pos.last_step >= pos.segment_start:
             _, lines = segment_counts(con, run_id, job_id, pos.segment_start, pos.last_step)
             record(con, run_id=run_id, job_id=job_id, start_step=pos.segment_start, end_step=pos.last_step,
-                   examples=len(lines), epochs=pos.epochs, tokens=tokens, outcome=outcome)
+                   examples=len(lines), epochs=pos.epochs, tokens=tokens, outcome=outcome, method=method,
+                   reference=reference)
             runs.set_step(con, run_id, pos.last_step)
             if outcome == "done":  # the job's end is a version (v1, v2, ...: never reused)
                 versions.add(con, run_id, job_id, pos.last_step)
@@ -135,21 +138,27 @@ def losses(con: sqlite3.Connection, run_id: str, job_id: int, first: int = 0, la
 
 
 def record(con: sqlite3.Connection, *, run_id: str, job_id: int, start_step: int, end_step: int,
-           examples: int, epochs: int, tokens: int, outcome: str) -> None:
+           examples: int, epochs: int, tokens: int, outcome: str, method: str | None = None,
+           reference: dict | None = None) -> None:
     """Append the ledger row of a job that has finished training (or stopped training, by outcome). `examples`
     counts the job's own; the replayed ones of those steps are counted from the audit."""
     job_losses = losses(con, run_id, job_id, start_step, end_step)
     con.execute(
         "INSERT INTO ledger (run_id, job_id, start_step, end_step, examples, replayed, epochs, tokens, first_loss,"
-        " last_loss, mean_loss, outcome, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " last_loss, mean_loss, outcome, method, reference, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (run_id, job_id, start_step, end_step, examples,
          segment_replayed(con, run_id, job_id, start_step, end_step), epochs, tokens,
          job_losses[0] if job_losses else None, job_losses[-1] if job_losses else None,
-         sum(job_losses) / len(job_losses) if job_losses else None, outcome, time.time()),
+         sum(job_losses) / len(job_losses) if job_losses else None, outcome, method,
+         json.dumps(reference) if reference else None, time.time()),
     )
 
 
-_LEDGER_QUERY = "SELECT l.*, j.file, j.fingerprint, j.overrides FROM ledger l JOIN jobs j ON j.id = l.job_id"
+_LEDGER_QUERY = ("SELECT l.*, j.file, j.fingerprint, j.overrides, j.format FROM ledger l"
+                 " JOIN jobs j ON j.id = l.job_id")
+# How a segment recorded without its method trained (a stop overtaken by a crash, or a database from before).
+_FORMAT_METHOD = {"preference": "preference", "feedback": "kto"}
 
 
 def _ledger_row(r: sqlite3.Row, inherited: bool) -> dict:
@@ -158,6 +167,8 @@ def _ledger_row(r: sqlite3.Row, inherited: bool) -> dict:
             "steps": r["end_step"] - r["start_step"] + 1, "examples": r["examples"], "replayed": r["replayed"],
             "epochs": r["epochs"], "tokens": r["tokens"], "first_loss": r["first_loss"], "last_loss": r["last_loss"],
             "mean_loss": r["mean_loss"], "outcome": r["outcome"],
+            "method": r["method"] or _FORMAT_METHOD.get(r["format"], "sft"),
+            **({"reference": json.loads(r["reference"])} if r["reference"] else {}),
             "overrides": json.loads(r["overrides"]) if r["overrides"] else {}}  # the job's `add --set`
 
 

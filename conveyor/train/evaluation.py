@@ -23,6 +23,11 @@ class EvalResult:
 
 
 
+def good_answers(examples) -> list:
+    """The examples whose answer is one to learn: all but feedback answers labelled false (a pair's is its chosen)."""
+    return [e for e in examples if e.label is not False]
+
+
 class Evaluator:
     """Token-weighted mean loss over each named set's trainable tokens, as the Trainer computes it."""
 
@@ -38,6 +43,7 @@ class Evaluator:
 
     @torch.no_grad()
     def loss(self, trainer, model, examples) -> EvalResult:
+        examples = good_answers(examples)
         was_training = model.training
         model.eval()  # no dropout: the same weights give the same number
         total, tokens = 0.0, 0
@@ -64,6 +70,7 @@ class Evaluator:
         """The greedy answers to the first `answer_examples` examples (`every`: all) that have a prompt (prompt/completion and chat:
         everything before the first trained token), each scored against what the example trains there (its first
         reply, without the end marker); None when none has a prompt (text)."""
+        examples = good_answers(examples)
         chosen = examples if every else examples[:self.answer_examples]  # every: the probe's
         asked = [a for a in (split_reply(e, self.tokenizer) for e in chosen) if a]
         if not asked:

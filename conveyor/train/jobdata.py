@@ -16,7 +16,7 @@ from typing import Callable
 from ..config import Config
 from ..data import holdout, replay
 from ..data.chat import load_tokenizer, template_id
-from ..data.formats import TokenizedFile
+from ..data.formats import PREFERENCE_FORMATS, TokenizedFile
 from ..data.tokenized import tokenize_cached
 from ..errors import PlanError, StoredDataError
 from ..fingerprint import FileHashes, short
@@ -53,7 +53,8 @@ def lineage_jobs(con, run_id: str, where: str, ended: bool = False) -> list[Job]
 
 def replay_sources(con, run_id: str, job_id: int) -> list[int]:
     """The jobs a new job may replay: those done in its run, and in the run's lineage before it branched."""
-    return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True) if j.id != job_id]
+    return [j.id for j in lineage_jobs(con, run_id, "state = 'done'", ended=True)
+            if j.id != job_id and j.format not in PREFERENCE_FORMATS]  # pairs and feedback are no demonstrations
 
 
 def replay_pool(ws: Workspace, config: Config, model_path: str, sources, fingerprint: str, tokenizer=None,

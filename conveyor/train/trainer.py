@@ -26,16 +26,18 @@ from torch.utils.data import Dataset
 from .. import testhooks
 from ..config import Config
 from ..data.chat import load_tokenizer
-from ..data.formats import IGNORE, TokenizedFile
+from ..data.formats import IGNORE, PAIR, TokenizedFile
 from ..data.holdout import EVAL_FILE
 from ..data.models import quiet_libraries
 from ..data.plan import JobOrder, Position, examples_per_step
 from ..data.probe import RETENTION
 from ..data.replay import Layout
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, PlanError
 from ..store import checkpoints as ck
 from ..store import manifest as mf
 from . import distributed, memory, packing, precision, sharding
+from . import preference as pref
+from . import reference as refs
 from .evaluation import Evaluator, add_retention
 from .precision import build_model
 from .training_state import (
@@ -65,6 +67,9 @@ class JobSpec:
     eval_sets: dict = field(default_factory=dict)
     pool: object | None = None  # replay.Pool: earlier jobs' examples this job replays (start.replay_count of them)
     probe: object | None = None  # probe.Probe: what the base model knew (its answers None until recorded)
+    format: str | None = None  # the job file's format: pairs and feedback train with a preference loss
+    data_key: str = ""  # what the job's tokenized examples depend on (jobdata.data_key): keys the reference cache
+    reference: dict | None = None  # a preference job's reference as recorded when its first step started
 
     @property
     def job_id(self) -> int:
@@ -83,6 +88,7 @@ class Hooks:
     checkpointed: Callable[[Position], None] | None = None  # a checkpoint of this position verified
     say: Callable[[str, str], None] | None = None  # (level, text)
     warn: Callable[[str], None] | None = None  # a warning about the job, kept with it (status shows it)
+    reference: Callable[[dict], None] | None = None  # a preference job's reference, made as its first step starts
 
 
 @dataclass
@@ -91,6 +97,8 @@ class Trained:
     position: Position
     stopped: str | None = None
     checkpoint: Path | None = None
+    method: str = pref.SFT
+    reference: dict | None = None
 
 
 class PlanDataset(Dataset):
@@ -118,13 +126,41 @@ class PlanDataset(Dataset):
         return {"input_ids": ex.input_ids, "labels": ex.labels, "line": (item.job_id, ex.line)}
 
 
-class AuditingCollator:
-    """Makes a micro-batch, padding-free (packing.py) or padded (Hugging Face's DataCollatorForSeq2Seq), and
-    remembers which lines it fed, in order."""
+class PreferenceDataset(PlanDataset):
+    """A preference or feedback job's examples in planned order: each pair with both answers, each feedback answer
+    with its label and KTO's KL row (preference.kl_partner), and the cached reference log-probabilities if any."""
 
-    def __init__(self, tokenizer, padding_free: bool = False, hidden: int | None = None, varlen: bool = False):
+    def __init__(self, layout, start: int, kind: str, cache=None, pad_to: int = 1, pad_id: int = 0):
+        super().__init__(layout, start, pad_to, pad_id)
+        self.kind, self.cache = kind, cache
+
+    def __getitem__(self, i: int) -> dict:
+        position = self.start + i
+        if position >= len(self.layout):
+            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
+        order, data = self.layout.order, self.layout.data
+        epoch, index = order[position]  # preference jobs replay nothing: a position is the job's own
+        ex = data.examples[index]
+        out = {"input_ids": ex.input_ids, "labels": ex.labels, "line": (self.layout.start.job_id, ex.line),
+               "kind": self.kind}
+        if self.kind == PAIR:
+            out.update(rejected_ids=ex.rejected_ids, rejected_labels=ex.rejected_labels)
+        else:
+            out.update(label=ex.label, kl=pref.kl_row(ex, data.examples[pref.kl_partner(order, position)]))
+        if self.cache is not None:
+            out[pref.REFERENCE_KEY] = self.cache.lookup(epoch, index)
+        return out
+
+
+class AuditingCollator:
+    """Makes a micro-batch, padding-free (packing.py) or padded (Hugging Face's DataCollatorForSeq2Seq; pairs and
+    feedback: preference.collate), and remembers which lines it fed, in order."""
+
+    def __init__(self, tokenizer, padding_free: bool = False, hidden: int | None = None, varlen: bool = False,
+                 preference: bool = False):
         from transformers import DataCollatorForSeq2Seq
 
+        self.preference, self.pad_id = preference, tokenizer.pad_token_id
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
         self.flat = packing.flattening_collator() if padding_free else None
         self.hidden, self.varlen = hidden, varlen  # for packing.worth_it (hidden None: always pack)
@@ -132,6 +168,8 @@ class AuditingCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         self.fed.extend(f["line"] for f in features)
+        if self.preference:
+            return pref.collate(features, self.pad_id)
         rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
         # Decided by the lengths alone: the same micro-batch gets the same layout on every run and resume.
         if self.flat and packing.worth_it([len(r["input_ids"]) for r in rows], self.hidden, self.varlen):
@@ -173,17 +211,26 @@ def computes_labelled_only(model) -> bool:
             and getattr(base, "loss_function", None) is LOSS_MAPPING.get("ForCausalLM"))
 
 
-def _trainer(model, **kw):
-    """The Hugging Face Trainer, computing logits only where labels are (`labelled_only`) when the model can."""
+def _trainer(model, loss: pref.Loss | None = None, **kw):
+    """The Hugging Face Trainer, computing logits only where labels are (`labelled_only`) when the model can; with
+    `loss`, a preference or feedback job's batches take that loss (evaluation sets keep the token loss)."""
     from transformers import Trainer  # seconds to import: only when a job trains
 
-    class LabelledOnly(Trainer):
-        def compute_loss(self, model, inputs, *a, **kwargs):
-            if self.label_smoother is None and self.compute_loss_func is None:  # both would read all the logits
-                inputs = labelled_only(inputs)
-            return super().compute_loss(model, inputs, *a, **kwargs)
+    only_labelled = computes_labelled_only(model)
 
-    return (LabelledOnly if computes_labelled_only(model) else Trainer)(model=model, **kw)
+    class ConveyorTrainer(Trainer):
+        # A preference loss is already the mean over the optimizer step's examples (preference.Loss).
+        loss_is_scaled_for_ga = True if loss is not None else None
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            if loss is not None and pref.is_preference(inputs):
+                value = loss(model, inputs)
+                return (value, None) if return_outputs else value
+            if only_labelled and self.label_smoother is None and self.compute_loss_func is None:
+                inputs = labelled_only(inputs)  # the label smoother and a loss function would read all the logits
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    return ConveyorTrainer(model=model, **kw)
 
 
 def libraries() -> dict:
@@ -211,6 +258,8 @@ class _JobCallback:
         self.evals: list = []
         self.samples: list = []
         self.evaluator = None  # set by train_segment when a validation set is configured
+        self.loss: pref.Loss | None = None  # a preference or feedback job's loss (train_segment)
+        self.preference: dict = {}  # the job's method, beta and reference, recorded in every manifest
         self.said_over_budget = False  # answer scoring skipped for its budget: said once per segment
         self.trainer = None
         self.pending: dict = {}
@@ -227,6 +276,8 @@ class _JobCallback:
         self.t_step = time.perf_counter()  # the first step's time starts with the loop, not the Trainer's setup
 
     def on_step_begin(self, args, state, control, **kw):
+        if self.loss is not None:
+            self.loss.step_examples = self.pos.next_step_examples(self.eps)
         if self.restore_rng:
             restore_rng(self.spec.resume.path, distributed.rank(), self.world_size, self.hooks.say)
             self.restore_rng = False
@@ -301,7 +352,7 @@ class _JobCallback:
         items = [self.layout[p] for p in range(at, at + n)]
         return ([(i.job_id, i.example.line) for i in items], [i.example.line for i in items if not i.replayed],
                 [[i.job_id, i.example.line] for i in items if i.replayed],
-                sum(len(i.example.input_ids) for i in items))
+                sum(i.example.tokens for i in items))
 
     def _checkpoint_everywhere(self, step: int, kw: dict, last: bool) -> None:
         states = distributed.gather(rng_state())  # each rank's RNG, so a resume continues every stream
@@ -310,7 +361,8 @@ class _JobCallback:
             self._flush()
             manifest = mf.Manifest(run_id=self.spec.run_id, global_step=step, job=self.pos, job_end=last,
                                    identity=self.spec.identity, open_jobs=self.spec.open_jobs,
-                                   hyperparameters=mf.hyperparameters(self.config, self.world_size),
+                                   hyperparameters={**mf.hyperparameters(self.config, self.world_size),
+                                                    **self.preference},
                                    libraries=libraries(),
                                    sharded=sharding.layout(self.world_size) if self.sharded else None)
         if self.sharded:  # every rank writes its shards; rank 0 seals
@@ -328,7 +380,8 @@ class _JobCallback:
         if not self.pending or not logs or "loss" not in logs:
             return
         row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
-               "grad_norm": logs.get("grad_norm")}
+               "grad_norm": logs.get("grad_norm"), "margin": None, "accuracy": None,
+               **(self.loss.tally.take() if self.loss is not None else {})}
         bad = [f"its {name} was {row[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
                if isinstance(row[key], float) and not math.isfinite(row[key])]
         if bad and self.non_finite is None:
@@ -358,8 +411,14 @@ class _JobCallback:
             if name == EVAL_FILE:
                 self.evals.append({**row, "eval_loss": result.loss})
                 continue
+            if not result.examples:  # a feedback set of bad answers only: nothing to score the loss on
+                continue
             scores = self.evaluator.answers(model, self.evaluator.sets[name], every=name == RETENTION) \
                 if answering else None
+            examples = self.evaluator.sets[name]
+            if examples and examples[0].rejected_ids is not None:  # held-out pairs: which answer is more likely
+                row["preference"] = pref.preference_accuracy(model, examples, self.config.eval.batch_size,
+                                                             self.collator.pad_id)[0]
             self.evals.append({**row, "name": name, "loss": result.loss, "tokens": result.tokens,
                                **(scores.record() if scores else {})})
         self.samples += [{"step": step, "prompt": p, "output": o} for p, o in self.evaluator.samples(model)]
@@ -440,14 +499,29 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     start = spec.start
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
     layout = Layout(start, spec.data, order, spec.pool)
-    dataset = PlanDataset(layout, start.position, pad_to=t.batch_size * world_size if world_size > 1 else 1,
-                          pad_id=tokenizer.pad_token_id)
-    collator = AuditingCollator(tokenizer, padding_free=_padding_free(config, model, spec, hooks),
+    method = pref.method_of(spec.format, t)
+    record, cache = _reference(config, model_path, spec, model, order, tokenizer, hooks, method) \
+        if pref.uses_reference(method) else (None, None)
+    pad_to = t.batch_size * world_size if world_size > 1 else 1
+    if method == pref.SFT:
+        dataset = PlanDataset(layout, start.position, pad_to=pad_to, pad_id=tokenizer.pad_token_id)
+    else:  # answers are compared whole: padded rows, never packed
+        dataset = PreferenceDataset(layout, start.position, spec.format, cache, pad_to=pad_to,
+                                    pad_id=tokenizer.pad_token_id)
+    packed = method == pref.SFT and _padding_free(config, model, spec, hooks)
+    collator = AuditingCollator(tokenizer, padding_free=packed,
                                 hidden=getattr(model.config, "hidden_size", None),
-                                varlen=config.model.attn_implementation == "flash_attention_2")
+                                varlen=config.model.attn_implementation == "flash_attention_2",
+                                preference=method != pref.SFT)
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
+    if method != pref.SFT:
+        inner.loss = pref.Loss(method, t, world_size)
+        inner.preference = {"method": method, "beta": t.beta, **({"reference": record} if record else {})}
+        if method == pref.KTO:
+            inner.preference.update(desirable_weight=t.desirable_weight, undesirable_weight=t.undesirable_weight)
     remaining = start.planned_steps - start.steps_done
-    trainer = _trainer(model, args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
+    trainer = _trainer(model, loss=inner.loss,
+                       args=training_arguments(config, spec.run_dir / "trainer", remaining, spec.run_dir,
                                                       spec.job_id),
                        train_dataset=dataset, data_collator=collator, processing_class=tokenizer,
                        callbacks=[_trainer_callback(inner)])
@@ -493,7 +567,60 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     if inner.stopped is None and not inner.pos.finished:
         raise RuntimeError(f"the Trainer ran {inner.pos.steps_done - start.steps_done} steps where conveyor "
                            f"planned {remaining}; this is a bug")
-    return Trained(inner.pos, inner.stopped, inner.last_checkpoint)
+    return Trained(inner.pos, inner.stopped, inner.last_checkpoint, method, record)
+
+
+def _reference(config: Config, model_path: str, spec: JobSpec, model, order: JobOrder, tokenizer, hooks: Hooks,
+               method: str) -> tuple[dict, object]:
+    """A preference job's reference, the model as the job found it: (its record, the cached log-probabilities of a
+    full fine-tune or None). Made when the job's first step starts (rank 0 writes, the others read), loaded and
+    verified on every resume (reference.py)."""
+    first = spec.start.steps_done == 0
+    record = None if first else spec.reference
+    if record is None and not first:
+        raise PlanError(f"job {spec.job_id} has trained {spec.start.steps_done} steps but no reference is recorded "
+                        "for it (a database from before preference jobs?); roll back to the version before it "
+                        "(`conveyor rollback`) to train it again from its start")
+    main = distributed.is_main()
+    step = spec.resume.step if spec.resume is not None else 0
+    weights = record["weights"] if record else refs.weights_id(spec.resume, model_path)
+    if config.adapter.method != "full":
+        folder = refs.copy_folder(spec.run_dir, spec.job_id)
+        if first:
+            record = distributed.broadcast(
+                {"kind": "adapter", "step": step, "weights": weights, "path": f"references/{folder.name}",
+                 "sha256": refs.keep_adapter(model, folder)} if main else None)
+        refs.load_adapter(model, folder, record, spec.job_id)
+        cache = None
+    else:
+        key = refs.cache_key(spec.data_key, weights, method, order.epochs, config.training.seed,
+                             config.model.precision)
+        folder = refs.cache_folder(spec.run_dir.parent.parent / "data", key)
+        examples = spec.data.examples
+
+        def compute():
+            if first:  # the model as loaded is the reference
+                return refs.compute_cache(model, examples, order, method, config.eval.batch_size,
+                                          tokenizer.pad_token_id)
+            reference_model = build_model(config, model_path, refs.reference_weights(spec.run_dir, record))
+            try:
+                return refs.compute_cache(reference_model, examples, order, method, config.eval.batch_size,
+                                          tokenizer.pad_token_id)
+            finally:
+                del reference_model
+                gc.collect()
+
+        made = refs.cached_logps(folder, record, compute, method == pref.KTO, key, hooks.warn) if main else None
+        digest = distributed.broadcast(made[1] if main else None)
+        cache = made[0] if main else refs.load_cache(folder)[0]
+        if first:
+            record = {"kind": "logps", "step": step, "weights": weights, "path": f"data/reference/{folder.name}",
+                      "sha256": digest}
+        else:
+            record = {**record, "sha256": digest}
+    if first and main and hooks.reference:
+        hooks.reference(record)
+    return record, cache
 
 
 def _model(config: Config, model_path: str, spec: JobSpec, world_size: int):

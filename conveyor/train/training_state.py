@@ -72,12 +72,21 @@ def _whole_weights(model) -> dict:
     return {"state_dict": {k: v for k, v in model.state_dict().items() if not isinstance(v, DTensor)}}
 
 
+def trained_adapter(model) -> dict:
+    """save_pretrained's keyword that keeps a preference job's frozen reference adapter (preference.REFERENCE) out of
+    the checkpoint: only the adapter that trains is saved. Nothing for a model with one adapter or none."""
+    adapters = getattr(model, "peft_config", None)
+    if not adapters or len(adapters) == 1:
+        return {}
+    return {"selected_adapters": [name for name in adapters if name != "reference"]}
+
+
 def save_checkpoint(run_dir: Path, manifest: mf.Manifest, model, optimizer, scheduler, rng_states: list,
                     retention) -> Path:
     """Weights (adapter or full), optimizer, scheduler and every rank's RNG, written atomically with the manifest;
     `retention` is training's settings (keep_checkpoints, keep_job_ends, prune_version_weights)."""
     def save(folder: Path) -> None:
-        model.save_pretrained(folder, **_whole_weights(model))
+        model.save_pretrained(folder, **_whole_weights(model), **trained_adapter(model))
         torch.save(optimizer.state_dict(), folder / mf.OPTIMIZER)
         torch.save(scheduler.state_dict(), folder / mf.SCHEDULER)
         for r, state in enumerate(rng_states):

@@ -18,7 +18,7 @@ from ..config import Config
 from ..data import holdout, replay
 from ..data import probe as probes
 from ..data.chat import load_tokenizer
-from ..data.formats import TokenizedFile, parse_file, tokenize_file
+from ..data.formats import PREFERENCE_FORMATS, TokenizedFile, parse_file, tokenize_file
 from ..data.plan import Position, examples_per_step, fresh, require_steps
 from ..data.tokenized import prune as prune_tokenized
 from ..data.tokenized import tokens_of
@@ -146,6 +146,10 @@ class Worker:
         if resume is not None and resume.step != run.global_step:
             raise Conflict(f"{run.id} is at step {run.global_step} but its newest checkpoint is {resume.path.name}; "
                            "the daemon reconciles before the next claim")
+        if job.format in PREFERENCE_FORMATS and self.config.distributed.strategy == "fsdp":
+            raise PlanError(f"job {job.id} is a {job.format} file, and preference and feedback jobs do not train "
+                            "under distributed.strategy = \"fsdp\" yet (their reference would be computed across "
+                            "shards); train it under \"ddp\" (the checkpoints convert), or remove the job")
         data = self.held_out(job, run, resume, self.prepare(job))
         start = self.position(job, run, resume, data)
         if start.steps_done == 0 and self._duplicate(job, run):
@@ -229,6 +233,11 @@ class Worker:
         probe, replay.PROBE, as many times as its share needs) and how many examples it replays."""
         fraction, rehearsal = self.config.replay.fraction, self.config.replay.rehearsal
         if fraction <= 0 and rehearsal <= 0:
+            return (), 0
+        if job.format in PREFERENCE_FORMATS:
+            self.say("info", f"job {job.id} replays nothing: it is a {job.format} file, trained with a preference "
+                     "loss over whole answers, which supervised examples cannot join (replay.fraction and "
+                     "replay.rehearsal apply to supervised jobs)", job.id)
             return (), 0
         earlier = tuple(replay_sources(self.db, run.id, job.id)) if fraction > 0 else ()
         probe = self._rehearsed(job, run) if rehearsal > 0 else None
@@ -322,7 +331,9 @@ class Worker:
         spec = JobSpec(run_id=setup.run.id, run_dir=self.ws.run_dir(setup.run.id), data=setup.data,
                        start=setup.start, identity=setup.run.identity, resume=setup.resume,
                        open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
-                       probe=self._probe(setup.job, setup.run))
+                       probe=self._probe(setup.job, setup.run), format=setup.job.format,
+                       data_key=data_key(self.ws, setup.job, self.config, self.model_path, self.tokenizer),
+                       reference=setup.job.reference)
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -332,8 +343,17 @@ class Worker:
         hooks = Hooks(progress=lambda d, p, loss, rate: self.reporter.progress(job, d, p, loss, rate),
                       flush=lambda *rows: self._flush(setup, *rows), peek=self._peek,
                       hold=lambda checkpoint: self._hold(job, checkpoint), say=self.say,
-                      warn=lambda text: self._warn(job, text))
+                      warn=lambda text: self._warn(job, text),
+                      reference=lambda record: self._reference(job, record))
         return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
+
+    def _reference(self, job: Job, record: dict) -> None:
+        """A preference job's reference, made as its first step starts: kept on the job (a resume loads it)."""
+        jobs.update(self.db, job.id, expect=JobState.RUNNING, owner=self.claim, reference=record)
+        what = "a frozen copy of the adapter" if record["kind"] == "adapter" else \
+            "the reference's log-probabilities of every answer, cached"
+        self.say("info", f"job {job.id}: its reference is the model at global step {record['step']} ({what}, "
+                 f"{record['path']}, sha256 {record['sha256'][:12]})", job.id)
 
     def _flush(self, setup: Setup, audit, metrics, evals, samples, pos: Position) -> None:
         testhooks.fill_disk("db", pos.last_step, self.ws.root / "conveyor.db")
@@ -361,7 +381,7 @@ class Worker:
                             steps_done=0, position=0, start_step=None, end_step=None, segment_start=None)
         else:
             ledger.close_segment(self.db, run.id, job.id, state, pos, expect=JobState.RUNNING, owner=self.claim,
-                                 tokens=tokens, **extra)
+                                 tokens=tokens, method=trained.method, reference=trained.reference, **extra)
         self._announce(jobs.get(self.db, job.id), pos, trained, extra.get("error"))
         if state == JobState.DONE:
             self._gate(job, run, pos.last_step)
