@@ -230,7 +230,17 @@ def _trainer(model, loss: pref.Loss | None = None, **kw):
                 inputs = labelled_only(inputs)  # the label smoother and a loss function would read all the logits
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
+        def log(self, logs: dict, *a, **kwargs):
+            # A preference step's margin and accuracy, under TRL's names, for the callback and every report_to
+            # integration (they all read these logs).
+            if loss is not None and "loss" in logs:
+                logs.update({METRIC_KEYS[key]: value for key, value in loss.tally.take().items()})
+            return super().log(logs, *a, **kwargs)
+
     return ConveyorTrainer(model=model, **kw)
+
+
+METRIC_KEYS = {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}  # TRL's names in the Trainer's logs
 
 
 def libraries() -> dict:
@@ -380,8 +390,8 @@ class _JobCallback:
         if not self.pending or not logs or "loss" not in logs:
             return
         row = {**self.pending, "loss": logs.get("loss"), "learning_rate": logs.get("learning_rate"),
-               "grad_norm": logs.get("grad_norm"), "margin": None, "accuracy": None,
-               **(self.loss.tally.take() if self.loss is not None else {})}
+               "grad_norm": logs.get("grad_norm"),
+               **{column: logs.get(key) for column, key in METRIC_KEYS.items()}}
         bad = [f"its {name} was {row[key]}" for key, name in (("loss", "loss"), ("grad_norm", "gradient norm"))
                if isinstance(row[key], float) and not math.isfinite(row[key])]
         if bad and self.non_finite is None:
