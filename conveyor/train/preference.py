@@ -48,6 +48,14 @@ def describe(method: str) -> str:
     return {SFT: "supervised", DPO: "DPO", IPO: "IPO", ORPO: "ORPO", KTO: "KTO"}[method]
 
 
+def disable_dropout(model) -> None:
+    """No dropout in a preference job, as TRL's DPO and KTO trainers do by default (disable_dropout): the policy's
+    log-probabilities then compare with the reference's, computed without it, and a pair's loss starts at ln 2."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 # Batches -------------------------------------------------------------------------------------------------------
 
 def answer_start(labels: list[int]) -> int:

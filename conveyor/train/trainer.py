@@ -525,6 +525,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
                                 preference=method != pref.SFT)
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
     if method != pref.SFT:
+        pref.disable_dropout(model)
         inner.loss = pref.Loss(method, t, world_size)
         inner.preference = {"method": method, "beta": t.beta, **({"reference": record} if record else {})}
         if method == pref.KTO:
