@@ -184,12 +184,21 @@ def rows(con: sqlite3.Connection, run_id: str | None = None, own: bool = False) 
     """Ledger rows, oldest first: a run's lineage, the rows it inherited marked (`own`: its own rows only), or
     every run's."""
     if run_id is None:
-        return [_ledger_row(r, False) for r in con.execute(_LEDGER_QUERY + " ORDER BY l.id")]
+        return _named(con, [_ledger_row(r, False) for r in con.execute(_LEDGER_QUERY + " ORDER BY l.id")])
     out = []
     for span in spans_of(con, run_id, own):
         where, args = _ledger_where(span)
         out += [_ledger_row(r, span.inherited) for r in con.execute(_LEDGER_QUERY + where + " ORDER BY l.id", args)]
-    return out
+    return _named(con, out)
+
+
+def _named(con: sqlite3.Connection, rows: list[dict]) -> list[dict]:
+    """A preference job's reference also by what a person calls it: `"name": "v2"` (or "base", or "step 12" for a
+    checkpoint inside a job)."""
+    for r in rows:
+        if r.get("reference") and isinstance(r["reference"].get("step"), int):
+            r["reference"]["name"] = versions.step_name(con, r["run"], r["reference"]["step"])
+    return rows
 
 
 def close_overtaken(con: sqlite3.Connection, run_id: str, pos) -> bool:
@@ -220,7 +229,7 @@ def page(con: sqlite3.Connection, run_id: str, offset: int, limit: int) -> tuple
         offset = 0
         if len(out) >= limit:
             break
-    return out, sum(counts)
+    return _named(con, out), sum(counts)
 
 
 def replayed_by_job(con: sqlite3.Connection, job_ids: list[int]) -> dict[int, int]:

@@ -16,15 +16,19 @@ ROLLUP_LEVELS = (16, 256, 4096, 65536)
 FAN = 16
 END = 2**62  # past any step
 ROLLUP_COLUMNS = ("n, step_min, step_max, loss_n, loss_sum, loss_min, loss_max, lr_sum, lr_n, grad_norm_sum,"
-                  " grad_norm_n, tokens, examples, step_time")
+                  " grad_norm_n, tokens, examples, step_time, margin_sum, margin_n, accuracy_sum, accuracy_n")
 # One metric row in the rollup's columns: raw rows and buckets then merge with the same aggregates.
 RAW_AS_ROLLUP = ("1 AS n, step AS step_min, step AS step_max, loss IS NOT NULL AS loss_n, loss AS loss_sum,"
                  " loss AS loss_min, loss AS loss_max, learning_rate AS lr_sum, learning_rate IS NOT NULL AS lr_n,"
-                 " grad_norm AS grad_norm_sum, grad_norm IS NOT NULL AS grad_norm_n, tokens, examples, step_time")
+                 " grad_norm AS grad_norm_sum, grad_norm IS NOT NULL AS grad_norm_n, tokens, examples, step_time,"
+                 " margin AS margin_sum, margin IS NOT NULL AS margin_n, accuracy AS accuracy_sum,"
+                 " accuracy IS NOT NULL AS accuracy_n")
 MERGED = ("SUM(n) AS n, MIN(step_min) AS step_min, MAX(step_max) AS step_max, SUM(loss_n) AS loss_n,"
           " SUM(loss_sum) AS loss_sum, MIN(loss_min) AS loss_min, MAX(loss_max) AS loss_max, SUM(lr_sum) AS lr_sum,"
           " SUM(lr_n) AS lr_n, SUM(grad_norm_sum) AS grad_norm_sum, SUM(grad_norm_n) AS grad_norm_n,"
-          " SUM(tokens) AS tokens, SUM(examples) AS examples, SUM(step_time) AS step_time")
+          " SUM(tokens) AS tokens, SUM(examples) AS examples, SUM(step_time) AS step_time,"
+          " SUM(margin_sum) AS margin_sum, SUM(margin_n) AS margin_n, SUM(accuracy_sum) AS accuracy_sum,"
+          " SUM(accuracy_n) AS accuracy_n")
 
 
 def roll_up(con: sqlite3.Connection, run_id: str, steps: list[int]) -> None:
@@ -117,11 +121,12 @@ def _marked(row: sqlite3.Row, run_id: str) -> dict:
 def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, points: int) -> dict:
     """The metric rows of a run's lineage in steps first..last: as stored when there are at most `points`, else at
     most `points` rows, each merging a range of steps (means; sums of tokens, examples and step time; exact loss
-    min and max). Each row names the run of its (last) step."""
+    min and max; a preference step's margin and accuracy averaged over the steps that have them, else None). Each
+    row names the run of its (last) step."""
     spans = _clip(lineage(con, run_id), first, last)
     if _at_most(con, "metrics", spans, points):
-        return _as_stored(con, "metrics", "job_id, loss, learning_rate, grad_norm, tokens, examples, step_time",
-                          spans, run_id)
+        return _as_stored(con, "metrics", "job_id, loss, learning_rate, grad_norm, tokens, examples, step_time,"
+                          " margin, accuracy", spans, run_id)
     lo, hi = _step_range(con, "metrics", spans)
     span = hi - lo + 1
     # The finest level with at most 8 buckets an output row: few rows to read, each of them exact.
@@ -137,7 +142,8 @@ def metric_series(con: sqlite3.Connection, run_id: str, first: int, last: int, p
         " SUM(loss_sum) / NULLIF(SUM(loss_n), 0) AS loss, MIN(loss_min) AS loss_min, MAX(loss_max) AS loss_max,"
         " SUM(lr_sum) / NULLIF(SUM(lr_n), 0) AS learning_rate,"
         " SUM(grad_norm_sum) / NULLIF(SUM(grad_norm_n), 0) AS grad_norm, SUM(tokens) AS tokens,"
-        " SUM(examples) AS examples, SUM(step_time) AS step_time"
+        " SUM(examples) AS examples, SUM(step_time) AS step_time, SUM(margin_sum) / NULLIF(SUM(margin_n), 0) AS margin,"
+        " SUM(accuracy_sum) / NULLIF(SUM(accuracy_n), 0) AS accuracy"
         f" FROM ({' UNION ALL '.join(sql for sql, _ in parts)}) GROUP BY (step_min - ?) / ?) g) h ORDER BY step",
         (*run_args, *[a for _, args in parts for a in args], lo, width))
     return {"rows": [_marked(r, run_id) for r in rows], "downsampled": True, "bucket_steps": width, "level": level}
@@ -216,10 +222,11 @@ def _pieces(run_id: str, first: int, last: int, levels: tuple[int, ...]) -> list
 
 
 def set_eval_rows(con: sqlite3.Connection, run_id: str) -> list[dict]:
-    """The held-out sets' losses at every evaluation of a run's lineage, by step then set name."""
+    """The held-out sets' losses (scored answers, preferred answers of pairs) at every evaluation of a run's
+    lineage, by step then set name."""
     return [_marked(r, run_id) for s in lineage(con, run_id) for r in con.execute(
-        "SELECT step, run_id AS run, name, job_id, loss, examples, tokens, exact, f1, answered, created_at FROM set_evals"
-        " WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, name", s.where())]
+        "SELECT step, run_id AS run, name, job_id, loss, examples, tokens, exact, f1, answered, preference, created_at"
+        " FROM set_evals WHERE run_id = ? AND step BETWEEN ? AND ? ORDER BY step, name", s.where())]
 
 
 def samples(con: sqlite3.Connection, run_id: str, limit: int) -> list[dict]:

@@ -19,7 +19,7 @@ from ..data.probe import RETENTION
 from ..errors import ConveyorError
 from . import checkpoints as ck
 from . import manifest as mf
-from . import runs
+from . import runs, series
 from .runs import ancestry
 
 NAME = re.compile(r"v(\d+)")
@@ -43,7 +43,8 @@ def all_versions(con: sqlite3.Connection, runs_dir: Path | None = None) -> list[
                        " ORDER BY v.id").fetchall()
     return [{"version": name(r["id"]), "run": r["run_id"], "job": r["job_id"], "file": r["file"],
              "step": r["step"], "eval": losses_at(con, r["run_id"], r["step"]),
-             "answers": answers_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
+             "answers": answers_at(con, r["run_id"], r["step"]),
+             "preference": preference_at(con, r["run_id"], r["step"]), "pinned": bool(r["pinned"]),
              "gated": r["gated"], **(kept_state(runs_dir, r["run_id"], r["step"]) if runs_dir else {})}
             for r in rows]
 
@@ -105,6 +106,24 @@ def answers_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, dic
         (run_id, step))}
 
 
+def preference_at(con: sqlite3.Connection, run_id: str, step: int) -> dict[str, float]:
+    """Each held-out set of pairs at a step: the share of its pairs whose chosen answer the model finds more likely
+    than the rejected one (sets of other files have none)."""
+    return {r["name"]: r["preference"] for r in con.execute(
+        "SELECT name, preference FROM set_evals WHERE run_id = ? AND step = ? AND preference IS NOT NULL",
+        (run_id, step))}
+
+
+def step_name(con: sqlite3.Connection, run_id: str, step: int) -> str:
+    """What the model at a global step of a run's lineage is called: `base` (step 0), the version that ends there
+    (`v2`, in whichever run of the lineage trained it), or `step 12` (a checkpoint inside a job)."""
+    if step == 0:
+        return BASE
+    span = next((s for s in series.lineage(con, run_id) if s.first <= step <= s.last), None)
+    found = at_step(con, span.run, step) if span else None
+    return name(found) if found else f"step {step}"
+
+
 def lineage(con: sqlite3.Connection, run_id: str | None = None) -> list[dict]:
     """The versions that led to a run (default: the active one): for a rollback's run, its parent's up to the
     version it branched from (and so on up), then its own; oldest first."""
@@ -132,7 +151,7 @@ def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     if rows:
         first = rows[0]["run"]
         base = {"version": BASE, "run": first, "job": None, "step": 0, "eval": losses_at(con, first, 0),
-                "answers": answers_at(con, first, 0), "gated": None}
+                "answers": answers_at(con, first, 0), "preference": preference_at(con, first, 0), "gated": None}
         rows = ([base] if base["eval"] else []) + rows
     names: list[str] = []
     for v in rows:
@@ -147,6 +166,7 @@ def matrix(con: sqlite3.Connection, run_id: str | None = None) -> dict:
     return {"sets": sets, "rows": [{"version": v["version"], "run": v["run"], "job": v["job"], "step": v["step"],
                                     "loss": {n: v["eval"].get(n) for n in names},
                                     "answers": {n: v["answers"][n] for n in names if n in v["answers"]},
+                                    "preference": {n: v["preference"][n] for n in names if n in v["preference"]},
                                     "gated": v["gated"]}
                                    for v in rows]}
 

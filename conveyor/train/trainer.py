@@ -70,6 +70,7 @@ class JobSpec:
     format: str | None = None  # the job file's format: pairs and feedback train with a preference loss
     data_key: str = ""  # what the job's tokenized examples depend on (jobdata.data_key): keys the reference cache
     reference: dict | None = None  # a preference job's reference as recorded when its first step started
+    method: str | None = None  # a preference job's method as it began (a job keeps it; None: from the settings)
 
     @property
     def job_id(self) -> int:
@@ -509,7 +510,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     start = spec.start
     order = JobOrder(t.seed, start.fingerprint, start.examples, start.epochs)
     layout = Layout(start, spec.data, order, spec.pool)
-    method = pref.method_of(spec.format, t)
+    method = spec.method or pref.method_of(spec.format, t)
     record, cache = _reference(config, model_path, spec, model, order, tokenizer, hooks, method) \
         if pref.uses_reference(method) else (None, None)
     pad_to = t.batch_size * world_size if world_size > 1 else 1

@@ -18,7 +18,7 @@ from ..config import Config
 from ..data import holdout, replay
 from ..data import probe as probes
 from ..data.chat import load_tokenizer
-from ..data.formats import PREFERENCE_FORMATS, TokenizedFile, parse_file, tokenize_file
+from ..data.formats import PAIR, PREFERENCE_FORMATS, TokenizedFile, parse_file, tokenize_file
 from ..data.plan import Position, examples_per_step, fresh, require_steps
 from ..data.tokenized import prune as prune_tokenized
 from ..data.tokenized import tokens_of
@@ -333,7 +333,7 @@ class Worker:
                        open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
                        probe=self._probe(setup.job, setup.run), format=setup.job.format,
                        data_key=data_key(self.ws, setup.job, self.config, self.model_path, self.tokenizer),
-                       reference=setup.job.reference)
+                       reference=setup.job.reference, method=self._method(setup))
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started
@@ -346,6 +346,25 @@ class Worker:
                       warn=lambda text: self._warn(job, text),
                       reference=lambda record: self._reference(job, record))
         return train_segment(self.config, self.model_path, spec, hooks, self.world_size)
+
+    def _method(self, setup: Setup) -> str | None:
+        """The method a preference job began with, which it keeps to its end (its reference and its steps were made
+        for it); a training.preference changed meanwhile applies to later files, said. None: not begun, or SFT."""
+        job, start, resume = setup.job, setup.start, setup.resume
+        if job.format not in PREFERENCE_FORMATS or start.steps_done == 0:
+            return None
+        if resume is not None and resume.manifest.job.job_id == job.id:
+            began = resume.manifest.hyperparameters.get("method")
+        else:
+            began = next((row["method"] for row in reversed(ledger.rows(self.db, setup.run.id))
+                          if row["job"] == job.id), None)
+        configured = self.config.training.preference if job.format == PAIR else "kto"
+        if began in (None, "preference") or began == configured:
+            return None
+        self._warn(job, f"training.preference is {configured} now, but job {job.id} began as {began}: a job keeps "
+                   f"its method to its end (its reference and its {start.steps_done} steps were made for it); "
+                   f"{configured} applies to the next preference files")
+        return began
 
     def _reference(self, job: Job, record: dict) -> None:
         """A preference job's reference, made as its first step starts: kept on the job (a resume loads it)."""

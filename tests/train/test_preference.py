@@ -276,3 +276,20 @@ def test_kto_pairs_each_prompt_with_the_answer_before_it_in_the_epochs_order():
         before = epoch * 5 + (offset - 1) % 5
         assert kl_partner(order, position) == order[before][1]
     assert {kl_partner(order, p) for p in range(5)} == set(range(5))  # every answer serves once per epoch
+
+
+def test_a_job_keeps_the_method_it_began_with_when_the_setting_changes_meanwhile(tmp_path, tiny_dir, uninterrupted):
+    from conftest import set_setting
+
+    ws = make_workspace(tmp_path / "ws", tiny_dir, **SETTINGS)
+    assert run_cli(ws, "add", *_chaos_files(tmp_path / "data")).code == 0
+    env = {**os.environ, "CONVEYOR_FAILPOINT": "step:5"}  # mid the DPO job
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "run", "--drain", "-q"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    set_setting(ws, "training", "preference", '"ipo"')
+    _drain(ws)
+    job = next(j for j in status(ws)["jobs"] if j["id"] == 2)
+    assert any("began as dpo: a job keeps its method" in w for w in job["warnings"]), job["warnings"]
+    assert [r["method"] for r in ledger(ws) if r["job"] == 2] == ["dpo"]
+    assert max_abs_diff(_final(ws), _final(uninterrupted)) <= 1e-6  # the KTO job after it is unaffected too
