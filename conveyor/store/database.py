@@ -193,6 +193,10 @@ CREATE INDEX IF NOT EXISTS samples_by_run ON samples (run_id, id);
 ROLLUP_VERSION = 1
 # PRAGMA user_version from which every job end has a version (the jobs a database finished before got theirs).
 VERSIONS_VERSION = 2
+# PRAGMA user_version from which the rollups keep preference steps' margin and accuracy (runs with such steps
+# rolled up before are rolled up again).
+MARGINS_VERSION = 3
+CURRENT_VERSION = MARGINS_VERSION  # the newest: a new database starts there, upgrade.py brings an older one there
 
 
 # Columns added after the first release: (table, column, declaration). A database made by an older conveyor
@@ -222,6 +226,10 @@ ADDED_COLUMNS = [
     ("metrics", "margin", "REAL"),  # preference and feedback steps: mean reward margin
     ("metrics", "accuracy", "REAL"),  # preference steps: share of pairs with the chosen answer's reward above
     ("set_evals", "preference", "REAL"),  # held-out pairs: share with the chosen answer more likely than the rejected
+    ("metrics_rollup", "margin_sum", "REAL"),  # the bucket's preference and feedback steps: their margins summed
+    ("metrics_rollup", "margin_n", "INTEGER NOT NULL DEFAULT 0"),  # how many steps have a margin
+    ("metrics_rollup", "accuracy_sum", "REAL"),
+    ("metrics_rollup", "accuracy_n", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 
@@ -252,7 +260,7 @@ def connect(path: Path) -> sqlite3.Connection:
         new = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone() is None
         con.executescript(SCHEMA)
         if new:  # nothing to bring up to date (upgrade.py): the current version from the start
-            con.execute(f"PRAGMA user_version = {VERSIONS_VERSION}")
+            con.execute(f"PRAGMA user_version = {CURRENT_VERSION}")
         _check_state_tables(con, Path(path))
         _add_missing_columns(con)
     except BaseException as e:

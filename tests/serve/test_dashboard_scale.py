@@ -299,7 +299,7 @@ def test_old_database_gets_its_rollups_when_opened(tmp_path):
     upgrade(con, path)  # as Workspace.db does on every open
     try:
         assert _rollup(con) == expected
-        assert con.execute("PRAGMA user_version").fetchone()[0] == store.VERSIONS_VERSION
+        assert con.execute("PRAGMA user_version").fetchone()[0] == store.CURRENT_VERSION
     finally:
         con.close()
 

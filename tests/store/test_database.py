@@ -29,7 +29,7 @@ def test_connect_creates_the_schema_in_wal_mode_at_the_current_version(con):
     assert {"runs", "jobs", "ledger", "audit", "metrics", "evals", "versions", "set_evals", "notify_cursor",
             "samples", "controls", "events", "metrics_rollup"} <= tables
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == store.VERSIONS_VERSION
+    assert con.execute("PRAGMA user_version").fetchone()[0] == store.CURRENT_VERSION
     assert {column for table, column, _ in store.ADDED_COLUMNS if table == "jobs"} <= _columns(con, "jobs")
     con.execute("INSERT INTO runs (id, created_at, identity) VALUES ('run-0001', 0, '{}')")
     assert con.execute("SELECT * FROM runs").fetchone()["id"] == "run-0001"  # rows by column name

@@ -15,7 +15,7 @@ from conveyor.config import CONFIG_FILE, Config, render_config
 from conveyor.errors import ConfigError, ConveyorError, WorkspaceError
 from conveyor.faults import DatabaseDamaged, database_message, database_mismatch_message, database_missing_message
 from conveyor.store import workspace as workspace_module
-from conveyor.store.database import VERSIONS_VERSION
+from conveyor.store.database import CURRENT_VERSION
 from conveyor.store.workspace import Workspace
 
 FOLDERS = ["data", "inbox", "logs", "rejected", "runs"]
@@ -137,7 +137,7 @@ def test_the_database_is_opened_once_per_workspace_object(tmp_path):
     assert ws.db is con and (ws.root / "conveyor.db").exists() and (ws.logs / "conveyor.log").exists()
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"runs", "jobs", "ledger", "versions", "events", "controls", "metrics_rollup"} <= tables
-    assert con.execute("PRAGMA user_version").fetchone()[0] == VERSIONS_VERSION
+    assert con.execute("PRAGMA user_version").fetchone()[0] == CURRENT_VERSION
     other = Workspace.open(ws.root)
     assert other.db is not con
     con.execute("INSERT INTO events (ts, level, kind, message) VALUES (1, 'info', 'message', 'hello')")
