@@ -93,7 +93,8 @@ def preview(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Each example as training sees it (this workspace's model and settings, after truncation): the text with
-    the trained tokens highlighted, the token count and the trainable-token count."""
+    the trained tokens highlighted, the token count and the trainable-token count; a preference pair's prompt once
+    and both answers, each side counted; a feedback answer's label."""
     from ..serve.preview import describe, preview_file
 
     shown = preview_file(_ws(), file, lines)

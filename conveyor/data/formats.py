@@ -329,6 +329,12 @@ def _implicit_prompt(record: dict) -> dict:
     if shared == 0:
         raise ValueError('"chosen" and "rejected" share no first message, so there is no prompt; give it as '
                          '"prompt" (a list of messages) and the answers after it')
+    if shared == min(len(chosen), len(rejected)):  # else an empty answer would be named "a non-empty list" below
+        if len(chosen) == len(rejected):
+            raise ValueError('"chosen" and "rejected" are the same conversation: there is nothing to prefer')
+        short = "chosen" if len(chosen) == shared else "rejected"
+        raise ValueError(f'"{short}" is the start of the other conversation, so it has no answer of its own; each '
+                         "must end with its own assistant message after the messages they share")
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 

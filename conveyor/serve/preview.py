@@ -38,7 +38,7 @@ class Side:
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "trainable_tokens": self.trainable_tokens, "text": self.text,
-                "trainable": [text for text, trainable in self.pieces if trainable]}
+                "trainable": [text for text, trained in self.pieces if trained]}
 
 
 @dataclass
@@ -172,7 +172,7 @@ def describe(preview: Preview, plain: bool = False) -> list[Text]:
     if preview.masking:
         head += f" · replies found by {preview.masking}"
     legend = Text(f"{OPEN}trained{CLOSE}") if plain else Text("trained", style=TRAINED)
-    out = [Text(head + " · ", style="dim") + legend + Text(" / context", style="dim")]
+    out = [Text.assemble((head + " · ", "dim"), legend, (" / context", "dim"))]  # `+` would dim the legend too
     for shown in preview.examples:
         counts = (_counts(shown.side) if shown.rejected is None
                   else f"chosen {_counts(shown.side)}; rejected {_counts(shown.rejected)}")
@@ -183,7 +183,7 @@ def describe(preview: Preview, plain: bool = False) -> list[Text]:
             continue
         for name, pieces in (("prompt", [(shown.prompt, False)]), ("chosen", shown.side.pieces),
                              ("rejected", shown.rejected.pieces)):
-            out.append(Text(f"{name}: ", style="" if plain else "dim") + _marked(pieces, plain))
+            out.append(Text.assemble((f"{name}: ", "" if plain else "dim"), _marked(pieces, plain)))
     return out
 
 
@@ -210,9 +210,9 @@ def _counts(side: Side) -> str:
 
 def _marked(pieces: list[tuple[str, bool]], plain: bool) -> Text:
     body = Text()
-    for text, trainable in pieces:
+    for text, trained in pieces:
         if plain:
-            body.append(f"{OPEN}{text}{CLOSE}" if trainable else text)
+            body.append(f"{OPEN}{text}{CLOSE}" if trained else text)
         else:
-            body.append(text, style=TRAINED if trainable else "")
+            body.append(text, style=TRAINED if trained else "")
     return body

@@ -324,3 +324,165 @@ def test_a_huge_line_is_tokenized_only_as_far_as_it_trains(tok, fmt, record):
         type(tok).__call__ = call
     assert (got.input_ids, got.labels, got.truncated) == (whole_ids[:64], whole_labels[:64], True)
     assert max(seen) <= 64 * 64, seen  # a prefix: SLACK tokens past the cut at most a few doublings away
+
+
+# Preference pairs and feedback -----------------------------------------------------------------------------------
+def _user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def _assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def _jsonl(path, records: list) -> object:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _trained(tok, ids: list[int], labels: list[int]) -> str:
+    return tok.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+
+
+CONVERSATION = [_user("Hi"), _assistant("Hello."), _user("2+2?")]  # an earlier assistant turn in the prompt
+
+
+def test_pairs_and_feedback_are_detected_in_each_of_their_forms(tmp_path):
+    strings = {"prompt": "Q: sky?", "chosen": " blue", "rejected": " green"}
+    chat = {"prompt": CONVERSATION, "chosen": [_assistant("4")], "rejected": [_assistant("5")]}
+    implicit = {"chosen": CONVERSATION + [_assistant("4")], "rejected": CONVERSATION + [_assistant("5")]}
+    for records, expected in (([strings], [strings]), ([chat], [chat]), ([implicit], [chat]), ([strings, implicit],
+                                                                                             [strings, chat])):
+        parsed = parse_file(_jsonl(tmp_path / "pairs.jsonl", records))
+        assert parsed.format == formats.PAIR and [e.record for e in parsed.examples] == expected
+    feedback = [{"prompt": "Q: sky?", "completion": " blue", "label": True},
+                {"prompt": CONVERSATION, "completion": [_assistant("5")], "label": False}]
+    parsed = parse_file(_jsonl(tmp_path / "feedback.jsonl", feedback))
+    assert parsed.format == formats.FEEDBACK and [e.record for e in parsed.examples] == feedback
+
+
+def test_bad_pairs_and_feedback_are_named_by_line(tmp_path):
+    bad = [
+        {"prompt": "Q", "chosen": "A", "rejected": "A"},
+        {"prompt": "Q", "completion": "A", "label": "yes"},
+        {"prompt": "Q", "completion": "A", "label": 1},
+        {"prompt": [_user("Q")], "chosen": "A", "rejected": "B"},
+        {"prompt": [_user("Q")], "chosen": [_assistant("A"), _user("and?")], "rejected": [_assistant("B")]},
+        {"chosen": "A", "rejected": "B"},
+        {"chosen": [_user("Q"), _assistant("A")], "rejected": [_user("R"), _assistant("B")]},
+        {"chosen": [_user("Q"), _assistant("A")], "rejected": [_user("Q"), _assistant("A")]},
+        {"chosen": [_user("Q"), _assistant("A")], "rejected": [_user("Q"), _assistant("A"), _user("?"),
+                                                               _assistant("B")]},
+        {"prompt": "Q", "chosen": "A", "rejected": "B", "label": True},
+    ]
+    assert _problems(_jsonl(tmp_path / "bad.jsonl", bad)) == [
+        'line 1: "chosen" and "rejected" are the same answer: there is nothing to prefer',
+        'line 2: "label" must be true (a good answer) or false (a bad one), found \'yes\'',
+        'line 3: "label" must be true (a good answer) or false (a bad one), found 1',
+        'line 4: "prompt" is a conversation, so "chosen" must be one too (a list of messages), found str',
+        'line 5: "chosen" must end with the assistant\'s message, the answer that trains',
+        ('line 6: "chosen" and "rejected" without "prompt": give the question as "prompt" (or both as whole '
+         "conversations, lists of messages sharing their first messages)"),
+        ('line 7: "chosen" and "rejected" share no first message, so there is no prompt; give it as "prompt" (a list '
+         "of messages) and the answers after it"),
+        'line 8: "chosen" and "rejected" are the same conversation: there is nothing to prefer',
+        ('line 9: "chosen" is the start of the other conversation, so it has no answer of its own; each must end with '
+         "its own assistant message after the messages they share"),
+        ("line 10: keys ['chosen', 'label', 'prompt', 'rejected'] match no format; use {\"text\"}, {\"messages\"} or "
+         '{"prompt", "completion"} (or ShareGPT {"conversations"}, Alpaca {"instruction", "input", "output"}), '
+         'preference pairs {"prompt", "chosen", "rejected"} or feedback {"prompt", "completion", "label"}'),
+    ]
+
+
+@pytest.mark.parametrize("label, expected", [
+    (True, "every one of the 3 feedback answers is labelled true: KTO learns from the difference between good and "
+           'bad answers, so a file needs both (true and false); train good answers alone as {"prompt", '
+           '"completion"} (supervised)'),
+    (False, "every one of the 3 feedback answers is labelled false: KTO learns from the difference between good and "
+            "bad answers, so a file needs both (true and false); add answers labelled true"),
+])
+def test_feedback_labelled_all_one_way_is_rejected_as_a_file(tmp_path, label, expected):
+    path = _jsonl(tmp_path / "feedback.jsonl", [{"prompt": f"Q{i}", "completion": "A", "label": label}
+                                               for i in range(3)])
+    assert _problems(path) == [expected]
+
+
+def test_a_file_mixing_pairs_and_text_is_rejected(tmp_path):
+    path = _jsonl(tmp_path / "mixed.jsonl", [{"text": "t"}, {"prompt": "Q", "chosen": "A", "rejected": "B"}])
+    assert _problems(path) == [("the file mixes formats: text (first on line 1), preference (first on line 2); "
+                                "one file must use one format")]
+
+
+def test_a_pair_trains_each_answer_after_its_prompt_and_feedback_keeps_its_label(tok, tmp_path):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q: sky?", "chosen": " blue", "rejected": " green"}])
+    [ex] = tokenize_file(parse_file(pairs), tok, 512).examples
+    assert tok.decode(ex.input_ids) == "<|bos|>Q: sky? blue<|eos|>"
+    assert tok.decode(ex.rejected_ids) == "<|bos|>Q: sky? green<|eos|>"
+    assert _trained(tok, ex.input_ids, ex.labels) == " blue<|eos|>"
+    assert _trained(tok, ex.rejected_ids, ex.rejected_labels) == " green<|eos|>"
+    assert ex.label is None and ex.tokens == len(ex.input_ids) + len(ex.rejected_ids)
+    feedback = _jsonl(tmp_path / "feedback.jsonl", [{"prompt": "Q: sky?", "completion": " blue", "label": True},
+                                                    {"prompt": "Q: sky?", "completion": " red", "label": False}])
+    good, bad = tokenize_file(parse_file(feedback), tok, 512).examples
+    assert (good.label, bad.label) == (True, False) and good.rejected_ids is None
+    assert _trained(tok, bad.input_ids, bad.labels) == " red<|eos|>"
+
+
+def test_a_conversations_earlier_assistant_turns_carry_no_loss_in_pairs_and_feedback(tok, tmp_path):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": CONVERSATION, "chosen": [_assistant("4")], "rejected": [_assistant("5")]},
+        {"chosen": CONVERSATION + [_assistant("Four.")], "rejected": CONVERSATION + [_assistant("Five.")]}])
+    for ex, (chosen, rejected) in zip(tokenize_file(parse_file(pairs), tok, 512).examples,
+                                      [("4", "5"), ("Four.", "Five.")]):
+        assert tok.decode(ex.input_ids) == tok.apply_chat_template(CONVERSATION + [_assistant(chosen)],
+                                                                   tokenize=False)
+        assert _trained(tok, ex.input_ids, ex.labels) == f"{chosen}<|end|>"  # not "Hello.<|end|>"
+        assert _trained(tok, ex.rejected_ids, ex.rejected_labels) == f"{rejected}<|end|>"
+    feedback = _jsonl(tmp_path / "feedback.jsonl", [
+        {"prompt": CONVERSATION, "completion": [_assistant("4")], "label": True},
+        {"prompt": CONVERSATION, "completion": [_assistant("Well."), _user("So?"), _assistant("5")], "label": False}])
+    good, bad = tokenize_file(parse_file(feedback), tok, 512).examples
+    assert _trained(tok, good.input_ids, good.labels) == "4<|end|>"
+    assert _trained(tok, bad.input_ids, bad.labels) == "Well.<|end|>5<|end|>"  # the answer's turns, not the prompt's
+
+
+def test_a_pair_is_truncated_when_either_side_is_cut_and_excluded_when_its_prompt_leaves_nothing(tok, tmp_path):
+    path = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Q", "chosen": "ok", "rejected": "no" * 20},  # only the rejected side is cut
+        {"prompt": "Q", "chosen": "yes" * 20, "rejected": "no"},  # only the chosen side
+        {"prompt": "Q", "chosen": "ok", "rejected": "no"},  # neither
+        {"prompt": "x" * 30, "chosen": "ok", "rejected": "no"},  # the prompt fills max_length: nothing trains
+    ])
+    data = tokenize_file(parse_file(path), tok, 16)
+    assert data.truncated_lines == [1, 2, 4] and data.excluded_lines == [4]
+    first, second, third = data.examples
+    assert _trained(tok, first.input_ids, first.labels) == "ok<|eos|>" and len(first.rejected_ids) == 16
+    assert _trained(tok, first.rejected_ids, first.rejected_labels) == "no" * 7  # cut: no end of text
+    assert len(second.input_ids) == 16 and _trained(tok, second.rejected_ids, second.rejected_labels) == "no<|eos|>"
+    assert not third.truncated and data.tokens == sum(e.tokens for e in data.examples)
+
+
+def test_pairs_and_feedback_come_back_identical_from_the_tokenized_arrays_and_a_kept_holdout(tok, tmp_path):
+    from conveyor.data import holdout
+    from conveyor.data.tokenized import TokenizedArrays, tokenize_cached, tokens_of
+
+    files = {
+        "pairs.jsonl": [{"prompt": f"Q{i}: sky?", "chosen": " blue" * (i + 1), "rejected": " green"} for i in range(3)]
+        + [{"chosen": CONVERSATION + [_assistant("4")], "rejected": CONVERSATION + [_assistant("5")]}],
+        "feedback.jsonl": [{"prompt": f"Q{i}", "completion": f" A{i}", "label": i % 2 == 0} for i in range(4)]
+        + [{"prompt": CONVERSATION, "completion": [_assistant("4")], "label": True}],
+    }
+    fields = lambda e: (e.line, e.input_ids, e.labels, e.rejected_ids, e.rejected_labels, e.label)
+    for job_id, (name, records) in enumerate(files.items(), 1):
+        path = _jsonl(tmp_path / name, records)
+        expected = tokenize_file(parse_file(path), tok, 64)
+        cached = tokenize_cached(path, name, tok, 64, tmp_path / "cache", f"key-{name}")
+        assert isinstance(cached.examples, TokenizedArrays)
+        assert [fields(e) for e in cached.examples] == [fields(e) for e in expected.examples]
+        assert cached.tokens == expected.tokens and tokens_of(cached, [1, 2]) == tokens_of(expected, [1, 2])
+        held = holdout.split(cached, [2, len(records)]).held
+        holdout.save(tmp_path / "holdout", job_id, "key", held)
+        kept = holdout.load(tmp_path / "holdout", job_id, "key")
+        assert [fields(e) for e in kept] == [fields(e) for e in held]
+        assert [fields(e) for e in held] == [fields(expected.examples[1]), fields(expected.examples[-1])]
+    assert [e.label for e in kept] == [False, True] and all(type(e.label) is bool for e in kept)

@@ -109,3 +109,75 @@ def test_a_bad_file_would_be_rejected_in_preview_and_is_rejected_by_add(workspac
     assert told[0] == f"{name}: rejected, nothing trained from it (4 problem(s)):"
     assert told[-1] == "Fix the lines above and add the file again."
     assert told[1:-1] == said[1:-1] and len(said) == 6
+
+
+def _jsonl(path, records: list):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_a_pair_shows_its_prompt_once_then_both_answers_with_what_trains(workspace, tmp_path, tiny_dir):
+    ws = workspace()
+    path = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q: sky?", "chosen": " blue sky", "rejected": " blue"}])
+    [shown] = preview_json(ws, path)
+    [trained] = tokenize_file(parse_file(path), load_tokenizer(str(tiny_dir)), 64).examples
+    assert shown == {
+        "line": 1, "prompt": "<|bos|>Q: sky?",  # the answers' shared " blue" is theirs, not the prompt's
+        "chosen": {"tokens": len(trained.input_ids), "trainable_tokens": 10,
+                   "text": "<|bos|>Q: sky? blue sky<|eos|>", "trainable": [" blue sky<|eos|>"]},
+        "rejected": {"tokens": len(trained.rejected_ids), "trainable_tokens": 6,
+                     "text": "<|bos|>Q: sky? blue<|eos|>", "trainable": [" blue<|eos|>"]}}
+    r = run_cli(ws, "preview", path)
+    assert r.code == 0, r.out + r.err
+    assert r.out.split("\n")[2:6] == ["line 1: chosen 18 tokens, 10 trainable; rejected 14 tokens, 6 trainable",
+                                      "prompt: <|bos|>Q: sky?", "chosen: ⟦ blue sky<|eos|>⟧",
+                                      "rejected: ⟦ blue<|eos|>⟧"]
+
+
+def test_a_conversational_pair_trains_only_its_answers_and_says_how_replies_are_found(workspace, tmp_path):
+    ws = workspace(training={"max_length": 12})
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "2+2?"}]
+    path = _jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": conversation[:1] + [{"role": "assistant", "content": "Yo"}],
+         "rejected": conversation[:1] + [{"role": "assistant", "content": "Go away"}]},
+        {"prompt": conversation, "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]}])
+    implicit, long = preview_json(ws, path)
+    assert implicit["prompt"] == "<|user|>Hi<|end|><|assistant|>"
+    assert implicit["chosen"]["trainable"] == ["Yo<|end|>"]
+    assert implicit["rejected"]["trainable"] == ["Go away"]  # cut before its end
+    assert long["chosen"]["trainable_tokens"] == long["rejected"]["trainable_tokens"] == 0  # max_length 12: cut
+    r = run_cli(ws, "preview", path)
+    assert "replies found by rendered prefixes of each conversation" in r.out
+    assert "line 1: chosen 8 tokens, 3 trainable; rejected 12 tokens, 7 trainable; truncated at 12 tokens\n" in r.out
+    assert ("line 2: chosen 12 tokens, 0 trainable; rejected 12 tokens, 0 trainable; truncated at 12 tokens; "
+            "not trained: nothing trainable is left in either answer") in r.out
+
+
+def test_feedback_shows_each_answer_with_its_label(workspace, tmp_path):
+    ws = workspace()
+    path = _jsonl(tmp_path / "feedback.jsonl", [{"prompt": "Q: sky?", "completion": " blue", "label": True},
+                                                {"prompt": "Q: sky?", "completion": " green", "label": False}])
+    assert [(s["label"], s["trainable"]) for s in preview_json(ws, path)] == [(True, [" blue<|eos|>"]),
+                                                                             (False, [" green<|eos|>"])]
+    r = run_cli(ws, "preview", path)
+    assert r.code == 0, r.out + r.err
+    assert "line 1: 14 tokens, 6 trainable; labelled good (true)\n<|bos|>Q: sky?⟦ blue<|eos|>⟧" in r.out
+    assert "line 2: 15 tokens, 7 trainable; labelled bad (false)\n<|bos|>Q: sky?⟦ green<|eos|>⟧" in r.out
+
+
+def test_a_bad_pair_file_would_be_rejected_with_its_lines(workspace, tmp_path):
+    ws = workspace()
+    path = _jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Q", "chosen": "A", "rejected": "B"},
+        {"prompt": "Q", "chosen": "A", "rejected": "A"},
+        {"chosen": "A", "rejected": "B"},
+        {"prompt": [{"role": "user", "content": "Q"}], "chosen": "A", "rejected": "B"}])
+    r = run_cli(ws, "preview", path)
+    assert r.code == 1
+    said = (r.out + r.err).removeprefix("error: ").strip().splitlines()
+    assert said[0] == "pairs.jsonl would be rejected (3 problem(s)):"
+    assert [line.split(":")[0] for line in said[1:4]] == ["  line 2", "  line 3", "  line 4"]
+    assert said[1] == '  line 2: "chosen" and "rejected" are the same answer: there is nothing to prefer'
+    assert said[-1] == "Fix the lines above, then add the file."
