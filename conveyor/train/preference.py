@@ -89,11 +89,12 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate(features: list[dict], pad_id: int) -> dict:
-    """One micro-batch of pairs (chosen rows, then rejected rows) or of feedback (answers, then KL rows). A filler
-    (distributed padding: no "kind") weighs nothing."""
+def collate(features: list[dict], pad_id: int, kind: str) -> dict:
+    """One micro-batch of a `kind` of job: pairs (chosen rows, then rejected rows) or feedback (answers, then KL
+    rows). A filler (distributed padding: no "kind"; a rank's last micro-batch may hold nothing else) weighs
+    nothing."""
     filler = ([pad_id], [IGNORE])
-    if any(f.get("kind") == PAIR for f in features):
+    if kind == PAIR:
         chosen = [(f["input_ids"], f["labels"]) if f.get("kind") else filler for f in features]
         rejected = [(f["rejected_ids"], f["rejected_labels"]) if f.get("kind") else filler for f in features]
         batch = pad_rows(chosen + rejected, pad_id)

@@ -15,7 +15,7 @@ from ..store import checkpoints as ck
 from ..store import manifest as mf
 from ..store.workspace import Workspace
 from . import distributed
-from .jobdata import trained_data
+from .jobdata import data_key, trained_data
 from .trainer import JobSpec, train_segment
 
 
@@ -52,5 +52,7 @@ def follow(root: Path, config: Config, world_size: int) -> None:
     spec = JobSpec(run_id=run_id, run_dir=ws.run_dir(run_id),
                    data=trained_data(ws, job, config, model_path, tokenizer),
                    start=start, identity=order["identity"], resume=resume,
-                   open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool)
+                   open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool, format=job.format,
+                   data_key=data_key(ws, job, config, model_path, tokenizer), reference=job.reference,
+                   method=order.get("method"))
     train_segment(config, model_path, spec, None, world_size)

@@ -158,7 +158,7 @@ class AuditingCollator:
     feedback: preference.collate), and remembers which lines it fed, in order."""
 
     def __init__(self, tokenizer, padding_free: bool = False, hidden: int | None = None, varlen: bool = False,
-                 preference: bool = False):
+                 preference: str | None = None):
         from transformers import DataCollatorForSeq2Seq
 
         self.preference, self.pad_id = preference, tokenizer.pad_token_id
@@ -170,7 +170,7 @@ class AuditingCollator:
     def __call__(self, features: list[dict]) -> dict:
         self.fed.extend(f["line"] for f in features)
         if self.preference:
-            return pref.collate(features, self.pad_id)
+            return pref.collate(features, self.pad_id, self.preference)
         rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
         # Decided by the lengths alone: the same micro-batch gets the same layout on every run and resume.
         if self.flat and packing.worth_it([len(r["input_ids"]) for r in rows], self.hidden, self.varlen):
@@ -523,7 +523,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     collator = AuditingCollator(tokenizer, padding_free=packed,
                                 hidden=getattr(model.config, "hidden_size", None),
                                 varlen=config.model.attn_implementation == "flash_attention_2",
-                                preference=method != pref.SFT)
+                                preference=spec.format if method != pref.SFT else None)
     inner = _JobCallback(spec, config, collator, world_size, layout, len(dataset), hooks)
     if method != pref.SFT:
         pref.disable_dropout(model)

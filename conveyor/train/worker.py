@@ -46,6 +46,7 @@ class Setup:
     start: Position
     open_jobs: list[Position]
     pool: object | None = None  # replay.Pool of the earlier jobs' examples this job replays
+    method: str | None = None  # a preference job's method as it began (Worker._method), None: from the settings
 
 
 def follow_order(setup: Setup, db) -> dict:
@@ -59,7 +60,8 @@ def follow_order(setup: Setup, db) -> dict:
             if start.replay_count else [],
             # The probe's base answers, tokenized, where the job rehearses them: the other ranks cannot record them.
             "probe": next((part for source, part in setup.pool.parts if source == replay.PROBE), None)
-            if setup.pool is not None else None}
+            if setup.pool is not None else None,
+            "method": setup.method}
 
 
 class Worker:
@@ -161,7 +163,9 @@ class Worker:
         for p in open_jobs:  # a job stopped by a crash, overtaken now: its segment ends here in the ledger
             ledger.close_overtaken(self.db, run.id, p)
         job = self.plan(job, run, start, data)
-        return Setup(job, run, resume, data, start, open_jobs, self.pool(start, job, run))
+        setup = Setup(job, run, resume, data, start, open_jobs, self.pool(start, job, run))
+        setup.method = self._method(setup)
+        return setup
 
     def prepare(self, job: Job) -> TokenizedFile:
         """Parse and tokenize the stored copy; apply the too-long policy; report exclusions."""
@@ -333,7 +337,7 @@ class Worker:
                        open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
                        probe=self._probe(setup.job, setup.run), format=setup.job.format,
                        data_key=data_key(self.ws, setup.job, self.config, self.model_path, self.tokenizer),
-                       reference=setup.job.reference, method=self._method(setup))
+                       reference=setup.job.reference, method=setup.method)
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started

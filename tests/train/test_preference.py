@@ -84,7 +84,7 @@ def test_sft_then_dpo_then_sft_steps_accumulate_and_every_pair_trains_once(works
     assert max_abs_diff(adapter_weights(copy.parent), adapter_weights(run_dir / "checkpoints" / "step-000002")) == 0
     manifest = json.loads((run_dir / "checkpoints" / "step-000005" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["method"] == "dpo" and manifest["hyperparameters"]["beta"] == 0.1
-    assert manifest["hyperparameters"]["reference"] == reference
+    assert manifest["hyperparameters"]["reference"] == {k: v for k, v in reference.items() if k != "name"}
     # The checkpoints hold the adapter that trains, never the reference beside it.
     assert not (run_dir / "checkpoints" / "step-000005" / "reference").exists()
     # Per step: DPO's loss starts at ln 2 (policy = reference), margins and accuracy only on preference steps.
@@ -293,3 +293,44 @@ def test_a_job_keeps_the_method_it_began_with_when_the_setting_changes_meanwhile
     assert any("began as dpo: a job keeps its method" in w for w in job["warnings"]), job["warnings"]
     assert [r["method"] for r in ledger(ws) if r["job"] == 2] == ["dpo"]
     assert max_abs_diff(_final(ws), _final(uninterrupted)) <= 1e-6  # the KTO job after it is unaffected too
+
+
+DISTRIBUTED = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48},
+               "adapter": {"dropout": 0.1}, "distributed": {"nproc_per_node": 2},
+               "daemon": {"retry_backoff_seconds": 0.2, "min_free_mb": 0}}
+
+
+@pytest.mark.slow
+def test_two_processes_train_pairs_exactly_across_a_kill_and_a_change_of_world_size(workspace, tmp_path):
+    from conftest import drain_with_requests, set_setting
+
+    files = [str(pair_file(tmp_path / "b.jsonl", 26)), str(text_file(tmp_path / "c.jsonl", 8, "c"))]
+    # 26 pairs / (2 × 2 × 2) → 4 steps, the last with 2 pairs and fillers that weigh nothing.
+    straight = workspace("straight", **DISTRIBUTED)
+    r = run_cli(straight, "train", *files, "-q", subprocess_=True)
+    assert r.code == 0, r.out + r.err
+    rows = audit(straight)
+    assert [len(row["lines"]) for row in rows if row["job"] == 1] == [8, 8, 8, 2]
+    _lines_once(straight, 1, 26)
+
+    killed = workspace("killed", **DISTRIBUTED)
+    marker = tmp_path / "fired"
+    r = run_cli(killed, "train", *files, "-q", subprocess_=True, env={"CONVEYOR_FAILPOINT": f"step:3:{marker}"})
+    assert r.code == 0 and marker.exists(), r.out + r.err
+    assert "job 1 resumes at global step 3" in r.out + r.err
+    assert audit(killed) == rows
+    final = lambda ws: adapter_weights(ws / "runs" / "run-0001" / "checkpoints" / "step-000005")  # noqa: E731
+    assert max_abs_diff(final(killed), final(straight)) <= 1e-6
+
+    # Stopped at 2 processes after step 2, resumed at 1: the rest of the pairs, each once (law 2).
+    resized = workspace("resized", **DISTRIBUTED)
+    assert run_cli(resized, "add", *files).code == 0
+    r = drain_with_requests(resized, "stop@2")
+    assert r.code == 75, r.out + r.err  # stopped as asked
+    assert [len(row["lines"]) for row in audit(resized)] == [8, 8]
+    set_setting(resized, "distributed", "nproc_per_node", "1")
+    _drain(resized)
+    assert [j["state"] for j in status(resized)["jobs"]] == ["done", "done"]
+    _lines_once(resized, 1, 26)
+    _lines_once(resized, 2, 8)
+    assert [len(row["lines"]) for row in audit(resized) if row["job"] == 1] == [8, 8, 4, 4, 2]  # 4 a step at 1
