@@ -58,21 +58,30 @@ class ConsoleReporter:
 
 
 def print_ledger(rows: list[dict]) -> None:
-    """The ledger as a table: which job trained which global steps, on how much data, with its loss. Rows a
-    rollback's run inherited from the run it branched from are dimmed and say so."""
-    table = Table(Column("run", no_wrap=True), "job", "file", "fingerprint", "steps", "examples", "epochs", "tokens",
-                  "first loss", "last loss", "outcome", title="ledger")
-    console.width = max(console.width, 120)
-    for r in rows:
+    """The ledger as a table: which job trained which global steps, on how much data, how (sft, or a preference
+    method and the version it measured against), with its loss. Rows a rollback's run inherited from the run it
+    branched from are dimmed and say so. The method column shows once a job trained otherwise than sft."""
+    methods = [method_cell(r) for r in rows] if any(r.get("method", "sft") != "sft" for r in rows) else []
+    whole = lambda name: Column(name, no_wrap=True)  # ids, steps and counts are never cut; names and words wrap
+    table = Table(whole("run"), whole("job"), Column("file", overflow="fold"), whole("fingerprint"), whole("steps"),
+                  "examples", "epochs", whole("tokens"), *([whole("method")] if methods else []), "first loss",
+                  "last loss", whole("outcome"), title="ledger")
+    # Wide enough for every column whole: the method column (when a job trained otherwise than sft) widens it more.
+    method_width = max(len(line) for cell in methods + ["method"] for line in cell.split("\n")) + 3 if methods else 0
+    console.width = max(console.width, 120 + method_width)
+    for i, r in enumerate(rows):
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"
         table.add_row(r["run"] + (" (inherited)" if r.get("inherited") else ""), str(r["job"]), r["file"],
                       short(r["fingerprint"]), f"{r['start_step']}–{r['end_step']}",
                       str(r["examples"]) + (f" + {r['replayed']} replayed" if r.get("replayed") else ""),
-                      str(r["epochs"]), str(r["tokens"]),
+                      str(r["epochs"]), str(r["tokens"]), *([methods[i]] if methods else []),
                       fmt(r["first_loss"]), fmt(r["last_loss"]), r["outcome"] + (" *" if r.get("overrides") else ""),
                       style="dim" if r.get("inherited") else None)
     inherited = [r for r in rows if r.get("inherited")]
     notes = []
+    if any(r.get("reference") for r in rows):
+        notes.append("ref: a preference job's reference, the model as the job found it (a version, base, or `step N`: "
+                     "a checkpoint inside a job); orpo has none")
     if inherited:
         notes.append(f"steps {inherited[0]['start_step']}–{inherited[-1]['end_step']}: inherited from "
                      f"{', '.join(dict.fromkeys(r['run'] for r in inherited))} (this run branched from it)")
@@ -81,3 +90,10 @@ def print_ledger(rows: list[dict]) -> None:
               for job, settings in own.items()]
     table.caption = "\n".join(notes) or None
     console.print(table)
+
+
+def method_cell(row: dict) -> str:
+    """How a ledger row trained: `sft`, or a preference method over its reference (`dpo` / `ref v1`)."""
+    ref = row.get("reference")
+    name = (ref.get("name") or f"step {ref['step']}") if ref else None
+    return row.get("method", "sft") + (f"\nref {name}" if name else "")

@@ -127,9 +127,12 @@ def versions(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
     if any(v["weights"] == "pruned" for v in rows):
         console.print("pruned: retention (training.prune_version_weights) deleted the weights; such a version can no "
                       "longer be exported, tried or rolled back to")
+    if any(v.get("preference") for v in rows):
+        console.print(f"pref: {PREFERRED} (the mean over its held-out sets of pairs)", soft_wrap=False)
 
 
 CHECKPOINT = {("kept", "kept"): "kept", ("kept", "pruned"): "weights only", ("pruned", "pruned"): "pruned"}
+PREFERRED = "the share of held-out pairs whose chosen answer the version finds more likely than the rejected one"
 
 
 def versions_table(rows: list[dict]) -> Table:
@@ -151,19 +154,21 @@ def versions_table(rows: list[dict]) -> Table:
         marks = ", ".join(mark for mark, on in (("pinned", v["pinned"]), ("gated", v["gated"])) if on)
         table.add_row(f"{v['version']} {marks}".strip(), *([] if one_run else [v["run"]]), str(v["job"]), v["file"],
                       str(v["step"]), *([f"{loss:.4f}" if loss is not None else "-"] if show_loss else []),
-                      *([_held_cell(sets, {k: a for k, a in (v.get("answers") or {}).items() if k != "retention"})]
-                        if show_held else []),
+                      *([_held_cell(sets, {k: a for k, a in (v.get("answers") or {}).items() if k != "retention"},
+                                    v.get("preference") or {})] if show_held else []),
                       *([f"F1 {base['f1']:.0%}" if base else "-"] if show_kept else []),
                       CHECKPOINT.get((v["weights"], v["optimizer"]), v["weights"]))
     return table
 
 
-def _held_cell(losses: list[float], answers: dict[str, dict]) -> str:
-    """The held-out sets of a version: how many, their mean loss and, where answers were scored, their mean F1."""
+def _held_cell(losses: list[float], answers: dict[str, dict], preferred: dict[str, float]) -> str:
+    """The held-out sets of a version: how many, their mean loss and, where answers were scored, their mean F1;
+    where sets of pairs were scored, the mean share of their pairs preferred."""
     if not losses:
         return "-"
-    f1 = [a["f1"] for a in answers.values()]
-    return f"{len(losses)}, mean {sum(losses) / len(losses):.4f}" + (f", F1 {sum(f1) / len(f1):.2f}" if f1 else "")
+    f1, pref = [a["f1"] for a in answers.values()], list(preferred.values())
+    return (f"{len(losses)}, mean {sum(losses) / len(losses):.4f}" + (f", F1 {sum(f1) / len(f1):.2f}" if f1 else "")
+            + (f", pref {sum(pref) / len(pref):.0%}" if pref else ""))
 
 
 @app.command("eval")
@@ -224,9 +229,8 @@ def eval_(
                 cells.append("-")
                 continue
             base = first.setdefault(s["name"], loss)
-            answers = row["answers"].get(s["name"])
             cells.append(f"{loss:.4f}" + (f" ({(loss - base) / base:+.1%})" if base and loss != base else "") +
-                         (f"\nF1 {answers['f1']:.2f} · EM {answers['exact']:.0%}" if answers else ""))
+                         _scores(row["answers"].get(s["name"]), row.get("preference", {}).get(s["name"])))
         table.add_row(row["version"] + (" gated" if row["gated"] else ""), str(row["step"]), *cells)
     console.print(table)
     if left_out:
@@ -235,3 +239,12 @@ def eval_(
         console.print("F1 · EM: the held-out questions' greedy answers against the references (token F1, exact "
                       "match; eval.answers per set); retention: the probe's answers against the base model's own "
                       "(eval.probe)")
+    if any(row.get("preference") for row in data["rows"]):
+        console.print(f"pref: {PREFERRED} (log-probability of the whole answer)", soft_wrap=False)
+
+
+def _scores(answers: dict | None, preferred: float | None) -> str:
+    """A matrix cell's second line: the set's scored answers (F1 · EM) and, for a set of pairs, the share preferred."""
+    said = ([f"F1 {answers['f1']:.2f} · EM {answers['exact']:.0%}"] if answers else []) + \
+        ([f"pref {preferred:.0%}"] if preferred is not None else [])
+    return "\n" + " · ".join(said) if said else ""

@@ -10,7 +10,12 @@ enough free disk), stopped (the daemon's work loop ended). One event, as JSON (n
 
 `id` is the event's row id (increasing: a receiver can drop a repeat), `steps` the steps the job has trained,
 `losses` cover its ledger rows not lost to a rewind, `eval` (present only when evaluations exist at `end_step`)
-maps each evaluation set to its loss there. Each target gets the events one at a time, in the order they were logged.
+maps each evaluation set to its loss there, `answers` each set's scored answers ({"exact", "f1", "answered"}) and
+`preference` each held-out set of pairs' share whose chosen answer the model finds more likely than the rejected
+one (each only where there are some). A preference or feedback job's event also has `method` ("dpo", "ipo", "orpo",
+"kto"), `reference` (the model its loss measured against: the record its ledger keeps, with `name`: "v2", "base" or
+"step 12") and `rewards` ({"margin", "accuracy"} of its last step). Each target gets the events one at a time, in the
+order they were logged.
 
 The webhook and the command are independent targets, each with its own thread, so a slow or failing one never
 delays the other. Nothing is lost between daemons: the last event a target handled (sent, or failed after its
@@ -46,8 +51,9 @@ import urllib.request
 from pathlib import Path
 
 from ..config import NotifyConfig
+from ..data.formats import PREFERENCE_FORMATS
 from ..store.database import connect, log_event
-from ..store.versions import answers_at
+from ..store.versions import answers_at, preference_at, step_name
 
 KINDS = ("done", "failed", "rejected", "gate", "disk", "stopped")
 POLL_SECONDS = 0.2  # how often the events table is read for new rows
@@ -380,13 +386,39 @@ def event(con: sqlite3.Connection, row: sqlite3.Row, workspace: str) -> dict:
         return ev
     ev.update(file=job["file"], steps=job["steps_done"], planned_steps=job["planned_steps"],
               start_step=job["start_step"], end_step=job["end_step"], losses=_losses(con, job))
+    if job["format"] in PREFERENCE_FORMATS and job["run_id"]:
+        ev.update(_preference(con, job))
     evals = _evals(con, job["run_id"], job["end_step"]) if job["run_id"] and job["end_step"] else {}
     if evals:
         ev["eval"] = evals
         answers = answers_at(con, job["run_id"], job["end_step"])
         if answers:
             ev["answers"] = answers
+        preferred = preference_at(con, job["run_id"], job["end_step"])
+        if preferred:
+            ev["preference"] = preferred
     return ev
+
+
+def _preference(con: sqlite3.Connection, job: sqlite3.Row) -> dict:
+    """A preference or feedback job's method and reference, as its newest ledger row keeps them, and the margin and
+    accuracy of its newest step (each left out when there is none yet)."""
+    out = {}
+    row = con.execute("SELECT method, reference FROM ledger WHERE run_id = ? AND job_id = ? AND outcome != 'lost'"
+                      " AND method IS NOT NULL ORDER BY id DESC LIMIT 1", (job["run_id"], job["id"])).fetchone()
+    if row is not None:
+        out["method"] = row["method"]
+        if row["reference"]:
+            reference = json.loads(row["reference"])
+            out["reference"] = {**reference, "name": step_name(con, job["run_id"], reference["step"])}
+    if job["start_step"] is not None:
+        step = con.execute("SELECT margin, accuracy FROM metrics WHERE run_id = ? AND step BETWEEN ? AND ?"
+                           " AND job_id = ? AND margin IS NOT NULL ORDER BY step DESC LIMIT 1",
+                           (job["run_id"], job["start_step"], job["end_step"] or job["start_step"],
+                            job["id"])).fetchone()
+        if step is not None:
+            out["rewards"] = dict(step)
+    return out
 
 
 def _losses(con: sqlite3.Connection, job: sqlite3.Row) -> dict | None:

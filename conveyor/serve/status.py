@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from ..data.formats import FEEDBACK
 from ..errors import ConveyorError
-from ..store import controls, jobs, ledger, runs, series
+from ..store import controls, jobs, ledger, runs, series, versions
 from ..store.lock import daemon_pid
 from ..store.workspace import Workspace
 
@@ -45,13 +46,37 @@ def current_job(ws: Workspace) -> dict | None:
         return None
     # From the job's first step on only: unbounded, a job yet to write a step would scan the whole run backwards.
     recent = [] if job.start_step is None else ws.db.execute(
-        "SELECT step_time, loss FROM metrics WHERE run_id = ? AND job_id = ? AND step >= ? ORDER BY step DESC"
-        " LIMIT 20", (job.run_id, job.id, job.start_step)).fetchall()
+        "SELECT step_time, loss, margin, accuracy FROM metrics WHERE run_id = ? AND job_id = ? AND step >= ?"
+        " ORDER BY step DESC LIMIT 20", (job.run_id, job.id, job.start_step)).fetchall()
     times = [r["step_time"] for r in recent if r["step_time"]]
     remaining = (job.planned_steps or 0) - job.steps_done
     eta = remaining * sum(times) / len(times) if times else None
+    newest = recent[0] if recent else {"loss": None, "margin": None, "accuracy": None}
     return {**job.to_json(), "progress": job.steps_done / job.planned_steps if job.planned_steps else 0.0,
-            "eta_seconds": eta, "loss": recent[0]["loss"] if recent else None}
+            "eta_seconds": eta, "loss": newest["loss"], "margin": newest["margin"], "accuracy": newest["accuracy"]}
+
+
+def preference_job(con, run_id: str, config) -> dict | None:
+    """The newest preference or feedback job of a run's lineage (series.preference_job), with its method and its
+    reference named as a person calls it (`v2`, `base`, `step 12`)."""
+    job = series.preference_job(con, run_id)
+    if job is None:
+        return None
+    ref = job["reference"]
+    return {**job, "method": _method(con, job, config),
+            "reference": {**ref, "name": versions.step_name(con, job["run_id"], ref["step"])} if ref else None}
+
+
+def _method(con, job: dict, config) -> str:
+    """How the job trains: as its ledger rows say once a segment ended (a job keeps the method it began with), else
+    as it would begin now (kto for feedback; its `--set training.preference`, else conveyor.toml's)."""
+    row = con.execute("SELECT method FROM ledger WHERE job_id = ? AND method IS NOT NULL ORDER BY id DESC LIMIT 1",
+                      (job["id"],)).fetchone()
+    if row is not None:
+        return row["method"]
+    if job["format"] == FEEDBACK:
+        return "kto"
+    return job["overrides"].get("training.preference") or (config.training.preference if config else "preference")
 
 
 def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
@@ -65,6 +90,10 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
     active = runs.active(ws.db)
     pid = daemon_pid(ws)
     queue, queue_total = queue_head(ws.db, max_jobs)
+    current = current_job(ws)
+    preference = preference_job(ws.db, active.id, config) if active else None
+    if current and preference and current["id"] == preference["id"]:
+        current.update(method=preference["method"], reference=preference["reference"])
     return {
         "workspace": str(ws.root),
         "time": time.time(),
@@ -75,8 +104,9 @@ def status_data(ws: Workspace, max_jobs: int | None = None) -> dict:
         "schedule": schedule_text(config) if config else None,
         "precision": precision_settings(config) if config else None,
         "config_error": config_error,
-        "current": current_job(ws),
+        "current": current,
         "last_eval": series.last_eval(ws.db, active.id) if active else None,
+        "preference": preference,
         "queue": queue,
         "queue_total": queue_total,
         "failures": _failures(ws.db),
@@ -224,10 +254,11 @@ def render(data: dict):
         elif cur["planned_steps"] is None:  # claimed, not planned yet: validating, tokenizing or loading the model
             parts.append(Text(f"job {cur['id']} {cur['file']}: starting (tokenizing its data and loading the model)"))
         else:
-            parts.append(Text(f"job {cur['id']} {cur['file']}: step {cur['steps_done']}/{cur['planned_steps']} "
-                              f"(global {cur['start_step']}–{cur['end_step']}), loss {loss}, "
-                              f"ETA {_duration(cur['eta_seconds'])}"))
+            parts.append(Text(f"job {cur['id']} {cur['file']}{trained_as(cur)}: step {cur['steps_done']}/"
+                              f"{cur['planned_steps']} (global {cur['start_step']}–{cur['end_step']}), loss {loss}"
+                              f"{rewards_text(cur)}, ETA {_duration(cur['eta_seconds'])}"))
             parts.append(Text(bar(cur["steps_done"], cur["planned_steps"])))  # text: a pipe keeps it, and its line
+    parts += [Text(line) for line in preference_lines(data.get("preference"), cur)]
     queue = Table("job", "file", "priority", "state", "examples", "steps", title="queue", title_justify="left")
     for j in data["queue"]:
         queue.add_row(str(j["id"]), j["file"], j["priority"], j["state"], str(j["examples"]),
@@ -247,6 +278,41 @@ def render(data: dict):
         parts.append(done)
     parts.append(Text(f"free disk: {data['free_disk_bytes'] / 1e9:.1f} GB"))
     return Group(*parts)
+
+
+def preference_lines(pref: dict | None, cur: dict | None) -> list[str]:
+    """The newest preference job's lines: under the running job (which shows its margin and accuracy) the share of
+    its held-out pairs preferred; once it no longer runs, a line of its own with its last step's numbers."""
+    if pref is None:
+        return []
+    held = pref["held_out"]
+    if cur and cur["id"] == pref["id"]:
+        return [f"  {held_out_text(held)}"] if held else []
+    if pref["step"] is None:  # it never trained a step
+        return []
+    loss = f" loss {pref['loss']:.4f}" if pref["loss"] is not None else ""
+    return [f"last preference job {pref['id']} {pref['file']}{trained_as(pref)}, {pref['state']}: at step "
+            f"{pref['step']}{loss}{rewards_text(pref)}" + (f"; {held_out_text(held)}" if held else "")]
+
+
+def trained_as(job: dict) -> str:
+    """` (dpo against v1)` for a preference or feedback job (ORPO has no reference); nothing for another."""
+    if not job.get("method"):
+        return ""
+    ref = job.get("reference")
+    return f" ({job['method']}" + (f" against {ref['name']}" if ref and ref.get("name") else "") + ")"
+
+
+def rewards_text(row: dict) -> str:
+    """`, margin +0.0099, accuracy 100%`: a preference step's mean reward margin (chosen minus rejected; feedback:
+    good answers minus bad) and the share of pairs it ranks right; nothing for a supervised step."""
+    return ((f", margin {row['margin']:+.4f}" if row.get("margin") is not None else "")
+            + (f", accuracy {row['accuracy']:.0%}" if row.get("accuracy") is not None else ""))
+
+
+def held_out_text(held: dict) -> str:
+    return (f"held-out pairs: the chosen answer more likely in {held['preference']:.0%} of {held['examples']} "
+            f"(step {held['step']})")
 
 
 MORE = " …"  # after the first line of a reason that goes on
@@ -276,6 +342,10 @@ def one_line(data: dict) -> str:
         parts.append(f"{run['id']} step {run['global_step']}")
     if cur:
         loss = f" loss {cur['loss']:.4f}" if cur["loss"] is not None else ""
+        if cur.get("margin") is not None:
+            loss += f" margin {cur['margin']:+.4f}"
+        if cur.get("accuracy") is not None:
+            loss += f" accuracy {cur['accuracy']:.0%}"
         eta = f" ETA {_duration(cur['eta_seconds'])}" if cur["eta_seconds"] is not None else ""
         steps = f"{cur['steps_done']}/{cur['planned_steps']}" if cur["planned_steps"] is not None else "starting"
         parts.append(f"job {cur['id']} {cur['file']} {steps}{loss}{eta}")

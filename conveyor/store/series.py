@@ -5,9 +5,12 @@ points, held-out sets, samples, and what changed since a given row."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 
+from ..data.formats import PREFERENCE_FORMATS
+from ..data.holdout import set_name
 from .runs import ancestry
 
 # Steps per rollup bucket, finest first. Each level is 16 buckets of the one below it, so any bucket is
@@ -249,6 +252,33 @@ def last_eval(con: sqlite3.Connection, run_id: str | None) -> dict | None:
         if row is not None:
             return dict(row)
     return None
+
+
+def preference_job(con: sqlite3.Connection, run_id: str | None) -> dict | None:
+    """The newest preference or feedback job of a run's lineage (running or not): its id, file, format, state,
+    steps, overrides and reference, the loss, margin and accuracy of its newest step ("step"; None before its first)
+    and the share of its held-out pairs preferred at its newest evaluation ("held_out": {"set", "step",
+    "preference", "examples"}, or None). Index seeks, but for a pass over the jobs."""
+    formats = ", ".join("?" * len(PREFERENCE_FORMATS))
+    for span in reversed(lineage(con, run_id)):
+        job = con.execute("SELECT id, run_id, file, format, state, start_step, end_step, overrides, reference"
+                          f" FROM jobs WHERE run_id = ? AND format IN ({formats}) AND start_step <= ?"
+                          " ORDER BY start_step DESC, id DESC LIMIT 1",
+                          (span.run, *PREFERENCE_FORMATS, span.last)).fetchone()
+        if job is not None:
+            break
+    else:
+        return None
+    steps = (span.run, job["start_step"], min(job["end_step"] or END, span.last))
+    step = con.execute("SELECT step, loss, margin, accuracy FROM metrics WHERE run_id = ? AND step BETWEEN ? AND ?"
+                       " AND job_id = ? ORDER BY step DESC LIMIT 1", (*steps, job["id"])).fetchone()
+    held = con.execute("SELECT step, preference, examples FROM set_evals WHERE run_id = ? AND step BETWEEN ? AND ?"
+                       " AND name = ? AND preference IS NOT NULL ORDER BY step DESC LIMIT 1",
+                       (*steps, set_name(job["id"]))).fetchone()
+    return {**dict(job), "overrides": json.loads(job["overrides"] or "{}"),
+            "reference": json.loads(job["reference"]) if job["reference"] else None,
+            **(dict(step) if step else {"step": None, "loss": None, "margin": None, "accuracy": None}),
+            "held_out": {"set": set_name(job["id"]), **dict(held)} if held else None}
 
 
 def latest(con: sqlite3.Connection, run_id: str | None) -> dict:

@@ -220,6 +220,31 @@ def test_command_gets_each_event_as_json_on_stdin(workspace, tmp_path):
         ("done", 1, "a.jsonl", 1, 2), ("stopped", None, None, None, None)]
 
 
+def test_a_preference_jobs_done_event_says_how_it_trained_and_its_held_out_pairs_preferred(workspace, tmp_path):
+    """Beside the losses, as answers' F1 is: the method, the reference (by name), the last step's reward margin and
+    accuracy, and the share of its held-out pairs preferred; a supervised job's event has none of them."""
+    command, out = recorder(tmp_path)
+    ws = workspace(**SMALL, eval={"holdout": 0.25}, notify={"command": command})
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
+                             for i in range(1, 13)), encoding="utf-8")
+    assert run_cli(ws, "train", text_file(tmp_path / "a.jsonl", 16, "a"), pairs, "-q").code == 0
+    sft, dpo = [e for e in recorded(out) if e["kind"] == "done"]
+    assert not {"method", "reference", "rewards", "preference"} & set(sft), sft
+    assert (dpo["job"], dpo["method"], dpo["reference"]["name"], dpo["reference"]["step"], dpo["reference"]["kind"]) \
+        == (2, "dpo", "v1", sft["end_step"], "adapter")
+    con = sqlite3.connect(ws / "conveyor.db")
+    try:
+        last = con.execute("SELECT margin, accuracy FROM metrics WHERE step = ?", (dpo["end_step"],)).fetchone()
+        held = con.execute("SELECT name, preference FROM set_evals WHERE step = ? AND preference IS NOT NULL",
+                           (dpo["end_step"],)).fetchall()
+    finally:
+        con.close()
+    assert dpo["rewards"] == {"margin": last[0], "accuracy": last[1]} and 0.0 <= last[1] <= 1.0
+    assert dpo["preference"] == dict(held) and set(dpo["preference"]) == {"job 2"}
+    assert set(dpo["eval"]) == {"job 1", "job 2"}  # the losses of both held-out sets, as before
+
+
 def test_a_running_daemon_notifies_rejections_a_failed_job_a_disk_shortage_then_its_stop(workspace, tmp_path,
                                                                                            endpoint):
     """`conveyor run` (worker processes): each event comes from another place, in the order it happened."""

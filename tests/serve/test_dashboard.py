@@ -1,6 +1,7 @@
 """The dashboard's API and page on a workspace with two trained jobs: exact numbers, bad requests, the token,
 nothing of the workspace served as files, the panels' data (replay counts, reasons, samples) and the loss chart's
-label layout (in node, when installed); and (slow) the page rendered in a real headless Chromium."""
+label layout (in node, when installed); and (slow) the page rendered in a real headless Chromium. On a workspace
+with a DPO job: the margin and accuracy series, method and reference, and the held-out pairs preferred."""
 
 from __future__ import annotations
 
@@ -385,6 +386,7 @@ def test_page_renders_in_chromium(trained):
         assert page.locator("#runs tbody tr.run-row").count() == 1
         assert page.locator("#daemon-state").inner_text() == "not running"
         assert page.locator("#lr-chart").get_attribute("data-points") == "5"
+        assert page.locator("#margin-card").is_hidden()  # no preference steps: no margin and accuracy charts
         page.click("#btn-pause")
         expect(page.locator("#control-result")).to_contain_text("not yet acknowledged", timeout=10_000)
         artifacts = REPO / "test-artifacts"
@@ -459,3 +461,80 @@ def test_a_taken_port_is_one_line_and_exit_1(workspace):
     assert r.code == 1, r.out + r.err
     assert f"cannot serve the dashboard on 127.0.0.1:{port}" in r.err and "pick another with --port" in r.err
     assert "Traceback" not in r.err
+
+
+# Preference jobs: margin and accuracy series, the method and reference, the held-out pairs preferred ----------
+@pytest.fixture(scope="module")
+def preferred(tmp_path_factory, tiny_dir) -> Path:
+    """A supervised job of 8 examples (v1, steps 1–2), then a DPO job of 12 pairs against v1 (v2, steps 3–5); a
+    quarter of each file held out."""
+    root = tmp_path_factory.mktemp("preferred")
+    ws = make_workspace(root / "ws", tiny_dir, training={"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,
+                                                         "save_every": 2, "max_length": 64}, eval={"holdout": 0.25})
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
+                             for i in range(1, 13)), encoding="utf-8")
+    r = run_cli(ws, "train", text_file(root / "a.jsonl", 8, "a"), pairs, "-q")
+    assert r.code == 0, r.out + r.err
+    return ws
+
+
+def test_the_api_gives_margin_accuracy_method_reference_and_pairs_preferred(preferred):
+    client = TestClient(create_app(preferred), base_url=LOCAL)
+    rows = client.get("/api/metrics").json()["rows"]
+    assert [(m["step"], m["job_id"], m["margin"] is None, m["accuracy"] is None) for m in rows] == [
+        (1, 1, True, True), (2, 1, True, True), (3, 2, False, False), (4, 2, False, False), (5, 2, False, False)]
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in rows[2:])
+    merged = client.get("/api/metrics?points=2").json()  # downsampled: a bucket's mean over its preference steps
+    assert merged["downsampled"]
+    for row in merged["rows"]:
+        within = [m for m in rows if row["step_min"] <= m["step"] <= row["step"] and m["margin"] is not None]
+        if within:
+            assert row["margin"] == pytest.approx(sum(m["margin"] for m in within) / len(within))
+            assert row["accuracy"] == pytest.approx(sum(m["accuracy"] for m in within) / len(within))
+        else:
+            assert row["margin"] is None and row["accuracy"] is None
+    pref = client.get("/api/status").json()["preference"]
+    assert (pref["id"], pref["method"], pref["reference"]["name"], pref["step"], pref["margin"]) == (
+        2, "dpo", "v1", 5, rows[-1]["margin"])
+    ledger = client.get("/api/ledger").json()["rows"]
+    assert [(r["job"], r["method"], (r.get("reference") or {}).get("name")) for r in ledger] == [
+        (2, "dpo", "v1"), (1, "sft", None)]
+    matrix = client.get("/api/matrix").json()
+    assert [(r["version"], set(r["preference"])) for r in matrix["rows"]] == [("v1", set()), ("v2", {"job 2"})]
+    sets = client.get("/api/set_evals").json()["rows"]
+    assert [(s["step"], s["name"], s["preference"] is None) for s in sets] == [
+        (2, "job 1", True), (5, "job 1", True), (5, "job 2", False)]
+    assert sets[-1]["preference"] == matrix["rows"][-1]["preference"]["job 2"] == pref["held_out"]["preference"]
+
+
+@pytest.mark.slow
+def test_the_page_shows_preference_steps_the_method_and_pairs_preferred_in_chromium(preferred):
+    """The page on the workspace with a DPO job: its margin and accuracy charts appear with its three steps, the
+    ledger says dpo against v1, the matrix says how many held-out pairs v2 prefers, and the current-job box the
+    last preference job's numbers."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    expect = sync_api.expect
+    problems = []
+    with serving(preferred) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(base)
+        expect(page.locator("#loss-chart")).to_have_attribute("data-points", "5", timeout=20_000)
+        assert page.locator("#margin-card").is_visible() and page.locator("#accuracy-card").is_visible()
+        assert page.locator("#margin-chart").get_attribute("data-points") == "3"
+        assert page.locator("#accuracy-chart").get_attribute("data-points") == "3"
+        rows = page.locator("#ledger tbody tr.ledger-row")
+        assert [rows.nth(i).locator("td").nth(9).inner_text() for i in range(2)] == ["dpo ref v1", "sft"]
+        expect(page.locator("#matrix tbody tr.matrix-row").nth(1)).to_contain_text("pref ", timeout=10_000)
+        expect(page.locator("#last-preference")).to_contain_text("last preference job 2 pairs.jsonl (dpo against "
+                                                                 "v1), done: at step 5 loss ")
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.screenshot(path=str(artifacts / "dashboard-preference.png"), full_page=True)
+        browser.close()
+    assert problems == []

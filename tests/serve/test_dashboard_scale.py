@@ -312,3 +312,45 @@ def test_two_runs_do_not_mix(small):
                   .fetchall())
     assert counts == {RUN: 99, "run-0002": 10}
     assert _rollup(small) == _from_scratch(small)
+
+
+def _preference_steps(steps) -> list[dict]:
+    """Steps 1001–3000 a preference job's (a margin and an accuracy), the others supervised (neither)."""
+    return [{**metric(s), "margin": (s % 7) / 10 - 0.3, "accuracy": (s % 4) / 4} if 1000 < s <= 3000 else metric(s)
+            for s in steps]
+
+
+def test_rollups_keep_preference_steps_margin_and_accuracy(small):
+    """Downsampled rows average margin and accuracy over the preference steps they merge (None where none is)."""
+    rows = _preference_steps(range(1, 5001))
+    for i in range(0, len(rows), 37):
+        ledger.write_steps(small, RUN, [], rows[i:i + 37])
+    assert _rollup(small) == _from_scratch(small)
+    small.execute("INSERT INTO runs (id, created_at, identity, active) VALUES (?, 0, '{}', 1)", (RUN,))
+    body = series.metric_series(small, RUN, 1, 5000, 100)
+    assert body["downsampled"] and body["level"] > 1  # read from the rollups
+    for row in body["rows"]:
+        raw = small.execute("SELECT AVG(margin), AVG(accuracy) FROM metrics WHERE run_id = ? AND step BETWEEN ? AND ?",
+                            (RUN, row["step_min"], row["step"])).fetchone()
+        assert (row["margin"] is None, row["accuracy"] is None) == (raw[0] is None, raw[1] is None)
+        if raw[0] is not None:
+            assert row["margin"] == pytest.approx(raw[0]) and row["accuracy"] == pytest.approx(raw[1])
+    assert {r["margin"] is None for r in body["rows"] if r["step"] <= 1000 or r["step_min"] > 3000} == {True}
+
+
+def test_preference_steps_rolled_up_before_the_margins_get_them_when_opened(tmp_path):
+    path = tmp_path / "old.db"
+    con = store.connect(path)
+    _write(con, range(1, 1001))  # another run's supervised steps: left as they are
+    ledger.write_steps(con, "run-0002", [], _preference_steps(range(990, 1200)))
+    expected = _rollup(con)
+    con.execute("UPDATE metrics_rollup SET margin_sum = NULL, margin_n = 0, accuracy_sum = NULL, accuracy_n = 0")
+    con.execute("PRAGMA user_version = 2")  # as a database whose rollups did not keep margins
+    con.close()
+    con = store.connect(path)
+    upgrade(con, path)
+    try:
+        assert _rollup(con) == expected
+        assert con.execute("PRAGMA user_version").fetchone()[0] == store.CURRENT_VERSION
+    finally:
+        con.close()

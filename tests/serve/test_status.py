@@ -1,15 +1,20 @@
 """`conveyor status`: one screen on a terminal, one line a frame in a pipe, the progress bar as text on its own
-line (a pipe keeps it, and it never glues onto the next table)."""
+line (a pipe keeps it, and it never glues onto the next table); a preference job's margin and accuracy beside its
+loss, running or last, and the share of its held-out pairs preferred."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ASSETS, run_cli, status, text_file
+import pytest
+from conftest import ASSETS, make_workspace, run_cli, status, text_file
 
 from conveyor.serve.status import MORE, bar, note, one_line
-from conveyor.store import jobs
+from conveyor.store import jobs, ledger
 from conveyor.store.lock import Lock
 from conveyor.store.workspace import Workspace
 
@@ -103,3 +108,70 @@ def test_notes_are_the_warnings_whole_or_the_reason_without_the_file_name():
     assert note(job) == "2 held out; " + "x " * 80 + "; y"
     assert note({**job, "error": "a.jsonl: failed: out of memory\n"}) == "failed: out of memory"
     assert note({**job, "error": "a.jsonl: rejected (2 problem(s)):\n  line 1: x"}) == "rejected (2 problem(s)):" + MORE
+
+
+# Preference jobs: margin and accuracy beside the loss, the held-out pairs preferred ----------------------------
+@pytest.fixture(scope="module")
+def preferred(tmp_path_factory, tiny_dir) -> Path:
+    """A DPO job of 12 pairs against the base model (its reference), a quarter held out: 9 pairs at batch 4, steps
+    1–3."""
+    root = tmp_path_factory.mktemp("preferred")
+    ws = make_workspace(root / "ws", tiny_dir, training={"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,
+                                                         "save_every": 2, "max_length": 64}, eval={"holdout": 0.25})
+    r = run_cli(ws, "train", pair_file(root / "pairs.jsonl"), "-q")
+    assert r.code == 0, r.out + r.err
+    return ws
+
+
+def pair_file(path: Path, n: int = 12) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
+                            for i in range(1, n + 1)), encoding="utf-8")
+    return path
+
+
+def test_the_last_preference_job_shows_its_margin_accuracy_and_held_out_pairs(preferred):
+    data = status(preferred)
+    assert data["current"] is None
+    p = data["preference"]
+    assert (p["id"], p["file"], p["method"], p["reference"]["name"], p["reference"]["step"], p["state"], p["step"]) \
+        == (1, "pairs.jsonl", "dpo", "base", 0, "done", 3)
+    assert isinstance(p["margin"], float) and 0.0 <= p["accuracy"] <= 1.0 and p["loss"] > 0
+    held = p["held_out"]
+    assert (held["set"], held["step"], held["examples"]) == ("job 1", 3, 3) and 0.0 <= held["preference"] <= 1.0
+    out = " ".join(run_cli(preferred, "status").out.split())
+    assert (f"last preference job 1 pairs.jsonl (dpo against base), done: at step 3 loss {p['loss']:.4f}, margin "
+            f"{p['margin']:+.4f}, accuracy {p['accuracy']:.0%}; held-out pairs: the chosen answer more likely in "
+            f"{held['preference']:.0%} of 3 (step 3)") in out, out
+
+
+def test_a_running_preference_job_shows_margin_and_accuracy_beside_its_loss(preferred, tmp_path):
+    """A second pair file claimed and one step in (as a worker writes it, with an evaluation of its held-out pairs):
+    its line says how it trains and against what, and its newest margin and accuracy beside the loss."""
+    ws = tmp_path / "ws"
+    shutil.copytree(preferred, ws)
+    assert run_cli(ws, "add", pair_file(tmp_path / "more.jsonl")).code == 0
+    db = Workspace.open(ws).db
+    job = jobs.claim_next(db, claim="test")
+    reference = {"kind": "adapter", "step": 3, "weights": "step-000003:ab", "path": "references/job-00002",
+                 "sha256": "cd" * 32}
+    jobs.update(db, job.id, run_id="run-0001", planned_steps=3, start_step=4, end_step=6, segment_start=4,
+                steps_done=1, reference=reference)
+    ledger.write_steps(db, "run-0001", [(4, job.id, [1, 2, 4, 5])],
+                       [{"step": 4, "job_id": job.id, "loss": 0.7, "learning_rate": 1e-3, "grad_norm": 1.0,
+                         "tokens": 60, "examples": 4, "step_time": 0.5, "margin": 0.25, "accuracy": 0.75}],
+                       [{"step": 4, "job_id": job.id, "name": "job 2", "loss": 5.0, "examples": 3, "tokens": 30,
+                         "preference": 2 / 3}])
+    with Lock(Workspace.open(ws)):  # as the daemon training it
+        data = status(ws)
+        out = run_cli(ws, "status").out
+    cur = data["current"]
+    assert (cur["id"], cur["loss"], cur["margin"], cur["accuracy"], cur["method"], cur["reference"]["name"]) == (
+        2, 0.7, 0.25, 0.75, "dpo", "v1")
+    assert data["preference"]["id"] == 2 and data["preference"]["held_out"]["preference"] == 2 / 3
+    said = " ".join(out.split())
+    assert "job 2 more.jsonl (dpo against v1): step 1/3 (global 4–6), loss 0.7000, margin +0.2500, accuracy 75%, " \
+           "ETA 0m01s" in said, out
+    assert "held-out pairs: the chosen answer more likely in 67% of 3 (step 4)" in said
+    assert "last preference job" not in said  # job 1 is not the newest preference job any more
+    line = one_line(data)
+    assert "job 2 more.jsonl 1/3 loss 0.7000 margin +0.2500 accuracy 75% ETA 0m01s" in line, line
