@@ -181,12 +181,13 @@ CREATE TABLE IF NOT EXISTS metrics_rollup (
     PRIMARY KEY (run_id, level, bucket)
 ) WITHOUT ROWID;
 -- The dashboard counts jobs by state, pages the ledger, sums a page of jobs' replayed examples and reads a run's
--- newest samples every second.
+-- newest samples every second; it names each preference job's reference by the version that ends at its step.
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_by_fingerprint ON jobs (fingerprint);
 CREATE INDEX IF NOT EXISTS ledger_by_run ON ledger (run_id, id);
 CREATE INDEX IF NOT EXISTS ledger_by_job ON ledger (job_id);
 CREATE INDEX IF NOT EXISTS samples_by_run ON samples (run_id, id);
+CREATE INDEX IF NOT EXISTS versions_by_step ON versions (run_id, step);
 """
 
 # PRAGMA user_version from which metrics_rollup is kept on every write of metric rows.
