@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.formats import FEEDBACK, IGNORE, PAIR, Tokenized
+from . import distributed
 
 SFT, DPO, IPO, ORPO, KTO = "sft", "dpo", "ipo", "orpo", "kto"
 REFERENCE = "reference"  # the frozen adapter copy's name inside the PeftModel
@@ -203,9 +204,9 @@ def step_of(method: str, training, model, batch: dict) -> Step:
 
 @dataclass
 class Tally:
-    """A step's preference metrics, summed over its micro-batches: the mean margin (chosen reward minus rejected;
-    feedback: mean reward of good answers minus bad ones) and accuracy (chosen above rejected; feedback: a reward
-    whose sign is the label's)."""
+    """A step's preference metrics, summed over its micro-batches and ranks: the mean margin (chosen reward minus
+    rejected; feedback: mean reward of good answers minus bad ones) and accuracy (chosen above rejected; feedback: a
+    reward whose sign is the label's)."""
     margin: float = 0.0
     right: float = 0.0
     count: float = 0.0
@@ -226,16 +227,20 @@ class Tally:
         self.count += float(real.sum())
 
     def take(self) -> dict:
-        if not self.count:
-            return {}
-        if self.good or self.bad:
-            margin = _mean(self.good) - _mean(self.bad)
-        else:
-            margin = self.margin / self.count
-        out = {"margin": margin, "accuracy": self.right / self.count}
+        """The step's margin and accuracy over every rank's micro-batches (on rank 0; {} elsewhere), then reset.
+        Collective: every rank calls it once a step (the Trainer logs on every rank)."""
+        parts = distributed.gather((self.margin, self.right, self.count, self.good, self.bad))
         self.margin = self.right = self.count = 0.0
         self.good, self.bad = [], []
-        return out
+        if not parts:
+            return {}
+        margin, right, count = (sum(part[k] for part in parts) for k in range(3))
+        good, bad = [x for part in parts for x in part[3]], [x for part in parts for x in part[4]]
+        if not count:
+            return {}
+        if good or bad:
+            return {"margin": _mean(good) - _mean(bad), "accuracy": right / count}
+        return {"margin": margin / count, "accuracy": right / count}
 
 
 def _mean(values: list) -> float:

@@ -179,15 +179,17 @@ def _full_weights(ws: Path, step: int) -> dict:
 
 def test_full_fine_tune_reference_logps_are_cached_verified_and_a_changed_cache_is_rebuilt(tmp_path, tiny_dir):
     files = lambda folder: [str(text_file(folder / "a.jsonl", 8, "a")),  # noqa: E731
-                            str(pair_file(folder / "b.jsonl", 12))]
+                            str(pair_file(folder / "b.jsonl", 12)), str(feedback_file(folder / "k.jsonl", 12))]
     straight = make_workspace(tmp_path / "straight", tiny_dir, **FULL)
     assert run_cli(straight, "add", *files(tmp_path / "d1")).code == 0
     _drain(straight)
-    record = ledger(straight)[1]["reference"]
-    assert (record["kind"], record["step"]) == ("logps", 2)
-    cache = straight / record["path"]
+    pairs, feedback = ledger(straight)[1]["reference"], ledger(straight)[2]["reference"]
+    assert (pairs["kind"], pairs["step"], feedback["kind"], feedback["step"]) == ("logps", 2, "logps", 5)
+    cache = straight / pairs["path"]
     assert sorted(p.name for p in cache.iterdir()) == ["logps.bin", "meta.json"]
     assert json.loads((cache / "meta.json").read_text())["shape"] == [12, 2]  # chosen and rejected per pair
+    # Feedback: each answer's, then (one epoch) its KL row's, with the answer before it in the epoch's order.
+    assert json.loads((straight / feedback["path"] / "meta.json").read_text())["shape"] == [12, 2]
 
     ws = make_workspace(tmp_path / "ws", tiny_dir, **FULL)
     assert run_cli(ws, "add", *files(tmp_path / "d2")).code == 0
@@ -200,6 +202,10 @@ def test_full_fine_tune_reference_logps_are_cached_verified_and_a_changed_cache_
     values = bytearray(logps.read_bytes())
     values[:8] = (1.0).hex().encode()[:8]  # a changed value, same size
     logps.write_bytes(bytes(values))
+    env = {**os.environ, "CONVEYOR_FAILPOINT": "step:7"}  # mid the KTO job: resumes from step 6, its step 1
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "run", "--drain", "-q"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
     _drain(ws)
     warnings = [w for j in status(ws)["jobs"] for w in j["warnings"]]
     assert any("no longer matches its sha256" in w and "computed again from the reference's weights" in w
@@ -207,6 +213,7 @@ def test_full_fine_tune_reference_logps_are_cached_verified_and_a_changed_cache_
     # Rebuilt from the checkpoint at step 2 (the reference's weights), never used as it was: the same weights.
     assert max_abs_diff(_full_weights(ws, 5), _full_weights(straight, 5)) <= 1e-6
     assert json.loads(_db(ws, "SELECT reference FROM jobs WHERE id = 2")[0][0])["sha256"] == recorded["sha256"]
+    assert max_abs_diff(_full_weights(ws, 8), _full_weights(straight, 8)) <= 1e-6
 
 
 @pytest.mark.parametrize("method, first_loss", [("ipo", (0 - 1 / (2 * 0.1)) ** 2), ("orpo", None)])
@@ -312,6 +319,10 @@ def test_two_processes_train_pairs_exactly_across_a_kill_and_a_change_of_world_s
     rows = audit(straight)
     assert [len(row["lines"]) for row in rows if row["job"] == 1] == [8, 8, 8, 2]
     _lines_once(straight, 1, 26)
+    # Margins and accuracy over both ranks' pairs: the last step's 2 pairs give an accuracy of 0, 0.5 or 1.
+    metrics = _db(straight, "SELECT margin, accuracy FROM metrics WHERE job_id = 1 ORDER BY step")
+    assert len(metrics) == 4 and all(m is not None and a is not None for m, a in metrics)
+    assert metrics[3][1] in (0.0, 0.5, 1.0)
 
     killed = workspace("killed", **DISTRIBUTED)
     marker = tmp_path / "fired"
