@@ -216,16 +216,19 @@ def test_full_fine_tune_reference_logps_are_cached_verified_and_a_changed_cache_
     assert max_abs_diff(_full_weights(ws, 8), _full_weights(straight, 8)) <= 1e-6
 
 
-@pytest.mark.parametrize("method, first_loss", [("ipo", (0 - 1 / (2 * 0.1)) ** 2), ("orpo", None)])
+@pytest.mark.parametrize("method, first_loss", [("ipo", (0 - 1 / (2 * 0.2)) ** 2), ("orpo", None)])
 def test_ipo_and_orpo_train_pairs_set_per_job(workspace, tmp_path, method, first_loss):
     ws = workspace(**SETTINGS)
-    r = run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 8)), "--set", f"training.preference={method}")
+    r = run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 8)), "--set", f"training.preference={method}",
+                "--set", "training.beta=0.2")
     assert r.code == 0, r.out + r.err
     _drain(ws)
     row = ledger(ws)[0]
     assert (row["method"], row["start_step"], row["end_step"]) == (method, 1, 2)
     _lines_once(ws, 1, 8)
-    if first_loss is not None:
+    manifest = json.loads((ws / "runs" / "run-0001" / "checkpoints" / "step-000002" / "manifest.json").read_text())
+    assert (manifest["hyperparameters"]["method"], manifest["hyperparameters"]["beta"]) == (method, 0.2)
+    if first_loss is not None:  # IPO: (0 - 1/(2β))² while the policy is the reference
         assert math.isclose(row["first_loss"], first_loss, rel_tol=1e-4)
     else:  # ORPO needs no reference: none is made or recorded
         assert "reference" not in row
@@ -345,3 +348,17 @@ def test_two_processes_train_pairs_exactly_across_a_kill_and_a_change_of_world_s
     _lines_once(resized, 1, 26)
     _lines_once(resized, 2, 8)
     assert [len(row["lines"]) for row in audit(resized) if row["job"] == 1] == [8, 8, 4, 4, 2]  # 4 a step at 1
+
+
+@pytest.mark.parametrize("settings", [{"model": {"quantization": "nf4"}},
+                                      {"training": {"gradient_checkpointing": True}},
+                                      {"training": {"mixed_precision": "bf16"}}], ids=["nf4", "checkpointing", "bf16"])
+def test_pairs_train_on_4_bit_layers_with_checkpointing_and_under_bf16_autocast(workspace, tmp_path, settings):
+    """The GPU paths, on CPU: QLoRA (the reference adapter applied per row over 4-bit layers), gradient
+    checkpointing (the reference's forward runs without gradients), bf16 autocast (log-probabilities in fp32)."""
+    ws = workspace(**{**SETTINGS, **settings, "training": {**SETTINGS["training"], **settings.get("training", {})}})
+    assert run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 12))).code == 0
+    _drain(ws)
+    metrics = _db(ws, "SELECT loss, margin, accuracy FROM metrics ORDER BY step")
+    assert len(metrics) == 3 and math.isclose(metrics[0][0], math.log(2), abs_tol=2e-3)
+    assert metrics[-1][1] > 0
