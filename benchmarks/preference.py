@@ -142,7 +142,8 @@ def conveyor_side(root: Path, model: str, model_dir: Path, data: Path, lr: float
     from conveyor.store.workspace import Workspace
 
     config = parse_config({"model": {"name": model}, "adapter": LORA, "training": {
-        "batch_size": BATCH, "grad_accum": ACCUM, "learning_rate": lr, "max_length": MAX_LENGTH, "seed": SEED,
+        "batch_size": BATCH, "grad_accum": ACCUM, "preference_learning_rate": lr, "max_length": MAX_LENGTH,
+        "seed": SEED,
         "epochs": epochs, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
         "save_every": 10**6, "preference": "dpo", "beta": BETA},
         # Held-out pairs scored by loss and preference only: no greedy answers, no retention probe (TRL does neither).

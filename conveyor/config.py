@@ -107,6 +107,9 @@ class TrainingConfig(_Section):
     """Deterministic kernels only (GPU): a resumed run then ends with the uninterrupted run's weights; slower. CPU needs no flag."""
     preference: Literal["dpo", "ipo", "orpo"] = "dpo"
     """How preference-pair files train: dpo (sigmoid loss), ipo (squared, length-normalized) or orpo (no reference)."""
+    preference_learning_rate: float = Field(1e-6, gt=0, le=1.0)
+    """Peak learning rate of preference and feedback jobs (TRL's DPO/KTO default, 1e-6, set for full fine-tuning; LoRA
+    usually wants 5e-6 to 5e-5); a job's own `--set training.learning_rate` comes first."""
     beta: float = Field(0.1, gt=0.0, le=100.0)
     """Preference and feedback jobs: DPO/IPO/KTO's beta (how far from the reference), ORPO's lambda; TRL's 0.1."""
     desirable_weight: float = Field(1.0, gt=0.0, le=100.0)

@@ -70,5 +70,15 @@ def apply(config: Config, overrides: dict | None) -> Config:
     return parse_config(data, "--set")
 
 
+def for_job(config: Config, overrides: dict | None, preference: bool) -> Config:
+    """A job's settings: its overrides in force; a preference or feedback job (`preference`) trains at
+    training.preference_learning_rate unless it sets training.learning_rate itself."""
+    config = apply(config, overrides)
+    if preference and "training.learning_rate" not in (overrides or {}):
+        config = config.model_copy(deep=True)
+        config.training.learning_rate = config.training.preference_learning_rate
+    return config
+
+
 def describe(overrides: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (overrides or {}).items())

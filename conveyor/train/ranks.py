@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import overrides
 from ..config import Config
 from ..data.chat import load_tokenizer
+from ..data.formats import PREFERENCE_FORMATS
 from ..data.plan import Position
 from ..data.replay import PROBE, pool_of
 from ..store import checkpoints as ck
@@ -36,7 +37,7 @@ def follow(root: Path, config: Config, world_size: int) -> None:
         return
     ws = FilesOnly(Path(root))
     job, run_id = order["job"], order["run"]
-    config = overrides.apply(config, job.overrides)  # the job's own settings, as rank 0 trains it
+    config = overrides.for_job(config, job.overrides, job.format in PREFERENCE_FORMATS)  # as rank 0 trains it
     resume = None
     if order["resume"]:
         path = Path(order["resume"])

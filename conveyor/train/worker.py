@@ -140,9 +140,14 @@ class Worker:
         if job.state != JobState.RUNNING or job.claim != self.claim:
             raise Conflict(f"job {job.id} is {job.state.value}, not running under this worker's claim")
         if job.overrides:  # `conveyor add --set`: this job's own settings, kept with it (a resume keeps them)
-            self.config = overrides.apply(self.config, job.overrides)
             self.say("info", f"job {job.id} trains with {overrides.describe(job.overrides)} (set for this job; "
                      "conveyor.toml's for the others)", job.id)
+        preferring = job.format in PREFERENCE_FORMATS
+        self.config = overrides.for_job(self.config, job.overrides, preferring)
+        if preferring and "training.learning_rate" not in (job.overrides or {}):
+            self.say("info", f"job {job.id} is a {job.format} file: it trains at training.preference_learning_rate "
+                     f"= {self.config.training.learning_rate:g} (`--set training.learning_rate=…` for this job "
+                     "alone)", job.id)
         run = runs.active(self.db)
         resume, _ = ck.newest_verified(self.ws.run_dir(run.id))  # the daemon set unusable ones aside
         if resume is not None and resume.step != run.global_step:

@@ -19,7 +19,8 @@ import torch
 
 from conftest import adapter_weights, audit, ledger, make_workspace, max_abs_diff, run_cli, status, text_file
 
-SETTINGS = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48, "learning_rate": 1e-3},
+SETTINGS = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48, "learning_rate": 1e-3,
+                         "preference_learning_rate": 1e-3},
             "adapter": {"dropout": 0.1}}  # dropout > 0: the RNG must be restored exactly too
 
 
@@ -166,7 +167,8 @@ def test_a_damaged_reference_copy_stops_the_job_with_what_to_do_and_the_queue_go
     assert jobs[2]["state"] == "done"  # nothing in one job's data ends the queue
 
 
-FULL = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48, "learning_rate": 1e-4},
+FULL = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48, "learning_rate": 1e-4,
+                     "preference_learning_rate": 1e-4},
         "adapter": {"method": "full"}}
 
 
@@ -305,7 +307,8 @@ def test_a_job_keeps_the_method_it_began_with_when_the_setting_changes_meanwhile
     assert max_abs_diff(_final(ws), _final(uninterrupted)) <= 1e-6  # the KTO job after it is unaffected too
 
 
-DISTRIBUTED = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48},
+DISTRIBUTED = {"training": {"batch_size": 2, "grad_accum": 2, "save_every": 2, "max_length": 48,
+                            "preference_learning_rate": 5e-5},
                "adapter": {"dropout": 0.1}, "distributed": {"nproc_per_node": 2},
                "daemon": {"retry_backoff_seconds": 0.2, "min_free_mb": 0}}
 
@@ -362,3 +365,16 @@ def test_pairs_train_on_4_bit_layers_with_checkpointing_and_under_bf16_autocast(
     metrics = _db(ws, "SELECT loss, margin, accuracy FROM metrics ORDER BY step")
     assert len(metrics) == 3 and math.isclose(metrics[0][0], math.log(2), abs_tol=2e-3)
     assert metrics[-1][1] > 0
+
+
+def test_preference_jobs_train_at_their_own_learning_rate_unless_the_job_sets_one(workspace, tmp_path):
+    ws = workspace(training={**SETTINGS["training"], "preference_learning_rate": 1e-6})
+    files = [str(text_file(tmp_path / "a.jsonl", 8)), str(pair_file(tmp_path / "b.jsonl", 8)),
+             str(pair_file(tmp_path / "c.jsonl", 8, "r"))]
+    assert run_cli(ws, "add", *files[:2]).code == 0
+    assert run_cli(ws, "add", files[2], "--set", "training.learning_rate=3e-4").code == 0
+    r = run_cli(ws, "run", "--drain", "-q")
+    assert r.code == 0, r.out + r.err
+    assert "job 2 is a preference file: it trains at training.preference_learning_rate = 1e-06" in r.out
+    rates = dict(_db(ws, "SELECT job_id, MAX(learning_rate) FROM metrics GROUP BY job_id"))
+    assert rates == pytest.approx({1: 1e-3, 2: 1e-6, 3: 3e-4})
