@@ -11,6 +11,8 @@ from typing import Callable
 
 from .. import testhooks
 from ..config import Config
+from ..data.formats import PREFERENCE_FORMATS
+from ..errors import ConveyorError
 from . import checkpoints as ck
 from . import jobs, ledger, pending, runs
 from . import manifest as mf
@@ -63,8 +65,19 @@ def place(ws: Workspace, config: Config, model_path: str, say: Say, world_size: 
         return Placement(run, None)
     rewind(ws, run, resume, say)
     if resume is not None:
-        state_setting_changes(resume, config, say, world_size)
+        state_setting_changes(resume, config, say, world_size, _own_settings(ws, resume))
     return Placement(run, resume)
+
+
+def _own_settings(ws: Workspace, resume: ck.Checkpoint) -> set[str]:
+    """The training settings the checkpoint's job had of its own, not conveyor.toml's: its `--set` keys, and the
+    learning rate of a preference or feedback job (training.preference_learning_rate)."""
+    try:
+        job = jobs.get(ws.db, resume.manifest.job.job_id)
+    except ConveyorError:  # removed since
+        return set()
+    own = {key.partition(".")[2] for key in (job.overrides or {}) if key.startswith("training.")}
+    return own | ({"learning_rate"} if job.format in PREFERENCE_FORMATS else set())
 
 
 def tidy(ws: Workspace, run: runs.Run, resume: ck.Checkpoint | None, problems: list, say: Say) -> None:
@@ -178,13 +191,15 @@ def _place_job(ws: Workspace, run: runs.Run, job: Job, manifest: mf.Manifest | N
     jobs.transition(ws.db, job.id, JobState.QUEUED, expect=job.state, reopen=True, **FRESH)
 
 
-def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int) -> None:
-    """Settings outside the identity (learning rate, batch, ...) are applied to the same run, and said."""
+def state_setting_changes(resume: ck.Checkpoint, config: Config, say: Say, world_size: int,
+                          own: set[str] = frozenset()) -> None:
+    """Settings outside the identity (learning rate, batch, ...) are applied to the same run, and said; those the
+    checkpoint's job had of its own (`own`: its `--set`, a preference job's learning rate) are no change."""
     before = resume.manifest.hyperparameters
     now = mf.hyperparameters(config, world_size)
     section = {"attn_implementation": "model", "world_size": "distributed", "strategy": "distributed"}
     changes = [f"{section.get(k, 'training')}.{k}: {before.get(k)} → {now[k]}" for k in now  # else [training]
-               if before.get(k) != now[k] and before.get(k) is not None]
+               if before.get(k) != now[k] and before.get(k) is not None and k not in own]
     new_keys = [k for k in now if k not in before]  # a manifest written before the setting existed
     if new_keys:
         changes.append(f"recorded from now on: {', '.join(new_keys)}")

@@ -25,7 +25,7 @@ from ..data.tokenized import tokens_of
 from ..errors import CheckpointError, ConveyorError, DataError, NonFiniteError, PlanError
 from ..fingerprint import short
 from ..store import checkpoints as ck
-from ..store import controls, jobs, ledger, runs, versions
+from ..store import controls, jobs, ledger, runs, series, versions
 from ..store.controls import Context, Effect
 from ..store.database import log_event, transaction
 from ..store.jobs import Conflict, Job, JobState
@@ -476,6 +476,8 @@ class Worker:
         if job.state == JobState.DONE:
             log_event(self.db, "info", "done", f"job {job.id}: steps {job.start_step}–{job.end_step}", job.id)
             self.reporter.job_finished(job)
+            if trained.method != "sft":
+                self._preference_summary(job, trained.method)
             return
         if job.state == JobState.SKIPPED:
             text = f"job {job.id} {skip_reason}"
@@ -493,6 +495,19 @@ class Worker:
         self.say(level, text, job.id)
         if self.request is not None:
             controls.answer(self.db, self.request.id, text, Effect(self.request.action.value))
+
+    def _preference_summary(self, job: Job, method: str) -> None:
+        """What a finished preference or feedback job did, in one line: its method and reference, its last step's
+        reward margin and accuracy, and its held-out pairs preferred."""
+        found = series.preference_job(self.db, job.run_id)
+        if found is None or found["id"] != job.id or found["margin"] is None:
+            return
+        reference = found["reference"]
+        against = f" against the model at global step {reference['step']}" if reference else ""
+        held = found["held_out"]
+        pairs = f"; held-out pairs preferred: {held['preference']:.0%} of {held['examples']}" if held else ""
+        self.say("info", f"job {job.id} ({method.upper()}{against}): last step's reward margin {found['margin']:+.3f}, "
+                 f"accuracy {found['accuracy']:.0%}{pairs}", job.id)
 
     def _skip_reason(self, job: Job, pos: Position) -> str:
         req = self.request

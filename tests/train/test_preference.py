@@ -376,5 +376,7 @@ def test_preference_jobs_train_at_their_own_learning_rate_unless_the_job_sets_on
     r = run_cli(ws, "run", "--drain", "-q")
     assert r.code == 0, r.out + r.err
     assert "job 2 is a preference file: it trains at training.preference_learning_rate = 1e-06" in r.out
+    assert "settings changed since" not in r.out + r.err  # a job's own learning rate is no change of settings
+    assert "job 2 (DPO against the model at global step 2): last step's reward margin" in r.out
     rates = dict(_db(ws, "SELECT job_id, MAX(learning_rate) FROM metrics GROUP BY job_id"))
     assert rates == pytest.approx({1: 1e-3, 2: 1e-6, 3: 3e-4})
