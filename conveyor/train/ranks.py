@@ -54,6 +54,6 @@ def follow(root: Path, config: Config, world_size: int) -> None:
                    data=trained_data(ws, job, config, model_path, tokenizer),
                    start=start, identity=order["identity"], resume=resume,
                    open_jobs=[Position.from_json(p) for p in order["open"]], pool=pool, format=job.format,
-                   data_key=data_key(ws, job, config, model_path, tokenizer), reference=job.reference,
+                   data_key=data_key(ws, job, config, model_path, tokenizer), reference=order.get("reference"),
                    method=order.get("method"))
     train_segment(config, model_path, spec, None, world_size)

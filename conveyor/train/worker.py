@@ -61,7 +61,15 @@ def follow_order(setup: Setup, db) -> dict:
             # The probe's base answers, tokenized, where the job rehearses them: the other ranks cannot record them.
             "probe": next((part for source, part in setup.pool.parts if source == replay.PROBE), None)
             if setup.pool is not None else None,
-            "method": setup.method}
+            "method": setup.method, "reference": recorded_reference(setup)}
+
+
+def recorded_reference(setup: Setup) -> dict | None:
+    """A preference job's reference as recorded on the job, or in its checkpoint's manifest when the job row has lost
+    it (a database rebuilt by `doctor --repair`)."""
+    if setup.job.reference or setup.resume is None or setup.resume.manifest.job.job_id != setup.job.id:
+        return setup.job.reference
+    return setup.resume.manifest.hyperparameters.get("reference")
 
 
 class Worker:
@@ -342,7 +350,7 @@ class Worker:
                        open_jobs=setup.open_jobs, eval_sets=self._eval_sets(setup.run), pool=setup.pool,
                        probe=self._probe(setup.job, setup.run), format=setup.job.format,
                        data_key=data_key(self.ws, setup.job, self.config, self.model_path, self.tokenizer),
-                       reference=setup.job.reference, method=setup.method)
+                       reference=recorded_reference(setup), method=setup.method)
         job = setup.job
         self.reporter.job_started(job)
         if self.stop_reason:  # a warm stop that came during setup: no step is started

@@ -380,3 +380,39 @@ def test_preference_jobs_train_at_their_own_learning_rate_unless_the_job_sets_on
     assert "job 2 (DPO against the model at global step 2): last step's reward margin" in r.out
     rates = dict(_db(ws, "SELECT job_id, MAX(learning_rate) FROM metrics GROUP BY job_id"))
     assert rates == pytest.approx({1: 1e-3, 2: 1e-6, 3: 3e-4})
+
+
+def test_a_reference_lost_from_the_database_is_read_from_the_jobs_checkpoint(tmp_path, tiny_dir, uninterrupted):
+    """A database rebuilt by `doctor --repair` knows no reference; the checkpoint's manifest still records it."""
+    ws = make_workspace(tmp_path / "ws", tiny_dir, **SETTINGS)
+    assert run_cli(ws, "add", *_chaos_files(tmp_path / "data")).code == 0
+    env = {**os.environ, "CONVEYOR_FAILPOINT": "step:5"}  # mid the DPO job, which resumes from its checkpoint 4
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "run", "--drain", "-q"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    recorded = _db(ws, "SELECT reference FROM jobs WHERE id = 2")[0][0]
+    con = sqlite3.connect(ws / "conveyor.db")
+    with con:
+        con.execute("UPDATE jobs SET reference = NULL WHERE id = 2")
+    con.close()
+    _drain(ws)
+    assert json.loads(_db(ws, "SELECT reference FROM jobs WHERE id = 2")[0][0] or "null") in (None,
+                                                                                          json.loads(recorded))
+    assert max_abs_diff(_final(ws), _final(uninterrupted)) <= 1e-6
+
+
+def test_a_preference_job_overtaken_by_a_higher_priority_file_resumes_against_its_own_reference(workspace, tmp_path):
+    from conftest import drain_with_requests
+
+    ws = workspace(**SETTINGS)
+    assert run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 16))).code == 0
+    assert drain_with_requests(ws, "stop@2").code == 75  # 2 of its 4 steps
+    assert run_cli(ws, "add", str(text_file(tmp_path / "a.jsonl", 8, "a")), "--priority", "high").code == 0
+    _drain(ws)
+    rows = ledger(ws)
+    assert [(r["job"], r["start_step"], r["end_step"], r["method"], r["outcome"]) for r in rows] == \
+        [(1, 1, 2, "dpo", "interrupted"), (2, 3, 4, "sft", "done"), (1, 5, 6, "dpo", "done")]
+    _lines_once(ws, 1, 16)
+    # Both segments compare with the model as the job first found it (the base, step 0), not the one at step 4.
+    assert rows[0]["reference"]["step"] == rows[2]["reference"]["step"] == 0
+    assert rows[0]["reference"]["sha256"] == rows[2]["reference"]["sha256"]
