@@ -105,9 +105,8 @@ def collate(features: list[dict], pad_id: int, kind: str) -> dict:
         kl = [f["kl"] if f.get("kind") else filler for f in features]
         batch = pad_rows(answers + kl, pad_id)
         batch["kto_label"] = torch.tensor([float(f["label"]) if f.get("kind") else -1.0 for f in features])
-    if all(f.get(REFERENCE_KEY) is not None for f in features if f.get("kind")) and \
-            any(f.get(REFERENCE_KEY) is not None for f in features):
-        ref = [f.get(REFERENCE_KEY) or (0.0, 0.0) for f in features]
+    if any(REFERENCE_KEY in f for f in features):  # a cached reference: every item has its values (fillers 0)
+        ref = [f[REFERENCE_KEY] for f in features]
         batch[REFERENCE_KEY] = torch.tensor([r[0] for r in ref] + [r[1] for r in ref], dtype=torch.float64)
     return batch
 

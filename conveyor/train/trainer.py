@@ -137,8 +137,9 @@ class PreferenceDataset(PlanDataset):
 
     def __getitem__(self, i: int) -> dict:
         position = self.start + i
-        if position >= len(self.layout):
-            return {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
+        if position >= len(self.layout):  # a filler (distributed padding): it weighs nothing
+            filler = {"input_ids": [self.pad_id], "labels": [IGNORE], "line": 0}
+            return {**filler, pref.REFERENCE_KEY: (0.0, 0.0)} if self.cache is not None else filler
         order, data = self.layout.order, self.layout.data
         epoch, index = order[position]  # preference jobs replay nothing: a position is the job's own
         ex = data.examples[index]

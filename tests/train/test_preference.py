@@ -416,3 +416,18 @@ def test_a_preference_job_overtaken_by_a_higher_priority_file_resumes_against_it
     # Both segments compare with the model as the job first found it (the base, step 0), not the one at step 4.
     assert rows[0]["reference"]["step"] == rows[2]["reference"]["step"] == 0
     assert rows[0]["reference"]["sha256"] == rows[2]["reference"]["sha256"]
+
+
+@pytest.mark.slow
+def test_two_processes_full_fine_tune_reads_the_cached_reference_with_fillers_in_the_last_step(workspace, tmp_path):
+    settings = {**DISTRIBUTED, "adapter": {"method": "full"},
+                "training": {**DISTRIBUTED["training"], "preference_learning_rate": 1e-4}}
+    ws = workspace(**settings)
+    files = [str(pair_file(tmp_path / "b.jsonl", 26)), str(feedback_file(tmp_path / "k.jsonl", 26))]
+    r = run_cli(ws, "train", *files, "-q", subprocess_=True)
+    assert r.code == 0, r.out + r.err
+    # 26 / 8 → 4 steps each; the last step's 2 examples leave one rank a micro-batch of fillers only.
+    assert [len(row["lines"]) for row in audit(ws)] == [8, 8, 8, 2] * 2
+    _lines_once(ws, 1, 26)
+    _lines_once(ws, 2, 26)
+    assert [(r["method"], r["reference"]["kind"]) for r in ledger(ws)] == [("dpo", "logps"), ("kto", "logps")]
