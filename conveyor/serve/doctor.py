@@ -20,6 +20,7 @@ from ..store.consistency import describe, scan
 from ..store.database import DB_FILE
 from ..store.workspace import Workspace
 from ..train.jobdata import copy_problem
+from ..train.reference import ADAPTER_FILE, LOGPS
 
 
 @dataclass
@@ -44,6 +45,7 @@ def check(ws: Workspace, deep: bool = False) -> list[Finding]:
     findings += _database(ws)
     try:
         findings += _stored_data(ws, deep)
+        findings += _references(ws)
         for run in runs.all_runs(ws.db):
             findings += _run(ws, run, deep)
         findings += _disk(ws, config)
@@ -120,6 +122,42 @@ def _stored_data(ws: Workspace, deep: bool = False) -> list[Finding]:
     if not findings:
         findings.append(Finding("ok", f"stored copies match their jobs' fingerprints and tokenized arrays their "
                                 f"hashes ({'all hashed again' if deep else 'unchanged since hashed, or hashed'})"))
+    return findings
+
+
+def _references(ws: Workspace) -> list[Finding]:
+    """Each preference job's reference (a frozen adapter copy, or cached log-probabilities) against the sha256
+    recorded when the job started: an error for a job still to finish (it would stop on resume), a warning for a
+    finished one (nothing reads it again; it is the record of what the job compared with). Always hashed: small."""
+    findings, checked = [], 0
+    for job in jobs.all_jobs(ws.db):
+        record = job.reference
+        if not record or job.run_id is None:
+            continue
+        checked += 1
+        if record["kind"] == "adapter":
+            path = ws.run_dir(job.run_id) / record["path"] / ADAPTER_FILE
+        else:
+            path = ws.root / record["path"] / LOGPS
+        found = fingerprint(path) if path.is_file() else None
+        if found == record["sha256"]:
+            continue
+        what = "is missing" if found is None else f"no longer matches the sha256 recorded ({found[:12]} instead " \
+            f"of {record['sha256'][:12]})"
+        shown = path.relative_to(ws.root)
+        if job.state == jobs.JobState.DONE:
+            findings.append(Finding("warning", f"job {job.id} ({job.file}, done): its reference {shown} {what}",
+                                    "nothing reads it again; it was the record of what the job compared with"))
+        elif record["kind"] == "adapter":
+            findings.append(Finding("error", f"job {job.id} ({job.file}, {job.state.value}): its reference {shown} "
+                                    f"{what}; it stops when it resumes", "`conveyor rollback` to the version before "
+                                    "it trains it again from its start, against a new copy"))
+        else:
+            findings.append(Finding("warning", f"job {job.id} ({job.file}, {job.state.value}): its cached reference "
+                                    f"{shown} {what}", "nothing to do: it is computed again from the reference's "
+                                    "weights when the job resumes, never used as it is"))
+    if checked and not findings:
+        findings.append(Finding("ok", f"{checked} preference job reference(s) match the sha256 recorded"))
     return findings
 
 

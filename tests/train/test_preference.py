@@ -431,3 +431,18 @@ def test_two_processes_full_fine_tune_reads_the_cached_reference_with_fillers_in
     _lines_once(ws, 1, 26)
     _lines_once(ws, 2, 26)
     assert [(r["method"], r["reference"]["kind"]) for r in ledger(ws)] == [("dpo", "logps"), ("kto", "logps")]
+
+
+def test_doctor_checks_each_preference_jobs_reference_against_its_record(workspace, tmp_path):
+    ws = workspace(**SETTINGS)
+    assert run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 8))).code == 0
+    _drain(ws)
+    r = run_cli(ws, "doctor")
+    assert r.code == 0 and "1 preference job reference(s) match the sha256 recorded" in r.out, r.out + r.err
+    copy = ws / "runs" / "run-0001" / "references" / "job-00001" / "adapter_model.safetensors"
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of a weight (of the step-0 adapter: a zero of a B matrix)
+    copy.write_bytes(bytes(data))
+    r = run_cli(ws, "doctor")
+    assert "job 1 (b.jsonl, done): its reference runs/run-0001/references/job-00001/adapter_model.safetensors " \
+           "no longer matches the sha256 recorded" in r.out, r.out + r.err
