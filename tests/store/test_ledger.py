@@ -175,7 +175,8 @@ def test_close_segment_at_a_job_end_writes_its_row_the_run_step_its_version_and_
     assert ledger.rows(con, run.id) == [
         {"run": run.id, "inherited": False, "job": j, "file": "a.jsonl", "fingerprint": "a" * 64, "start_step": 1,
          "end_step": 2, "steps": 2, "examples": 8, "replayed": 2, "epochs": 1, "tokens": 22, "first_loss": 2.0,
-         "last_loss": 1.0, "mean_loss": 1.5, "outcome": "done", "overrides": {}}]
+         "last_loss": 1.0, "mean_loss": 1.5, "outcome": "done", "method": "sft",
+         "overrides": {}}]  # a segment recorded without its method (a format of old): sft
     assert ledger.replayed_by_job(con, [j, earlier]) == {j: 2}
 
 
