@@ -1,5 +1,5 @@
 """A model-based test of the queue: random sequences of what people and machines do to conveyor (add files of
-any size, format, priority and epochs; stop, skip, pause/resume at a step; remove a waiting job; SIGKILL at a
+any size, format (preference pairs, trained with DPO against their reference, among them), priority and epochs; stop, skip, pause/resume at a step; remove a waiting job; SIGKILL at a
 failpoint; restart; change settings between jobs; hold examples out and replay earlier jobs; roll back to a
 version, with or without --requeue; change the LoRA rank, which starts a new run), with the laws checked after
 every step against a plain model of the queue. A rollback's run is checked along its lineage: the parent's
@@ -85,7 +85,8 @@ def _write(path: Path, n: int, fmt: str, tag: str) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(1, n + 1):
             record = {"text": f"{tag} {i} fox {i * 7 % 13}"} if fmt == "text" else \
-                {"prompt": f"{tag} q{i}", "completion": f"a{i * 3 % 11}"}
+                {"prompt": f"{tag} q{i}", "chosen": f" a{i * 3 % 11}", "rejected": f" b{i * 5 % 7} no"} \
+                if fmt == "pairs" else {"prompt": f"{tag} q{i}", "completion": f"a{i * 3 % 11}"}
             f.write(json.dumps(record) + "\n")
     return path
 
@@ -130,11 +131,11 @@ class QueueMachine(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # rules -----------------------------------------------------------------------------------------
-    @initialize(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt"]))
+    @initialize(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt", "pairs"]))
     def first_file(self, n, fmt):
         self.add(n, fmt, "normal", 1)
 
-    @rule(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt"]),
+    @rule(n=st.integers(1, 14), fmt=st.sampled_from(["text", "prompt", "pairs"]),
           priority=st.sampled_from(["high", "normal", "low"]), epochs=st.sampled_from([1, 1, 2]))
     def add(self, n, fmt, priority, epochs):
         self.n_added += 1

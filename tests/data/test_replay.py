@@ -3,6 +3,8 @@ law 1 counts them, law 2 still holds for the job's own examples, and a killed jo
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -49,6 +51,7 @@ def _check_laws(ws: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # the default run stays near 5 minutes; CI runs it with -m slow
 def test_replay_mixes_earlier_jobs_and_a_killed_job_replays_the_same_examples_with_the_same_weights(workspace,
                                                                                                    tmp_path):
     straight = workspace("straight", **SETTINGS)

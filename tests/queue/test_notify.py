@@ -245,6 +245,7 @@ def test_a_preference_jobs_done_event_says_how_it_trained_and_its_held_out_pairs
     assert set(dpo["eval"]) == {"job 1", "job 2"}  # the losses of both held-out sets, as before
 
 
+@pytest.mark.slow  # the default run stays near 5 minutes; CI runs it with -m slow
 def test_a_running_daemon_notifies_rejections_a_failed_job_a_disk_shortage_then_its_stop(workspace, tmp_path,
                                                                                            endpoint):
     """`conveyor run` (worker processes): each event comes from another place, in the order it happened."""

@@ -147,6 +147,7 @@ def test_sigkill_mid_dpo_and_mid_kto_resumes_to_the_uninterrupted_weights(tmp_pa
         assert ours["sha256"] == theirs["sha256"] and ours["step"] == theirs["step"]
 
 
+@pytest.mark.slow
 def test_a_damaged_reference_copy_stops_the_job_with_what_to_do_and_the_queue_goes_on(tmp_path, tiny_dir):
     ws = make_workspace(tmp_path / "ws", tiny_dir, **SETTINGS)
     files = [str(pair_file(tmp_path / "b.jsonl", 12)), str(text_file(tmp_path / "c.jsonl", 8, "c"))]
@@ -290,6 +291,7 @@ def test_kto_pairs_each_prompt_with_the_answer_before_it_in_the_epochs_order():
     assert {kl_partner(order, p) for p in range(5)} == set(range(5))  # every answer serves once per epoch
 
 
+@pytest.mark.slow
 def test_a_job_keeps_the_method_it_began_with_when_the_setting_changes_meanwhile(tmp_path, tiny_dir, uninterrupted):
     from conftest import set_setting
 
@@ -353,6 +355,7 @@ def test_two_processes_train_pairs_exactly_across_a_kill_and_a_change_of_world_s
     assert [len(row["lines"]) for row in audit(resized) if row["job"] == 1] == [8, 8, 4, 4, 2]  # 4 a step at 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [{"model": {"quantization": "nf4"}},
                                       {"training": {"gradient_checkpointing": True}},
                                       {"training": {"mixed_precision": "bf16"}}], ids=["nf4", "checkpointing", "bf16"])
@@ -382,6 +385,7 @@ def test_preference_jobs_train_at_their_own_learning_rate_unless_the_job_sets_on
     assert rates == pytest.approx({1: 1e-3, 2: 1e-6, 3: 3e-4})
 
 
+@pytest.mark.slow
 def test_a_reference_lost_from_the_database_is_read_from_the_jobs_checkpoint(tmp_path, tiny_dir, uninterrupted):
     """A database rebuilt by `doctor --repair` knows no reference; the checkpoint's manifest still records it."""
     ws = make_workspace(tmp_path / "ws", tiny_dir, **SETTINGS)
@@ -401,6 +405,7 @@ def test_a_reference_lost_from_the_database_is_read_from_the_jobs_checkpoint(tmp
     assert max_abs_diff(_final(ws), _final(uninterrupted)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_preference_job_overtaken_by_a_higher_priority_file_resumes_against_its_own_reference(workspace, tmp_path):
     from conftest import drain_with_requests
 
