@@ -173,6 +173,7 @@ def test_an_agent_that_exits_ends_the_attempt_at_once_and_every_agent_is_killed(
     assert w.launch.failed_to_start == set()  # it had started (it beat): it is not left out next time
 
 
+@pytest.mark.slow  # the default run stays near 5 minutes; CI runs it with -m slow
 def test_a_silent_rank_or_a_stalled_step_ends_the_attempt_but_a_pause_does_not(tmp_path):
     w = _Watch(tmp_path / "a")
     assert w.run(0.5) is None

@@ -4,6 +4,8 @@ newer database put back, everything goes on."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import sqlite3
@@ -15,6 +17,7 @@ from pathlib import Path
 from conftest import run_cli, text_file
 
 
+@pytest.mark.slow  # the default run stays near 5 minutes; CI runs it with -m slow
 def test_a_backup_from_mid_job_put_back_is_named_behind_and_nothing_trains_on_it(workspace, tmp_path):
     ws = workspace(training={"save_every": 1})
     release, backup = tmp_path / "release", tmp_path / "backup.db"

@@ -219,6 +219,7 @@ def test_full_fine_tune_reference_logps_are_cached_verified_and_a_changed_cache_
     assert max_abs_diff(_full_weights(ws, 8), _full_weights(straight, 8)) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, first_loss", [("ipo", (0 - 1 / (2 * 0.2)) ** 2), ("orpo", None)])
 def test_ipo_and_orpo_train_pairs_set_per_job(workspace, tmp_path, method, first_loss):
     ws = workspace(**SETTINGS)
@@ -370,6 +371,7 @@ def test_pairs_train_on_4_bit_layers_with_checkpointing_and_under_bf16_autocast(
     assert metrics[-1][1] > 0
 
 
+@pytest.mark.slow
 def test_preference_jobs_train_at_their_own_learning_rate_unless_the_job_sets_one(workspace, tmp_path):
     ws = workspace(training={**SETTINGS["training"], "preference_learning_rate": 1e-6})
     files = [str(text_file(tmp_path / "a.jsonl", 8)), str(pair_file(tmp_path / "b.jsonl", 8)),
@@ -438,6 +440,7 @@ def test_two_processes_full_fine_tune_reads_the_cached_reference_with_fillers_in
     assert [(r["method"], r["reference"]["kind"]) for r in ledger(ws)] == [("dpo", "logps"), ("kto", "logps")]
 
 
+@pytest.mark.slow
 def test_doctor_checks_each_preference_jobs_reference_against_its_record(workspace, tmp_path):
     ws = workspace(**SETTINGS)
     assert run_cli(ws, "add", str(pair_file(tmp_path / "b.jsonl", 8))).code == 0
