@@ -64,10 +64,12 @@ def answer_start(labels: list[int]) -> int:
     return next((k for k, label in enumerate(labels) if label != IGNORE), len(labels))
 
 
-def kl_row(example: Tokenized, partner: Tokenized) -> tuple[list[int], list[int]]:
-    """KTO's mismatched row: this example's prompt, then the partner's answer (loss positions of that answer)."""
+def kl_row(example: Tokenized, partner: Tokenized, max_length: int) -> tuple[list[int], list[int]]:
+    """KTO's mismatched row: this example's prompt, then the partner's answer (loss positions of that answer), cut
+    to max_length as every example is."""
     a, b = answer_start(example.labels), answer_start(partner.labels)
-    return example.input_ids[:a] + partner.input_ids[b:], [IGNORE] * a + partner.labels[b:]
+    ids, labels = example.input_ids[:a] + partner.input_ids[b:], [IGNORE] * a + partner.labels[b:]
+    return ids[:max_length], labels[:max_length]
 
 
 def kl_partner(order, position: int) -> int:

@@ -122,7 +122,7 @@ def load_cache(folder: Path) -> tuple[Cache | None, str | None]:
 
 
 @torch.no_grad()
-def compute_cache(model, examples, order, method: str, batch_size: int, pad_id: int) -> np.ndarray:
+def compute_cache(model, examples, order, method: str, batch_size: int, pad_id: int, max_length: int) -> np.ndarray:
     """The reference's log-probabilities (the model as given, without dropout) of every example's answers."""
     was_training = model.training
     model.eval()
@@ -143,7 +143,7 @@ def compute_cache(model, examples, order, method: str, batch_size: int, pad_id: 
         for position in range(len(order)):
             epoch, index = order[position]
             partner = examples[pref.kl_partner(order, position)]
-            rows.append((index, 1 + epoch, pref.kl_row(examples[index], partner)))
+            rows.append((index, 1 + epoch, pref.kl_row(examples[index], partner, max_length)))
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]

@@ -131,9 +131,9 @@ class PreferenceDataset(PlanDataset):
     """A preference or feedback job's examples in planned order: each pair with both answers, each feedback answer
     with its label and KTO's KL row (preference.kl_partner), and the cached reference log-probabilities if any."""
 
-    def __init__(self, layout, start: int, kind: str, cache=None, pad_to: int = 1, pad_id: int = 0):
+    def __init__(self, layout, start: int, kind: str, max_length: int, cache=None, pad_to: int = 1, pad_id: int = 0):
         super().__init__(layout, start, pad_to, pad_id)
-        self.kind, self.cache = kind, cache
+        self.kind, self.max_length, self.cache = kind, max_length, cache
 
     def __getitem__(self, i: int) -> dict:
         position = self.start + i
@@ -148,7 +148,8 @@ class PreferenceDataset(PlanDataset):
         if self.kind == PAIR:
             out.update(rejected_ids=ex.rejected_ids, rejected_labels=ex.rejected_labels)
         else:
-            out.update(label=ex.label, kl=pref.kl_row(ex, data.examples[pref.kl_partner(order, position)]))
+            out.update(label=ex.label, kl=pref.kl_row(ex, data.examples[pref.kl_partner(order, position)],
+                                                      self.max_length))
         if self.cache is not None:
             out[pref.REFERENCE_KEY] = self.cache.lookup(epoch, index)
         return out
@@ -518,7 +519,7 @@ def train_segment(config: Config, model_path: str, spec: JobSpec, hooks: Hooks |
     if method == pref.SFT:
         dataset = PlanDataset(layout, start.position, pad_to=pad_to, pad_id=tokenizer.pad_token_id)
     else:  # answers are compared whole: padded rows, never packed
-        dataset = PreferenceDataset(layout, start.position, spec.format, cache, pad_to=pad_to,
+        dataset = PreferenceDataset(layout, start.position, spec.format, t.max_length, cache, pad_to=pad_to,
                                     pad_id=tokenizer.pad_token_id)
     packed = method == pref.SFT and _padding_free(config, model, spec, hooks)
     collator = AuditingCollator(tokenizer, padding_free=packed,
@@ -614,11 +615,11 @@ def _reference(config: Config, model_path: str, spec: JobSpec, model, order: Job
         def compute():
             if first:  # the model as loaded is the reference
                 return refs.compute_cache(model, examples, order, method, config.eval.batch_size,
-                                          tokenizer.pad_token_id)
+                                          tokenizer.pad_token_id, config.training.max_length)
             reference_model = build_model(config, model_path, refs.reference_weights(spec.run_dir, record))
             try:
                 return refs.compute_cache(reference_model, examples, order, method, config.eval.batch_size,
-                                          tokenizer.pad_token_id)
+                                          tokenizer.pad_token_id, config.training.max_length)
             finally:
                 del reference_model
                 gc.collect()
