@@ -121,6 +121,7 @@ def plans(db: Path, statements: list[str]) -> list[str]:
         con.close()
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 @pytest.mark.parametrize("path,most,key", ENDPOINTS)
 def test_every_api_is_bounded_and_reads_little(metered, one_pass, big, path, most, key):
     client, meter = metered
@@ -137,6 +138,7 @@ def test_every_api_is_bounded_and_reads_little(metered, one_pass, big, path, mos
         assert any(d.startswith("SEARCH metrics_rollup USING PRIMARY KEY") for d in detail), path
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 def test_status_is_bounded_with_counts(client):
     s = client.get("/api/status").json()
     assert [j["id"] for j in s["jobs"]] == list(range(JOBS - STATUS_JOBS + 1, JOBS + 1))  # the newest, oldest first
@@ -154,6 +156,7 @@ def test_status_is_bounded_with_counts(client):
     assert [r["metric_rows"] for r in client.get("/api/runs").json()] == [STEPS, BRANCH_STEPS]
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 def test_snapshot_reads_little(big, one_pass):
     ws, meter = Workspace(big), Meter()
     meter.attach(ws.db)
@@ -165,6 +168,7 @@ def test_snapshot_reads_little(big, one_pass):
     assert meter.work < one_pass / WORK_SHARE
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 @pytest.mark.parametrize("query", ["points=2000", "points=3000&start=123457&end=876543", "points=500&start=999001",
                                    "points=5000&start=3&end=70001"])
 def test_downsampled_rows_keep_exact_extremes(client, big, query):
@@ -193,6 +197,7 @@ def test_downsampled_rows_keep_exact_extremes(client, big, query):
     assert (min(r["loss_min"] for r in rows), max(r["loss_max"] for r in rows)) == (lo, hi)
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 def test_downsampled_evals(client):
     body = client.get("/api/evals?points=300").json()
     rows = body["rows"]
@@ -202,6 +207,7 @@ def test_downsampled_evals(client):
     assert max(r["eval_loss_max"] for r in rows) == max(expected)
 
 
+@pytest.mark.slow  # a million steps built once: the slow run's (CI runs both)
 def test_a_branch_reads_its_lineage_from_the_rollups(metered, big):
     """The branch's series: the parent's steps up to BRANCH_AT (inherited), then its own, never the parent's later
     steps; downsampled from both runs' rollups, with exact extremes."""
