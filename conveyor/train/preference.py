@@ -45,10 +45,6 @@ def uses_reference(method: str) -> bool:
     return method in (DPO, IPO, KTO)
 
 
-def describe(method: str) -> str:
-    return {SFT: "supervised", DPO: "DPO", IPO: "IPO", ORPO: "ORPO", KTO: "KTO"}[method]
-
-
 def disable_dropout(model) -> None:
     """No dropout in a preference job, as TRL's DPO and KTO trainers do by default (disable_dropout): the policy's
     log-probabilities then compare with the reference's, computed without it, and a pair's loss starts at ln 2."""

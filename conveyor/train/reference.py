@@ -93,8 +93,8 @@ class Cache:
     """The reference log-probabilities of a job's examples: pairs (chosen, rejected) per example; feedback the
     answer's, then per epoch the KL row's (the prompt with the answer before it in that epoch's order)."""
 
-    def __init__(self, values: np.ndarray, feedback: bool):
-        self.values, self.feedback = values, feedback
+    def __init__(self, values: np.ndarray, feedback: bool, sha256: str):
+        self.values, self.feedback, self.sha256 = values, feedback, sha256
 
     def lookup(self, epoch: int, index: int) -> tuple[float, float]:
         row = self.values[index]
@@ -114,7 +114,7 @@ def load_cache(folder: Path) -> tuple[Cache | None, str | None]:
         if digest != meta["sha256"]:
             return None, f"{LOGPS} no longer matches its sha256 ({digest[:12]} instead of {meta['sha256'][:12]})"
         values = np.fromfile(path, dtype=np.float64).reshape(meta["shape"])
-        return Cache(values, meta["feedback"]), None
+        return Cache(values, meta["feedback"], digest), None
     except FileNotFoundError:
         return None, (f"{META} or {LOGPS} is missing" if folder.exists() else None)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -134,10 +134,8 @@ def compute_cache(model, examples, order, method: str, batch_size: int, pad_id: 
     rows: list[tuple[int, int, tuple]] = []  # (example index, column, (ids, labels))
     for index in range(n):
         example = examples[index]
-        if feedback:
-            rows.append((index, 0, (example.input_ids, example.labels)))
-        else:
-            rows.append((index, 0, (example.input_ids, example.labels)))
+        rows.append((index, 0, (example.input_ids, example.labels)))
+        if not feedback:
             rows.append((index, 1, (example.rejected_ids, example.rejected_labels)))
     if feedback:
         for position in range(len(order)):
@@ -195,8 +193,8 @@ def cached_logps(folder: Path, record: dict | None, compute: Callable[[], np.nda
     """The job's cached reference log-probabilities, verified against the record's sha256 (computed and kept when
     the record is None or the cache does not verify: the damaged one is said, then replaced)."""
     cache, problem = load_cache(folder)
-    if cache is not None and (record is None or record.get("sha256") == _sha(folder)):
-        return cache, _sha(folder)
+    if cache is not None and (record is None or record.get("sha256") == cache.sha256):
+        return cache, cache.sha256
     if cache is not None:
         problem = "holds other values than the job recorded"
     if problem and warn:
@@ -207,11 +205,4 @@ def cached_logps(folder: Path, record: dict | None, compute: Callable[[], np.nda
     if record is not None and record.get("sha256") not in (None, digest) and warn:
         warn(f"data/reference/{folder.name}: computed again, its values differ from the first computation "
              f"(sha256 {digest[:12]} instead of {record['sha256'][:12]}); the job goes on with these")
-    return Cache(values, feedback), digest
-
-
-def _sha(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / META).read_text(encoding="utf-8"))["sha256"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return Cache(values, feedback, digest), digest
