@@ -454,3 +454,26 @@ def test_doctor_checks_each_preference_jobs_reference_against_its_record(workspa
     r = run_cli(ws, "doctor")
     assert "job 1 (b.jsonl, done): its reference runs/run-0001/references/job-00001/adapter_model.safetensors " \
            "no longer matches the sha256 recorded" in r.out, r.out + r.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_kill_after_the_reference_is_kept_but_before_it_is_recorded_makes_it_again(tmp_path, tiny_dir, method):
+    """The copy (or cache) is written, then recorded on the job: a SIGKILL between leaves the job unstarted; the next
+    start writes the same reference again and records it."""
+    settings = FULL if method == "full" else SETTINGS
+    files = lambda folder: [str(pair_file(folder / "b.jsonl", 8))]  # noqa: E731
+    straight = make_workspace(tmp_path / "straight", tiny_dir, **settings)
+    assert run_cli(straight, "add", *files(tmp_path / "d1")).code == 0
+    _drain(straight)
+    ws = make_workspace(tmp_path / "ws", tiny_dir, **settings)
+    assert run_cli(ws, "add", *files(tmp_path / "d2")).code == 0
+    env = {**os.environ, "CONVEYOR_FAILPOINT": "reference-kept:0"}
+    p = subprocess.run([sys.executable, "-m", "conveyor", "-w", str(ws), "run", "--drain", "-q"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert _db(ws, "SELECT reference, steps_done FROM jobs WHERE id = 1")[0] == (None, 0)
+    _drain(ws)
+    ours, theirs = ledger(ws)[0]["reference"], ledger(straight)[0]["reference"]
+    assert (ours["kind"], ours["step"], ours["sha256"]) == (theirs["kind"], theirs["step"], theirs["sha256"])
+    _lines_once(ws, 1, 8)
